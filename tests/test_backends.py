@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import txfm_kernels
+from txfm_kernels.backends import resolve_backend
+
+
+def test_available_backends_lists_every_backend_with_a_reason():
+    infos = txfm_kernels.available_backends()
+    assert set(infos) == {"triton", "cuda", "cpu", "torch"}
+    assert infos["torch"].available
+    for info in infos.values():
+        assert info.detail
+
+
+def test_auto_on_cpu_prefers_the_cpp_library_when_built():
+    expected = "cpu" if txfm_kernels.available_backends()["cpu"].available else "torch"
+    assert resolve_backend("auto", torch.device("cpu"), "op") == expected
+
+
+def test_unknown_backend_is_a_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="backend='fast'.*auto"):
+        resolve_backend("fast", torch.device("cpu"), "op")
+
+
+def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        resolve_backend("cuda", torch.device("cpu"), "op")
+
+
+def test_disabled_cpu_library_falls_back_to_torch(monkeypatch):
+    from txfm_kernels import _native
+
+    monkeypatch.setenv("TXFM_DISABLE_NATIVE", "cpu")
+    _native.cpu_library.cache_clear()
+    try:
+        assert resolve_backend("auto", torch.device("cpu"), "op") == "torch"
+        with pytest.raises(RuntimeError, match="disabled by TXFM_DISABLE_NATIVE"):
+            resolve_backend("cpu", torch.device("cpu"), "op")
+    finally:
+        monkeypatch.delenv("TXFM_DISABLE_NATIVE")
+        _native.cpu_library.cache_clear()
+
+
+def test_observable_genes_round_trip():
+    obs = txfm_kernels.ObservableGenes.from_lists([[3, 1], [0], []], n_genes=5)
+    assert obs.counts().tolist() == [2, 1, 0]
+    assert obs.genes.tolist() == [1, 3, 0]
+    rows = obs.row_mask(torch.tensor([1, 0]))
+    assert rows.dense().tolist() == [[True, False, False, False, False],
+                                     [False, True, False, True, False]]
+    with pytest.raises(ValueError, match=r"gene_lists\[0\]"):
+        txfm_kernels.ObservableGenes.from_lists([[7]], n_genes=5)

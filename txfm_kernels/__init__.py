@@ -1,0 +1,23 @@
+"""txfm_kernels: fused Triton / CUDA / C++ kernels for TxFM, usable on their own.
+
+Ops (one module each, read top to bottom: kernel, launcher, torch.library op, autograd,
+functional, nn.Module):
+
+* :mod:`txfm_kernels.poisson`  rectified tanh + Poisson NLL over the gene vocabulary
+* :mod:`txfm_kernels.tokens`   gene-embedding gather + value concat (+ CLS) = encoder tokens
+* :mod:`txfm_kernels.sample`   CSR counts -> normalised, masked encoder inputs + dense target
+
+``available_backends()`` says which implementations can run here and why not.
+"""
+from .backends import BACKENDS, BackendInfo, available_backends, resolve_backend
+from .masks import ObservableGenes, RowGeneMask
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendInfo", "available_backends", "resolve_backend", "ObservableGenes",
+           "RowGeneMask"]
+
+# Each op module appends its public names below.
+# (poisson)
+# (tokens)
+# (sample)

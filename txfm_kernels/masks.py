@@ -1,0 +1,100 @@
+"""Compact description of which genes each sample's dataset profiles ("observable genes").
+
+A corpus mixes datasets that each measure only part of the gene vocabulary (SPEC §1). Rather
+than a ``[B, G]`` mask per batch, the ops take a per-dataset table plus each row's dataset id:
+
+* :class:`ObservableGenes` — built once per corpus: ``mask [D, G]`` bool and the same sets as
+  sorted id lists in CSR form (``indptr [D+1]`` int64, ``genes [nnz]`` int32), which the
+  sampler needs to draw "the j-th observable gene" in O(1).
+* :class:`RowGeneMask` — ``(mask [D, G] bool, dataset_ids [B] int)``: what
+  :func:`txfm_kernels.rectified_tanh_poisson_nll` accepts as ``gene_mask`` and what
+  :func:`txfm_kernels.masked_sample` returns as its ``gene_mask``. Row ``b`` keeps gene ``g``
+  iff ``mask[dataset_ids[b], g]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class RowGeneMask(NamedTuple):
+    """Row ``b`` keeps gene ``g`` iff ``mask[dataset_ids[b], g]``; never materialises ``[B, G]``."""
+
+    mask: torch.Tensor  # [D, G] bool
+    dataset_ids: torch.Tensor  # [B] int32 or int64, values in [0, D)
+
+    def dense(self) -> torch.Tensor:
+        """The equivalent ``[B, G]`` bool mask (for references and debugging)."""
+        return self.mask[self.dataset_ids.long()]
+
+
+@dataclass(frozen=True)
+class ObservableGenes:
+    """Per-dataset observable genes of a corpus with ``D`` datasets and ``G`` genes."""
+
+    mask: torch.Tensor  # [D, G] bool
+    indptr: torch.Tensor  # [D + 1] int64
+    genes: torch.Tensor  # [nnz] int32, sorted within each dataset
+
+    def __post_init__(self):
+        if self.mask.dtype != torch.bool or self.mask.dim() != 2:
+            raise TypeError(f"ObservableGenes.mask must be a [D, G] bool tensor, got "
+                            f"{self.mask.dtype} of shape {tuple(self.mask.shape)}")
+        if self.indptr.dtype != torch.int64 or self.indptr.shape != (self.mask.shape[0] + 1,):
+            raise TypeError(f"ObservableGenes.indptr must be int64 of shape [D+1] = "
+                            f"[{self.mask.shape[0] + 1}], got {self.indptr.dtype} "
+                            f"{tuple(self.indptr.shape)}; build it with from_mask()/from_lists()")
+        if self.genes.dtype != torch.int32 or self.genes.dim() != 1:
+            raise TypeError("ObservableGenes.genes must be a 1-D int32 tensor; build it with "
+                            "from_mask()/from_lists()")
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ObservableGenes":
+        """From a ``[D, G]`` bool mask (or ``[G]`` for a single dataset)."""
+        mask = torch.as_tensor(mask)
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise TypeError(f"mask must be [D, G] bool, got {mask.dtype} {tuple(mask.shape)}")
+        counts = mask.sum(1)
+        indptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        genes = mask.nonzero()[:, 1].to(torch.int32)  # row-major order: sorted per dataset
+        return cls(mask, indptr, genes)
+
+    @classmethod
+    def from_lists(cls, gene_lists: Sequence[Sequence[int]], n_genes: int) -> "ObservableGenes":
+        """From one list of observable gene ids per dataset (duplicates are ignored)."""
+        mask = torch.zeros(len(gene_lists), n_genes, dtype=torch.bool)
+        for d, ids in enumerate(gene_lists):
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= n_genes):
+                raise ValueError(f"gene_lists[{d}] has ids outside [0, {n_genes})")
+            mask[d, ids] = True
+        return cls.from_mask(mask)
+
+    @classmethod
+    def all_genes(cls, n_genes: int, device: torch.device | str = "cpu") -> "ObservableGenes":
+        return cls.from_mask(torch.ones(1, n_genes, dtype=torch.bool, device=device))
+
+    @property
+    def n_datasets(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.mask.shape[1]
+
+    def counts(self) -> torch.Tensor:
+        """``[D]`` int64: number of observable genes of each dataset."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ObservableGenes":
+        return ObservableGenes(self.mask.to(device, non_blocking=non_blocking),
+                               self.indptr.to(device, non_blocking=non_blocking),
+                               self.genes.to(device, non_blocking=non_blocking))
+
+    def row_mask(self, dataset_ids: torch.Tensor) -> RowGeneMask:
+        return RowGeneMask(self.mask, dataset_ids)
