@@ -3,10 +3,12 @@
 Two native libraries, both with a plain C ABI (pointers, sizes, a stream) so that one build
 serves every torch version and the CPU build of torch never has to know about CUDA:
 
-* ``txfm_kernels/_cpu*.so``: every ``csrc/*/*.cpp``, C++17 + OpenMP. Hot loops carry
-  ``TXFM_CPU_DISPATCH`` (csrc/common/txfm_common.h), a GCC ``target_clones`` that picks an
-  AVX-512 / AVX2+FMA / portable clone at load time, so one binary is fast everywhere.
-* ``txfm_kernels/libtxfm_cuda.so``: every ``csrc/*/*.cu``, compiled by nvcc.
+* ``txfm_kernels/_cpu_<op>*.so``: ``csrc/<op>/*.cpp`` + ``csrc/common/*.cpp``, C++17 + OpenMP.
+  Hot loops carry ``TXFM_CPU_DISPATCH`` (csrc/common/txfm_common.h), a GCC ``target_clones``
+  that picks an AVX-512 / AVX2+FMA / portable clone at load time: one binary, fast everywhere.
+* ``txfm_kernels/libtxfm_cuda_<op>.so``: ``csrc/<op>/*.cu`` + ``csrc/common/*.cu``, by nvcc.
+
+One library per op, so that a broken op never takes the others down with it.
 
 Environment switches (values: ``auto`` (default), ``1``/``force``, ``0``/``skip``):
 
@@ -33,7 +35,6 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_LIB = "libtxfm_cuda.so"
 
 
 def _switch(name):
@@ -91,7 +92,7 @@ class BuildNative(build_ext):
             print(f"WARNING: could not build {ext.name}", file=sys.stderr)
 
     def _out_dir(self):
-        return os.path.dirname(self.get_ext_fullpath("txfm_kernels._cpu"))
+        return os.path.join(os.path.dirname(self.get_ext_fullpath("txfm_kernels.x")))
 
     def _build_cuda(self):
         mode = _switch("TXFM_BUILD_CUDA")
@@ -103,7 +104,6 @@ class BuildNative(build_ext):
                 raise SystemExit("TXFM_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
             print("NOTE: nvcc not found; CUDA kernels not built", file=sys.stderr)
             return
-        sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.cu")))
         archs = _cuda_archs()
         gencode = []
         for a in archs:
@@ -111,42 +111,62 @@ class BuildNative(build_ext):
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         flags = ["-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC",
                  "-I", os.path.join(ROOT, "csrc"), "-lineinfo"] + gencode
-        out = os.path.join(self._out_dir(), CUDA_LIB)
+        common = sorted(glob.glob(os.path.join(ROOT, "csrc", "common", "*.cu")))
+        for op in _ops():
+            sources = sorted(glob.glob(os.path.join(ROOT, "csrc", op, "*.cu")))
+            if not sources:
+                continue
+            out = os.path.join(self._out_dir(), f"libtxfm_cuda_{op}.so")
+            try:
+                self._nvcc_library(nvcc, sources + common, flags, gencode, out, archs)
+            except (subprocess.CalledProcessError, OSError) as exc:
+                if mode == "force":
+                    raise
+                print(f"WARNING: CUDA kernels of {op} not built ({exc})", file=sys.stderr)
+
+    def _nvcc_library(self, nvcc, sources, flags, gencode, out, archs):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                objs = [os.path.join(tmp, f"{i}.o") for i in range(len(sources))]
+        with tempfile.TemporaryDirectory() as tmp:
+            objs = [os.path.join(tmp, f"{i}.o") for i in range(len(sources))]
 
-                def compile_one(pair):
-                    src, obj = pair
-                    print(f"nvcc {os.path.relpath(src, ROOT)} (sm_{', sm_'.join(archs)})")
-                    subprocess.run([nvcc, "-c", src, "-o", obj] + flags, check=True)
+            def compile_one(pair):
+                src, obj = pair
+                print(f"nvcc {os.path.relpath(src, ROOT)} (sm_{', sm_'.join(archs)})")
+                subprocess.run([nvcc, "-c", src, "-o", obj] + flags, check=True)
 
-                with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-                    list(pool.map(compile_one, zip(sources, objs)))
-                tmp_out = out + ".tmp"
-                subprocess.run([nvcc, "-shared", "-o", tmp_out] + objs + gencode, check=True)
-                os.replace(tmp_out, out)  # never leave a half-written library behind
-        except (subprocess.CalledProcessError, OSError) as exc:
-            if mode == "force":
-                raise
-            print(f"WARNING: CUDA kernels not built ({exc})", file=sys.stderr)
+            with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+                list(pool.map(compile_one, zip(sources, objs)))
+            tmp_out = out + ".tmp"
+            subprocess.run([nvcc, "-shared", "-o", tmp_out] + objs + gencode, check=True)
+            os.replace(tmp_out, out)  # never leave a half-written library behind
 
     def get_outputs(self):
         outputs = super().get_outputs()
-        cuda = os.path.join(self._out_dir(), CUDA_LIB)
-        return outputs + ([cuda] if os.path.exists(cuda) else [])
+        return outputs + sorted(glob.glob(os.path.join(self._out_dir(), "libtxfm_cuda_*.so")))
 
 
 _cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
         "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-cpu_ext = Extension(
-    "txfm_kernels._cpu",
-    sources=_rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.cpp")))),
-    include_dirs=["csrc"],
-    extra_compile_args=_cxx,
-    extra_link_args=["-fopenmp"],
-    language="c++",
-)
 
-setup(ext_modules=[cpu_ext] if cpu_ext.sources else [], cmdclass={"build_ext": BuildNative})
+
+def _ops():
+    """Op folders under csrc/ (every folder but common/)."""
+    return sorted(d for d in os.listdir(os.path.join(ROOT, "csrc"))
+                  if d != "common" and os.path.isdir(os.path.join(ROOT, "csrc", d)))
+
+
+def _cpu_extensions():
+    common = sorted(glob.glob(os.path.join(ROOT, "csrc", "common", "*.cpp")))
+    headers = sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*.h")))
+    exts = []
+    for op in _ops():
+        sources = sorted(glob.glob(os.path.join(ROOT, "csrc", op, "*.cpp")))
+        if sources:
+            exts.append(Extension(f"txfm_kernels._cpu_{op}", sources=_rel(sources + common),
+                                  include_dirs=["csrc"], depends=_rel(headers),
+                                  extra_compile_args=_cxx, extra_link_args=["-fopenmp"],
+                                  language="c++"))
+    return exts
+
+
+setup(ext_modules=_cpu_extensions(), cmdclass={"build_ext": BuildNative})

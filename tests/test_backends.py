@@ -14,18 +14,18 @@ def test_available_backends_lists_every_backend_with_a_reason():
 
 
 def test_auto_on_cpu_prefers_the_cpp_library_when_built():
-    expected = "cpu" if txfm_kernels.available_backends()["cpu"].available else "torch"
-    assert resolve_backend("auto", torch.device("cpu"), "op") == expected
+    expected = "cpu" if txfm_kernels.available_backends("poisson")["cpu"].available else "torch"
+    assert resolve_backend("auto", torch.device("cpu"), "poisson") == expected
 
 
 def test_unknown_backend_is_a_value_error_naming_the_choices():
     with pytest.raises(ValueError, match="backend='fast'.*auto"):
-        resolve_backend("fast", torch.device("cpu"), "op")
+        resolve_backend("fast", torch.device("cpu"), "poisson")
 
 
 def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda'"):
-        resolve_backend("cuda", torch.device("cpu"), "op")
+        resolve_backend("cuda", torch.device("cpu"), "poisson")
 
 
 def test_disabled_cpu_library_falls_back_to_torch(monkeypatch):
@@ -34,9 +34,9 @@ def test_disabled_cpu_library_falls_back_to_torch(monkeypatch):
     monkeypatch.setenv("TXFM_DISABLE_NATIVE", "cpu")
     _native.cpu_library.cache_clear()
     try:
-        assert resolve_backend("auto", torch.device("cpu"), "op") == "torch"
+        assert resolve_backend("auto", torch.device("cpu"), "poisson") == "torch"
         with pytest.raises(RuntimeError, match="disabled by TXFM_DISABLE_NATIVE"):
-            resolve_backend("cpu", torch.device("cpu"), "op")
+            resolve_backend("cpu", torch.device("cpu"), "poisson")
     finally:
         monkeypatch.delenv("TXFM_DISABLE_NATIVE")
         _native.cpu_library.cache_clear()

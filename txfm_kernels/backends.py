@@ -53,35 +53,42 @@ def _triton_status() -> tuple[bool, tuple[str, ...], str]:
         " (interpreter)" if "cpu" in devices else "")
 
 
-def available_backends() -> dict[str, BackendInfo]:
+OPS = ("poisson", "tokens", "sample")
+
+
+def available_backends(op: str | None = None) -> dict[str, BackendInfo]:
     """Every backend with whether it is usable here and why (not).
+
+    ``op`` (``"poisson"``, ``"tokens"``, ``"sample"``) asks about that op's native libraries;
+    without it a native backend counts as available when every op's library is.
 
     >>> {k: v.available for k, v in available_backends().items()}  # doctest: +SKIP
     {'triton': False, 'cuda': False, 'cpu': True, 'torch': True}
     """
-    cpu_lib, cpu_detail = _native.cpu_library()
-    cuda_lib, cuda_detail = _native.cuda_library()
+    ops = OPS if op is None else (op,)
     t_ok, t_dev, t_detail = _triton_status()
-    cuda_ok = cuda_lib is not None and torch.cuda.is_available()
-    if cuda_lib is not None and not torch.cuda.is_available():
-        cuda_detail = f"{cuda_detail}; but this torch build sees no GPU (torch.cuda.is_available() is False)"
-    return {
-        "triton": BackendInfo("triton", t_ok, t_dev, t_detail),
-        "cuda": BackendInfo("cuda", cuda_ok, ("cuda",) if cuda_ok else (), cuda_detail),
-        "cpu": BackendInfo("cpu", cpu_lib is not None, ("cpu",) if cpu_lib else (), cpu_detail),
-        "torch": BackendInfo("torch", True, ("cpu", "cuda"), f"eager PyTorch {torch.__version__}"),
-    }
+    out = {"triton": BackendInfo("triton", t_ok, t_dev, t_detail)}
+    for kind, loader in (("cuda", _native.cuda_library), ("cpu", _native.cpu_library)):
+        found = [(o,) + loader(o) for o in ops]
+        missing = [f"{o}: {detail}" for o, lib, detail in found if lib is None]
+        ok = not missing
+        detail = found[0][2] if ok else "; ".join(missing)
+        if kind == "cuda" and ok and not torch.cuda.is_available():
+            ok, detail = False, f"{detail}; but this torch build sees no GPU"
+        out[kind] = BackendInfo(kind, ok, (kind,) if ok else (), detail)
+    out["torch"] = BackendInfo("torch", True, ("cpu", "cuda"), f"eager PyTorch {torch.__version__}")
+    return {k: out[k] for k in ("triton", "cuda", "cpu", "torch")}
 
 
 def resolve_backend(backend: str, device: torch.device, op: str,
                     gpu_order: tuple[str, ...] = ("cuda", "triton")) -> str:
-    """Turn ``backend`` into a concrete one for tensors on ``device`` or raise saying why not.
+    """Turn ``backend`` into a concrete one for op's tensors on ``device`` or raise saying why not.
 
-    ``gpu_order`` is the op's preference among the GPU backends for ``"auto"``.
+    ``op`` is one of :data:`OPS`; ``gpu_order`` is its preference among GPU backends for "auto".
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
-    infos = available_backends()
+    infos = available_backends(op)
     kind = torch.device(device).type
     if backend == "auto":
         order = gpu_order + ("torch",) if kind == "cuda" else ("cpu", "torch")

@@ -6,11 +6,10 @@ only checks that the CUDA library was compiled (useful on a build machine withou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import _native
-from .backends import available_backends
+from .backends import OPS, available_backends
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         mark = "yes" if info.available else "no "
         print(f"{name:7s} {mark}  {info.detail}")
     failed = [n for n in args.require if not infos[n].available]
-    here = os.path.dirname(os.path.abspath(_native.__file__))
-    files = os.listdir(here)
-    built = {"cpu": any(f.startswith("_cpu") and f.endswith(".so") for f in files),
-             "cuda": "libtxfm_cuda.so" in files}
-    failed += [f"{n} (not built)" for n in args.require_built if not built[n]]
+    built = _native.built_ops()
+    for kind in args.require_built:
+        missing = [op for op in OPS if op not in built[kind]]
+        failed += [f"{kind} library of {op} (not built)" for op in missing]
     if failed:
         print(f"required but missing: {', '.join(failed)}", file=sys.stderr)
         return 1
