@@ -18,6 +18,13 @@ __all__ = ["BACKENDS", "BackendInfo", "available_backends", "resolve_backend", "
            "RowGeneMask"]
 
 # Each op module appends its public names below.
-# (poisson)
-# (tokens)
-# (sample)
+from .poisson import (ALPHA, BETA, PoissonNLLLoss, RectifiedTanh,  # noqa: E402
+                      RectifiedTanhPoissonNLLLoss, poisson_nll_loss, rectified_tanh,
+                      rectified_tanh_poisson_nll)
+
+__all__ += ["ALPHA", "BETA", "rectified_tanh", "rectified_tanh_poisson_nll", "poisson_nll_loss",
+            "RectifiedTanh", "RectifiedTanhPoissonNLLLoss", "PoissonNLLLoss"]
+from .tokens import GeneTokenizer, gene_tokens  # noqa: E402
+__all__ += ["gene_tokens", "GeneTokenizer"]
+from .sample import MaskedSample, masked_sample  # noqa: E402
+__all__ += ["MaskedSample", "masked_sample"]

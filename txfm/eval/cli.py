@@ -1,5 +1,473 @@
-"""Command-line registration (filled in by this subpackage's issue)."""
+"""``txfm embed``, ``txfm genes``, ``txfm eval relationships``, ``txfm eval perturbation``.
+
+Heavy imports (torch, sklearn, anndata) happen inside the command functions.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
 
 
 def register(subparsers) -> None:
-    pass
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = subparsers.add_parser(
+        "embed", formatter_class=fmt,
+        help="CLS embeddings of cells into .obsm (AnnData / 10x input)",
+        description="Embed cells with a trained checkpoint: the input's genes are mapped onto "
+                    "the model's vocabulary (reported), K of them are shown per cell (drawn with "
+                    "a fixed seed, or the mean over --draws draws), and the CLS outputs are "
+                    "written to .obsm[--key] of a copy of the input.")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    p.add_argument("--input", required=True, help=".h5ad, 10x matrix folder, or 10x .h5")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--layer", default=None, help="counts from .layers[LAYER] ('raw' = .raw.X)")
+    p.add_argument("--gene-table", default=None,
+                   help="Ensembl id <-> symbol TSV (e.g. shared/data/gene_tables/"
+                        "genes_grch38_sceptre.tsv) when input and vocabulary name genes "
+                        "differently")
+    p.add_argument("--k", type=int, default=None, help="shown genes per cell (default: the "
+                                                       "model's K)")
+    p.add_argument("--draws", type=int, default=1, help="average the embeddings of this many "
+                                                        "draws of shown genes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--key", default="X_txfm", help="obsm key to write")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+    p = subparsers.add_parser(
+        "genes", formatter_class=fmt,
+        help="gene representations (codebook, decoder weights) as an AnnData",
+        description="Write the encoder codebook (.obsm['codebook'], G x (d-1)) and the decoder's "
+                    "gene weights (.obsm['decoder'], G x hidden) with genes as observations.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--gene-table", default=None, help="add obs['symbol'] for Ensembl-id "
+                                                      "vocabularies")
+    p.set_defaults(func=cmd_genes)
+
+    ev = subparsers.add_parser("eval", help="relationship recall / perturbation benchmark")
+    evs = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+
+    p = evs.add_parser(
+        "relationships", formatter_class=fmt,
+        help="gene-gene relationship recall of gene representations (SPEC §6)",
+        description="Standardise each gene representation, PCA, cosine similarity; recall of "
+                    "each database's pairs beyond the 5th/95th (and 10th/90th) percentiles of "
+                    "random gene pairs, 3 null draws (mean ± std), per database and combined. "
+                    "With --counts, the PCA loadings of the Lib+Log expression matrix are "
+                    "evaluated beside the model as the baseline.")
+    p.add_argument("--genes", default=None, help="genes.h5ad from `txfm genes` (genes as obs, "
+                                                 "representations in .obsm)")
+    p.add_argument("--db", action="append", required=True,
+                   help="folder of EFAAR entity1,entity2 files and/or .gmt files, or a file; "
+                        "repeatable")
+    p.add_argument("--sources", default=None,
+                   help="comma-separated database names to keep (file stems)")
+    p.add_argument("--key", action="append", default=None,
+                   help="obsm key(s) of --genes to evaluate (default: all)")
+    p.add_argument("--n-components", action="append", default=None,
+                   help="PCA components, KEY=N or N for all (default codebook=32, decoder=256, "
+                        "others and baselines 1024); capped by min(genes, dims)")
+    p.add_argument("--gene-table", default=None, help="map Ensembl ids to symbols")
+    p.add_argument("--counts", default=None,
+                   help="training-like counts (.h5ad/10x) for the PCA-loadings baseline")
+    p.add_argument("--counts-layer", default=None)
+    p.add_argument("--counts-max-cells", type=int, default=20000,
+                   help="subsample cells of --counts for the baseline PCA")
+    p.add_argument("--null-pairs", type=int, default=20000, help="random gene pairs per draw")
+    p.add_argument("--draws", type=int, default=3, help="null draws")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gmt-max-size", type=int, default=500,
+                   help="skip gene sets larger than this (0 = keep all)")
+    p.add_argument("--all-genes", action="store_true",
+                   help="evaluate each representation on all its genes instead of the genes "
+                        "all representations share")
+    p.add_argument("--no-sweep", action="store_true", help="skip the recall-vs-components sweep")
+    p.add_argument("--out", default="txfm_eval_relationships", help="output folder")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_with_threads(cmd_relationships))
+
+    p = evs.add_parser(
+        "perturbation", formatter_class=fmt,
+        help="perturbation benchmark (pcst, lin, knn, bmdb, ilisi) with baselines",
+        description="Bendidi et al. 2024 benchmark on every embedding in .obsm (and the "
+                    "raw-count baselines computed from .X or --layer), each under every "
+                    "post-processing; the table shows the best post-processing per embedding.")
+    p.add_argument("--embeddings", required=True, help=".h5ad with embeddings in .obsm and raw "
+                                                       "counts in .X (or --layer)")
+    p.add_argument("--perturbation-key", required=True, help="obs column with perturbation "
+                                                             "labels (target gene symbols)")
+    p.add_argument("--control", default="non-targeting", help="control label")
+    p.add_argument("--batch-key", default=None, help="obs column with batches (held out in "
+                                                     "lin/knn; mixed in ilisi)")
+    p.add_argument("--obsm-key", action="append", default=None,
+                   help="embedding(s) to evaluate (default: every X_* key)")
+    p.add_argument("--layer", default=None, help="raw counts for the baselines from this layer")
+    p.add_argument("--baselines", default="raw,liblog,liblog_hvg5000,liblog_hvg1024,pca",
+                   help="comma-separated, or 'none'")
+    p.add_argument("--db", action="append", default=None,
+                   help="relationship databases for bmdb (as in `eval relationships`)")
+    p.add_argument("--gene-table", default=None, help="map Ensembl-id labels to symbols (bmdb)")
+    p.add_argument("--postprocess", default="none,center,standardize,tvn")
+    p.add_argument("--metrics", default="pcst,lin,knn,bmdb,ilisi")
+    p.add_argument("--min-cells", type=int, default=5,
+                   help="perturbations with fewer cells are left out")
+    p.add_argument("--max-cells", type=int, default=None, help="random subsample of cells")
+    p.add_argument("--library-size", type=float, default=1e5, help="Lib+Log target sum")
+    p.add_argument("--pca-components", type=int, default=128, help="PCA baseline size")
+    p.add_argument("--pcst-null-draws", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="txfm_eval_perturbation", help="output folder")
+    _add_threads(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_with_threads(cmd_perturbation))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="BLAS/OpenMP threads (0 = the libraries' default). The matrices here are "
+                        "small: on a busy machine --threads 1 avoids oversubscription (measured "
+                        "4x faster on a loaded 2-core box)")
+
+
+def _with_threads(func):
+    def run(args):
+        if not args.threads:
+            return func(args)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(args.threads):
+            return func(args)
+
+    run.__doc__ = func.__doc__
+    return run
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _table(path):
+    from .genemap import GeneTable
+
+    return GeneTable.read(path) if path else None
+
+
+# ----------------------------------------------------------------------------- embed / genes
+
+def cmd_embed(args) -> int:
+
+    from .embed import (
+        embed_counts,
+        load_model,
+        map_input_genes,
+        remap_to_vocabulary,
+        resolve_device,
+    )
+    from .io import counts_matrix, read_cells
+
+    device = resolve_device(args.device)
+    try:
+        adata = read_cells(args.input, layer=args.layer)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        return _fail(str(err))
+    model, config, vocab, info = load_model(args.checkpoint, device)
+    match = map_input_genes(adata.var, vocab, _table(args.gene_table), info.get("symbols"))
+    print(f"{args.input}: {adata.n_obs:,} cells; {match.summary(len(vocab))}")
+    try:
+        counts, observable = remap_to_vocabulary(counts_matrix(adata), match.index, len(vocab))
+    except ValueError as err:
+        return _fail(str(err))
+    k = args.k or int(config.k)
+    empty = int((counts.getnnz(axis=1) == 0).sum())
+    if empty:
+        print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
+              "that of an empty profile)", file=sys.stderr)
+    library_size = float(getattr(config, "library_size", 1e5))
+    emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
+                       batch_size=args.batch_size, device=device, library_size=library_size,
+                       precision=args.precision, progress=not args.no_progress)
+    adata.obsm[args.key] = emb
+    adata.uns["txfm_embed"] = {"checkpoint": str(args.checkpoint), "k": k, "draws": args.draws,
+                               "seed": args.seed, "genes_mapped": match.n_mapped,
+                               "genes_input": len(match.index), "mapping": match.how}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={k}, "
+          f"draws={args.draws}, {device})")
+    return 0
+
+
+def cmd_genes(args) -> int:
+    import anndata as ad
+    import pandas as pd
+
+    from .embed import gene_representations, load_model
+    from .genemap import gene_symbols
+
+    model, _, vocab, info = load_model(args.checkpoint, "cpu")
+    reps = gene_representations(model)
+    obs = pd.DataFrame(index=pd.Index([str(g) for g in vocab], name=None))
+    symbols = info.get("symbols") if isinstance(info, dict) else None
+    if symbols is not None or args.gene_table:
+        obs["symbol"] = gene_symbols(vocab, symbols, _table(args.gene_table))
+    a = ad.AnnData(obs=obs, obsm=reps)
+    a.uns["txfm_genes"] = {"checkpoint": str(args.checkpoint)}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    a.write_h5ad(out)
+    print(f"wrote {out}: {len(vocab):,} genes; " +
+          ", ".join(f"obsm[{k!r}] {v.shape[1]} dims" for k, v in reps.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------- relationships
+
+def _components_map(values) -> tuple[dict, int | None]:
+    from .relationships import DEFAULT_COMPONENTS
+
+    out, default = dict(DEFAULT_COMPONENTS), None
+    for v in values or []:
+        if "=" in v:
+            key, n = v.split("=", 1)
+            out[key] = int(n)
+        else:
+            default = int(v)
+    return out, default
+
+
+def _recall_summary(table):
+    """Wide table: one row per representation, recall 5/95 per database (mean ± std, %)."""
+    import pandas as pd
+
+    prim = table[table.primary]
+    rows = []
+    for name, g in prim.groupby("representation", sort=False):
+        row = {"representation": name, "genes": int(g.n_genes.iloc[0]),
+               "PCs": int(g.n_components.iloc[0])}
+        for _, r in g.iterrows():
+            row[r.database] = (f"{100 * r.recall_5_95_mean:.1f} ± {100 * r.recall_5_95_std:.1f}"
+                               if r.n_pairs else "–")
+        comb = g[g.database == "combined"].iloc[0]
+        row["combined 10/90"] = f"{100 * comb.recall_10_90_mean:.1f} ± " \
+                                f"{100 * comb.recall_10_90_std:.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cmd_relationships(args) -> int:
+    import numpy as np
+
+    from .baselines import pca_gene_loadings
+    from .genemap import gene_symbols
+    from .io import counts_matrix, read_cells
+    from .plots import markdown_table, plot_recall_by_database, plot_recall_vs_components
+    from .relationships import (
+        BASELINE_COMPONENTS,
+        SWEEP_COMPONENTS,
+        GeneRepresentation,
+        common_genes,
+        evaluate_representations,
+        load_databases,
+    )
+
+    if args.genes is None and args.counts is None:
+        return _fail("nothing to evaluate: pass --genes genes.h5ad and/or --counts X.h5ad")
+    table = _table(args.gene_table)
+    sources = args.sources.split(",") if args.sources else None
+    try:
+        dbs = load_databases(args.db, gmt_max_size=args.gmt_max_size, sources=sources)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+    print("databases: " + ", ".join(f"{d.name} ({d.description})" for d in dbs))
+    comps, default_c = _components_map(args.n_components)
+    reps = []
+    if args.genes:
+        import anndata as ad
+
+        g = ad.read_h5ad(args.genes)
+        keys = args.key or list(g.obsm.keys())
+        missing = [k for k in keys if k not in g.obsm]
+        if missing or not keys:
+            return _fail(f"{args.genes}: obsm keys {missing or keys} not found (has "
+                         f"{list(g.obsm.keys())}); write it with `txfm genes`")
+        syms = gene_symbols(g.obs_names, g.obs["symbol"].to_numpy() if "symbol" in g.obs else None,
+                            table)
+        for k in keys:
+            n = comps.get(k, default_c or BASELINE_COMPONENTS)
+            reps.append(GeneRepresentation(k, np.asarray(g.obsm[k]), syms, n))
+    if args.counts:
+        try:
+            c = read_cells(args.counts, layer=args.counts_layer)
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            return _fail(str(err))
+        x = counts_matrix(c)
+        if c.n_obs > args.counts_max_cells:
+            rows = np.sort(np.random.default_rng(args.seed).choice(c.n_obs, args.counts_max_cells,
+                                                                    replace=False))
+            x = x[rows]
+        n = comps.get("pca_loadings", default_c or BASELINE_COMPONENTS)
+        loadings, kept = pca_gene_loadings(x, n, seed=args.seed)
+        syms = gene_symbols(c.var_names, c.var["symbol"].to_numpy() if "symbol" in c.var else None,
+                            table)[kept]
+        print(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
+              f"{loadings.shape[1]} components")
+        reps.append(GeneRepresentation("pca_loadings", loadings, syms, n))
+    if len(reps) > 1 and not args.all_genes:
+        reps = common_genes(reps)
+        print(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
+              "(--all-genes to use each one's own)")
+    try:
+        res = evaluate_representations(reps, dbs, n_null=args.null_pairs, draws=args.draws,
+                                       seed=args.seed,
+                                       sweep=None if args.no_sweep else SWEEP_COMPONENTS,
+                                       progress=not args.no_progress)
+    except ValueError as err:
+        return _fail(str(err))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res.to_csv(out / "relationships.csv", index=False)
+    summary = _recall_summary(res)
+    summary.to_csv(out / "relationships_summary.csv", index=False)
+    plot_recall_by_database(res, out / "recall_by_database.png")
+    plot_recall_vs_components(res, out / "recall_vs_components.png")
+    print("\nRecall 5/95 (%) per database, mean ± std over null draws (random: 10.0):\n")
+    print(markdown_table(summary))
+    print(f"\nwrote {out}/relationships.csv, relationships_summary.csv, recall_by_database.png, "
+          "recall_vs_components.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------- perturbation
+
+def cmd_perturbation(args) -> int:
+    import numpy as np
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .baselines import expression_baselines
+    from .genemap import gene_symbols
+    from .io import counts_matrix, read_cells
+    from .perturbation import (
+        METRICS,
+        POSTPROCESSING,
+        BenchmarkOptions,
+        Labels,
+        best_rows,
+        evaluate_embedding,
+    )
+    from .plots import markdown_table, plot_perturbation_metrics
+    from .relationships import load_databases
+
+    try:
+        adata = read_cells(args.embeddings, layer=args.layer)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        return _fail(str(err))
+    for key, what in ((args.perturbation_key, "--perturbation-key"),
+                      (args.batch_key, "--batch-key")):
+        if key is not None and key not in adata.obs:
+            return _fail(f"{what} {key!r} is not an obs column of {args.embeddings} (columns: "
+                         f"{list(adata.obs.columns)})")
+    post = tuple(s for s in args.postprocess.split(",") if s)
+    metrics = tuple(s for s in args.metrics.split(",") if s)
+    bad = [p for p in post if p not in POSTPROCESSING] + [m for m in metrics if m not in METRICS]
+    if bad or not post or not metrics:
+        return _fail(f"unknown or empty --postprocess/--metrics {bad}; choose from "
+                     f"{POSTPROCESSING} and {METRICS}")
+    if args.max_cells and adata.n_obs > args.max_cells:
+        rows = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.max_cells,
+                                                                replace=False))
+        adata = adata[rows].copy()
+        print(f"subsampled {args.max_cells:,} cells")
+    pert = adata.obs[args.perturbation_key].astype(str).to_numpy()
+    counts = pd.Series(pert).value_counts()
+    small = counts[(counts < args.min_cells) & (counts.index != args.control)]
+    if len(small):
+        print(f"leaving out {len(small)} perturbations with < {args.min_cells} cells: "
+              f"{list(small.index[:10])}{' ...' if len(small) > 10 else ''}")
+        adata = adata[~np.isin(pert, small.index)].copy()
+        pert = adata.obs[args.perturbation_key].astype(str).to_numpy()
+    try:
+        labels = Labels.build(pert, args.control,
+                              adata.obs[args.batch_key].to_numpy() if args.batch_key else None)
+    except ValueError as err:
+        return _fail(str(err))
+    n_perts = len(labels.pert_names) - 1
+    if n_perts < 2:
+        return _fail(f"need >= 2 perturbations with >= {args.min_cells} cells besides the "
+                     f"control, found {n_perts}")
+    if args.batch_key is None:
+        print("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
+    print(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
+          f"({int((labels.pert == labels.control).sum()):,} cells), {labels.n_batches} batches")
+
+    keys = args.obsm_key or [k for k in adata.obsm.keys() if k.startswith("X_")]
+    missing = [k for k in keys if k not in adata.obsm]
+    if missing:
+        return _fail(f"obsm keys {missing} not found (has {list(adata.obsm.keys())})")
+    embeddings = {k: np.asarray(adata.obsm[k], dtype=np.float32) for k in keys}
+    base_names = () if args.baselines.strip() == "none" else \
+        tuple(s for s in args.baselines.split(",") if s)
+    if base_names:
+        try:
+            base, notes = expression_baselines(counts_matrix(adata), base_names,
+                                               library_size=args.library_size,
+                                               pca_components=args.pca_components,
+                                               seed=args.seed)
+        except (ValueError, MemoryError) as err:
+            return _fail(f"baselines: {err}")
+        for n in notes:
+            print(n)
+        embeddings.update(base)
+    if not embeddings:
+        return _fail("no embedding to evaluate: the input has no X_* key in .obsm and "
+                     "--baselines none")
+    if not keys:
+        print("no embedding in .obsm: evaluating the baselines alone")
+    dbs = []
+    if "bmdb" in metrics:
+        if args.db:
+            try:
+                dbs = load_databases(args.db)
+            except (FileNotFoundError, ValueError) as err:
+                return _fail(str(err))
+        else:
+            print("no --db: bmdb not computed")
+    symbols = gene_symbols(labels.pert_names, table=_table(args.gene_table))
+    options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
+                               pcst_null_draws=args.pcst_null_draws, seed=args.seed)
+    tables = []
+    for name, x in tqdm(embeddings.items(), desc="perturbation benchmark", unit="embedding",
+                        disable=args.no_progress):
+        try:
+            t = evaluate_embedding(x, labels, dbs, symbols=symbols, options=options)
+        except ValueError as err:
+            return _fail(f"{name}: {err}")
+        t.insert(0, "embedding", name)
+        t.insert(1, "dims", x.shape[1])
+        tables.append(t)
+    full = pd.concat(tables, ignore_index=True)
+    best = best_rows(full)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    full.to_csv(out / "perturbation_all.csv", index=False)
+    best.to_csv(out / "perturbation.csv", index=False)
+    plot_perturbation_metrics(best, out / "perturbation.png")
+    shown = [c for c in ("embedding", "dims", "postprocess", "pcst", "lin_top1", "lin_top5",
+                         "knn_top1", "knn_top5", "bmdb", "ilisi", "average") if c in best.columns]
+    print("\nPerturbation benchmark (%; ilisi in [1, #batches]); best post-processing per "
+          "embedding:\n")
+    print(markdown_table(best[shown]))
+    print(f"\nwrote {out}/perturbation.csv (best), perturbation_all.csv (every "
+          "post-processing), perturbation.png")
+    return 0

@@ -1,1 +1,12 @@
-"""(being written)"""
+"""TxFM model: config and presets, encoder, decoder, count losses (SPEC §3–4).
+
+* :class:`TxFMConfig`, :data:`PRESETS` (``tiny``, ``S``, ``B``, ``L``), :func:`preset`
+* :class:`TxFM` — ``forward(sample) -> loss``, ``embed(gene_ids, values, pad_mask) -> [B, d]``,
+  ``decoder_gene_weights() -> [G, hidden]``, ``tokenizer.codebook [G, d-1]``
+* :mod:`txfm.model.reference` — the eager reference ops behind ``use_fused_ops=False``
+"""
+from .config import ACTIVATIONS, LOSSES, PRESETS, TxFMConfig, preset
+from .losses import CountLoss
+from .txfm_model import TxFM
+
+__all__ = ["TxFMConfig", "PRESETS", "preset", "TxFM", "CountLoss", "LOSSES", "ACTIVATIONS"]

@@ -1,0 +1,100 @@
+"""annbatch side of ``bench.loader``: runs under Python >= 3.12 in its own venv (no torch).
+
+    python bench/_annbatch_worker.py write SRC.h5ad OUT.zarr
+    python bench/_annbatch_worker.py read COLLECTION.zarr --batch-size 1024 --chunk-size 512 \
+        --preload-nchunks 32 --batches 150 --warmup 3 [--no-zarrs]
+
+``write`` builds annbatch's own pre-shuffled collection with its defaults (64-row inner
+chunks, ~1 GB shards, blosc-lz4), only splitting it into ~1 GB datasets instead of 20 GB so
+that the shuffle fits in the shared machine's memory (the split does not change the layout
+the loader reads). ``read`` times shuffled batches through ``annbatch.Loader`` (the zarrs
+codec pipeline unless ``--no-zarrs``) and prints one JSON line: cells/s, peak RSS and the
+shuffle metric of ``bench.loader`` (distinct 1,024-row stretches of the original order per
+batch, from ``obs['orig']``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+
+def _zarrs(enabled: bool) -> None:
+    import zarr
+
+    if enabled:
+        zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+
+
+def write(src: str, out: str, zarrs: bool) -> None:
+    import annbatch
+    import numpy as np
+
+    _zarrs(zarrs)
+    t0 = time.perf_counter()
+    col = annbatch.DatasetCollection(out)
+    col.add_adatas([src], dataset_size="1GB", rng=np.random.default_rng(0))
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def read(path: str, args) -> None:
+    import annbatch
+    import numpy as np
+
+    _zarrs(not args.no_zarrs)
+    t_open = time.perf_counter()
+    col = annbatch.DatasetCollection(path, mode="r")
+    loader = annbatch.Loader(chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
+                             batch_size=args.batch_size, shuffle=True, drop_last=True,
+                             preload_to_gpu=False, rng=np.random.default_rng(args.seed))
+    loader.use_collection(col)
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - t_open
+    for _ in range(args.warmup):
+        next(it)
+    distinct = []
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        x = batch["X"]
+        n += x.shape[0]
+        orig = batch["obs"]["orig"].to_numpy()
+        distinct.append(np.unique(orig // args.stretch).size)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"cells_per_s": n / dt, "seconds": dt, "batches": args.batches,
+                      "first_batch_s": first,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "distinct_stretches": float(np.mean(distinct)),
+                      "nnz_per_cell": float(x.nnz / x.shape[0]),
+                      "dtype": str(x.dtype)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["write", "read"])
+    p.add_argument("path")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--preload-nchunks", type=int, default=32)
+    p.add_argument("--batches", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stretch", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-zarrs", action="store_true")
+    args = p.parse_args()
+    if args.mode == "write":
+        write(args.path, args.out, not args.no_zarrs)
+    else:
+        read(args.path, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+// Fused Poisson NLL forward (+ dlogits) on the CPU: one pass over logits and target that
+// writes the per-element gradient already scaled for the reduction and the reduced loss.
+//
+// Work is split into (row, column tile) items so that a small batch still keeps every core
+// busy; each item writes one fp64 partial sum (already multiplied by its row's weight) and the
+// partials are added in a fixed order afterwards, so the result does not depend on the thread
+// count. Inside an item the loop is branch-free and vectorised (`omp simd`, target_clones for
+// AVX-512 / AVX2 / baseline); outputs that are not wanted go to a small scratch buffer in L1
+// instead of adding a branch (or a template parameter) to the loop, and the loss is summed
+// from the per-element values of each 512-element block while they are still in L1.
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/txfm_common.h"
+#include "poisson/poisson_math.h"
+
+namespace {
+
+using namespace txfm_poisson;
+
+constexpr int64_t kSub = 512;    // elements per fp32 partial sum (then added into fp64)
+constexpr int64_t kTile = 8192;  // columns per work item (a multiple of kSub)
+
+struct Job {
+  const void* z;              // [B, G] logits
+  const void* x;              // [B, G] target
+  int64_t B, G;
+  const uint8_t* mask;        // nullptr, or rows of G bytes (0 = leave the gene out)
+  int64_t mask_stride;        // bytes between mask rows (0: one [G] row for every sample)
+  const int64_t* ids;         // nullptr (mask row = b), or [B] row of `mask` for sample b
+  const double* row_scale;    // nullptr, or [B] weight of each row's loss and gradient
+  double scale;               // weight when row_scale is nullptr
+  void* grad;                 // nullptr, or [B, G] dlogits in the logits' dtype
+  void* loss_elem;            // nullptr, or [B, G] per-element loss in the compute type
+  double* partials;           // [B * n_tiles]
+  int64_t n_tiles;
+  double alpha, beta, eps;
+};
+
+
+// Sum of a block of per-element losses (fp32 lanes, no reassociation flags needed: GCC
+// vectorises neither `omp simd` reductions inside target_clones functions nor a plain float
+// sum, so the 16 lanes are explicit; each clone lowers them to its widest registers).
+typedef float v16f __attribute__((vector_size(64)));
+
+TXFM_HD float block_sum(const float* __restrict v, int64_t n) {
+  v16f acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16f t;
+    memcpy(&t, v + i, sizeof(t));
+    acc += t;
+  }
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; i < n; ++i) s += v[i];
+  return s;
+}
+
+TXFM_HD double block_sum(const double* __restrict v, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
+// Raw bits of a gradient value (may_alias: read back what was just stored as ZS).
+template <int N> struct Bits;
+template <> struct Bits<2> { typedef uint16_t __attribute__((may_alias)) type; };
+template <> struct Bits<4> { typedef uint32_t __attribute__((may_alias)) type; };
+template <> struct Bits<8> { typedef uint64_t __attribute__((may_alias)) type; };
+
+template <typename ZS, typename C>
+TXFM_HD void zero_left_out(const uint8_t* __restrict keep, C* __restrict lout, ZS* __restrict gout,
+                           int64_t n) {
+  using B = typename Bits<sizeof(ZS)>::type;  // +0.0 is all-zero bits in every dtype
+  B* __restrict gbits = reinterpret_cast<B*>(gout);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool k = keep[i] != 0;
+    lout[i] = k ? lout[i] : C(0);
+    gbits[i] = k ? gbits[i] : B(0);
+  }
+}
+
+// One (row, column tile) item. C is the compute type: float, or double for fp64 data.
+template <int MODE, bool FULL, typename ZS, typename XS, typename C>
+TXFM_CPU_DISPATCH void run_item(const Job& j, int64_t item) {
+  const int64_t b = item / j.n_tiles;
+  const int64_t g0 = (item % j.n_tiles) * kTile;
+  const int64_t g1 = std::min(j.G, g0 + kTile);
+  const int64_t row = b * j.G;
+  const ZS* z = static_cast<const ZS*>(j.z) + row;
+  const XS* x = static_cast<const XS*>(j.x) + row;
+  const uint8_t* mrow = nullptr;
+  if (j.mask) mrow = j.mask + (j.ids ? j.ids[b] : b) * j.mask_stride;
+  ZS* grad = j.grad ? static_cast<ZS*>(j.grad) + row : nullptr;
+  C* loss_elem = j.loss_elem ? static_cast<C*>(j.loss_elem) + row : nullptr;
+  const C scale = C(j.row_scale ? j.row_scale[b] : j.scale);
+  const Params<C> p{C(j.alpha), C(1.0 / j.beta), C(j.alpha / j.beta), C(j.eps)};
+
+  alignas(64) ZS grad_sink[kSub];
+  alignas(64) C loss_sink[kSub];
+  double acc = 0.0;
+  for (int64_t s = g0; s < g1; s += kSub) {
+    const int64_t n = std::min(kSub, g1 - s);
+    const ZS* __restrict zs = z + s;
+    const XS* __restrict xs = x + s;
+    ZS* __restrict gout = grad ? grad + s : grad_sink;
+    C* __restrict lout = loss_elem ? loss_elem + s : loss_sink;
+    for (int64_t i = 0; i < n; ++i) {
+      const LossGrad<C> r = elem<MODE, FULL, C>(load<C>(zs, i), load<C>(xs, i), p);
+      lout[i] = r.loss;
+      gout[i] = store_value<ZS, C>(r.dz * scale);
+    }
+    // Left-out genes are zeroed in a second sweep over the block (still in L1): with the byte
+    // mask inside the main loop GCC unrolls it 64 lanes wide and spills registers.
+    if (mrow) zero_left_out(mrow + s, lout, gout, n);
+    acc += double(block_sum(lout, n));
+  }
+  j.partials[item] = acc * double(scale);
+}
+
+using ItemFn = void (*)(const Job&, int64_t);
+
+template <int MODE, bool FULL>
+ItemFn pick_same_dtype(int zt, int xt) {
+  if (zt != xt) return nullptr;
+  switch (zt) {
+    case DT_F32: return run_item<MODE, FULL, float, float, float>;
+    case DT_BF16: return run_item<MODE, FULL, bf16_t, bf16_t, float>;
+    case DT_F16: return run_item<MODE, FULL, f16_t, f16_t, float>;
+    case DT_F64: return run_item<MODE, FULL, double, double, double>;
+  }
+  return nullptr;
+}
+
+// RTANH: logits fp32/bf16/fp16 with target fp32/bf16, or both fp64.
+// LOG/LINEAR (the drop-in poisson_nll_loss): input and target of one dtype.
+ItemFn pick(int mode, bool full, int zt, int xt) {
+  if (mode == MODE_RTANH) {
+    if (full) return nullptr;
+    if (zt == DT_F64 || xt == DT_F64) return zt == xt ? run_item<MODE_RTANH, false, double, double, double> : nullptr;
+    if (xt != DT_F32 && xt != DT_BF16) return nullptr;
+    const bool xf = xt == DT_F32;
+    switch (zt) {
+      case DT_F32: return xf ? run_item<MODE_RTANH, false, float, float, float> : run_item<MODE_RTANH, false, float, bf16_t, float>;
+      case DT_BF16: return xf ? run_item<MODE_RTANH, false, bf16_t, float, float> : run_item<MODE_RTANH, false, bf16_t, bf16_t, float>;
+      case DT_F16: return xf ? run_item<MODE_RTANH, false, f16_t, float, float> : run_item<MODE_RTANH, false, f16_t, bf16_t, float>;
+    }
+    return nullptr;
+  }
+  if (mode == MODE_LOG) return full ? pick_same_dtype<MODE_LOG, true>(zt, xt) : pick_same_dtype<MODE_LOG, false>(zt, xt);
+  if (mode == MODE_LINEAR) return full ? pick_same_dtype<MODE_LINEAR, true>(zt, xt) : pick_same_dtype<MODE_LINEAR, false>(zt, xt);
+  return nullptr;
+}
+
+// Large fresh output buffers are mostly page faults on first touch (~1 us per 4 KiB page,
+// more than the arithmetic); asking for transparent huge pages before the first write cuts
+// that ~5x where THP is in "madvise" mode. Advisory only: failures are ignored.
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (p == nullptr || bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+int dtype_size(int dt) { return dt == DT_F32 ? 4 : dt == DT_F64 ? 8 : 2; }
+
+}  // namespace
+
+// Fused forward over [B, G] logits z and target x.
+//
+// mode: 0 rectified tanh (SPEC §4), 1 log_input, 2 linear input (+ full: Stirling term).
+// z_dtype / x_dtype: 0 fp32, 1 bf16, 2 fp16, 3 fp64 (supported pairs: see pick()).
+// mask: nullptr, or bytes with row r at mask + r * mask_stride; row of sample b is ids[b]
+//   when ids is given (values in [0, n_mask_rows)), else b (mask_stride 0: one shared row).
+// Weight of row b: row_scale[b] if given, else scale. The loss written to *loss_out is
+//   sum_b weight_b * sum_{kept g} l[b, g]; grad (if not null, logits' dtype) gets
+//   weight_b * dl/dz for kept genes and 0 elsewhere; loss_elem (if not null, fp32 or fp64 for
+//   fp64 data) gets l[b, g] for kept genes and 0 elsewhere. *loss_out is a float (a double for
+//   fp64 data); the partial sums behind it are fp64.
+// Returns TXFM_OK, TXFM_ERR_BAD_ARG, or TXFM_ERR_BAD_INPUT (an id outside [0, n_mask_rows)).
+TXFM_API int txfm_poisson_fwd(const void* z, int z_dtype, const void* x, int x_dtype, int64_t B,
+                              int64_t G, int mode, int full, double alpha, double beta, double eps,
+                              const uint8_t* mask, int64_t mask_stride, const int64_t* ids,
+                              int64_t n_mask_rows, const double* row_scale, double scale,
+                              void* grad, void* loss_elem, void* loss_out) {
+  const ItemFn fn = pick(mode, full != 0, z_dtype, x_dtype);
+  if (fn == nullptr || z == nullptr || x == nullptr || loss_out == nullptr || B < 1 || G < 1 ||
+      (ids != nullptr && mask == nullptr) || beta == 0.0)
+    return TXFM_ERR_BAD_ARG;
+  if (ids != nullptr) {
+    for (int64_t b = 0; b < B; ++b)
+      if (ids[b] < 0 || ids[b] >= n_mask_rows) return TXFM_ERR_BAD_INPUT;
+  }
+  const int64_t n_tiles = (G + kTile - 1) / kTile;
+  const int64_t n_items = B * n_tiles;
+  std::vector<double> partials(size_t(n_items), 0.0);
+  Job j{z, x, B, G, mask, mask_stride, ids, row_scale, scale, grad, loss_elem, partials.data(),
+        n_tiles, alpha, beta, eps};
+  advise_huge_pages(grad, B * G * dtype_size(z_dtype));
+  advise_huge_pages(loss_elem, B * G * (z_dtype == DT_F64 ? 8 : 4));
+
+  // Dynamic chunks: a thread that loses its core to another process (data loaders, say) does
+  // not hold the others up; the partials do not depend on which thread ran an item.
+#pragma omp parallel for schedule(dynamic, 4) if (n_items > 1 && B * G >= 32768)
+  for (int64_t item = 0; item < n_items; ++item) fn(j, item);
+
+  double total = 0.0;
+  for (int64_t i = 0; i < n_items; ++i) total += partials[size_t(i)];
+  if (z_dtype == DT_F64)
+    *static_cast<double*>(loss_out) = total;
+  else
+    *static_cast<float*>(loss_out) = float(total);
+  return TXFM_OK;
+}

@@ -1,0 +1,218 @@
+// Fused Poisson NLL forward (+ dlogits) on CUDA: the same algorithm and per-element math
+// (poisson_math.h) as the C++ CPU kernel.
+//
+// One block per (row, 4096-column tile): every thread loads kUnroll elements of logits,
+// target (and mask) before computing, so each thread keeps several coalesced loads in flight;
+// it writes dlogits already scaled by its row's weight and the block writes one partial sum
+// (row weight included) to a [B * n_tiles] fp64 workspace. A second one-block kernel adds the
+// partials in a fixed order: deterministic, no floating-point atomics. Traffic: one read of
+// logits and target (and mask bytes), one write of dlogits (and of the per-element loss for
+// reduction="none").
+//
+// A dataset id outside [0, n_mask_rows) is not checked on the host (that would need a sync):
+// its row's loss and gradient become NaN instead of reading out of bounds.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/txfm_common.h"
+#include "poisson/poisson_math.h"
+
+namespace {
+
+using namespace txfm_poisson;
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 8;  // elements per thread in flight: enough bytes to cover HBM latency
+constexpr int64_t kTileCols = int64_t(kThreads) * kUnroll * 2;  // 4096 columns per block
+constexpr int kReduceThreads = 1024;
+
+struct Args {
+  const void* z;
+  const void* x;
+  int64_t B, G;
+  const uint8_t* mask;
+  int64_t mask_stride;
+  const int64_t* ids;
+  int64_t n_mask_rows;
+  const double* row_scale;
+  double scale;
+  void* grad;
+  void* loss_elem;
+  double* partials;
+  int64_t n_tiles;
+  double alpha, beta, eps;
+};
+
+// Deterministic block sum (fixed shuffle tree, then warp 0 over the warp sums).
+template <typename C> __device__ C block_sum(C v) {
+  __shared__ C warp_sums[32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  const int n_warps = (blockDim.x + 31) >> 5;
+  v = threadIdx.x < n_warps ? warp_sums[threadIdx.x] : C(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;  // valid in thread 0
+}
+
+template <int MODE, bool FULL, typename ZS, typename XS, typename C>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(Args a) {
+  const int64_t item = blockIdx.x;
+  const int64_t b = item / a.n_tiles;
+  const int64_t g0 = (item % a.n_tiles) * kTileCols;
+  const int64_t g1 = a.G < g0 + kTileCols ? a.G : g0 + kTileCols;
+  const int64_t row = b * a.G;
+  const ZS* __restrict__ z = static_cast<const ZS*>(a.z) + row;
+  const XS* __restrict__ x = static_cast<const XS*>(a.x) + row;
+  ZS* __restrict__ grad = a.grad ? static_cast<ZS*>(a.grad) + row : nullptr;
+  C* __restrict__ loss_elem = a.loss_elem ? static_cast<C*>(a.loss_elem) + row : nullptr;
+  const uint8_t* __restrict__ mrow = nullptr;
+  bool row_ok = true;
+  if (a.mask) {
+    const int64_t r = a.ids ? a.ids[b] : b;
+    row_ok = r >= 0 && r < (a.ids ? a.n_mask_rows : a.B);
+    mrow = a.mask + (row_ok ? r : 0) * a.mask_stride;
+  }
+  const C scale = C(a.row_scale ? a.row_scale[b] : a.scale);
+  const Params<C> p{C(a.alpha), C(1.0 / a.beta), C(a.alpha / a.beta), C(a.eps)};
+  const C bad = row_ok ? C(0) : C(NAN);
+
+  C acc = C(0);
+  for (int64_t base = g0 + threadIdx.x; base < g1; base += int64_t(kThreads) * kUnroll) {
+    C zv[kUnroll], xv[kUnroll];
+    bool keep[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t g = base + int64_t(u) * kThreads;
+      const bool in = g < g1;
+      zv[u] = in ? load<C>(z, g) : C(0);
+      xv[u] = in ? load<C>(x, g) : C(0);
+      keep[u] = in && (mrow == nullptr || mrow[g] != 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t g = base + int64_t(u) * kThreads;
+      if (g >= g1) break;
+      const LossGrad<C> r = elem<MODE, FULL, C>(zv[u], xv[u], p);
+      const C l = (keep[u] ? r.loss : C(0)) + bad;
+      const C d = (keep[u] ? r.dz * scale : C(0)) + bad;
+      acc += l;
+      if (grad) grad[g] = store_value<ZS, C>(d);
+      if (loss_elem) loss_elem[g] = l;
+    }
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) a.partials[item] = double(acc) * double(scale);
+}
+
+// Writes the loss in the compute type (float, or double for fp64 data): no conversion kernel.
+template <typename C>
+__global__ void __launch_bounds__(kReduceThreads) reduce_kernel(const double* partials, int64_t n,
+                                                               C* out) {
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) s += partials[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out = C(s);
+}
+
+// grad *= *scale in place, skipped (by every thread, no host sync) when *scale == 1: the
+// usual loss.backward() costs nothing beyond the forward.
+template <typename ZS>
+__global__ void scale_kernel(ZS* __restrict__ grad, int64_t n, const float* __restrict__ scale) {
+  const float s = *scale;
+  if (s == 1.0f) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    grad[i] = store_value<ZS, float>(load<float>(grad, i) * s);
+}
+
+using Launch = void (*)(const Args&, cudaStream_t);
+
+template <int MODE, bool FULL, typename ZS, typename XS, typename C>
+void launch(const Args& a, cudaStream_t stream) {
+  fwd_kernel<MODE, FULL, ZS, XS, C><<<unsigned(a.B * a.n_tiles), kThreads, 0, stream>>>(a);
+}
+
+template <int MODE, bool FULL>
+Launch pick_same_dtype(int zt, int xt) {
+  if (zt != xt) return nullptr;
+  switch (zt) {
+    case DT_F32: return launch<MODE, FULL, float, float, float>;
+    case DT_BF16: return launch<MODE, FULL, bf16_t, bf16_t, float>;
+    case DT_F16: return launch<MODE, FULL, f16_t, f16_t, float>;
+    case DT_F64: return launch<MODE, FULL, double, double, double>;
+  }
+  return nullptr;
+}
+
+// Same supported pairs as the CPU kernel (poisson_cpu.cpp).
+Launch pick(int mode, bool full, int zt, int xt) {
+  if (mode == MODE_RTANH) {
+    if (full) return nullptr;
+    if (zt == DT_F64 || xt == DT_F64) return zt == xt ? launch<MODE_RTANH, false, double, double, double> : nullptr;
+    if (xt != DT_F32 && xt != DT_BF16) return nullptr;
+    const bool xf = xt == DT_F32;
+    switch (zt) {
+      case DT_F32: return xf ? launch<MODE_RTANH, false, float, float, float> : launch<MODE_RTANH, false, float, bf16_t, float>;
+      case DT_BF16: return xf ? launch<MODE_RTANH, false, bf16_t, float, float> : launch<MODE_RTANH, false, bf16_t, bf16_t, float>;
+      case DT_F16: return xf ? launch<MODE_RTANH, false, f16_t, float, float> : launch<MODE_RTANH, false, f16_t, bf16_t, float>;
+    }
+    return nullptr;
+  }
+  if (mode == MODE_LOG) return full ? pick_same_dtype<MODE_LOG, true>(zt, xt) : pick_same_dtype<MODE_LOG, false>(zt, xt);
+  if (mode == MODE_LINEAR) return full ? pick_same_dtype<MODE_LINEAR, true>(zt, xt) : pick_same_dtype<MODE_LINEAR, false>(zt, xt);
+  return nullptr;
+}
+
+}  // namespace
+
+// Columns per block: the Python layer sizes the partials workspace as B * ceil(G / this).
+TXFM_API int64_t txfm_poisson_cuda_tile_cols() { return kTileCols; }
+
+// Same contract as txfm_poisson_fwd (poisson_cpu.cpp), with device pointers, plus
+// `partials` (device, B * ceil(G / tile_cols) doubles) and the stream; loss_out is a device
+// float (a double for fp64 data). Returns a cudaError_t (cudaErrorInvalidValue for unsupported
+// arguments).
+TXFM_API int txfm_poisson_fwd_cuda(const void* z, int z_dtype, const void* x, int x_dtype,
+                                   int64_t B, int64_t G, int mode, int full, double alpha,
+                                   double beta, double eps, const uint8_t* mask,
+                                   int64_t mask_stride, const int64_t* ids, int64_t n_mask_rows,
+                                   const double* row_scale, double scale, void* grad,
+                                   void* loss_elem, void* loss_out, double* partials,
+                                   void* stream) {
+  const Launch fn = pick(mode, full != 0, z_dtype, x_dtype);
+  const int64_t n_tiles = (G + kTileCols - 1) / kTileCols;
+  if (fn == nullptr || z == nullptr || x == nullptr || loss_out == nullptr || partials == nullptr ||
+      B < 1 || G < 1 || B * n_tiles > int64_t(0x7fffffff) || (ids != nullptr && mask == nullptr) ||
+      beta == 0.0)
+    return int(cudaErrorInvalidValue);
+  const Args a{z, x, B, G, mask, mask_stride, ids, n_mask_rows, row_scale, scale, grad, loss_elem,
+               partials, n_tiles, alpha, beta, eps};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  fn(a, s);
+  if (z_dtype == DT_F64)
+    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles, static_cast<double*>(loss_out));
+  else
+    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles, static_cast<float*>(loss_out));
+  return int(cudaGetLastError());
+}
+
+// grad (n elements, dtype 0 fp32 / 1 bf16 / 2 fp16) *= *scale (device fp32), unless it is 1.
+TXFM_API int txfm_poisson_scale_cuda(void* grad, int dtype, int64_t n, const float* scale,
+                                     void* stream) {
+  if (grad == nullptr || scale == nullptr || n < 0) return int(cudaErrorInvalidValue);
+  if (n == 0) return 0;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 16);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DT_F32: scale_kernel<<<unsigned(blocks), threads, 0, s>>>(static_cast<float*>(grad), n, scale); break;
+    case DT_BF16: scale_kernel<<<unsigned(blocks), threads, 0, s>>>(static_cast<bf16_t*>(grad), n, scale); break;
+    case DT_F16: scale_kernel<<<unsigned(blocks), threads, 0, s>>>(static_cast<f16_t*>(grad), n, scale); break;
+    default: return int(cudaErrorInvalidValue);
+  }
+  return int(cudaGetLastError());
+}

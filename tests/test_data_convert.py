@@ -1,0 +1,438 @@
+"""Converter: round trips, vocabulary, filters, dtypes, codecs, bad inputs, crash + resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from txfm.data import InputError, Manifest, ShardReadError
+from txfm.data.convert import convert
+from txfm.data.synth import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_h5ad(path: Path, counts, genes, *, ids=True, obs=None, dtype=np.float32, uns=None):
+    """A small AnnData with ``genes`` as Ensembl-style ids (or symbols when ids=False)."""
+    x = sp.csr_matrix(np.asarray(counts, dtype=dtype))
+    var = pd.DataFrame({"symbol": [f"S{g}" for g in genes]} if ids else {},
+                       index=pd.Index([f"ENSG{g:011d}" if ids else f"S{g}" for g in genes]))
+    obs = obs if obs is not None else pd.DataFrame(index=[f"{path.stem}_{i}" for i in range(x.shape[0])])
+    a = ad.AnnData(X=x, obs=obs, var=var, uns=uns or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.write_h5ad(path)
+    return path
+
+
+def shard_frames(out: Path) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """All shards (train then val) read back with anndata, concatenated in manifest order."""
+    m = Manifest.load(out)
+    xs, obs = [], []
+    for s in m.shards:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy: "indices array has non-integer dtype (uint16)"
+            a = ad.read_zarr(out / s.path)
+        assert a.n_vars == m.n_genes and list(a.var_names) == m.gene_ids
+        xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))
+        obs.append(a.obs)
+    return sp.vstack(xs).tocsr(), pd.concat(obs)
+
+
+def expected_rows(path: Path, vocab_ids: list[str], rows: np.ndarray, key="index") -> sp.csr_matrix:
+    """Rows of an input .h5ad remapped onto the vocabulary, computed with anndata + scipy."""
+    a = ad.read_h5ad(path)
+    names = list(a.var_names) if key == "index" else list(a.var[key])
+    col = {g: i for i, g in enumerate(vocab_ids)}
+    target = np.array([col.get(n, -1) for n in names])
+    keep = np.flatnonzero(target >= 0)
+    proj = sp.csr_matrix((np.ones(keep.size), (keep, target[keep])), shape=(len(names), len(vocab_ids)))
+    return (sp.csr_matrix(a.X)[rows] @ proj).tocsr()
+
+
+def assert_round_trip(out: Path, inputs: dict[str, Path], key="index"):
+    x, obs = shard_frames(out)
+    m = Manifest.load(out)
+    assert x.shape == (m.n_cells, m.n_genes)
+    # every row sorted and de-duplicated, vocabulary ids in range
+    x.has_sorted_indices = False
+    assert sp.csr_matrix(x).has_canonical_format or x.copy().has_canonical_format
+    for name, path in inputs.items():
+        sel = np.flatnonzero(obs["dataset"].to_numpy() == name)
+        rows = obs["source_row"].to_numpy()[sel]
+        exp = expected_rows(path, m.gene_ids, rows, key=key)
+        diff = x[sel] - exp
+        assert abs(diff).sum() == 0, f"{name}: counts differ after the round trip"
+    return x, obs, m
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synth"), cells=1500, genes=300, perturbations=8,
+                    batches=2, bulk=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shards(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "s"
+    convert(synth.datasets, out, min_cells=5, min_genes=20, val_fraction=0.05, shard_cells=400,
+            progress=False, log=lambda s: None)
+    return out
+
+
+def test_round_trip_synthetic(synth, shards):
+    inputs = {p.stem: p for p in synth.datasets}
+    x, obs, m = assert_round_trip(shards, inputs)
+    # every kept input cell appears exactly once
+    pairs = set(zip(obs["dataset"].astype(str), obs["source_row"]))
+    assert len(pairs) == m.n_cells == len(obs)
+    assert {d.name for d in m.datasets} == {"screen", "atlas", "bulk"}
+    assert [s.split for s in m.shards].count("val") >= 1
+    assert m.n_split_cells("val") == round(0.05 * m.n_cells)
+    # shuffled across datasets: each training shard mixes datasets
+    first = obs.iloc[: m.shards[0].n_cells]
+    assert first["dataset"].nunique() >= 2
+    # labels kept, as categoricals shared by all shards
+    assert {"cell_type", "perturbation", "batch"} <= set(obs.columns)
+    assert "non-targeting" in set(obs["perturbation"].astype(str))
+    # m_i = training cells with gene i non-zero
+    train = np.flatnonzero(np.arange(x.shape[0]) < m.n_split_cells("train"))
+    np.testing.assert_array_equal(m.gene_nnz, np.bincount(x[train].indices, minlength=m.n_genes))
+    # observable genes per dataset = the dataset's genes kept by the filters
+    for d in m.datasets:
+        genes = set(ad.read_h5ad(Path(d.report["path"]), backed="r").var_names)
+        assert set(np.asarray(m.gene_ids)[d.observable]) <= genes
+        assert d.observable.size == d.report["genes_kept"]
+    obs_genes = m.observable()
+    assert obs_genes.mask.shape == (3, m.n_genes)
+    assert (obs_genes.counts().numpy() == [d.observable.size for d in m.datasets]).all()
+
+
+def test_layout_is_annbatch_and_anndata_compatible(shards):
+    root = json.loads((shards / "zarr.json").read_text())
+    assert root["node_type"] == "group"
+    assert root["attributes"]["encoding-type"] == "annbatch-preshuffled"
+    assert root["attributes"]["encoding-version"] == "0.1.0"
+    meta = json.loads((shards / "dataset_0" / "X" / "data" / "zarr.json").read_text())
+    assert meta["codecs"][0]["name"] == "sharding_indexed"
+    assert meta["data_type"] in ("uint16", "uint32")
+    idx = json.loads((shards / "dataset_0" / "X" / "indices" / "zarr.json").read_text())
+    assert idx["data_type"] == "uint16"
+    import zarr
+
+    g = zarr.open_group(shards / "dataset_0", mode="r")
+    assert g["X"].attrs["encoding-type"] == "csr_matrix"
+    # zarr-python itself reads our hand-written shard files
+    a = ad.read_zarr(shards / "dataset_0")
+    np.testing.assert_array_equal(g["X/indices"][:], a.X.indices)
+
+
+def test_counts_dtype_fallback(synth, shards):
+    m = Manifest.load(shards)
+    # bulk counts exceed 65,535: the corpus falls back to uint32; indices stay uint16
+    assert m.max_count > 65535 and m.counts_dtype == "uint32" and m.indices_dtype == "uint16"
+
+
+def test_union_vocabulary_overlap_and_disjoint(tmp_path):
+    rng = np.random.default_rng(0)
+    a = write_h5ad(tmp_path / "a.h5ad", rng.poisson(2, (30, 5)), [1, 2, 3, 4, 5])
+    b = write_h5ad(tmp_path / "b.h5ad", rng.poisson(2, (20, 4)), [4, 5, 6, 7])   # overlaps a
+    c = write_h5ad(tmp_path / "c.h5ad", rng.poisson(2, (10, 3)), [8, 9, 10])     # disjoint
+    out = tmp_path / "out"
+    m = convert([a, b, c], out, min_cells=0, min_genes=0, val_fraction=0.0, progress=False,
+                log=lambda s: None)
+    assert m.gene_ids == [f"ENSG{g:011d}" for g in range(1, 11)]  # order of first appearance
+    assert m.symbols == [f"S{g}" for g in range(1, 11)]
+    assert [d.observable.tolist() for d in m.datasets] == [[0, 1, 2, 3, 4], [3, 4, 5, 6], [7, 8, 9]]
+    assert_round_trip(out, {"a": a, "b": b, "c": c})
+    # an existing vocabulary: genes outside it are dropped and reported
+    vocab = tmp_path / "vocab.tsv"
+    pd.DataFrame({"gene_id": [f"ENSG{g:011d}" for g in (7, 1, 2, 9)],
+                  "symbol": ["S7", "S1", "S2", "S9"]}).to_csv(vocab, sep="\t", index=False)
+    out2 = tmp_path / "out2"
+    m2 = convert([a, b, c], out2, vocab=vocab, min_cells=0, min_genes=0, val_fraction=0.0,
+                 progress=False, log=lambda s: None)
+    assert m2.gene_ids == [f"ENSG{g:011d}" for g in (7, 1, 2, 9)]
+    assert m2.datasets[0].report["genes_outside_vocab"] == 3
+    assert [d.observable.tolist() for d in m2.datasets] == [[1, 2], [0], [3]]
+    assert_round_trip(out2, {"a": a, "b": b, "c": c})
+
+
+def test_symbols_mapped_to_ids_and_duplicates_summed(tmp_path):
+    counts = np.array([[1, 2, 3], [0, 4, 0]])
+    a = write_h5ad(tmp_path / "a.h5ad", counts, [1, 2, 3])
+    # symbol-only input with a duplicated symbol: S2 twice -> one gene, counts summed
+    var = pd.DataFrame(index=pd.Index(["S2", "S2", "S3", "S99"]))
+    xb = sp.csr_matrix(np.array([[1, 1, 5, 2], [3, 0, 0, 0]], dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = tmp_path / "b.h5ad"
+        ad.AnnData(X=xb, var=var, obs=pd.DataFrame(index=["b0", "b1"])).write_h5ad(b)
+    out = tmp_path / "out"
+    m = convert([a, b], out, min_cells=0, min_genes=0, val_fraction=0.0, progress=False,
+                log=lambda s: None)
+    # S2/S3 took the ids of input a; S99 stays a symbol key
+    assert m.gene_ids == ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003", "S99"]
+    assert m.datasets[1].report["duplicate_features_merged"] == 1
+    x, obs = shard_frames(out)
+    b0 = x[np.flatnonzero((obs["dataset"] == "b").to_numpy() & (obs["source_row"] == 0).to_numpy())[0]]
+    assert b0.toarray().ravel().tolist() == [0, 2, 5, 2]
+
+
+def test_filters(tmp_path):
+    # gene g is expressed in g+1 cells; cell i expresses i+1 genes
+    n = 8
+    counts = (np.arange(n)[:, None] >= (n - 1 - np.arange(n))[None, :]).astype(int)
+    a = write_h5ad(tmp_path / "a.h5ad", counts, list(range(1, n + 1)))
+    out = tmp_path / "out"
+    m = convert([a], out, min_cells=3, min_genes=4, val_fraction=0.0, progress=False,
+                log=lambda s: None)
+    rep = m.datasets[0].report
+    # genes in >= 3 cells: gene columns 2..7 (6 genes); then cells with >= 4 of those genes
+    assert rep["genes_kept"] == 6 and rep["genes_dropped_min_cells"] == 2
+    kept_genes = counts[:, 2:].sum(1)
+    assert rep["cells_kept"] == int((kept_genes >= 4).sum())
+    x, obs = shard_frames(out)
+    assert sorted(obs["source_row"]) == np.flatnonzero(kept_genes >= 4).tolist()
+    # bulk inputs are not filtered
+    out2 = tmp_path / "out2"
+    m2 = convert([a], out2, min_cells=3, min_genes=4, val_fraction=0.0, bulk=["a"],
+                 progress=False, log=lambda s: None)
+    assert m2.datasets[0].kind == "bulk" and m2.n_cells == n and m2.n_genes == n
+    with pytest.raises(InputError, match="no cell left"):
+        convert([a], tmp_path / "out3", min_cells=0, min_genes=100, progress=False,
+                log=lambda s: None)
+    with pytest.raises(InputError, match="no gene left"):
+        convert([a], tmp_path / "out4", min_cells=100, min_genes=0, progress=False,
+                log=lambda s: None)
+
+
+def test_bad_inputs(tmp_path):
+    good = [[1, 2], [3, 4]]
+    cases = {
+        "nan": ([[1, np.nan], [0, 1]], "non-finite"),
+        "inf": ([[1, np.inf], [0, 1]], "non-finite"),
+        "neg": ([[1, -1], [0, 1]], "negative"),
+        "frac": ([[1, 0.5], [0, 1]], "non-integer"),
+    }
+    for name, (counts, msg) in cases.items():
+        p = write_h5ad(tmp_path / f"{name}.h5ad", counts, [1, 2])
+        with pytest.raises(InputError, match=msg) as err:
+            convert([p], tmp_path / f"out_{name}", min_cells=0, min_genes=0, progress=False,
+                    log=lambda s: None)
+        assert str(p) in str(err.value) and "cell " in str(err.value)
+    frac = tmp_path / "frac.h5ad"
+    m = convert([frac], tmp_path / "out_frac_ok", min_cells=0, min_genes=0, val_fraction=0.0,
+                allow_non_integer=True, progress=False, log=lambda s: None)
+    assert m.counts_dtype == "float32" and not m.integer_counts
+    x, _ = shard_frames(tmp_path / "out_frac_ok")
+    assert 0.5 in set(x.data.tolist())
+    empty = write_h5ad(tmp_path / "empty.h5ad", np.zeros((0, 2)), [1, 2])
+    with pytest.raises(InputError, match="no cells"):
+        convert([empty], tmp_path / "o1", progress=False, log=lambda s: None)
+    junk = tmp_path / "junk.h5ad"
+    junk.write_bytes(b"not an hdf5 file")
+    with pytest.raises(InputError, match="cannot open"):
+        convert([junk], tmp_path / "o2", progress=False, log=lambda s: None)
+    with pytest.raises(InputError, match="does not exist"):
+        convert([tmp_path / "missing.h5ad"], tmp_path / "o3", progress=False, log=lambda s: None)
+    folder = tmp_path / "not10x"
+    folder.mkdir()
+    with pytest.raises(InputError, match="missing matrix.mtx"):
+        convert([folder], tmp_path / "o4", progress=False, log=lambda s: None)
+    ok = write_h5ad(tmp_path / "ok.h5ad", good, [1, 2])
+    with pytest.raises(InputError, match="no layer 'counts'"):
+        convert([ok], tmp_path / "o5", layer="counts", progress=False, log=lambda s: None)
+
+
+def test_layer_raw_and_10x_h5(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(1.5, (40, 6)).astype(np.float32)
+    var = pd.DataFrame({"symbol": [f"S{i}" for i in range(6)]},
+                       index=[f"ENSG{i:011d}" for i in range(6)])
+    a = ad.AnnData(X=sp.csr_matrix(np.log1p(counts)), var=var,
+                   obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
+                   layers={"counts": sp.csr_matrix(counts)})
+    a.raw = ad.AnnData(X=sp.csr_matrix(counts), var=var)
+    p = tmp_path / "layered.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.write_h5ad(p)
+    for kw in ({"layer": "counts"}, {"use_raw": True}):
+        out = tmp_path / f"out_{list(kw)[0]}"
+        convert([p], out, min_cells=0, min_genes=0, val_fraction=0.0, progress=False,
+                log=lambda s: None, **kw)
+        x, obs = shard_frames(out)
+        np.testing.assert_array_equal(x.toarray(), counts[obs["source_row"].to_numpy()])
+    # X holds log1p values: refused as non-integer
+    with pytest.raises(InputError, match="non-integer"):
+        convert([p], tmp_path / "out_x", min_cells=0, min_genes=0, progress=False, log=lambda s: None)
+    # a Cell Ranger v3 .h5 (features x cells CSC == cells x features CSR)
+    m = sp.csr_matrix(counts.astype(np.int32))
+    h5 = tmp_path / "filtered_feature_bc_matrix.h5"
+    with h5py.File(h5, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array([6, 40])
+        g["barcodes"] = np.array([f"BC{i}-1".encode() for i in range(40)])
+        ft = g.create_group("features")
+        ft["id"] = np.array([f"ENSG{i:011d}".encode() for i in range(6)])
+        ft["name"] = np.array([f"S{i}".encode() for i in range(6)])
+        ft["feature_type"] = np.array([b"Gene Expression"] * 5 + [b"Antibody Capture"])
+    out = tmp_path / "out_h5"
+    man = convert([h5], out, min_cells=0, min_genes=0, val_fraction=0.0, progress=False,
+                  log=lambda s: None)
+    assert man.n_genes == 5 and man.datasets[0].report["features_other_type"] == 1
+    x, obs = shard_frames(out)
+    np.testing.assert_array_equal(x.toarray(), counts[obs["source_row"].to_numpy()][:, :5])
+    assert obs.index[0].startswith("filtered_feature_bc_matrix:BC")
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_codecs_round_trip(synth, tmp_path, codec):
+    out = tmp_path / codec
+    convert(synth.datasets[:1], out, min_cells=0, min_genes=0, val_fraction=0.0, codec=codec,
+            shard_cells=500, progress=False, log=lambda s: None)
+    assert_round_trip(out, {"screen": synth.datasets[0]})
+    from txfm.data import ShardLoader
+
+    loader = ShardLoader(out, 128, shuffle=False, drop_last=False)
+    got = sp.vstack([sp.csr_matrix((b.counts.numpy(), b.indices.numpy(), b.indptr.numpy()),
+                                   shape=(b.batch_size, loader.n_genes)) for b in loader])
+    x, _ = shard_frames(out)
+    assert abs(got - x).sum() == 0
+
+
+def test_rerun_is_a_no_op_and_changed_options_need_overwrite(synth, shards, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()}
+    convert(synth.datasets, shards, min_cells=5, min_genes=20, val_fraction=0.05, shard_cells=400,
+            progress=False, log=lambda s: None)
+    assert {p: p.stat().st_mtime_ns for p in shards.rglob("*") if p.is_file()} == before
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(synth.datasets, shards, min_cells=6, min_genes=20, val_fraction=0.05,
+                progress=False, log=lambda s: None)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not txfm shards"):
+        convert(synth.datasets, foreign, progress=False, log=lambda s: None)
+
+
+def test_corrupt_or_missing_chunks_are_named(shards, tmp_path):
+    import shutil
+
+    from txfm.data import ShardLoader
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    f = bad / "dataset_1" / "X" / "indices" / "c" / "0"
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(ShardReadError, match=r"dataset_1.*cells \d+\.\.\d+"):
+        ShardLoader(bad, 64)
+    f.write_bytes(raw[:-30] + bytes(30))  # index overwritten
+    with pytest.raises(ShardReadError, match="checksum"):
+        ShardLoader(bad, 64)
+    f.unlink()
+    with pytest.raises(ShardReadError, match=r"dataset_1.*missing"):
+        ShardLoader(bad, 64)
+    f.write_bytes(raw)
+    # data intact but an inner chunk marked missing in a (re-checksummed) index
+    from txfm.data.layout import _crc32c
+
+    meta = json.loads((bad / "dataset_1" / "X" / "indices" / "zarr.json").read_text())
+    cfg = meta["codecs"][0]["configuration"]
+    n_chunks = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // cfg["chunk_shape"][0]
+    index = np.frombuffer(raw[-(16 * n_chunks + 4):-4], dtype="<u8").reshape(-1, 2).copy()
+    index[1] = 2**64 - 1
+    ib = index.tobytes()
+    f.write_bytes(raw[: -(16 * n_chunks + 4)] + ib + np.uint32(_crc32c(ib)).tobytes())
+    with pytest.raises(ShardReadError, match=r"inner chunk 1 .* missing") as err:
+        ShardLoader(bad, 64)
+    assert "corpus cells" in str(err.value)
+    f.write_bytes(raw)
+    # gene ids out of range (bit rot in the data region) are caught while reading
+    body = bytearray(raw)
+    body[0:2] = np.uint16(65535).tobytes()
+    f.write_bytes(bytes(body))
+    loader = ShardLoader(bad, 64, shuffle=False)
+    with pytest.raises(ShardReadError, match=r"dataset_1.*gene index"):
+        list(loader)
+
+
+def _convert_cmd(inputs, out):
+    return [sys.executable, "-c",
+            "import sys; from txfm.data.convert import convert; "
+            f"convert({[str(p) for p in inputs]!r}, {str(out)!r}, min_cells=5, min_genes=20, "
+            "val_fraction=0.05, shard_cells=150, progress=False, log=lambda s: None)"]
+
+
+def test_sigkill_half_way_then_resume(synth, tmp_path):
+    inputs = synth.datasets
+    ref = tmp_path / "ref"
+    convert(inputs, ref, min_cells=5, min_genes=20, val_fraction=0.05, shard_cells=150,
+            progress=False, log=lambda s: None)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_convert_cmd(inputs, out), cwd=ROOT, env={**os.environ})
+    deadline = time.time() + 120
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in out.glob("dataset_*") if p.is_dir()]
+        if len(done) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        Manifest.load(out)
+    finished = {p.name: p.stat().st_ino for p in out.glob("dataset_*")}
+    assert finished and len(finished) < len(Manifest.load(ref).split_shards("train"))
+    convert(inputs, out, min_cells=5, min_genes=20, val_fraction=0.05, shard_cells=150,
+            progress=False, log=lambda s: None)
+    # finished shards were kept, not rewritten
+    assert {p: (out / p).stat().st_ino for p in finished} == finished
+    assert not (out / ".txfm-convert").exists()
+    assert not list(out.glob(".tmp-*"))
+    a, ao = shard_frames(out)
+    b, bo = shard_frames(ref)
+    assert abs(a - b).sum() == 0
+    assert (ao.index == bo.index).all()
+    assert Manifest.load(out).raw["gene_nnz"] == Manifest.load(ref).raw["gene_nnz"]
+
+
+def test_cli_synth_convert_info(tmp_path, capsys):
+    from txfm.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "raw"), "--cells", "300", "--genes",
+                 "120", "--perturbations", "5"]) == 0
+    inputs = sorted(str(p) for p in (tmp_path / "raw").glob("*.h5ad"))
+    assert len(inputs) == 2
+    assert main(["data", "convert", *inputs, "--out", str(tmp_path / "sh"), "--min-cells", "3",
+                 "--min-genes", "10", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["data", "info", str(tmp_path / "sh")]) == 0
+    assert "observable genes" in capsys.readouterr().out
+    assert main(["data", "convert", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_entry_point_runs(tmp_path):
+    """``python -m txfm.cli data ...`` works as a separate process (registration + exit codes)."""
+    r = subprocess.run([sys.executable, "-m", "txfm.cli", "data", "info", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not a complete txfm shard collection" in r.stderr

@@ -1,0 +1,63 @@
+"""The embedded demo (atomic, reused) and a smoke run of ``python -m bench.loader --quick``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import txfm.data.demo as demo
+from txfm.data import Manifest, ShardLoader
+
+SMALL = dict(cells=600, genes=150, perturbations=5, batches=2, bulk=5, seed=0)
+
+
+@pytest.fixture()
+def small_demo(monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_SYNTH", SMALL)
+    monkeypatch.setattr(demo, "DEMO_CONVERT", dict(min_cells=3, min_genes=10, val_fraction=0.05,
+                                                   seed=0))
+
+
+def test_demo_is_built_once_and_atomically(tmp_path, small_demo, monkeypatch):
+    root = tmp_path / "txfm-demo"
+    shards = demo.ensure_demo_shards(root)
+    m = Manifest.load(shards)
+    assert m.n_split_cells("val") > 0 and len(m.datasets) == 3
+    d = demo.ensure_demo(root)
+    assert (d.truth / "relationships.txt").is_file() and d.shards == shards
+    stamp = (shards / "manifest.json").stat().st_mtime_ns
+    assert demo.ensure_demo_shards(root) == shards
+    assert (shards / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    next(iter(ShardLoader(shards, 32)))
+
+    # a failure half-way leaves nothing that could be taken for a finished demo
+    other = tmp_path / "other"
+
+    def boom(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr("txfm.data.convert.convert", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        demo.ensure_demo(other)
+    assert not other.exists() and not list(tmp_path.glob(".other.tmp-*"))
+    monkeypatch.undo()
+
+    # a demo folder without its completion marker is rebuilt, not used
+    monkeypatch.setattr(demo, "DEMO_SYNTH", SMALL)
+    monkeypatch.setattr(demo, "DEMO_CONVERT", dict(min_cells=3, min_genes=10, val_fraction=0.05,
+                                                   seed=0))
+    (root / demo.MARKER).unlink()
+    assert not demo._complete(root)
+    demo.ensure_demo_shards(root)
+    assert demo._complete(root)
+
+
+def test_bench_loader_quick(tmp_path):
+    from bench.loader import main
+
+    out = tmp_path / "loader.json"
+    assert main(["--quick", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    measured = [r for r in rows if r.get("cells_per_s")]
+    assert {r["loader"] for r in measured} == {"txfm", "h5ad backed"}
+    assert all(r["cells_per_s"] > 0 and r["distinct_stretches"] >= 1 for r in measured)

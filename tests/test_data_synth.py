@@ -1,0 +1,115 @@
+"""Synthetic data: reproducible, well-formed AnnData, ground truth that matches the counts."""
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from txfm.data.synth import generate
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("syn"), cells=2400, genes=500, perturbations=12,
+                    batches=2, bulk=10, seed=11)
+
+
+def load(path):
+    return ad.read_h5ad(path)
+
+
+def test_files_and_format(synth):
+    assert [p.name for p in synth.datasets] == ["screen.h5ad", "atlas.h5ad", "bulk.h5ad"]
+    params = json.loads(synth.params.read_text())
+    assert params["seed"] == 11 and params["cells"] == 2400
+    subsets = []
+    for p in synth.datasets:
+        a = load(p)
+        assert isinstance(a.X, sp.csr_matrix) and a.X.dtype == np.int32
+        assert a.X.nnz and a.X.data.min() > 0
+        assert {"cell_type", "perturbation", "batch", "dataset"} <= set(a.obs.columns)
+        assert (a.obs["dataset"] == p.stem).all()
+        assert all(v.startswith("ENSG9") and len(v) == 15 for v in a.var_names)
+        assert "symbol" in a.var and a.var["symbol"].str.startswith("SYN").all()
+        assert a.uns["modality"] == ("bulk" if p.stem == "bulk" else "single-cell")
+        subsets.append(set(a.var_names))
+    screen, atlas, bulk = subsets
+    # different, overlapping gene subsets
+    assert screen != atlas and screen & atlas and (screen - atlas) and (atlas - screen)
+    assert load(synth.datasets[2]).X.max() > 65535  # deep bulk samples
+
+
+def test_deterministic(synth, tmp_path):
+    again = generate(tmp_path / "again", cells=2400, genes=500, perturbations=12, batches=2,
+                     bulk=10, seed=11)
+    other = generate(tmp_path / "other", cells=2400, genes=500, perturbations=12, batches=2,
+                     bulk=10, seed=12)
+    a, b, c = (load(r.datasets[0]) for r in (synth, again, other))
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert a.X.shape != c.X.shape or (a.X != c.X).nnz > 0
+    assert synth.relationships.read_text() == again.relationships.read_text()
+
+
+def test_truth_files(synth):
+    programs = pd.read_csv(synth.programs, sep="\t", keep_default_na=False)
+    assert list(programs.columns[:3]) == ["gene_id", "symbol", "program"]
+    rel = pd.read_csv(synth.relationships)
+    assert list(rel.columns) == ["entity1", "entity2"]
+    prog = dict(zip(programs.symbol, programs.program))
+    assert len(rel) > 100 and all(prog[a] == prog[b] != "" for a, b in rel.itertuples(index=False))
+    sizes = programs[programs.program != ""].groupby("program").size()
+    assert len(rel) == int((sizes * (sizes - 1) // 2).sum())  # every within-program pair once
+    pert = pd.read_csv(synth.perturbations, sep="\t")
+    screen = load(synth.datasets[0])
+    labels = set(screen.obs["perturbation"].astype(str))
+    assert set(pert.target) | {"non-targeting"} == labels
+    assert set(pert.target_id) <= set(screen.var_names)  # every target is measured
+    assert (pert.program.map(sizes) > 0).all()
+
+
+def _lognorm(a):
+    x = sp.csr_matrix(a.X, dtype=np.float64)
+    x = sp.diags(1e4 / np.maximum(x.sum(1).A1, 1)) @ x
+    x.data = np.log1p(x.data)
+    return x.toarray()
+
+
+def test_perturbations_knock_down_and_move_programs(synth):
+    screen = load(synth.datasets[0])
+    pert = pd.read_csv(synth.perturbations, sep="\t")
+    programs = pd.read_csv(synth.programs, sep="\t", keep_default_na=False)
+    x = _lognorm(screen)
+    col = {g: i for i, g in enumerate(screen.var_names)}
+    labels = screen.obs["perturbation"].astype(str).to_numpy()
+    ctrl = labels == "non-targeting"
+    down, moved = 0, 0
+    for t in pert.itertuples():
+        cells = labels == t.target
+        if cells.sum() < 20:
+            continue
+        down += x[cells, col[t.target_id]].mean() < x[ctrl, col[t.target_id]].mean()
+        members = [col[g] for g in programs.gene_id[(programs.program == t.program)
+                                                     & (programs.gene_id != t.target_id)] if g in col]
+        shift = x[cells][:, members].mean() - x[ctrl][:, members].mean()
+        moved += np.sign(shift) == np.sign(t.program_shift)
+    n = int((pd.Series(labels).value_counts()[pert.target] >= 20).sum())
+    assert n >= 8 and down == n and moved >= n - 1
+
+
+def test_programs_co_vary(synth):
+    atlas = load(synth.datasets[1])
+    programs = pd.read_csv(synth.programs, sep="\t", keep_default_na=False).set_index("gene_id")
+    x = _lognorm(atlas)
+    genes = np.asarray(atlas.var_names)
+    prog = programs.loc[genes, "program"].to_numpy()
+    expressed = x.mean(0) > 0.3
+    c = np.corrcoef(x[:, expressed].T)
+    p = prog[expressed]
+    same = (p[:, None] == p[None, :]) & (p[:, None] != "")
+    np.fill_diagonal(same, False)
+    other = ~same & (p[:, None] != p[None, :])
+    assert np.nanmean(c[same]) > np.nanmean(c[other]) + 0.1

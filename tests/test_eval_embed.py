@@ -1,0 +1,174 @@
+"""Embedding cells and exporting gene representations from a trained checkpoint, end to end:
+synthetic data -> shards -> a few training steps -> `txfm embed` / `txfm genes` -> both
+evaluations; and real PBMC 1k v2 cells embedded by a model trained on PBMC 1k v3."""
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from txfm.eval.embed import remap_to_vocabulary
+from txfm.eval.genemap import GeneTable, match_genes, normalise_ids
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """Small matrices: one BLAS thread avoids oversubscription when tests share 2 cores."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def test_remap_to_vocabulary_moves_sums_and_drops_columns():
+    counts = sp.csr_matrix(np.array([[1, 2, 3, 4], [0, 5, 0, 6]], dtype=np.float32))
+    out, observable = remap_to_vocabulary(counts, np.array([2, -1, 0, 2]), 3)
+    np.testing.assert_array_equal(out.toarray(), [[3, 0, 5], [0, 0, 6]])
+    np.testing.assert_array_equal(observable, [True, False, True])
+    assert out.has_sorted_indices
+    with pytest.raises(ValueError, match="gene-table"):
+        remap_to_vocabulary(counts, np.full(4, -1), 3)
+
+
+def test_match_genes_routes_versions_case_and_tables():
+    table = GeneTable(normalise_ids(["ENSG00000141510", "ENSG00000012048"]),
+                      np.array(["TP53", "BRCA1"], dtype=object))
+    vocab = ["ENSG00000012048", "ENSG00000141510", "ENSG00000000003"]
+    m = match_genes([["TP53", "brca1", "NOPE"]], vocab, table)
+    assert m.index.tolist() == [1, 0, -1] and "symbol->Ensembl" in m.how
+    m = match_genes(["ENSG00000141510.17", "ENSG00000000003.2"], vocab)
+    assert m.index.tolist() == [1, 2] and m.n_mapped == 2
+    m = match_genes([["ENSG00000012048.5"], ["TP53"]], ["BRCA1", "TP53"], table,
+                    query_names=["ids", "symbols"])
+    assert m.index.tolist() == [0] and "Ensembl->symbol" in m.how
+
+
+def test_read_cells_reads_the_real_10x_folders(shared_data):
+    from txfm.eval.io import read_cells
+
+    v2 = read_cells(shared_data / "scrna_pbmc_1k_v2_10x")
+    v3 = read_cells(shared_data / "scrna_pbmc_1k_v3_10x_qcfiltered")
+    chr21 = read_cells(shared_data / "scrna_10x_v3_chr21_scanpy_testdata")
+    assert v2.shape == (996, 33538) and v2.X.sum() == 3_524_098
+    assert v3.shape == (906, 14688) and v3.X.sum() == 5_451_564
+    assert chr21.shape == (1107, 507) and chr21.var.gene_ids.str.startswith("ENSG").all()
+    assert v2.var.symbol.duplicated().sum() == 24  # kept as given; var_names made unique
+    assert v2.var_names.is_unique
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _train(shards, run, steps=3):
+    from txfm.model import preset
+    from txfm.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(shards), out=str(run), steps=steps, batch_size=16,
+                      log_every=1, val_every=None, ckpt_every=None, progress=False,
+                      plot=False, tensorboard=False, device="cpu")
+    return train(cfg, preset("tiny", dim=32, depth=1, heads=2, decoder_hidden=48, k=32))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic data, its shards, and a tiny model trained for a few steps."""
+    from txfm.data import convert
+    from txfm.data.synth import generate
+
+    root = tmp_path_factory.mktemp("e2e")
+    synth = generate(root / "raw", cells=700, genes=200, perturbations=8, seed=5)
+    convert(list(synth.datasets), root / "shards", min_cells=3, min_genes=10, progress=False,
+            log=lambda msg: None)
+    result = _train(root / "shards", root / "run")
+    assert result.checkpoint is not None
+    return root, synth
+
+
+def test_embed_is_deterministic_per_cell_and_reports_the_mapping(trained, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+
+    root, synth = trained
+    outs = {}
+    for name, extra in (("bs64", ["--batch-size", "64"]), ("bs128", ["--batch-size", "128"]),
+                        ("draws2", ["--draws", "2"])):
+        out = root / f"emb_{name}.h5ad"
+        assert main(["embed", "--checkpoint", str(root / "run"), "--input",
+                     str(synth.datasets[0]), "--out", str(out), "--no-progress"] + extra) == 0
+        outs[name] = ad.read_h5ad(out)
+    printed = capsys.readouterr().out
+    screen = ad.read_h5ad(synth.datasets[0])
+    assert f"{screen.n_vars} of {screen.n_vars} genes mapped" in printed
+    e64, e128 = outs["bs64"].obsm["X_txfm"], outs["bs128"].obsm["X_txfm"]
+    assert e64.shape == (screen.n_obs, 32) and np.isfinite(e64).all()
+    np.testing.assert_allclose(e64, e128, atol=1e-5)  # same genes shown whatever the batching
+    e2 = outs["draws2"].obsm["X_txfm"]
+    assert not np.allclose(e2, e64, atol=1e-4)  # a second draw changes the mean ...
+    assert np.corrcoef(e2.ravel(), e64.ravel())[0, 1] > 0.5  # ... but not beyond recognition
+    uns = outs["draws2"].uns["txfm_embed"]
+    assert uns["draws"] == 2 and uns["genes_mapped"] == screen.n_vars
+    assert (outs["bs64"].obs.perturbation == screen.obs.perturbation).all()  # input kept
+    assert outs["bs64"].X.sum() == screen.X.sum()
+
+
+def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+    from txfm.train import load_checkpoint
+
+    root, synth = trained
+    model, config, vocab, info = load_checkpoint(root / "run")
+    assert main(["genes", "--checkpoint", str(root / "run"), "--out",
+                 str(root / "genes.h5ad")]) == 0
+    genes = ad.read_h5ad(root / "genes.h5ad")
+    assert list(genes.obs_names) == vocab
+    assert genes.obsm["codebook"].shape == (len(vocab), 31)
+    assert genes.obsm["decoder"].shape == (len(vocab), 48)
+    assert genes.obs.symbol.str.startswith("SYN").all()
+
+    rc = main(["eval", "relationships", "--genes", str(root / "genes.h5ad"), "--db",
+               str(synth.relationships), "--counts", str(synth.datasets[0]), "--null-pairs",
+               "3000", "--out", str(root / "rel"), "--no-progress"])
+    assert rc == 0
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
+                 "--out", str(root / "emb.h5ad"), "--no-progress"]) == 0
+    rc = main(["eval", "perturbation", "--embeddings", str(root / "emb.h5ad"),
+               "--perturbation-key", "perturbation", "--batch-key", "batch", "--baselines",
+               "liblog", "--postprocess", "none,center", "--db", str(synth.relationships),
+               "--pcst-null-draws", "200", "--out", str(root / "pert"), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rel = pd.read_csv(root / "rel" / "relationships_summary.csv")
+    assert set(rel.representation) == {"codebook", "decoder", "pca_loadings"}
+    pert = pd.read_csv(root / "pert" / "perturbation.csv").set_index("embedding")
+    assert list(pert.index) == ["X_txfm", "liblog"]
+    assert "| X_txfm |" in printed and "| codebook |" in printed
+
+
+def test_pbmc_v2_embedded_by_a_model_trained_on_pbmc_v3(shared_data, tmp_path, capsys):
+    """Different chemistries, different gene lists: only v2 genes in the v3 vocabulary are
+    observable; the report says how many."""
+    import anndata as ad
+
+    from txfm.cli import main
+    from txfm.data import convert
+    from txfm.eval.io import read_cells
+    from txfm.train import load_checkpoint
+
+    v3 = shared_data / "scrna_pbmc_1k_v3_10x_qcfiltered"
+    convert([v3], tmp_path / "shards", min_cells=20, min_genes=200, progress=False,
+            log=lambda msg: None)
+    _train(tmp_path / "shards", tmp_path / "run", steps=2)
+    _, _, vocab, _ = load_checkpoint(tmp_path / "run")
+    v2 = read_cells(shared_data / "scrna_pbmc_1k_v2_10x")
+    expected = int(np.isin(v2.var.symbol.to_numpy(), vocab).sum())
+    assert 5000 < expected < len(vocab) + 30  # duplicated v2 symbols map twice
+    for name, path in (("v2", shared_data / "scrna_pbmc_1k_v2_10x"), ("v3", v3)):
+        assert main(["embed", "--checkpoint", str(tmp_path / "run"), "--input", str(path),
+                     "--out", str(tmp_path / f"{name}.h5ad"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{expected:,} of 33,538 genes mapped" in printed
+    e2 = ad.read_h5ad(tmp_path / "v2.h5ad").obsm["X_txfm"]
+    e3 = ad.read_h5ad(tmp_path / "v3.h5ad").obsm["X_txfm"]
+    assert e2.shape == (996, 32) and e3.shape == (906, 32)
+    assert np.isfinite(e2).all() and np.isfinite(e3).all()

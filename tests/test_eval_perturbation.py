@@ -1,0 +1,257 @@
+"""Perturbation benchmark: each metric against a direct (loop) computation, its behaviour on
+synthetic ground truth (true effects vs shuffled labels), the post-processing methods, the
+Papalexi 2021 ECCITE-seq subset with the baselines, and the CLI's errors."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from txfm.eval.perturbation import (
+    BenchmarkOptions,
+    Labels,
+    _loo_cosine,
+    evaluate_embedding,
+    ilisi,
+    knn_retrieval,
+    linear_probe,
+    lisi,
+    perturbation_consistency,
+    postprocess,
+)
+from txfm.eval.sanity import truth_effect_embedding
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """The matrices here are small; one BLAS thread avoids oversubscription (spinning OpenBLAS
+    threads made these tests ~4x slower when they shared 2 cores with other jobs)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+def _labels(n_perts=6, cells=40, batches=2, ctrl_cells=60, seed=0):
+    rng = np.random.default_rng(seed)
+    pert = np.concatenate([np.repeat([f"G{i}" for i in range(n_perts)], cells),
+                           np.repeat(["non-targeting"], ctrl_cells)])
+    batch = rng.integers(0, batches, len(pert)).astype(str)
+    return Labels.build(pert, "non-targeting", batch), rng
+
+
+def test_loo_cosine_matches_a_loop():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(7, 5)) + 0.5
+    s = v.sum(0)
+    fast = _loo_cosine(v @ s, (v**2).sum(1), s @ s)
+    slow = np.mean([np.dot(v[i], s - v[i]) / np.linalg.norm(v[i]) / np.linalg.norm(s - v[i])
+                    for i in range(len(v))])
+    assert fast == pytest.approx(slow, rel=1e-10)
+
+
+def test_pcst_separates_consistent_from_random_perturbations():
+    labels, rng = _labels(n_perts=8, cells=30)
+    x = rng.normal(size=(len(labels.pert), 16))
+    consistent = [1, 3, 5]  # these perturbations share a direction; the others are noise
+    for p in consistent:
+        rows = labels.pert == np.flatnonzero(labels.pert_names == f"G{p}")[0]
+        x[rows] += rng.normal(size=16) * 1.5
+    score, table = perturbation_consistency(x, labels, n_null=500)
+    got = set(table.perturbation[table.consistent])
+    assert got == {f"G{p}" for p in consistent}
+    assert score == pytest.approx(100 * 3 / 8)
+    assert table.p_value.between(1 / 501, 1).all()
+
+
+def test_pcst_is_calibrated_under_the_null():
+    labels, rng = _labels(n_perts=40, cells=15, ctrl_cells=80)
+    score, table = perturbation_consistency(rng.normal(size=(len(labels.pert), 12)), labels,
+                                            n_null=500)
+    assert score <= 10.0  # alpha = 1%: ~0.4 of 40 expected
+    assert 0.3 < table.p_value.median() < 0.7
+
+
+def test_pcst_too_few_cells_is_a_clear_error():
+    labels, rng = _labels(n_perts=3, cells=2)
+    with pytest.raises(ValueError, match="min-cells"):
+        perturbation_consistency(rng.normal(size=(len(labels.pert), 4)), labels, min_cells=5)
+
+
+def _lisi_loop(x, groups, perplexity):
+    """Harmony's compute_simpson, one cell at a time (the reference)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = int(3 * perplexity)
+    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    out = []
+    for d, i in zip(dist[:, 1:], idx[:, 1:]):
+        d = d - d[0]
+        beta, lo, hi = 1.0, -np.inf, np.inf
+        for _ in range(50):
+            p = np.exp(-d * beta)
+            h = np.log(p.sum()) + beta * (d * p).sum() / p.sum()
+            p = p / p.sum()
+            if abs(h - np.log(perplexity)) < 1e-5:
+                break
+            if h > np.log(perplexity):
+                lo, beta = beta, beta * 2 if np.isinf(hi) else (beta + hi) / 2
+            else:
+                hi, beta = beta, beta / 2 if np.isinf(lo) else (beta + lo) / 2
+        out.append(1 / sum(p[groups[i] == g].sum() ** 2 for g in np.unique(groups)))
+    return np.array(out)
+
+
+def test_lisi_matches_the_per_cell_reference_and_its_extremes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 3))
+    groups = rng.integers(0, 3, 150)
+    # both stop bisecting once the entropy is within 1e-5 of log(perplexity)
+    np.testing.assert_allclose(lisi(x, groups, perplexity=10), _lisi_loop(x, groups, 10),
+                               rtol=1e-4)
+    # random labels: well mixed (3 minus the finite-neighbourhood shortfall, ~1/perplexity)
+    assert lisi(x, groups, perplexity=10).mean() > 2.2
+    separated = x + 20.0 * groups[:, None]
+    assert lisi(separated, groups, perplexity=10).mean() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_knn_matches_a_brute_force_weighted_vote():
+    labels, rng = _labels(n_perts=5, cells=12, batches=3)
+    x = rng.normal(size=(len(labels.pert), 6))
+    got = knn_retrieval(x, labels, k=7)
+    keep = labels.pert != labels.control
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    hit1 = hit5 = n = 0
+    for i in np.flatnonzero(keep):
+        ref = np.flatnonzero(keep & (labels.batch != labels.batch[i]))
+        sim = xn[ref] @ xn[i]
+        top = ref[np.argsort(-sim)[:7]]
+        votes = np.zeros(len(labels.pert_names))
+        for j in top:
+            votes[labels.pert[j]] += np.exp((xn[j] @ xn[i]) / 0.07)
+        true = votes[labels.pert[i]]
+        hit1 += true > 0 and (votes > true).sum() == 0
+        hit5 += true > 0 and (votes > true).sum() < 5
+        n += 1
+    assert got["knn_top1"] == pytest.approx(100 * hit1 / n)
+    assert got["knn_top5"] == pytest.approx(100 * hit5 / n)
+
+
+def test_postprocessing_centres_and_whitens_on_each_batchs_controls():
+    labels, rng = _labels(n_perts=4, cells=30, batches=3, ctrl_cells=200)
+    shift = rng.normal(size=(3, 8)) * 5
+    scale = rng.uniform(0.5, 3, size=(3, 8))
+    x = rng.normal(size=(len(labels.pert), 8)) * scale[labels.batch] + shift[labels.batch]
+    ctrl = labels.pert == labels.control
+    for b in range(3):
+        rows = ctrl & (labels.batch == b)
+        np.testing.assert_allclose(postprocess(x, labels, "center")[rows].mean(0), 0, atol=1e-9)
+        z = postprocess(x, labels, "standardize")[rows]
+        np.testing.assert_allclose(z.std(0), 1, rtol=1e-9)
+        t = postprocess(x, labels, "tvn")[rows]
+        w = np.linalg.eigvalsh(np.cov(t, rowvar=False))
+        assert w.max() < 1.0  # controls whitened: C (C + 0.5 I)^-1 has eigenvalues < 1
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        postprocess(x, labels, "zscore")
+
+
+def test_labels_errors_name_the_fix():
+    with pytest.raises(ValueError, match="--control"):
+        Labels.build(["A", "B"], "non-targeting")
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from txfm.data.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth_pert"), cells=1500, genes=300,
+                    perturbations=12, seed=4)
+
+
+def test_true_effects_score_high_and_shuffled_labels_score_chance(synth):
+    import anndata as ad
+
+    from txfm.eval.relationships import read_pairs
+
+    rng = np.random.default_rng(0)
+    obs = ad.read_h5ad(synth.datasets[0]).obs
+    x = truth_effect_embedding(obs, pd.read_csv(synth.perturbations, sep="\t"), 0.5, rng)
+    pert, batch = obs.perturbation.astype(str).to_numpy(), obs.batch.astype(str).to_numpy()
+    dbs = [read_pairs(synth.relationships)]
+    opts = BenchmarkOptions(postprocessing=("none", "center"), pcst_null_draws=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bmdb: fewer than 20 perturbations
+        truth = evaluate_embedding(x, Labels.build(pert, "non-targeting", batch), dbs,
+                                   options=opts).set_index("postprocess")
+        shuffled = evaluate_embedding(x, Labels.build(rng.permutation(pert), "non-targeting",
+                                                      batch), dbs,
+                                      options=opts).set_index("postprocess")
+    chance1, chance5 = 100 / 12, 500 / 12
+    best = truth.loc["center"]
+    assert best.pcst == 100.0
+    assert best.knn_top1 > 60 and best.lin_top1 > 60 and best.knn_top5 > 90
+    assert best.bmdb > 40  # same-program targets are the most (anti-)similar pairs
+    assert best.ilisi > truth.loc["none"].ilisi + 1.0  # centring removes the batch offsets
+    for _, row in shuffled.iterrows():
+        assert row.pcst <= 10
+        assert abs(row.knn_top1 - chance1) < 6 and abs(row.lin_top1 - chance1) < 6
+        assert abs(row.knn_top5 - chance5) < 10 and abs(row.lin_top5 - chance5) < 10
+
+
+def test_linear_probe_without_batches_uses_a_random_split():
+    labels, rng = _labels(n_perts=4, cells=50)
+    labels = Labels.build(labels.pert_names[labels.pert], "non-targeting")
+    x = rng.normal(size=(len(labels.pert), 5)) + 3 * np.eye(5)[labels.pert % 5]
+    assert linear_probe(x, labels)["lin_top1"] > 80
+    assert np.isnan(ilisi(x, labels)["ilisi"])
+
+
+# ----------------------------------------------------------------------------- real data + CLI
+
+PAPALEXI = "perturbseq_papalexi2021_eccite_subset/papalexi2021_subset.h5ad"
+
+
+def test_papalexi_baselines_through_the_cli(shared_data, tmp_path, capsys):
+    from txfm.cli import main
+
+    out = tmp_path / "pert"
+    rc = main(["eval", "perturbation", "--embeddings", str(shared_data / PAPALEXI),
+               "--perturbation-key", "top_grna_target", "--control", "non-targeting",
+               "--batch-key", "bio_rep", "--db", str(shared_data / "efaar_benchmark_annotations"),
+               "--max-cells", "2000", "--postprocess", "none,standardize",
+               "--pcst-null-draws", "200", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "evaluating the baselines alone" in printed
+    assert "liblog_hvg1024 left out: only 290 genes" in printed
+    best = pd.read_csv(out / "perturbation.csv").set_index("embedding")
+    assert list(best.index) == ["raw", "liblog", "pca"]
+    full = pd.read_csv(out / "perturbation_all.csv")
+    assert len(full) == 6 and set(full.postprocess) == {"none", "standardize"}
+    n_perts = int(printed.split(" perturbations + ")[0].rsplit(" ", 1)[-1])
+    for col in ("pcst", "lin_top1", "lin_top5", "knn_top1", "knn_top5", "bmdb", "average"):
+        assert best[col].between(0, 100).all(), col
+    assert best.ilisi.between(1, 3).all()
+    assert best.bmdb_pairs.min() > 10  # e.g. IFNGR1-IFNGR2, JAK2-IFNGR1, STAT1-IRF1 ...
+    # real signal above chance for the expression baselines (top-5 chance ~ 5/26)
+    assert best.loc["liblog", "lin_top5"] > 100 * 5 / (n_perts + 1)
+    assert (out / "perturbation.png").stat().st_size > 0
+
+
+def test_cli_errors_are_clear(shared_data, tmp_path, capsys):
+    from txfm.cli import main
+
+    base = ["eval", "perturbation", "--embeddings", str(shared_data / PAPALEXI),
+            "--out", str(tmp_path), "--no-progress", "--max-cells", "500"]
+    assert main(base + ["--perturbation-key", "guide"]) == 2
+    assert "top_grna_target" in capsys.readouterr().err  # lists the columns
+    assert main(base + ["--perturbation-key", "top_grna_target", "--control", "NT"]) == 2
+    assert "non-targeting" in capsys.readouterr().err  # lists frequent labels
+    assert main(base + ["--perturbation-key", "top_grna_target", "--min-cells", "100000"]) == 2
+    assert "need >= 2 perturbations" in capsys.readouterr().err
+    assert main(base + ["--perturbation-key", "top_grna_target", "--obsm-key", "X_none"]) == 2
+    assert "X_none" in capsys.readouterr().err
+    assert main(base + ["--perturbation-key", "top_grna_target", "--baselines", "none"]) == 2
+    assert "no embedding to evaluate" in capsys.readouterr().err

@@ -1,0 +1,527 @@
+"""Fused rectified-tanh Poisson NLL and the poisson_nll_loss drop-in, on every CPU-capable
+backend (triton runs under the interpreter), against an fp64 eager reference written here
+from SPEC §4 independently of txfm_kernels.poisson."""
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import txfm_kernels
+from txfm_kernels import RowGeneMask, poisson_nll_loss, rectified_tanh_poisson_nll
+from txfm_kernels.poisson import ALPHA, BETA
+
+# The Triton interpreter evaluates masked-off lanes too (numpy warns about log(0) etc. there).
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+SHAPES = [(1, 1), (3, 7), (5, 1000), (4, 4097), (2, 44349)]
+MASKS = ["none", "genes", "rows", "datasets"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _available(name):
+    info = txfm_kernels.available_backends("poisson")[name]
+    return info.available and "cpu" in info.devices
+
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} backend not "
+                                                     "available here (see python -m txfm_kernels.info)"))
+            for b in ("cpu", "triton", "torch")]
+
+
+def _inputs(B, G, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, G, generator=gen, dtype=torch.float64) * 6
+    x = torch.log1p(torch.rand(B, G, generator=gen, dtype=torch.float64) * 200)  # log1p-normalised
+    return z.to(dtype), x.to(dtype)
+
+
+def _mask(kind, B, G, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "genes":
+        return torch.rand(G, generator=gen) > 0.3
+    if kind == "rows":
+        m = torch.rand(B, G, generator=gen) > 0.4
+        m[0] = False if B > 1 else m[0]  # a row that keeps nothing contributes 0
+        return m
+    table = torch.rand(3, G, generator=gen) > 0.5
+    table[2] = False
+    ids = torch.randint(0, 3, (B,), generator=gen, dtype=torch.int32)
+    return RowGeneMask(table, ids)
+
+
+def _dense(mask, B, G):
+    if mask is None:
+        return torch.ones(B, G, dtype=torch.bool)
+    if isinstance(mask, RowGeneMask):
+        return mask.dense()
+    return mask.expand(B, G)
+
+
+def reference(z, x, mask, reduction, alpha=ALPHA, beta=BETA):
+    """fp64 eager SPEC formula and its autograd gradient (z as given, upcast to fp64)."""
+    B, G = z.shape
+    keep = _dense(mask, B, G)
+    z64 = z.detach().double().requires_grad_(True)
+    phi = alpha * torch.relu(torch.tanh(z64 / beta))
+    loss = torch.exp(phi) - phi * torch.exp(x.double())
+    loss = torch.where(keep, loss, torch.zeros((), dtype=torch.float64))
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        n = keep.sum(1)
+        out = torch.where(n > 0, loss.sum(1) / n.clamp(min=1), 0.0).mean()
+    out.backward(torch.ones_like(out))
+    return out.detach(), torch.where(keep, z64.grad, 0.0)
+
+
+def _term_size(z, x):
+    """Size of the terms each loss element is made of, exp(phi) + phi*exp(x), and of those of
+    its gradient, (alpha/beta) sech^2 (exp(phi) + exp(x)): tolerances are relative to what fp32
+    arithmetic can resolve of them (the differences can cancel)."""
+    u = z.double() / BETA
+    phi = ALPHA * torch.relu(torch.tanh(u))
+    return (torch.exp(phi) + phi * torch.exp(x.double()),
+            (ALPHA / BETA) / torch.cosh(u) ** 2 * (torch.exp(phi) + torch.exp(x.double())))
+
+
+def expected(z, x, mask, reduction, rtol=1e-5):
+    """(loss, grad, loss tolerance, per-element grad tolerance) from the fp64 reference."""
+    ref_loss, ref_grad = reference(z, x, mask, reduction)
+    B, G = z.shape
+    keep = _dense(mask, B, G)
+    mag, gmag = (torch.where(keep, t, 0.0) for t in _term_size(z, x))
+    n = keep.sum(1, keepdim=True).clamp(min=1)
+    if reduction == "none":
+        loss_tol = rtol * mag
+    elif reduction == "sum":
+        loss_tol = rtol * mag.sum()
+    else:
+        loss_tol = rtol * (mag / n).sum(1).mean()
+        gmag = gmag / (B * n)
+    # + a floor far below anything that matters (sech^2 is capped near 1e-35 for z > 435)
+    grad_tol = rtol * gmag + 1e-10 * rtol * gmag.max()
+    return ref_loss, ref_grad, loss_tol, grad_tol
+
+
+@functools.lru_cache(maxsize=None)
+def _case(shape, mask_kind, reduction):
+    z, x = _inputs(*shape)
+    mask = _mask(mask_kind, *shape)
+    return (z, x, mask) + expected(z, x, mask, reduction)
+
+
+def assert_matches(loss, grad, z, x, mask, reduction, exp=None):
+    ref_loss, ref_grad, loss_tol, grad_tol = exp or expected(z, x, mask, reduction)
+    B, G = z.shape
+    keep = _dense(mask, B, G)
+    assert loss.dtype == torch.float32
+    assert loss.shape == ((B, G) if reduction == "none" else ())
+    assert torch.all((loss.double() - ref_loss).abs() <= loss_tol), (loss, ref_loss)
+    if reduction == "none":
+        assert torch.all(loss[~keep] == 0)
+    if grad is not None:
+        assert grad.dtype == z.dtype and grad.shape == z.shape
+        err = (grad.double() - ref_grad).abs()
+        assert torch.all(err <= grad_tol), (err / grad_tol).max().item()
+        assert torch.all(grad[~keep] == 0)
+        assert torch.all(grad[z <= 0] == 0)
+
+
+def _run(backend, z, x, mask, reduction, **kw):
+    z = z.detach().requires_grad_(True)
+    loss = rectified_tanh_poisson_nll(z, x, mask, reduction=reduction, backend=backend, **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), z.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fp32_matches_fp64_reference(backend, shape, mask_kind, reduction):
+    z, x, mask, *exp = _case(shape, mask_kind, reduction)
+    loss, grad = _run(backend, z, x, mask, reduction)
+    assert_matches(loss, grad, z, x, mask, reduction, exp)
+
+
+def _bf16_errors(loss, grad, ref_loss, ref_grad):
+    return (loss.double() - ref_loss).abs().max().item(), (grad.double() - ref_grad).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 7), (5, 1000), (2, 44349)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32)], ids=["bf16-bf16", "bf16-fp32",
+                                                                          "fp16-fp32"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_error_at_most_twice_eager(backend, shape, dtypes, reduction):
+    """Error vs fp64 (of the same rounded inputs) <= 2x the error of the SPEC formula run
+    eagerly in the logits' dtype."""
+    zdt, xdt = dtypes
+    z, x = _inputs(*shape)
+    z, x = z.to(zdt), x.to(xdt)
+    mask = _mask("genes", *shape)
+    loss, grad = _run(backend, z, x, mask, reduction)
+    assert grad.dtype == zdt
+    ref_loss, ref_grad = reference(z, x, mask, reduction)
+    # eager in half precision
+    ze = z.detach().requires_grad_(True)
+    phi = ALPHA * torch.relu(torch.tanh(ze / BETA))
+    le = torch.where(mask, torch.exp(phi) - phi * torch.exp(x.to(zdt)), 0)
+    le = le if reduction == "none" else (le.sum(1) / mask.sum()).mean()
+    le.backward(torch.ones_like(le))
+    ours = _bf16_errors(loss, grad, ref_loss, ref_grad)
+    # fp16 eager overflows (exp(phi) reaches 1e5 > 65504): its error is unbounded there
+    eager = [e if math.isfinite(e) else math.inf for e in _bf16_errors(le.detach(), ze.grad, ref_loss,
+                                                                       ref_grad)]
+    assert all(math.isfinite(e) for e in ours)
+    assert ours[0] <= 2 * eager[0] and ours[1] <= 2 * eager[1], (ours, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_are_finite_and_zero_grad_below_zero(backend):
+    vals = torch.tensor([-1e4, -30.0, -1e-30, -0.0, 0.0, 1e-30, 1e-6, 1e-3, 0.5, 2.0, 30.0, 400.0,
+                         1e4, 3e38, -3e38])
+    z = vals.repeat(3, 1)
+    x = torch.tensor([0.0, 1.0, 11.5]).repeat_interleave(vals.numel()).reshape(3, -1)
+    for reduction in REDUCTIONS:
+        loss, grad = _run(backend, z, x, None, reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        assert torch.all(grad[z <= 0] == 0)
+        assert torch.all(grad[z <= 0].view(torch.int32) == 0)  # +0.0 exactly
+        assert_matches(loss, grad, z, x, None, reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_propagate_and_masked_nan_does_not(backend):
+    z, x = _inputs(3, 50)
+    z[1, 7] = float("nan")
+    for reduction in ("mean", "sum"):
+        loss, grad = _run(backend, z, x, None, reduction)
+        assert torch.isnan(loss)
+        assert torch.isnan(grad[1, 7]) and torch.isfinite(grad[torch.arange(3) != 1]).all()
+    loss, grad = _run(backend, z, x, None, "none")
+    assert torch.isnan(loss[1, 7]) and torch.isnan(loss).sum() == 1
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[1, 7] = False
+    loss, grad = _run(backend, z, x, mask, "mean")
+    assert torch.isfinite(loss) and grad[1, 7] == 0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_logits_are_one_row(backend):
+    z, x = _inputs(1, 33)
+    for reduction in REDUCTIONS:
+        l1, g1 = _run(backend, z[0], x[0], None, reduction)
+        l2, g2 = _run(backend, z, x, None, reduction)
+        assert l1.shape == ((33,) if reduction == "none" else ())
+        torch.testing.assert_close(l1, l2[0] if reduction == "none" else l2, rtol=0, atol=0)
+        torch.testing.assert_close(g1, g2[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    z, x = _inputs(40, 6)
+    zt, xt = z.t(), x.t()  # [6, 40], strided
+    assert not zt.is_contiguous()
+    mask = _mask("rows", 6, 40)
+    loss, grad = _run(backend, zt, xt, mask, "mean")
+    assert_matches(loss, grad, zt.contiguous(), xt.contiguous(), mask, "mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_rows_beyond_65536_genes(backend):
+    z, x = _inputs(2, 70001)
+    mask = _mask("datasets", 2, 70001)
+    loss, grad = _run(backend, z, x, mask, "mean")
+    assert_matches(loss, grad, z, x, mask, "mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_grad_only_the_loss_is_computed(backend):
+    z, x = _inputs(3, 20)
+    with torch.no_grad():
+        loss = rectified_tanh_poisson_nll(z.requires_grad_(True), x, backend=backend)
+    assert not loss.requires_grad
+    ref, _ = reference(z, x, None, "mean")
+    assert abs(loss.double() - ref) < 1e-5 * abs(ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_fp64(backend, reduction):
+    if not _available(backend):
+        pytest.skip(f"{backend} backend not available")
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 7, generator=gen, dtype=torch.float64) * 4
+    z = torch.where(z.abs() < 0.2, z.sign() * 0.5 + 0.1, z).requires_grad_(True)  # off the kink
+    x = torch.rand(3, 7, generator=gen, dtype=torch.float64) * 5
+    mask = RowGeneMask(torch.rand(2, 7, generator=gen) > 0.3, torch.tensor([1, 0, 1]))
+    fn = lambda t: rectified_tanh_poisson_nll(t, x, mask, reduction=reduction, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_opcheck(backend):
+    if not _available(backend):
+        pytest.skip(f"{backend} backend not available")
+    op = torch.ops.txfm.poisson_nll.default
+    z, x = _inputs(3, 9)
+    table = torch.rand(2, 9) > 0.3
+    samples = [
+        (z.clone().requires_grad_(True), x, None, None, 0, False, ALPHA, BETA, 0.0, "mean", True, backend),
+        (z.clone().requires_grad_(True), x.bfloat16(), table, torch.tensor([1, 0, 1]), 0, False, ALPHA,
+         BETA, 0.0, "none", True, backend),
+        (z.abs() + 0.1, x.abs(), None, None, 2, True, 0.0, 1.0, 1e-8, "sum", False, backend),
+    ]
+    for args in samples:
+        # In eager mode the backward rescales the op's second output (the saved dlogits, which
+        # the public functions discard) in place, by design (no second [B, G] buffer); the AOT
+        # check compares that output after a backward with random grad_outputs, so it only
+        # runs on the no-grad sample. test_torch_compile_fullgraph_keeps_one_op_node checks
+        # compiled gradients.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(op, args, test_utils=utils if args[10] else utils + ("test_aot_dispatch_dynamic",))
+
+
+def test_torch_compile_fullgraph_keeps_one_op_node():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 300))
+    crit = txfm_kernels.RectifiedTanhPoissonNLLLoss()
+    e, x = torch.randn(8, 16), torch.rand(8, 300) * 4
+    table = torch.rand(2, 300) > 0.2
+    ids = torch.tensor([0, 1] * 4)
+
+    def step(e, x):
+        return crit(model(e), x, RowGeneMask(table, ids))
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    loss_c = compiled(e, x)
+    loss_c.backward()
+    grads_c = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_e = step(e, x)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for gc, p in zip(grads_c, model.parameters()):
+        torch.testing.assert_close(gc, p.grad, rtol=1e-4, atol=1e-6)
+    calls = [n for g in graphs for n in g.graph.nodes if "poisson_nll" in str(n.target)]
+    assert len(graphs) == 1 and len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward semantics
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_grad_output(backend):
+    z, x = _inputs(3, 11)
+    zr = z.clone().requires_grad_(True)
+    (rectified_tanh_poisson_nll(zr, x, backend=backend) * 2.5).backward()
+    _, ref = reference(z, x, None, "mean")
+    torch.testing.assert_close(zr.grad.double(), 2.5 * ref, rtol=1e-5, atol=1e-9)
+
+
+def test_retain_graph_twice_with_unit_grad_is_reentrant_on_cpu():
+    z, x = _inputs(2, 9)
+    zr = z.clone().requires_grad_(True)
+    loss = rectified_tanh_poisson_nll(zr, x, backend="cpu" if _available("cpu") else "torch")
+    g1, = torch.autograd.grad(loss, zr, retain_graph=True)
+    g2, = torch.autograd.grad(loss, zr)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _available("cpu"), reason="cpu backend not built")
+def test_second_backward_after_in_place_scaling_is_an_error():
+    z, x = _inputs(2, 9)
+    zr = z.clone().requires_grad_(True)
+    loss = rectified_tanh_poisson_nll(zr, x, backend="cpu") * 3.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.skipif(not _available("cpu"), reason="cpu backend not built")
+def test_double_backward_is_a_clear_error():
+    z, x = _inputs(2, 9)
+    zr = z.clone().requires_grad_(True)
+    loss = rectified_tanh_poisson_nll(zr, x, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward.*backend='torch'"):
+        torch.autograd.grad(loss, zr, create_graph=True)
+    zr2 = z.clone().requires_grad_(True)  # the torch backend supports it
+    g, = torch.autograd.grad(rectified_tanh_poisson_nll(zr2, x, backend="torch"), zr2, create_graph=True)
+    g.sum().backward()
+    assert torch.isfinite(zr2.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in poisson_nll_loss
+# ---------------------------------------------------------------------------------------------
+
+def _dropin_inputs(shape, log_input, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(5)
+    inp = torch.randn(*shape, generator=gen, dtype=torch.float64) * 2
+    if not log_input:
+        inp = inp.abs() + 0.05
+    tgt = torch.poisson(torch.rand(*shape, generator=gen, dtype=torch.float64) * 4)  # 0, 1, >1
+    return inp.to(dtype), tgt.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log_input", [True, False])
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [1e-8, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poisson_nll_loss_matches_torch(backend, log_input, full, reduction, eps, dtype):
+    inp, tgt = _dropin_inputs((4, 5, 6), log_input, dtype)
+    ours_in, ref_in = inp.clone().requires_grad_(True), inp.clone().requires_grad_(True)
+    ours = poisson_nll_loss(ours_in, tgt, log_input, full, eps, reduction, backend=backend)
+    ref = F.poisson_nll_loss(ref_in, tgt, log_input=log_input, full=full, eps=eps, reduction=reduction)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, ref, **tol)
+    ours.backward(torch.ones_like(ours))
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisson_nll_loss_extreme_and_special_values(backend):
+    inp = torch.tensor([-200.0, -90.0, -87.0, -20.0, 0.0, 1e-30, 3.0, 80.0, 88.5, 89.0, 200.0,
+                        float("nan"), float("inf"), -float("inf")])
+    tgt = torch.tensor([0.0, 1.0, 2.0, 1e-3, 5.0, 1.5, 1e4, 0.0, 2.0, 3.0, 0.0, 1.0, 0.0, 2.0])
+    for log_input in (True, False):
+        for full in (False, True):
+            x = inp.abs() if not log_input else inp
+            a = poisson_nll_loss(x, tgt, log_input, full, reduction="none", backend=backend)
+            b = F.poisson_nll_loss(x, tgt, log_input=log_input, full=full, reduction="none")
+            torch.testing.assert_close(a, b, rtol=3e-6, atol=1e-30, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisson_nll_loss_half_precision_close_to_torch(backend):
+    for dtype in (torch.bfloat16, torch.float16):
+        inp, tgt = _dropin_inputs((3, 40), True, dtype)
+        a, b = inp.clone().requires_grad_(True), inp.clone().requires_grad_(True)
+        la = poisson_nll_loss(a, tgt, backend=backend)
+        lb = F.poisson_nll_loss(b, tgt)
+        ref = F.poisson_nll_loss(inp.double(), tgt.double())
+        assert la.dtype == dtype
+        assert abs(la.double() - ref) <= max(2 * abs(lb.double() - ref), 2 ** -7 * abs(ref))
+        la.backward()
+        lb.backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_poisson_nll_loss_falls_back_for_what_torch_alone_covers():
+    inp, tgt = _dropin_inputs((3, 4), True, torch.float32)
+    # broadcasting
+    a = poisson_nll_loss(inp, tgt[0])
+    torch.testing.assert_close(a, F.poisson_nll_loss(inp, tgt[0]))
+    # target that requires grad gets its gradient, as in torch
+    t = tgt.clone().requires_grad_(True)
+    poisson_nll_loss(inp, t).backward()
+    assert t.grad is not None
+    # legacy size_average / reduce
+    with pytest.warns(UserWarning):
+        a = poisson_nll_loss(inp, tgt, size_average=False)
+    torch.testing.assert_close(a, F.poisson_nll_loss(inp, tgt, reduction="sum"))
+    with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
+        poisson_nll_loss(inp, tgt, reduction="bogus")
+
+
+def test_poisson_nll_module_is_a_torch_poisson_nll_loss():
+    m = txfm_kernels.PoissonNLLLoss(log_input=False, full=True, reduction="sum")
+    assert isinstance(m, torch.nn.PoissonNLLLoss)
+    inp, tgt = _dropin_inputs((5, 6), False, torch.float32)
+    torch.testing.assert_close(m(inp, tgt), torch.nn.PoissonNLLLoss(log_input=False, full=True,
+                                                                     reduction="sum")(inp, tgt))
+
+
+def test_modules_and_rectified_tanh():
+    z = torch.linspace(-30, 30, 101, dtype=torch.float64, requires_grad=True)
+    out = txfm_kernels.RectifiedTanh()(z)
+    torch.testing.assert_close(out, ALPHA * torch.relu(torch.tanh(z / BETA)))
+    out.sum().backward()
+    assert torch.all(z.grad[z <= 0] == 0)
+    assert txfm_kernels.ALPHA == math.log(1e5 + 1) and txfm_kernels.BETA == 4 * math.e
+    zz, x = _inputs(3, 12)
+    crit = txfm_kernels.RectifiedTanhPoissonNLLLoss(reduction="sum", backend="torch")
+    assert_matches(crit(zz, x), None, zz, x, None, "sum")
+    assert "reduction='sum'" in repr(crit)
+
+
+def test_deterministic_across_calls():
+    backend = "cpu" if _available("cpu") else "torch"
+    z, x = _inputs(7, 20001)
+    a = _run(backend, z, x, _mask("rows", 7, 20001), "mean")
+    b = _run(backend, z, x, _mask("rows", 7, 20001), "mean")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    z, x = _inputs(3, 8)
+    f = rectified_tanh_poisson_nll
+    with pytest.raises(ValueError, match="same shape.*\\(3, 8\\).*\\(3, 7\\)"):
+        f(z, x[:, :7])
+    with pytest.raises(TypeError, match="logits must be a floating tensor"):
+        f(z.long(), x)
+    with pytest.raises(TypeError, match="target must be a floating tensor"):
+        f(z, x.int())
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        f(z.tolist(), x)
+    with pytest.raises(ValueError, match="target is on meta"):
+        f(z, x.to("meta"))
+    with pytest.raises(ValueError, match="target must not require grad"):
+        f(z, x.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="logits must be \\[B, G\\]"):
+        f(z[None], x[None])
+    with pytest.raises(ValueError, match="B >= 1 rows and G >= 1"):
+        f(z[:0], x[:0])
+    with pytest.raises(TypeError, match="gene_mask must be a bool tensor"):
+        f(z, x, torch.ones(8))
+    with pytest.raises(ValueError, match="gene_mask must have shape"):
+        f(z, x, torch.ones(9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dataset_ids must be an int32/int64"):
+        f(z, x, RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.zeros(3)))
+    with pytest.raises(ValueError, match="gene_mask.mask must be a bool \\[D, G=8\\]"):
+        f(z, x, RowGeneMask(torch.ones(2, 7, dtype=torch.bool), torch.zeros(3, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        f(z, x, reduction="avg")
+    with pytest.raises(ValueError, match="backend='fast'"):
+        f(z, x, backend="fast")
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        f(z, x, backend="cuda")
+    with pytest.raises(ValueError, match="beta must be a finite positive"):
+        f(z, x, beta=0.0)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        f(z, x, alpha=1e3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_dataset_ids_raise_on_cpu(backend):
+    z, x = _inputs(3, 8)
+    bad = RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.tensor([0, 2, 1]))
+    with pytest.raises((ValueError, IndexError), match="dataset_ids|index"):
+        rectified_tanh_poisson_nll(z, x, bad, backend=backend)

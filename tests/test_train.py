@@ -1,0 +1,298 @@
+"""The trainer: the loss falls, DDP == one process, SIGKILL + --resume is exact, checkpoints."""
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from txfm.model import TxFM, preset
+from txfm.train import CheckpointError, TrainConfig, latest_checkpoint, load_checkpoint, train
+from txfm.train.checkpoint import list_checkpoints, read_checkpoint
+from txfm.train.cli import build_configs, register
+from txfm.train.flops import forward_flops, train_flops_per_sample
+from txfm.train.metrics import read_metrics
+from txfm.train.synthetic import RandomCSRSource
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = "random:cells=512,genes=300"
+SMALL = ["--set", "dim=32", "--set", "depth=2", "--set", "heads=2", "--set", "decoder_hidden=64",
+         "--k", "32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _small_model(**over):
+    base = dict(dim=32, depth=2, heads=2, decoder_hidden=64, k=32)
+    base.update(over)
+    return preset("tiny", **base)
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "txfm.cli", "train", "--no-progress", "--no-plot", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _run_cli(args, timeout=240):
+    proc = _cli(args)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _losses(run_dir):
+    return {r["step"]: r["train_loss"] for r in read_metrics(pathlib.Path(run_dir) / "metrics.csv")
+            if r["train_loss"] is not None}
+
+
+# -- learning ------------------------------------------------------------------------------------
+def test_loss_falls_within_a_few_hundred_steps(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data="random:cells=1024,genes=400", out=str(tmp_path),
+                                 steps=150, batch_size=32, log_every=10, val_every=50,
+                                 ckpt_every=None, progress=False)
+    result = train(cfg, _small_model(k=48))
+    train_losses, val_losses = result.train_losses, result.val_losses
+    assert len(train_losses) == 15 and len(val_losses) == 3
+    first, last = train_losses[0], train_losses[-1]
+    # Poisson NLL without log(y!) is negative; improving means falling by a clear margin
+    assert last < first - 0.2 * abs(first), train_losses
+    assert val_losses[-1] < val_losses[0], val_losses
+    assert result.plot is not None and result.plot.stat().st_size > 1000
+    assert result.checkpoint == list_checkpoints(tmp_path)[-1]
+
+
+def test_schedule_and_weight_decay_follow_the_recipe(tmp_path):
+    from txfm.train.trainer import Trainer
+
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=50, batch_size=16,
+                                 progress=False)
+    tr = Trainer(cfg, _small_model())
+    assert tr.weight_decay == pytest.approx(1.0 / (1e-3 * 50))
+    groups = tr.optimizer.param_groups
+    assert groups[0]["weight_decay"] == pytest.approx(tr.weight_decay)
+    assert groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in groups[0]["params"])
+    assert groups[0]["betas"] == (0.9, 0.999) and groups[0]["eps"] == 1e-6
+    lrs = []
+    for _ in range(50):
+        lrs.append(tr.scheduler.get_last_lr()[0])
+        tr.optimizer.step()
+        tr.scheduler.step()
+    peak = max(range(50), key=lambda i: lrs[i])
+    assert peak == 4 and lrs[peak] == pytest.approx(1e-3)  # 10% warm-up, then cosine down
+    assert lrs[0] == pytest.approx(1e-3 / 25)
+    assert lrs[-1] < 1e-5
+
+
+# -- distributed -----------------------------------------------------------------------------------
+def test_two_process_gloo_ddp_matches_one_process(tmp_path):
+    common = ["--data", DATA, "--batch-size", "16", "--steps", "6", "--log-every", "1",
+              "--val-every", "3", "--ckpt-every", "6", "--set", "drop_path=0.3", *SMALL]
+    _run_cli([*common, "--out", str(tmp_path / "one"), "--accum", "2"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "txfm.cli", "train",
+           "--no-progress", "--no-plot", *common, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+    va = [r["val_loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv") if r["val_loss"]]
+    vb = [r["val_loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv") if r["val_loss"]]
+    assert va == pytest.approx(vb, rel=1e-4)
+    ma, mb = (read_checkpoint(list_checkpoints(tmp_path / n)[-1])["model"] for n in ("one", "two"))
+    for name in ma:
+        torch.testing.assert_close(ma[name], mb[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+# -- checkpoints and resume ------------------------------------------------------------------------
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # 512 cells / 16 = 32 steps per epoch: the kill lands at the epoch boundary (step 32) or
+    # just after it, so the resumed run crosses into a new epoch from a saved position.
+    common = ["--data", DATA, "--batch-size", "16", "--steps", "60", "--log-every", "1",
+              "--val-every", "20", "--ckpt-every", "16", "--set", "drop_path=0.2", *SMALL]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run_cli([*common, "--out", str(full)])
+    proc = _cli([*common, "--out", str(killed)])
+    deadline = time.time() + 180
+    while not (killed / "checkpoints" / "step_00000032.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    steps_done = max(_losses(killed))
+    assert steps_done < 60, "the run ended before it could be killed: make it longer"
+    out = _run_cli([*common, "--out", str(killed), "--resume"])
+    resumed_from = int(out.split("(step ")[1].split(")")[0])
+    assert resumed_from in (32, 48)
+    a, b = _losses(full), _losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 61))
+    assert [a[s] for s in a] == [b[s] for s in a]  # bit for bit
+    va = [r["val_loss"] for r in read_metrics(full / "metrics.csv") if r["val_loss"]]
+    vb = [r["val_loss"] for r in read_metrics(killed / "metrics.csv") if r["val_loss"]]
+    assert va == vb
+
+
+def test_truncated_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=6, batch_size=16,
+                                 ckpt_every=3, val_every=None, progress=False, plot=False)
+    train(cfg, _small_model())
+    first, last = list_checkpoints(tmp_path)
+    assert (first.name, last.name) == ("step_00000003.pt", "step_00000006.pt")
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="step_00000006.pt.*truncated or corrupt"):
+        read_checkpoint(last)
+    with pytest.raises(CheckpointError, match="step_00000003.pt"):  # names the good one
+        load_checkpoint(last)
+    with pytest.warns(RuntimeWarning, match=r"(?s)previous good one \S*step_00000003.pt.*step_00000006.pt.*truncated"):
+        path, state = latest_checkpoint(tmp_path)
+    assert path == first and state["step"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model, _, _, info = load_checkpoint(tmp_path)
+        assert info["step"] == 3
+        resumed = train(TrainConfig(**{**cfg.to_dict(), "resume": True}), _small_model())
+    assert resumed.step == 6 and read_checkpoint(list_checkpoints(tmp_path)[-1])["step"] == 6
+    first.write_bytes(b"not a checkpoint")
+    list_checkpoints(tmp_path)[-1].write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        latest_checkpoint(tmp_path)
+
+
+def test_new_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=2, batch_size=16,
+                                 val_every=None, progress=False, plot=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(TrainConfig(**{**cfg.to_dict(), "resume": True}), _small_model())
+    train(cfg, _small_model())
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, _small_model())
+
+
+def test_load_checkpoint_returns_model_config_vocab(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=3, batch_size=16,
+                                 val_every=None, progress=False, plot=False)
+    train(cfg, _small_model(loss="nb"))
+    model, config, genes, info = load_checkpoint(tmp_path)
+    assert isinstance(model, TxFM) and not model.training
+    assert config.loss == "nb" and config.dim == 32
+    assert genes[:2] == ["GENE00000", "GENE00001"] and len(genes) == 300
+    assert info["step"] == 3 and info["vocab_hash"] and info["symbols"][0] == "GENE00000"
+    state = read_checkpoint(list_checkpoints(tmp_path)[-1])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state["model"][name])
+    assert model.tokenizer.codebook.shape == (300, 31)
+    ids = torch.randint(0, 300, (2, 32), dtype=torch.int32)
+    assert model.embed(ids, torch.rand(2, 32)).shape == (2, 32)
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def test_random_source_splits_ranks_like_accumulation():
+    one = RandomCSRSource(256, 100, batch_size=8, seed=3)
+    ranks = [RandomCSRSource(256, 100, batch_size=8, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == 32 and len(ranks[0]) == 16
+    seq = [b.cell_ids for b in one]
+    by_rank = [[b.cell_ids for b in src] for src in ranks]
+    for i, ids in enumerate(seq):
+        assert torch.equal(ids, by_rank[i % 2][i // 2])
+    assert torch.cat(seq).unique().numel() == 256  # one epoch = every cell once
+    src = RandomCSRSource(256, 100, batch_size=8, seed=3)
+    it = iter(src)
+    next(it), next(it)
+    state = src.state_dict()
+    rest = [b.cell_ids for b in it]
+    src2 = RandomCSRSource(256, 100, batch_size=8, seed=3)
+    src2.load_state_dict(state)
+    assert all(torch.equal(a, b.cell_ids) for a, b in zip(rest, src2))
+    assert one.epoch == 1 and one.state_dict()["position"] == 0  # on to the next epoch
+    assert not torch.equal(next(iter(one)).cell_ids, seq[0])  # reshuffled
+    one.set_epoch(0)
+    val = RandomCSRSource(256, 100, batch_size=8, seed=3, split="val")
+    assert not torch.equal(next(iter(val)).counts[:50], next(iter(one)).counts[:50])
+
+
+def test_cli_overrides_and_resume_reuse_the_saved_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--preset", "S", "--data", "D", "--out", str(tmp_path),
+                              "--steps", "10", "--loss", "nb", "--eager", "--k", "1024",
+                              "--set", "mlp_ratio=3", "--set", "qkv_bias=false", "--grad-clip", "0"])
+    tcfg, mcfg = build_configs(args)
+    assert (tcfg.preset, tcfg.batch_size, tcfg.steps, tcfg.epochs) == ("S", 1536, 10, None)
+    assert tcfg.grad_clip is None and tcfg.data == "D"
+    assert (mcfg.dim, mcfg.loss, mcfg.k, mcfg.mlp_ratio, mcfg.qkv_bias, mcfg.use_fused_ops) == (
+        384, "nb", 1024, 3.0, False, False)
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path / "run"), steps=2,
+                                 batch_size=16, val_every=None, progress=False, plot=False)
+    train(cfg, _small_model(loss="mse"))
+    args = parser.parse_args(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4"])
+    tcfg, mcfg = build_configs(args)
+    assert tcfg.resume and tcfg.steps == 4 and tcfg.data == DATA and tcfg.batch_size == 16
+    assert mcfg.loss == "mse" and mcfg.dim == 32
+    with pytest.raises(SystemExit, match="TxFMConfig field"):
+        build_configs(parser.parse_args(["train", "--set", "blocks=3"]))
+
+
+def test_flop_formula():
+    cfg = preset("B")
+    f = forward_flops(cfg, 44_349)
+    n, d = 2049, 768
+    full_block = 24 * n * d * d + 4 * n * n * d
+    assert f["blocks"] + f["attention"] == pytest.approx(11 * full_block + 4 * n * d * d
+                                                         + 20 * d * d + 4 * n * d)
+    assert train_flops_per_sample(cfg, 44_349) == pytest.approx(1.3976e12, rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_training_steps_bf16(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data="random:cells=2048,genes=2000", out=str(tmp_path),
+                                 steps=30, batch_size=64, val_every=15, progress=False,
+                                 device="cuda")
+    result = train(cfg, preset("tiny", drop_path=0.1))
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert all(r["mfu"] is None or 0 < r["mfu"] < 1 for r in result.history)
+
+
+def test_trains_and_resumes_on_zarr_shards(tmp_path):
+    """The real data path: synthetic AnnData -> converter -> Zarr shards -> ShardLoader."""
+    pytest.importorskip("zarr")
+    from txfm.data.convert import convert
+    from txfm.data.manifest import Manifest
+    from txfm.data.synth import generate
+
+    synth = generate(tmp_path / "raw", cells=600, genes=200, perturbations=5, batches=2,
+                     bulk=20, seed=1)
+    convert(synth.datasets, tmp_path / "shards", min_cells=5, min_genes=10,
+                 val_fraction=0.1, progress=False)
+    cfg = TrainConfig.for_preset("tiny", data=str(tmp_path / "shards"), out=str(tmp_path / "run"),
+                                 steps=8, batch_size=16, ckpt_every=4, val_every=4, log_every=2,
+                                 progress=False, plot=False)
+    first = train(cfg, _small_model())
+    assert first.step == 8 and len(first.val_losses) == 2
+    model, config, genes, info = load_checkpoint(tmp_path / "run")
+    manifest = Manifest.load(tmp_path / "shards")
+    assert genes == list(manifest.genes["gene_id"]) and info["symbols"] == manifest.symbols
+    assert info["vocab_hash"] == manifest.vocab_hash
+    # resume asking for more steps: the schedule is re-planned, the data continue
+    longer = TrainConfig(**{**cfg.to_dict(), "steps": 12, "resume": True})
+    with pytest.warns(RuntimeWarning, match="12 steps instead of 8"):
+        second = train(longer, _small_model())
+    assert second.step == 12 and [r["step"] for r in second.history] == [2, 4, 6, 8, 10, 12]

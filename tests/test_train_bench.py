@@ -1,0 +1,20 @@
+"""Smoke test: ``python -m bench.train --quick`` runs and reports both paths."""
+import json
+
+import torch
+
+
+def test_bench_train_quick(tmp_path):
+    from bench.train import main
+
+    n = torch.get_num_threads()
+    try:
+        rows = main(["--quick", "--device", "cpu", "--threads", "1", "--json",
+                     str(tmp_path / "train.json")])
+    finally:
+        torch.set_num_threads(n)
+    assert [r["impl"] for r in rows] == ["eager", "fused"]
+    assert all(r["samples_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert rows[1]["x_eager"] is not None
+    payload = json.loads((tmp_path / "train.json").read_text())
+    assert payload["benchmark"].startswith("train step") and len(payload["rows"]) == 2

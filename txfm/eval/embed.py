@@ -1,0 +1,184 @@
+"""Cell embeddings and gene representations from a trained TxFM checkpoint (SPEC §6).
+
+* :func:`embed_counts` — CLS embeddings ``[cells, d]`` of raw counts whose columns are already
+  in the model's vocabulary. The K shown genes of each cell are drawn by
+  :func:`txfm_kernels.masked_sample` (library-size normalisation + ``log1p`` + uniform draw
+  of K observable genes, as in training). The sampler keys row ``b`` of a call by
+  ``(seed, offset, b)``; it is called on fixed blocks of ``KEY_BLOCK`` cells with
+  ``offset`` = block number, so cell ``i``'s genes depend only on ``(seed, i)``, not on the
+  batch size or device. ``draws=R`` averages the embeddings of R independent draws (seeds
+  ``seed, seed+1, ...``). Only the genes the input profiles *and* the vocabulary holds are
+  observable, so unprofiled genes are never shown as zeros.
+* :func:`gene_representations` — the encoder codebook ``E [G, d-1]`` and the decoder's gene
+  weights ``W [G, hidden]``.
+* :func:`remap_to_vocabulary` — an input's counts with their columns moved onto the
+  vocabulary (unmapped genes dropped, genes mapped twice summed).
+
+Cost: one encoder forward per cell and draw, batched (``batch_size`` cells); memory
+``O(batch_size * K * d)`` activations. On CUDA the forward runs under bf16 autocast by default.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .genemap import GeneMatch, GeneTable, match_genes
+
+KEY_BLOCK = 64
+
+
+def load_model(checkpoint: str, device: str = "cpu"):
+    """``(model, config, vocab_genes, info)`` from a run folder or checkpoint file (issue 6),
+    the model in eval mode on ``device``."""
+    from txfm.train import load_checkpoint
+
+    model, config, vocab, info = load_checkpoint(checkpoint, map_location="cpu")
+    model = model.to(device).eval()
+    return model, config, list(vocab), info
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: CUDA is not available here (torch "
+                           f"{torch.__version__}); use --device cpu")
+    return device
+
+
+def map_input_genes(var, vocab: list[str], table: GeneTable | None = None,
+                    vocab_symbols: list[str] | None = None) -> GeneMatch:
+    """Match an AnnData's genes (``var_names`` and any id/symbol column) onto ``vocab`` (the
+    checkpoint's gene ids), or onto its symbols when that matches more genes."""
+    from .io import gene_name_columns
+
+    alts, names = gene_name_columns(var)
+    best = match_genes(alts, vocab, table, query_names=names)
+    if vocab_symbols is not None and len(vocab_symbols) == len(vocab):
+        by_symbol = match_genes(alts, [str(s) for s in vocab_symbols], table, query_names=names)
+        if by_symbol.n_mapped > best.n_mapped:
+            best = GeneMatch(by_symbol.index, by_symbol.how + ", onto vocabulary symbols")
+    return best
+
+
+def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
+                        ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Move the columns of ``counts [cells, genes_in]`` onto the vocabulary.
+
+    Args:
+        index: ``[genes_in]`` vocabulary position of each input gene, -1 = not in vocabulary.
+    Returns:
+        ``(csr [cells, n_genes] float32 with sorted indices, observable [n_genes] bool)``.
+    """
+    index = np.asarray(index)
+    if (index >= 0).sum() == 0:
+        raise ValueError("no input gene maps onto the model's vocabulary: check the gene "
+                         "names (var_names / var['gene_ids'] / var['symbol']) or pass "
+                         "--gene-table to translate Ensembl ids <-> symbols")
+    kept = np.flatnonzero(index >= 0)
+    sub = counts.tocsc()[:, kept]
+    # Column j of ``sub`` goes to vocabulary gene index[kept[j]]; a selection matrix does the
+    # move and sums genes that map to the same vocabulary entry.
+    move = sp.csr_matrix((np.ones(len(kept), np.float32), index[kept], np.arange(len(kept) + 1)),
+                         shape=(len(kept), n_genes))
+    out = (sub.tocsr() @ move).tocsr().astype(np.float32)
+    out.sort_indices()
+    out.eliminate_zeros()
+    observable = np.zeros(n_genes, dtype=bool)
+    observable[index[kept]] = True
+    return out, observable
+
+
+def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int,
+                 draws: int = 1, seed: int = 0, batch_size: int = 256, device: str = "cpu",
+                 library_size: float = 1e5, precision: str = "auto",
+                 progress: bool = True) -> np.ndarray:
+    """CLS embeddings of cells.
+
+    Args:
+        model: a TxFM model with ``embed(gene_ids [B,K] int32, values [B,K] fp32,
+            pad_mask [B,K] bool) -> [B, d]``.
+        counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`).
+        observable: ``[G]`` bool, the genes this input profiles.
+        k: shown genes per cell (the model's ``config.k`` by default in the CLI).
+        draws: embeddings of this many independent draws are averaged.
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on CPU).
+    Returns:
+        ``[cells, d]`` float32.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    import txfm_kernels
+
+    if counts.shape[0] == 0:
+        raise ValueError("no cells to embed")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    n_genes = counts.shape[1]
+    if observable.shape != (n_genes,):
+        raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape}")
+    obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+    counts = counts.tocsr()
+    counts.sort_indices()
+    batch_size = max(KEY_BLOCK, batch_size // KEY_BLOCK * KEY_BLOCK)
+    out = None
+    bar = tqdm(total=counts.shape[0], desc="embed", unit="cell", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, counts.shape[0], batch_size):
+            stop = min(start + batch_size, counts.shape[0])
+            acc = None
+            for r in range(draws):
+                parts = [_sample_block(counts, b0, min(b0 + KEY_BLOCK, stop), obs, k=k,
+                                       library_size=library_size, seed=seed + r, device=device)
+                         for b0 in range(start, stop, KEY_BLOCK)]
+                gene_ids, values, pad = (torch.cat(t) for t in zip(*parts))
+                with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                                    dtype=torch.bfloat16, enabled=use_bf16):
+                    e = model.embed(gene_ids, values, pad).float()
+                acc = e if acc is None else acc + e
+            emb = (acc / draws).cpu().numpy()
+            if out is None:
+                out = np.empty((counts.shape[0], emb.shape[1]), dtype=np.float32)
+            out[start:stop] = emb
+            bar.update(stop - start)
+    bar.close()
+    if not np.isfinite(out).all():
+        raise RuntimeError("the model produced NaN/inf embeddings; check the checkpoint and the "
+                           "input counts (cells with no counts in the mapped genes?)")
+    return out
+
+
+def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, library_size: float,
+                  seed: int, device: str):
+    """Shown genes of cells ``b0:b1`` (one sampler call keyed by block ``b0 // KEY_BLOCK``)."""
+    import torch
+
+    import txfm_kernels
+
+    s, e = int(counts.indptr[b0]), int(counts.indptr[b1])
+    indptr = torch.as_tensor((counts.indptr[b0:b1 + 1] - s).astype(np.int64), device=device)
+    indices = torch.as_tensor(counts.indices[s:e].astype(np.int32), device=device)
+    values = torch.as_tensor(counts.data[s:e].astype(np.float32), device=device)
+    ds = torch.zeros(b1 - b0, dtype=torch.int32, device=device)
+    m = txfm_kernels.masked_sample(indptr, indices, values, n_genes=counts.shape[1], k=k,
+                                   observable=obs, dataset_ids=ds, library_size=library_size,
+                                   seed=seed, offset=b0 // KEY_BLOCK, return_target=False)
+    return m.gene_ids, m.values, m.pad_mask
+
+
+def gene_representations(model) -> dict[str, np.ndarray]:
+    """``{"codebook": [G, d-1], "decoder": [G, hidden]}`` float32 from a TxFM model."""
+    import torch
+
+    with torch.no_grad():
+        codebook = model.tokenizer.codebook
+        codebook = getattr(codebook, "weight", codebook).detach().float().cpu().numpy()
+        decoder = model.decoder_gene_weights().detach().float().cpu().numpy()
+    if codebook.shape[0] != decoder.shape[0]:
+        raise RuntimeError(f"codebook has {codebook.shape[0]} genes but the decoder "
+                           f"{decoder.shape[0]}")
+    return {"codebook": codebook, "decoder": decoder}

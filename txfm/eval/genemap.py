@@ -1,0 +1,200 @@
+"""Match gene identifiers across files: Ensembl ids, symbols, and a gene table between them.
+
+Annotation databases name genes by symbol; a checkpoint's vocabulary, an AnnData's
+``var_names`` or a 10x ``features.tsv`` may use Ensembl ids, symbols, or both. A *gene table*
+(e.g. ``shared/data/gene_tables/genes_grch38_sceptre.tsv``: ``ensembl_gene_id``,
+``gene_symbol``) translates between them.
+
+Rules (the same everywhere in :mod:`txfm.eval`):
+
+* Ensembl ids are compared without their version suffix (``ENSG00000141510.17`` ==
+  ``ENSG00000141510``); symbols exactly, then, for what is still unmatched, upper-cased.
+* A name that occurs more than once on the target side maps to its first occurrence.
+* :func:`match_genes` tries every way of matching it can (directly; with a table, query
+  Ensembl -> symbol and query symbol -> Ensembl) and keeps the one that matches most genes,
+  reporting which.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def is_ensembl(names: Sequence[str]) -> np.ndarray:
+    """``[n]`` bool: which names look like Ensembl gene ids (``ENSG…``, ``ENSMUSG…``)."""
+    return np.fromiter((bool(_ENSEMBL.match(str(n))) for n in names), dtype=bool,
+                       count=len(names))
+
+
+def normalise_ids(names: Sequence[str]) -> np.ndarray:
+    """Strip Ensembl version suffixes; leave symbols as they are. Returns an object array."""
+    out = np.asarray([str(n) for n in names], dtype=object)
+    ens = is_ensembl(out)
+    if ens.any():
+        out[ens] = [n.split(".", 1)[0] for n in out[ens]]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneTable:
+    """Ensembl id <-> symbol translation, read from a TSV/CSV gene table."""
+
+    ensembl: np.ndarray  # [n] object, without version
+    symbol: np.ndarray  # [n] object
+
+    @classmethod
+    def read(cls, path: str | pathlib.Path) -> "GeneTable":
+        """Read a table with an Ensembl-id column and a symbol column.
+
+        Columns are found by name (one containing ``ensembl`` or ``gene_id``, one containing
+        ``symbol`` or ``name``); a headerless two-column file is read as (ensembl, symbol).
+        """
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--gene-table {path}: no such file (expected a TSV/CSV with "
+                                    "Ensembl id and gene symbol columns, e.g. "
+                                    "shared/data/gene_tables/genes_grch38_sceptre.tsv)")
+        sep = "," if path.suffix.lower() == ".csv" else "\t"
+        df = pd.read_csv(path, sep=sep, dtype=str)
+        cols = [c.lower() for c in df.columns]
+        ens_col = next((c for c, lc in zip(df.columns, cols) if "ensembl" in lc or "gene_id" in lc),
+                       None)
+        sym_col = next((c for c, lc in zip(df.columns, cols) if "symbol" in lc or "name" in lc),
+                       None)
+        if ens_col is None or sym_col is None:
+            first = df.columns[0]
+            if len(df.columns) >= 2 and _ENSEMBL.match(str(first)):
+                df = pd.read_csv(path, sep=sep, dtype=str, header=None)
+                ens_col, sym_col = df.columns[0], df.columns[1]
+            else:
+                raise ValueError(f"gene table {path}: cannot find an Ensembl-id column and a "
+                                 f"symbol column among {list(df.columns)}; name them e.g. "
+                                 "'ensembl_gene_id' and 'gene_symbol'")
+        df = df[[ens_col, sym_col]].dropna()
+        return cls(normalise_ids(df[ens_col].to_numpy()), df[sym_col].to_numpy(dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.ensembl)
+
+    def ensembl_to_symbol(self, ids: Sequence[str]) -> np.ndarray:
+        """Symbols of ``ids`` (object array; None where the table has no entry)."""
+        lut = pd.Series(self.symbol, index=self.ensembl)
+        lut = lut[~lut.index.duplicated()]
+        out = lut.reindex(normalise_ids(ids)).to_numpy(dtype=object)
+        out[pd.isna(out)] = None
+        return out
+
+    def symbol_to_ensembl(self, symbols: Sequence[str]) -> np.ndarray:
+        """Ensembl ids of ``symbols`` (first table row of a symbol, exact match first, then
+        upper-cased; None where absent)."""
+        lut = pd.Series(self.ensembl, index=self.symbol)
+        lut = lut[~lut.index.duplicated()]
+        query = pd.Index([str(s) for s in symbols])
+        out = lut.reindex(query).to_numpy(dtype=object)
+        missing = pd.isna(out)
+        if missing.any():
+            upper = pd.Series(lut.to_numpy(), index=[str(s).upper() for s in lut.index])
+            upper = upper[~upper.index.duplicated()]
+            out[missing] = upper.reindex(query[missing].str.upper()).to_numpy(dtype=object)
+        out[pd.isna(out)] = None
+        return out
+
+
+def _lookup(query: np.ndarray, target: Sequence[str]) -> np.ndarray:
+    """Index of each query name in ``target`` (first occurrence) or -1; exact, then upper-case."""
+    target = normalise_ids(target)
+    pos = pd.Series(np.arange(len(target)), index=target)
+    pos = pos[~pos.index.duplicated()]
+    q = pd.Index([("" if v is None else str(v)) for v in query])
+    idx = pos.reindex(q).to_numpy()
+    missing = np.isnan(idx)
+    if missing.any():
+        upper = pd.Series(pos.to_numpy(), index=[str(t).upper() for t in pos.index])
+        upper = upper[~upper.index.duplicated()]
+        idx[missing] = upper.reindex(q[missing].str.upper()).to_numpy()
+    out = np.where(np.isnan(idx), -1, idx).astype(np.int64)
+    out[[v is None or v == "" for v in query]] = -1
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneMatch:
+    """Result of :func:`match_genes`: ``index[i]`` = target position of query gene i, or -1."""
+
+    index: np.ndarray  # [n_query] int64
+    how: str
+
+    @property
+    def n_mapped(self) -> int:
+        return int((self.index >= 0).sum())
+
+    def summary(self, n_target: int | None = None) -> str:
+        n = len(self.index)
+        s = f"{self.n_mapped:,} of {n:,} genes mapped ({100.0 * self.n_mapped / max(n, 1):.1f}%, " \
+            f"{self.how})"
+        if n_target is not None:
+            s += f" onto {len(np.unique(self.index[self.index >= 0])):,} of {n_target:,}"
+        return s
+
+
+def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence[str],
+                table: GeneTable | None = None, *,
+                query_names: Sequence[str] | None = None) -> GeneMatch:
+    """Map query genes onto ``target`` names, the best of every available route.
+
+    Args:
+        query: one sequence of names, or several alternative sequences for the same genes
+            (e.g. an AnnData's ``var_names`` and its ``var["symbol"]``), each tried.
+        target: names to map onto (e.g. a model vocabulary or an annotation's symbols).
+        table: optional Ensembl <-> symbol table, tried in both directions.
+        query_names: labels for the alternatives in ``query`` (for the report).
+    """
+    if len(query) and isinstance(query[0], str):
+        alternatives = [query]
+    else:
+        alternatives = list(query)
+    names = list(query_names) if query_names is not None else \
+        [f"names[{i}]" for i in range(len(alternatives))]
+    best: GeneMatch | None = None
+    for name, alt in zip(names, alternatives):
+        alt = normalise_ids(alt)
+        routes = [(f"{name} as given", alt)]
+        if table is not None:
+            routes.append((f"{name} Ensembl->symbol via gene table", table.ensembl_to_symbol(alt)))
+            routes.append((f"{name} symbol->Ensembl via gene table", table.symbol_to_ensembl(alt)))
+        for how, q in routes:
+            m = GeneMatch(_lookup(np.asarray(q, dtype=object), target), how)
+            if best is None or m.n_mapped > best.n_mapped:
+                best = m
+    if best is None:
+        raise ValueError("match_genes: empty query")
+    return best
+
+
+def gene_symbols(names: Sequence[str], symbols: Sequence[str] | None = None,
+                 table: GeneTable | None = None) -> np.ndarray:
+    """Best symbol per gene: given ``symbols``, else table lookup of Ensembl ids, else the name.
+
+    Returns an object array with None where an Ensembl id has no symbol in the table.
+    """
+    names = normalise_ids(names)
+    if symbols is not None:
+        out = np.asarray([None if (s is None or (isinstance(s, float) and np.isnan(s)) or s == "")
+                          else str(s) for s in symbols], dtype=object)
+        fill = np.asarray([v is None for v in out])
+        out[fill] = names[fill]
+    else:
+        out = names.copy()
+    ens = is_ensembl(out)
+    if ens.any():
+        if table is not None:
+            out[ens] = table.ensembl_to_symbol(out[ens])
+        # Without a table an Ensembl id stays as it is; it simply matches no symbol.
+    return out

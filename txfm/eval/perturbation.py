@@ -1,0 +1,489 @@
+"""Perturbation benchmark (Bendidi et al. 2024; SPEC §6) on cell embeddings.
+
+Input: ``x [cells, dims]`` (any embedding or baseline), a perturbation label per cell (the
+control label, e.g. ``non-targeting``, among them) and optionally a batch label per cell.
+
+Metrics, all in percent except ``ilisi``:
+
+* ``pcst``  perturbation consistency. PCA fitted on control cells (``pcst_pcs`` components),
+            then per batch standardised on that batch's controls. For a perturbation with cells
+            ``x_1..x_n`` the statistic is the mean leave-one-out cosine similarity
+            ``t = 1/n sum_i cos(x_i, sum_{j != i} x_j)``. Null: the same statistic for
+            ``n_null`` random sets of ``n`` cells drawn from a pool of up to 10,000 random cells
+            (any label). ``p = (1 + #{null >= t}) / (1 + n_null)``; consistent if ``p < alpha``
+            (0.01). Score = share of perturbations (with ``>= min_cells`` cells) consistent.
+* ``lin_top1``, ``lin_top5``  logistic-regression probe of the perturbation labels
+            (controls excluded), trained on all batches but one and tested on the held-out one,
+            each batch in turn (pooled over folds).
+* ``knn_top1``, ``knn_top5``  weighted k-NN retrieval across batches: each cell's ``k``
+            nearest (cosine) cells in *other* batches vote ``exp(cos / T)`` for their label
+            (k=20, T=0.07, as Tx-Evaluation's ``WeightedKNNClassifier``).
+* ``bmdb``  relationship recall of perturbation embeddings: per-perturbation mean embedding,
+            cosine similarity of all perturbation pairs as the null, recall of the annotated
+            pairs of the databases (combined) beyond the 5th/95th percentiles.
+* ``ilisi`` batch mixing: mean inverse Simpson index of batch labels in each cell's kNN
+            neighbourhood (k = 3 x perplexity, Gaussian kernel calibrated to the perplexity
+            by bisection, vectorised over cells); 1 = no mixing, #batches = perfect.
+            ``ilisi_norm = 100 (ilisi - 1) / (#batches - 1)``.
+* ``average`` mean of the percent metrics computed (``ilisi_norm`` included).
+
+Post-processing before the metrics (each tried; the best ``average`` is reported):
+``none``; ``center`` (subtract the batch's control mean); ``standardize`` (centre and scale on
+the batch's controls); ``tvn`` (typical variation normalisation as in EFAAR/Tx-Evaluation:
+standardise on controls, PCA fitted on controls, standardise again, then per batch
+``x (C_b + 0.5 I)^(-1/2)`` with ``C_b`` the batch controls' covariance).
+
+Everything is vectorised over cells (loops run over batches, perturbations, folds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .baselines import make_pca
+
+POSTPROCESSING = ("none", "center", "standardize", "tvn")
+METRICS = ("pcst", "lin", "knn", "bmdb", "ilisi")
+PCST_PCS = 50
+PCST_NULL_CELLS = 10_000
+PCST_NULL_DRAWS = 1000
+PCST_ALPHA = 0.01
+MIN_CELLS = 5
+KNN_K = 20
+KNN_T = 0.07
+LISI_PERPLEXITY = 30
+LISI_MAX_CELLS = 10_000
+LISI_PCS = 50
+MIN_PERTURBATIONS_BMDB = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """Per-cell labels as integer codes."""
+
+    pert: np.ndarray  # [n] int64 code into pert_names
+    pert_names: np.ndarray  # [P] object
+    control: int  # code of the control label
+    batch: np.ndarray | None  # [n] int64 code into batch_names, or None
+    batch_names: np.ndarray | None
+
+    @classmethod
+    def build(cls, perturbation: Sequence, control: str, batch: Sequence | None = None
+              ) -> "Labels":
+        pert = pd.Categorical(np.asarray(perturbation).astype(str))
+        names = np.asarray(pert.categories, dtype=object)
+        if control not in set(names):
+            common = pd.Series(np.asarray(pert)).value_counts().index[:8].tolist()
+            raise ValueError(f"control label {control!r} not found among the perturbation labels "
+                             f"(most frequent: {common}); pass --control")
+        b = bn = None
+        if batch is not None:
+            bc = pd.Categorical(np.asarray(batch).astype(str))
+            b, bn = bc.codes.astype(np.int64), np.asarray(bc.categories, dtype=object)
+        return cls(pert.codes.astype(np.int64), names, int(np.flatnonzero(names == control)[0]),
+                   b, bn)
+
+    @property
+    def n_batches(self) -> int:
+        return 1 if self.batch is None else len(self.batch_names)
+
+    def subset(self, rows: np.ndarray) -> "Labels":
+        return dataclasses.replace(self, pert=self.pert[rows],
+                                   batch=None if self.batch is None else self.batch[rows])
+
+    def batch_groups(self) -> list[np.ndarray]:
+        if self.batch is None:
+            return [np.arange(len(self.pert))]
+        return [np.flatnonzero(self.batch == b) for b in range(self.n_batches)]
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+def _control_stats(x: np.ndarray, ctrl: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if ctrl.sum() < 2:
+        raise ValueError(f"{where}: fewer than 2 control cells; centring/scaling on controls needs "
+                         "controls in every batch (or choose --postprocess none)")
+    mu = x[ctrl].mean(axis=0)
+    sd = x[ctrl].std(axis=0)
+    return mu, np.where(sd > 1e-8, sd, 1.0)
+
+
+def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
+    """Apply one post-processing method (see module docstring). Returns float64 ``[n, d']``."""
+    x = np.asarray(x, dtype=np.float64)
+    ctrl = labels.pert == labels.control
+    if method == "none":
+        return x
+    if method not in POSTPROCESSING:
+        raise ValueError(f"unknown post-processing {method!r}; choose from {POSTPROCESSING}")
+    if method in ("center", "standardize"):
+        out = np.empty_like(x)
+        for b, rows in enumerate(labels.batch_groups()):
+            mu, sd = _control_stats(x[rows], ctrl[rows], f"batch {b}")
+            out[rows] = (x[rows] - mu) if method == "center" else (x[rows] - mu) / sd
+        return out
+    # TVN
+    mu, sd = _control_stats(x, ctrl, "tvn")
+    y = (x - mu) / sd
+    c = int(min(y.shape[1], ctrl.sum() - 1))
+    y = make_pca(c, (int(ctrl.sum()), y.shape[1])).fit(y[ctrl]).transform(y)
+    mu, sd = _control_stats(y, ctrl, "tvn")
+    y = (y - mu) / sd
+    out = np.empty_like(y)
+    for b, rows in enumerate(labels.batch_groups()):
+        yc = y[rows][ctrl[rows]]
+        if len(yc) < 2:
+            raise ValueError(f"tvn: batch {b} has fewer than 2 control cells")
+        cov = np.cov(yc, rowvar=False, ddof=1).reshape(y.shape[1], y.shape[1]) \
+            + 0.5 * np.eye(y.shape[1])
+        w, v = np.linalg.eigh(cov)
+        out[rows] = y[rows] @ (v * (1.0 / np.sqrt(np.maximum(w, 1e-12)))) @ v.T
+    return out
+
+
+# ----------------------------------------------------------------------------- p.cst
+
+def _loo_cosine(dots: np.ndarray, sq: np.ndarray, total_sq: np.ndarray) -> np.ndarray:
+    """Mean over a set of ``cos(x_i, S - x_i)`` from ``x_i . S`` (dots), ``|x_i|^2`` (sq) and
+    ``|S|^2`` (total_sq, broadcast), with ``S`` the set's sum; last axis = set members."""
+    num = dots - sq
+    den = np.sqrt(np.maximum(total_sq - 2.0 * dots + sq, 0.0) * sq)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).mean(axis=-1)
+
+
+def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST_PCS,
+                             null_cells: int = PCST_NULL_CELLS, n_null: int = PCST_NULL_DRAWS,
+                             alpha: float = PCST_ALPHA, min_cells: int = MIN_CELLS,
+                             seed: int = 0) -> tuple[float, pd.DataFrame]:
+    """p.cst (see module docstring). Returns ``(score %, per-perturbation table)``."""
+    x = np.asarray(x, dtype=np.float64)
+    ctrl = labels.pert == labels.control
+    if ctrl.sum() < 3:
+        raise ValueError("p.cst needs at least 3 control cells to fit its PCA")
+    c = int(min(n_pcs, x.shape[1], ctrl.sum() - 1))
+    y = make_pca(c, (int(ctrl.sum()), x.shape[1]), seed).fit(x[ctrl]).transform(x)
+    for rows in labels.batch_groups():
+        cb = ctrl[rows]
+        base = y[rows][cb] if cb.sum() >= 2 else y[rows]  # batch without controls: its own stats
+        sd = base.std(axis=0)
+        y[rows] = (y[rows] - base.mean(axis=0)) / np.where(sd > 1e-8, sd, 1.0)
+    y = y.astype(np.float32)
+
+    counts = np.bincount(labels.pert, minlength=len(labels.pert_names))
+    perts = [p for p in range(len(labels.pert_names)) if p != labels.control]
+    eligible = [p for p in perts if counts[p] >= min_cells]
+    if not eligible:
+        raise ValueError(f"p.cst: no perturbation has >= {min_cells} cells (largest: "
+                         f"{counts[perts].max() if perts else 0}); lower --min-cells")
+    rng = np.random.default_rng(seed)
+    pool = rng.choice(len(y), size=min(null_cells, len(y)), replace=False)
+    yp = y[pool]
+    # Each null draw is a uniform random permutation of the pool; its first n entries are a
+    # uniform random n-subset, so one permutation matrix serves every set size.
+    order = rng.permuted(np.tile(np.arange(len(pool), dtype=np.int32), (n_null, 1)), axis=1)
+
+    sizes = np.minimum(counts[eligible], len(pool))
+    null_by_size = {int(n): _null_loo_cosine(yp, order[:, :n]) for n in np.unique(sizes)}
+
+    rows_out = []
+    order_all = np.argsort(labels.pert, kind="stable")
+    starts = np.searchsorted(labels.pert[order_all], np.arange(len(labels.pert_names) + 1))
+    for p, n in zip(eligible, sizes):
+        members = order_all[starts[p]:starts[p + 1]]
+        if len(members) > n:  # more cells than the null pool: compare like with like
+            members = rng.choice(members, size=n, replace=False)
+        v = y[members].astype(np.float64)
+        s = v.sum(axis=0)
+        t = float(_loo_cosine(v @ s, (v**2).sum(1), s @ s))
+        null = null_by_size[int(n)]
+        p_val = (1 + len(null) - np.searchsorted(null, t, side="left")) / (1 + len(null))
+        rows_out.append((labels.pert_names[p], int(counts[p]), t, float(p_val), p_val < alpha))
+    skipped = [labels.pert_names[p] for p in perts if counts[p] < min_cells]
+    if skipped:
+        warnings.warn(f"p.cst: {len(skipped)} perturbations with < {min_cells} cells left out: "
+                      f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}", stacklevel=2)
+    table = pd.DataFrame(rows_out, columns=["perturbation", "n_cells", "loo_cosine", "p_value",
+                                            "consistent"])
+    return 100.0 * float(table.consistent.mean()), table
+
+
+def _null_loo_cosine(pool: np.ndarray, idx: np.ndarray, chunk_elems: int = 1 << 23
+                     ) -> np.ndarray:
+    """Sorted statistic of the random sets ``pool[idx[r]]`` (``idx [R, n]``), gathered in chunks
+    of draws so that ``[draws, n, d]`` stays below ``chunk_elems`` elements."""
+    r_total, n = idx.shape
+    step = max(1, chunk_elems // max(n * pool.shape[1], 1))
+    out = np.empty(r_total)
+    sq = (pool**2).sum(axis=1)
+    for r in range(0, r_total, step):
+        sel = idx[r:r + step]
+        g = pool[sel]  # [draws, n, d]
+        s = g.sum(axis=1)
+        dots = np.einsum("rtd,rd->rt", g, s)
+        out[r:r + step] = _loo_cosine(dots, sq[sel], (s**2).sum(axis=1)[:, None])
+    return np.sort(out)
+
+
+# ----------------------------------------------------------------------------- lin / knn
+
+def _folds(labels: Labels, keep: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, test rows) pairs: leave one batch out; without batches one stratified
+    80/20 split."""
+    if labels.batch is not None and labels.n_batches >= 2:
+        return [(np.flatnonzero(keep & (labels.batch != b)),
+                 np.flatnonzero(keep & (labels.batch == b))) for b in range(labels.n_batches)]
+    if labels.batch is not None:
+        warnings.warn("only one batch: lin/knn use a random 80/20 split instead of held-out "
+                      "batches", stacklevel=3)
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(keep)
+    test = rng.random(len(rows)) < 0.2
+    return [(rows[~test], rows[test])]
+
+
+def _topk_hits(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """``[n]`` bool: true class among the ``k`` highest (positive) scores."""
+    true_score = scores[np.arange(len(truth)), truth]
+    higher = (scores > true_score[:, None]).sum(axis=1)
+    return (higher < k) & (true_score > 0)
+
+
+def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False,
+                 max_train_cells: int = 20_000, max_iter: int = 200, tol: float = 1e-3,
+                 C: float = 1.0, seed: int = 0) -> dict:
+    """Logistic-regression probe; top-1/top-5 accuracy (%) on held-out batches."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    keep = np.ones(len(labels.pert), bool) if include_control else labels.pert != labels.control
+    hit1 = hit5 = total = 0
+    rng = np.random.default_rng(seed)
+    for train, test in _folds(labels, keep, seed):
+        train_classes = np.unique(labels.pert[train])
+        test = test[np.isin(labels.pert[test], train_classes)]
+        if len(train_classes) < 2 or len(test) == 0:
+            continue
+        if len(train) > max_train_cells:
+            train = rng.choice(train, max_train_cells, replace=False)
+        scaler = StandardScaler().fit(x[train])
+        clf = LogisticRegression(C=C, max_iter=max_iter, tol=tol, random_state=seed)
+        # One BLAS thread: the probe's products are small ([cells, dims] x [dims, classes]) and
+        # spinning BLAS threads made each lbfgs step ~10x slower on a busy 2-core machine.
+        with warnings.catch_warnings(), threadpool_limits(1):
+            warnings.simplefilter("ignore")  # ConvergenceWarning: a probe, not a model to tune
+            clf.fit(scaler.transform(x[train]).astype(np.float32), labels.pert[train])
+        proba = clf.predict_proba(scaler.transform(x[test]).astype(np.float32))
+        truth = np.searchsorted(clf.classes_, labels.pert[test])
+        proba = proba + 1e-12  # a true class with probability 0 still ranks
+        hit1 += int(_topk_hits(proba, truth, 1).sum())
+        hit5 += int(_topk_hits(proba, truth, 5).sum())
+        total += len(test)
+    if total == 0:
+        raise ValueError("linear probe: no test cell whose perturbation also occurs in the "
+                         "training batches")
+    return {"lin_top1": 100.0 * hit1 / total, "lin_top5": 100.0 * hit5 / total}
+
+
+def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
+                  include_control: bool = False, seed: int = 0) -> dict:
+    """Weighted cosine k-NN across batches; top-1/top-5 accuracy (%)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    keep = np.ones(len(labels.pert), bool) if include_control else labels.pert != labels.control
+    n_classes = len(labels.pert_names)
+    hit1 = hit5 = total = 0
+    for ref, query in _folds(labels, keep, seed):
+        if len(ref) == 0 or len(query) == 0:
+            continue
+        kk = min(k, len(ref))
+        nn = NearestNeighbors(n_neighbors=kk, metric="cosine", algorithm="brute").fit(x[ref])
+        dist, idx = nn.kneighbors(x[query])
+        w = np.exp((1.0 - dist) / temperature)
+        flat = (np.arange(len(query))[:, None] * n_classes + labels.pert[ref][idx]).ravel()
+        scores = np.bincount(flat, weights=w.ravel(), minlength=len(query) * n_classes) \
+            .reshape(len(query), n_classes)
+        truth = labels.pert[query]
+        hit1 += int(_topk_hits(scores, truth, 1).sum())
+        hit5 += int(_topk_hits(scores, truth, 5).sum())
+        total += len(query)
+    if total == 0:
+        raise ValueError("knn: nothing to retrieve (no non-control cells in two batches)")
+    return {"knn_top1": 100.0 * hit1 / total, "knn_top5": 100.0 * hit5 / total}
+
+
+# ----------------------------------------------------------------------------- bmdb
+
+def perturbation_relationship_recall(x: np.ndarray, labels: Labels, databases, *,
+                                     symbols: np.ndarray | None = None,
+                                     threshold: tuple[float, float] = (0.05, 0.95)) -> dict:
+    """Recall (%) of annotated pairs among perturbation targets (mean embeddings).
+
+    Args:
+        symbols: ``[P]`` gene symbol of each perturbation label (None entries are skipped);
+            default: the labels themselves.
+    Returns:
+        ``{"bmdb": combined recall, "bmdb_<db>": per database, "bmdb_pairs": #pairs}``;
+        NaN where no annotated pair is among the perturbations.
+    """
+    from .relationships import compute_recall, recall_column
+
+    perts = np.array([p for p in range(len(labels.pert_names)) if p != labels.control])
+    sums = np.zeros((len(labels.pert_names), x.shape[1]))
+    np.add.at(sums, labels.pert, x)  # fine: P x d accumulators, vectorised over cells
+    counts = np.bincount(labels.pert, minlength=len(labels.pert_names))
+    means = sums[perts] / counts[perts, None]
+    syms = np.asarray(labels.pert_names if symbols is None else symbols, dtype=object)[perts]
+    ok = pd.notna(syms) & ~pd.Series(syms).duplicated().to_numpy() & (counts[perts] > 0)
+    means, syms = means[ok], syms[ok].astype(str)
+    if len(syms) < MIN_PERTURBATIONS_BMDB:
+        warnings.warn(f"bmdb: only {len(syms)} perturbations (EFAAR asks for >= "
+                      f"{MIN_PERTURBATIONS_BMDB}); the recall is noisy", stacklevel=2)
+    norm = np.linalg.norm(means, axis=1, keepdims=True)
+    z = means / np.where(norm > 0, norm, 1.0)
+    sim = np.clip(z @ z.T, -1, 1)
+    iu = np.triu_indices(len(syms), k=1)
+    null = sim[iu]
+    genes = pd.Index(syms)
+    col = recall_column(*threshold)
+    out, all_pairs = {}, []
+    for db in databases:
+        pairs = db.index_pairs(genes)
+        all_pairs.append(pairs)
+        out[f"bmdb_{db.name}"] = 100.0 * compute_recall(null, sim[pairs[:, 0], pairs[:, 1]],
+                                                        [threshold])[col] if len(pairs) else np.nan
+    pairs = np.unique(np.concatenate(all_pairs), axis=0) if all_pairs else np.zeros((0, 2), int)
+    out["bmdb"] = 100.0 * compute_recall(null, sim[pairs[:, 0], pairs[:, 1]], [threshold])[col] \
+        if len(pairs) and len(null) else np.nan
+    out["bmdb_pairs"] = len(pairs)
+    return out
+
+
+# ----------------------------------------------------------------------------- iLISI
+
+def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXITY,
+         n_iter: int = 50, tol: float = 1e-5) -> np.ndarray:
+    """Per-cell LISI (Korsunsky et al. 2019) of integer labels ``groups``.
+
+    kNN graph with ``k = 3 perplexity`` Euclidean neighbours (self excluded); weights
+    ``exp(-beta_i d_ij)`` with ``beta_i`` found by bisection so that the neighbourhood's
+    entropy equals ``log(perplexity)`` (all cells at once); LISI = ``1 / sum_c p_c^2``.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(x)
+    k = int(min(3 * perplexity, n - 1))
+    if k < 1:
+        raise ValueError("LISI needs at least 2 cells")
+    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    dist, idx = dist[:, 1:], idx[:, 1:]
+    target = np.log(min(perplexity, k))
+    beta = np.ones(n)
+    lo = np.full(n, -np.inf)
+    hi = np.full(n, np.inf)
+    d0 = dist - dist[:, :1]  # shift by the nearest distance: same P, no underflow
+
+    def weights(beta):
+        p = np.exp(-d0 * beta[:, None])
+        s = p.sum(axis=1)
+        h = np.log(s) + beta * (d0 * p).sum(axis=1) / s
+        return p / s[:, None], h
+
+    p, h = weights(beta)
+    for _ in range(n_iter):
+        diff = h - target
+        if np.all(np.abs(diff) < tol):
+            break
+        up = diff > 0  # entropy too high: sharpen
+        lo = np.where(up, beta, lo)
+        hi = np.where(up, hi, beta)
+        beta = np.where(up, np.where(np.isfinite(hi), (beta + hi) / 2, beta * 2),
+                        np.where(np.isfinite(lo), (beta + lo) / 2, beta / 2))
+        p, h = weights(beta)
+    n_groups = int(groups.max()) + 1
+    flat = (np.arange(n)[:, None] * n_groups + groups[idx]).ravel()
+    per_group = np.bincount(flat, weights=p.ravel(), minlength=n * n_groups).reshape(n, n_groups)
+    return 1.0 / (per_group**2).sum(axis=1)
+
+
+def ilisi(x: np.ndarray, labels: Labels, *, perplexity: float = LISI_PERPLEXITY,
+          max_cells: int = LISI_MAX_CELLS, n_pcs: int = LISI_PCS, seed: int = 0) -> dict:
+    """Mean batch LISI on up to ``max_cells`` random cells, in the top ``n_pcs`` PCs."""
+    if labels.batch is None or labels.n_batches < 2:
+        return {"ilisi": np.nan, "ilisi_norm": np.nan}
+    rows = np.arange(len(x))
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    xs = np.asarray(x[rows], dtype=np.float64)
+    if xs.shape[1] > n_pcs:
+        xs = make_pca(n_pcs, xs.shape, seed).fit_transform(xs)
+    score = float(lisi(xs, labels.batch[rows], perplexity=perplexity).mean())
+    return {"ilisi": score, "ilisi_norm": 100.0 * (score - 1.0) / (labels.n_batches - 1)}
+
+
+# ----------------------------------------------------------------------------- runner
+
+@dataclasses.dataclass
+class BenchmarkOptions:
+    metrics: tuple[str, ...] = METRICS
+    postprocessing: tuple[str, ...] = POSTPROCESSING
+    min_cells: int = MIN_CELLS
+    pcst_pcs: int = PCST_PCS
+    pcst_null_cells: int = PCST_NULL_CELLS
+    pcst_null_draws: int = PCST_NULL_DRAWS
+    knn_k: int = KNN_K
+    lisi_perplexity: float = LISI_PERPLEXITY
+    lisi_max_cells: int = LISI_MAX_CELLS
+    seed: int = 0
+
+
+AVERAGE_OF = ("pcst", "lin_top1", "lin_top5", "knn_top1", "knn_top5", "bmdb", "ilisi_norm")
+
+
+def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
+                       symbols: np.ndarray | None = None,
+                       options: BenchmarkOptions | None = None) -> pd.DataFrame:
+    """Every metric under every post-processing for one embedding; one row per method."""
+    options = options or BenchmarkOptions()
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) != len(labels.pert):
+        raise ValueError(f"embedding has shape {x.shape}, expected [{len(labels.pert)}, dims]")
+    if not np.isfinite(x).all():
+        raise ValueError("embedding contains NaN or inf")
+    rows = []
+    for method in options.postprocessing:
+        row: dict = {"postprocess": method}
+        try:
+            y = postprocess(x, labels, method)
+        except ValueError as err:
+            warnings.warn(f"post-processing {method} skipped: {err}", stacklevel=2)
+            continue
+        if "pcst" in options.metrics:
+            row["pcst"], _ = perturbation_consistency(
+                y, labels, n_pcs=options.pcst_pcs, null_cells=options.pcst_null_cells,
+                n_null=options.pcst_null_draws, min_cells=options.min_cells, seed=options.seed)
+        if "lin" in options.metrics:
+            row.update(linear_probe(y, labels, seed=options.seed))
+        if "knn" in options.metrics:
+            row.update(knn_retrieval(y, labels, k=options.knn_k, seed=options.seed))
+        if "bmdb" in options.metrics and databases:
+            row.update(perturbation_relationship_recall(y, labels, databases, symbols=symbols))
+        if "ilisi" in options.metrics:
+            row.update(ilisi(y, labels, perplexity=options.lisi_perplexity,
+                             max_cells=options.lisi_max_cells, seed=options.seed))
+        vals = [row[k] for k in AVERAGE_OF if k in row and np.isfinite(row[k])]
+        row["average"] = float(np.mean(vals)) if vals else np.nan
+        rows.append(row)
+    if not rows:
+        raise ValueError("every post-processing failed; see the warnings above")
+    return pd.DataFrame(rows)
+
+
+def best_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per embedding, the post-processing with the highest ``average``."""
+    best = table.loc[table.groupby("embedding", sort=False)["average"].idxmax()]
+    return best.reset_index(drop=True)

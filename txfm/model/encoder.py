@@ -1,0 +1,197 @@
+"""TxFM encoder: gene tokens -> pre-norm transformer blocks -> CLS embedding (SPEC §3).
+
+Shapes: ``B`` samples, ``K`` shown genes, ``N = K + 1`` tokens (CLS first), width ``d``,
+``h`` heads. A sample is a set: no positional encoding; padded genes (rows with fewer than K
+observable genes) are zero tokens hidden from attention by a key padding mask.
+
+Block (ViT, pre-norm, LayerScale ``gamma``, stochastic depth ``DropPath``)::
+
+    x = x + DropPath(gamma_1 * Attn(LN(x), key_padding_mask))
+    x = x + DropPath(gamma_2 * MLP(LN(x)))        MLP = Linear(d, r d) -> GELU -> Linear(r d, d)
+
+Only the CLS output is used, so the **last block runs its queries, output projection and MLP
+on the CLS token alone** (keys and values still come from all N tokens): the same result,
+about ``20 / 24`` of a block's matrix FLOPs saved (~7% of TxFM-B's encoder).
+
+Attention runs on ``F.scaled_dot_product_attention`` (flash / memory-efficient / cuDNN
+kernels on GPU), or on flash-attn's ``flash_attn_func`` when it is installed, the tensors are
+CUDA bf16/fp16 and there is no padding mask (``config.attention``: ``auto``, ``sdpa``,
+``flash`` or ``math`` = plain matmul + softmax, the reference).
+
+Stochastic depth takes its per-sample keep decisions from ``drop_keep [depth, B]`` bool when
+given (the trainer derives it from ``(seed, step)`` so that runs are reproducible across
+resumes and ranks), else draws them from the global RNG.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference as ref
+from .config import TxFMConfig
+
+try:  # optional: pip install flash-attn (a CUDA build); SDPA otherwise
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA build
+    _flash_attn_func = None
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func is not None
+
+
+def _make_tokenizer(n_genes: int, dim: int) -> nn.Module:
+    """The fused op's ``GeneTokenizer`` (owns ``codebook [G, d-1]`` and ``cls [d]``)."""
+    try:
+        from txfm_kernels.tokens import GeneTokenizer
+    except ImportError:
+        return _EagerTokenizer(n_genes, dim)
+    return GeneTokenizer(n_genes, dim, cls=True)
+
+
+class _EagerTokenizer(nn.Module):
+    """Same parameters as ``txfm_kernels.GeneTokenizer`` for when that op is not importable."""
+
+    def __init__(self, n_genes: int, dim: int):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(n_genes, dim - 1))
+        self.cls = nn.Parameter(torch.empty(dim))
+        nn.init.normal_(self.codebook, std=0.02)
+        nn.init.normal_(self.cls, std=0.02)
+
+    def forward(self, gene_ids, values, pad_mask=None):
+        return ref.gene_tokens(self.codebook, gene_ids, values, cls=self.cls, pad_mask=pad_mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused QKV projection ``[3d, d]``."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, backend: str):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = backend
+
+    def _attend(self, q, k, v, mask):
+        """``q [B, h, Nq, hd]``, ``k, v [B, h, N, hd]``, ``mask [B, 1, 1, N]`` bool (True = attend)."""
+        if self.backend == "math":
+            scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            return (scores.softmax(-1) @ v.float()).to(q.dtype)
+        use_flash = (self.backend in ("auto", "flash") and _flash_attn_func is not None
+                     and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))
+        if self.backend == "flash" and not use_flash and _flash_attn_func is None:
+            raise RuntimeError("attention='flash' needs flash-attn: pip install flash-attn "
+                               "(a CUDA build), or use attention='auto'")
+        if use_flash:
+            out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                cls_only: bool = False) -> torch.Tensor:
+        """``x [B, N, d]`` -> ``[B, N, d]``, or ``[B, 1, d]`` for the CLS query alone."""
+        b, n, d = x.shape
+        h, hd = self.heads, self.head_dim
+        if cls_only:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:d], None if bias is None else bias[:d])
+            kv = F.linear(x, w[d:], None if bias is None else bias[d:])
+            q = q.view(b, 1, h, hd).transpose(1, 2)
+            k, v = kv.view(b, n, 2, h, hd).permute(2, 0, 3, 1, 4)
+            nq = 1
+        else:
+            q, k, v = self.qkv(x).view(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
+            nq = n
+        out = self._attend(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale and stochastic depth (rate ``drop_path``)."""
+
+    def __init__(self, config: TxFMConfig, drop_path: float):
+        super().__init__()
+        d = config.dim
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(d, config.heads, config.qkv_bias, config.attention)
+        self.gamma1 = nn.Parameter(torch.full((d,), config.layerscale_init))
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = Mlp(d, config.mlp_hidden)
+        self.gamma2 = nn.Parameter(torch.full((d,), config.layerscale_init))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None,
+                cls_only: bool = False) -> torch.Tensor:
+        """``x [B, N, d]``; ``keep [B]`` bool (None: keep all); ``cls_only`` -> ``[B, 1, d]``."""
+        scale = None
+        if self.training and self.drop_path > 0.0:
+            if keep is None:
+                keep = torch.rand(x.shape[0], device=x.device) >= self.drop_path
+            # per-sample branch scale: 0 (dropped) or 1 / keep probability
+            scale = (keep.to(x.dtype) / (1.0 - self.drop_path))[:, None, None]
+        a = self.gamma1 * self.attn(self.norm1(x), mask, cls_only=cls_only)
+        x = (x[:, :1] if cls_only else x) + (a if scale is None else a * scale)
+        m = self.gamma2 * self.mlp(self.norm2(x))
+        return x + (m if scale is None else m * scale)
+
+
+class Encoder(nn.Module):
+    """Tokens -> ``depth`` blocks -> final LayerNorm -> CLS embedding ``[B, d]``."""
+
+    def __init__(self, config: TxFMConfig, n_genes: int):
+        super().__init__()
+        self.config = config
+        self.tokenizer = _make_tokenizer(n_genes, config.dim)
+        n = config.depth
+        rates = [config.drop_path * i / max(n - 1, 1) for i in range(n)]  # linear 0 -> drop_path
+        self.blocks = nn.ModuleList(Block(config, r) for r in rates)
+        self.norm = nn.LayerNorm(config.dim)
+        self.apply(_init_linear)
+
+    def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
+        """``[B, K+1, d]`` encoder input (fused op or eager reference per ``use_fused_ops``)."""
+        tok = self.tokenizer
+        if self.config.use_fused_ops:
+            return tok(gene_ids, values, pad_mask=pad_mask)
+        return ref.gene_tokens(tok.codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
+                pad_mask: torch.Tensor | None = None,
+                drop_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """CLS embedding ``[B, d]`` of ``gene_ids [B, K]`` int, ``values [B, K]`` float.
+
+        ``pad_mask [B, K]`` bool (True = padding) or None when no row is padded (lets GPU
+        attention take its fastest, mask-free kernels); ``drop_keep [depth, B]`` bool.
+        """
+        x = self.tokens(gene_ids, values, pad_mask)
+        mask = None
+        if pad_mask is not None:
+            # [B, 1, 1, N]: True = attend; the CLS key (position 0) is always visible
+            mask = F.pad(~pad_mask, (1, 0), value=True)[:, None, None, :]
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            keep = None if drop_keep is None else drop_keep[i]
+            x = blk(x, mask, keep, cls_only=(i == last))
+        return self.norm(x[:, 0])
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,94 @@
+"""TxFM: a masked autoencoder of RNA-seq counts (SPEC §3–4).
+
+``TxFM(config, n_genes)``: encoder (gene tokens -> transformer -> CLS embedding ``e``),
+decoder (``e`` -> logits over all ``G`` genes), loss head (activation + count loss over each
+sample's observable genes, shown and masked alike).
+
+>>> from txfm.model import TxFM, preset
+>>> model = TxFM(preset("tiny"), n_genes=2000)
+>>> loss = model(sample)                       # sample: txfm_kernels.MaskedSample  # doctest: +SKIP
+>>> emb = model.embed(gene_ids, values)        # [B, d] CLS embeddings            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TxFMConfig
+from .decoder import Decoder
+from .encoder import Encoder
+from .losses import CountLoss
+
+_UNSET = object()  # "not given" (None is a meaningful override, e.g. pad_mask=None)
+
+
+class TxFM(nn.Module):
+    """Encoder + decoder + loss. Parameters: ``encoder.tokenizer.codebook [G, d-1]``,
+    ``encoder.tokenizer.cls [d]``, the blocks, ``decoder.*``, and NB/ZINB's per-gene ``loss.*``.
+    """
+
+    def __init__(self, config: TxFMConfig, n_genes: int):
+        super().__init__()
+        if not isinstance(config, TxFMConfig):
+            raise TypeError(f"config must be a TxFMConfig (txfm.model.preset('tiny')), "
+                            f"got {type(config).__name__}")
+        if int(n_genes) < 1:
+            raise ValueError(f"n_genes={n_genes} must be >= 1 (the vocabulary size G)")
+        config.validate()
+        self.config = config
+        self.n_genes = int(n_genes)
+        self.encoder = Encoder(config, self.n_genes)
+        self.decoder = Decoder(config, self.n_genes)
+        self.loss = CountLoss(config, self.n_genes)
+
+    # -- the pieces users reach for ---------------------------------------------------------
+    @property
+    def tokenizer(self) -> nn.Module:
+        """The gene tokenizer; ``.codebook [G, d-1]`` is the encoder's gene representation."""
+        return self.encoder.tokenizer
+
+    def decoder_gene_weights(self) -> torch.Tensor:
+        """``[G, hidden]``: the decoder's last weight matrix, one row per gene (SPEC §6)."""
+        return self.decoder.gene_weights()
+
+    def set_use_fused_ops(self, flag: bool) -> "TxFM":
+        """Switch between the fused ``txfm_kernels`` ops and the eager reference ops in place."""
+        self.config.use_fused_ops = bool(flag)
+        self.loss.use_fused_ops = bool(flag)
+        return self
+
+    # -- forward ----------------------------------------------------------------------------
+    def embed(self, gene_ids: torch.Tensor, values: torch.Tensor,
+              pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """CLS embeddings ``[B, d]`` of shown genes ``gene_ids [B, K]`` with ``values [B, K]``
+        (log1p-normalised); ``pad_mask [B, K]`` bool marks padding. Uses the module's mode:
+        call ``model.eval()`` first for deterministic embeddings (no stochastic depth)."""
+        return self.encoder(gene_ids, values, pad_mask)
+
+    def logits(self, gene_ids, values, pad_mask=None, drop_keep=None) -> torch.Tensor:
+        """Decoder logits ``[B, G]``."""
+        return self.decoder(self.encoder(gene_ids, values, pad_mask, drop_keep))
+
+    def predict(self, gene_ids, values, pad_mask=None, gene_mask=None) -> torch.Tensor:
+        """Predicted log1p-normalised values ``x_hat [B, G]`` fp32 (the activation of the logits)."""
+        return self.loss.predict(self.logits(gene_ids, values, pad_mask), gene_mask)
+
+    def forward(self, sample=None, *, gene_ids=_UNSET, values=_UNSET, pad_mask=_UNSET,
+                target=_UNSET, gene_mask=_UNSET, library_size=_UNSET,
+                drop_keep=None) -> torch.Tensor:
+        """Scalar training loss of a batch.
+
+        Either ``model(sample)`` with a ``MaskedSample`` (fields ``gene_ids, values, pad_mask,
+        target, gene_mask, library_size``) or the same as keyword tensors. Keywords given
+        beside ``sample`` override its fields (e.g. ``pad_mask=None`` when no row is padded).
+        ``drop_keep [depth, B]`` bool: stochastic-depth decisions (None: drawn here).
+        """
+        fields = dict(gene_ids=gene_ids, values=values, pad_mask=pad_mask, target=target,
+                      gene_mask=gene_mask, library_size=library_size)
+        fields = {k: (getattr(sample, k, None) if v is _UNSET else v) for k, v in fields.items()}
+        if fields["gene_ids"] is None or fields["values"] is None or fields["target"] is None:
+            raise ValueError("TxFM.forward needs gene_ids, values and target (a MaskedSample "
+                             "made with return_target=True, or the tensors as keywords)")
+        gene_mask = None if self.config.include_unobserved else fields["gene_mask"]
+        z = self.logits(fields["gene_ids"], fields["values"], fields["pad_mask"], drop_keep)
+        return self.loss(z, fields["target"], gene_mask, fields["library_size"])

@@ -1,0 +1,163 @@
+"""Atomic checkpoints of a run, and loading a trained model back.
+
+Layout of a run folder ``RUN``::
+
+    RUN/config.json                     model + train config (human-readable)
+    RUN/checkpoints/step_00000200.pt    every ckpt_every steps and at the end (last N kept)
+    RUN/metrics.csv, RUN/loss.png       see txfm.train.metrics
+
+A checkpoint is written to ``step_XXXXXXXX.pt.tmp``, flushed and fsynced, then renamed onto its
+final name (``os.replace`` is atomic on POSIX), so a crash leaves either the old set of
+checkpoints or the new one, never a half-written file under a final name. A file damaged
+afterwards (truncated copy, full disk) fails to load with :class:`CheckpointError` naming it;
+:func:`latest_checkpoint` then falls back to the newest older one that loads, saying so.
+
+Contents (a dict): ``format``, ``step``, ``epoch``, ``samples``, ``model`` (state dict of the
+bare model), ``optimizer``, ``scheduler``, ``loader`` (one state per rank), ``rng`` (one per
+rank: torch CPU/CUDA, numpy, python), ``model_config``, ``train_config``, ``n_genes`` and
+``vocab`` (``genes``: the vocabulary's gene ids in model order, ``symbols``, ``hash``).
+Checkpoints are pickles: load only files you trust.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import warnings
+from typing import Any
+
+import torch
+
+FORMAT = "txfm-checkpoint-v1"
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, corrupt, or not a TxFM checkpoint)."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> pathlib.Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The run's checkpoints, oldest first (by step)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int,
+                    keep: int = 3) -> pathlib.Path:
+    """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    """Load one checkpoint file or raise :class:`CheckpointError` naming it and why."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
+        raise CheckpointError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read: it is truncated or "
+            f"corrupt ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a TxFM checkpoint (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state)})")
+    return state
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
+                      ) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """Newest checkpoint of the run that loads, as ``(path, state)``; None if the run has none.
+
+    Unreadable newer ones are skipped with a warning naming them; if none loads, raises
+    :class:`CheckpointError` listing every file and its problem.
+    """
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        return None
+    problems = []
+    for path in reversed(candidates):
+        try:
+            state = read_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            warnings.warn("skipping unreadable checkpoint(s); using the previous good one "
+                          f"{path}:\n  " + "\n  ".join(problems), RuntimeWarning, stacklevel=2)
+        return path, state
+    raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(run_dir)}:\n  "
+                          + "\n  ".join(problems))
+
+
+def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
+    """A trained model from a checkpoint file or a run folder (its newest readable checkpoint).
+
+    Returns ``(model, config, vocab_genes, info)``: the :class:`txfm.model.TxFM` in eval mode
+    on ``map_location``, its :class:`txfm.model.TxFMConfig`, the vocabulary's gene ids (list of
+    str, in the model's gene order: row ``i`` of the codebook and of the decoder's gene weights
+    is ``vocab_genes[i]``), and ``info`` (``path``, ``step``, ``epoch``, ``samples``,
+    ``symbols``, ``vocab_hash``, ``train_config``).
+    """
+    from txfm.model import TxFM, TxFMConfig
+
+    target = pathlib.Path(path_or_run_dir)
+    if target.is_dir():
+        found = latest_checkpoint(target, map_location)
+        if found is None:
+            raise CheckpointError(f"{target} has no checkpoints (looked in "
+                                  f"{checkpoint_dir(target)}); train with `txfm train --out "
+                                  f"{target}` or pass a .pt file")
+        path, state = found
+    else:
+        path = target
+        try:
+            state = read_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            older = [p for p in list_checkpoints(path.parent.parent) if p != path]
+            hint = f"; the run's other checkpoints: {[str(p) for p in older]}" if older else ""
+            raise CheckpointError(f"{exc}{hint}") from exc
+    config = TxFMConfig.from_dict(state["model_config"])
+    model = TxFM(config, state["n_genes"])
+    model.load_state_dict(state["model"])
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+    vocab = state.get("vocab") or {}
+    info = {"path": str(path), "step": state.get("step"), "epoch": state.get("epoch"),
+            "samples": state.get("samples"), "symbols": vocab.get("symbols"),
+            "vocab_hash": vocab.get("hash"), "train_config": state.get("train_config")}
+    return model, config, list(vocab.get("genes") or []), info

@@ -1,0 +1,107 @@
+"""Training recipe (SPEC §5) and run settings.
+
+Recipe defaults: AdamW (fused on CUDA), peak lr 1e-3, betas (0.9, 0.999), eps 1e-6,
+weight decay ``1 / (lr * total_steps)``, one-cycle cosine schedule with 10% warm-up,
+bf16 autocast on GPU, gradient clipping at 1.0 **(our choice; the paper does not say)**.
+Global batch 1,536 and 200 epochs for S/B/L (paper Table 6); ``tiny`` trains 600 steps of
+32 on the synthetic demo corpus.
+
+``batch_size`` is the *global* batch of one optimizer step: it is split into
+``world_size x accum`` micro-batches (one per rank per accumulation step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+RECIPES = {
+    "tiny": dict(batch_size=32, steps=600, epochs=None, ckpt_every=200, val_every=100,
+                 log_every=10),
+    "S": dict(batch_size=1536, epochs=200.0),
+    "B": dict(batch_size=1536, epochs=200.0),
+    "L": dict(batch_size=1536, epochs=200.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved in each checkpoint and in ``RUN/config.json``."""
+
+    preset: str = "tiny"
+    data: str | None = None  # shards folder; None: the demo shards; "random[:k=v,...]": in memory
+    out: str = "runs/tiny"
+    batch_size: int = 32  # global, per optimizer step
+    accum: int = 1  # micro-batches per rank per step
+    steps: int | None = 600  # total optimizer steps; None: epochs x steps per epoch
+    epochs: float | None = None
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float | None = None  # None: 1 / (lr * total_steps) (SPEC §5)
+    warmup: float = 0.1  # share of steps warming up (OneCycleLR pct_start)
+    grad_clip: float | None = 1.0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
+    compile: bool = False
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
+    seed: int = 0
+    log_every: int = 10
+    val_every: int | None = 100  # steps; None: only at the end
+    val_batches: int = 8  # micro-batches per validation, all ranks together
+    ckpt_every: int | None = 200  # steps; None: only at the end
+    keep_checkpoints: int = 3
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True  # when tensorboard is installed
+    pin_memory: bool = True  # when training on CUDA
+    plot: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        need(self.accum >= 1, f"accum={self.accum} must be >= 1")
+        need(self.steps is not None or self.epochs is not None,
+             "give steps or epochs (how long to train)")
+        need(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
+        need(self.epochs is None or self.epochs > 0, f"epochs={self.epochs} must be > 0")
+        need(self.lr > 0, f"lr={self.lr} must be > 0")
+        need(0.0 <= self.warmup < 1.0, f"warmup={self.warmup} must be in [0, 1)")
+        need(self.precision in ("auto", "bf16", "fp32"),
+             f"precision={self.precision!r}: use auto, bf16 or fp32")
+        need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Rows per micro-batch on each rank."""
+        parts = world_size * self.accum
+        if self.batch_size % parts:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size x "
+                             f"accum = {world_size} x {self.accum}")
+        return self.batch_size // parts
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def for_preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The recipe of preset ``name`` (batch, length, intervals), then ``overrides``."""
+        key = {k.lower(): k for k in RECIPES}.get(str(name).lower())
+        if key is None:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(RECIPES)}")
+        base = dict(preset=key, out=f"runs/{key}")
+        base.update(RECIPES[key])
+        if base.get("epochs") is not None:  # long runs: step count follows from the data
+            base.update(steps=None, val_every=1000, ckpt_every=1000, log_every=20)
+        base.update(overrides)
+        return cls(**base)

@@ -1,0 +1,520 @@
+"""The lean TxFM trainer: CSR shards -> device -> masked sampling -> model -> AdamW (SPEC §5).
+
+One optimizer step on each of ``W`` ranks (``torchrun``; one process = one device):
+
+1. ``accum`` CSR micro-batches of ``batch_size / (W * accum)`` cells come from the loader
+   (pinned when training on CUDA) and are copied with ``non_blocking=True`` while the previous
+   step still runs on the device (one step of prefetch).
+2. On the device, :func:`txfm_kernels.masked_sample` normalises them, draws ``K`` shown genes
+   per cell and writes the dense target, keyed by ``(seed, offset)`` with
+   ``offset = (step * accum + micro) * W + rank``: a unique number per micro-batch of the
+   whole run, so draws are reproducible across resumes and a ``W``-rank run draws exactly
+   what a 1-rank run accumulating ``W`` micro-batches draws. Stochastic depth takes its
+   per-sample decisions from a generator keyed the same way.
+3. Forward + loss under bf16 autocast (GPU), backward (DDP all-reduces the last micro-batch's
+   gradients; the others run under ``no_sync``), gradient clipping, fused AdamW, OneCycleLR.
+
+Nothing in a step waits for the device: the loss and gradient norm stay on the device and are
+summed there; the host reads them (one sync) every ``log_every`` steps, when it also measures
+samples/s and MFU. Whether a batch needs the attention padding mask is decided on the host from
+the CPU batch's dataset ids (a row is padded only if its dataset profiles fewer than ``K``
+genes), so batches without padding run the mask-free attention kernels.
+
+Checkpoints (:mod:`txfm.train.checkpoint`) every ``ckpt_every`` steps and at the end hold the
+model, optimizer, scheduler, every rank's loader position and RNG state, and the step;
+``resume=True`` continues from the newest readable one and reproduces the uninterrupted
+run's losses (tested bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from txfm.model import TxFM, TxFMConfig, preset
+from txfm.model import reference as ref
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .config import TrainConfig
+from .flops import mfu, peak_flops, train_flops_per_sample
+from .metrics import MetricsLogger, read_metrics
+
+_VAL_SEED = 0x5EED_0FF5E7  # validation draws: fixed, independent of the training stream
+
+
+@dataclass
+class TrainResult:
+    run_dir: pathlib.Path
+    checkpoint: pathlib.Path | None
+    metrics: pathlib.Path | None
+    plot: pathlib.Path | None
+    step: int
+    history: list[dict] = field(default_factory=list)  # the metrics rows (rank 0)
+
+    @property
+    def train_losses(self) -> list[float]:
+        return [r["train_loss"] for r in self.history if r.get("train_loss") is not None]
+
+    @property
+    def val_losses(self) -> list[float]:
+        return [r["val_loss"] for r in self.history if r.get("val_loss") is not None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def demo_root() -> pathlib.Path:
+    """Where plain ``txfm train`` keeps the synthetic demo shards (git-ignored)."""
+    return pathlib.Path("txfm-demo")
+
+
+def open_loader(data: str | None, split: str, batch_size: int, *, seed: int, rank: int,
+                world_size: int, pin_memory: bool):
+    """The loader of ``data``: a shards folder, None (the demo shards) or ``random[:...]``."""
+    shuffle = split == "train"
+    if data is not None and str(data).startswith("random"):
+        from .synthetic import RandomCSRSource, parse_random_spec
+
+        kwargs = parse_random_spec(str(data))
+        return RandomCSRSource(batch_size=batch_size, split=split, shuffle=shuffle,
+                               pin_memory=pin_memory, rank=rank, world_size=world_size, **kwargs)
+    from txfm.data import ShardLoader  # anndata/zarr: imported only for on-disk shards
+
+    if data is None:
+        from txfm.data.demo import ensure_demo_shards
+
+        data = ensure_demo_shards(demo_root())
+    return ShardLoader(data, batch_size, split=split, shuffle=shuffle, seed=seed, drop_last=True,
+                       pin_memory=pin_memory, rank=rank, world_size=world_size)
+
+
+def _vocabulary(loader) -> dict:
+    manifest = getattr(loader, "manifest", None)
+    genes = getattr(manifest, "genes", None)
+    symbols = getattr(manifest, "symbols", None)
+    if genes is not None and hasattr(genes, "columns"):  # a DataFrame
+        frame = genes
+        id_col = next((c for c in ("gene_id", "id", "ensembl_id") if c in frame.columns), None)
+        sym_col = next((c for c in ("symbol", "gene_symbol", "name") if c in frame.columns), None)
+        genes = list(frame[id_col] if id_col else frame.index)
+        symbols = list(frame[sym_col]) if sym_col else symbols
+    genes = [str(g) for g in genes] if genes is not None else [str(i) for i in range(loader.n_genes)]
+    symbols = [str(s) for s in symbols] if symbols is not None else None
+    return {"genes": genes, "symbols": symbols, "hash": getattr(manifest, "vocab_hash", None)}
+
+
+def sample_batch(batch, *, n_genes: int, config: TxFMConfig, observable, seed: int, offset: int,
+                 gene_weights: torch.Tensor | None = None):
+    """Encoder inputs + target of a device CSR batch (fused op, or its eager path)."""
+    kwargs = dict(n_genes=n_genes, k=config.k, observable=observable,
+                  dataset_ids=batch.dataset_ids if observable is not None else None,
+                  library_size=config.library_size, seed=seed, offset=offset, tau=config.tau,
+                  gene_weights=gene_weights if config.tau != 0.0 else None, return_target=True)
+    try:
+        from txfm_kernels.sample import masked_sample
+    except ImportError:
+        return ref.masked_sample(batch.indptr, batch.indices, batch.counts, **kwargs)
+    return masked_sample(batch.indptr, batch.indices, batch.counts,
+                         backend="auto" if config.use_fused_ops else "torch", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` (+ optional model config) and runs it.
+
+    ``loader_factory(split, batch_size, rank, world_size, pin_memory)`` replaces the data of
+    ``cfg.data`` (tests and benchmarks pass in-memory sources).
+    """
+
+    def __init__(self, cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
+                 loader_factory=None):
+        self.cfg = cfg
+        self.model_config = model_config or preset(cfg.preset)
+        self.dist = dist.init(cfg.device)
+        self.device = self.dist.device
+        self.is_cuda = self.device.type == "cuda"
+        self.run_dir = pathlib.Path(cfg.out)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.is_cuda)
+        world, rank = self.dist.world_size, self.dist.rank
+        self.micro = cfg.micro_batch(world)
+        _seed_everything(cfg.seed)
+
+        pin = cfg.pin_memory and self.is_cuda
+        factory = loader_factory or (lambda split, bs, r, w, p: open_loader(
+            cfg.data, split, bs, seed=cfg.seed, rank=r, world_size=w, pin_memory=p))
+        self.loader = factory("train", self.micro, rank, world, pin)
+        try:
+            self.val_loader = factory("val", self.micro, rank, world, pin)
+            if len(self.val_loader) == 0:
+                self.val_loader = None
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            self._say(f"no validation split ({exc}); validation is skipped")
+            self.val_loader = None
+        if len(self.loader) < cfg.accum:
+            raise ValueError(f"the training data yields {len(self.loader)} micro-batches of "
+                             f"{self.micro} cells per rank per epoch, fewer than accum="
+                             f"{cfg.accum}: lower batch_size or add cells")
+        self.n_genes = int(self.loader.n_genes)
+        self.vocab = _vocabulary(self.loader)
+        obs = getattr(self.loader, "observable", None)
+        if obs is not None and bool(obs.mask.all()):
+            obs = None  # every dataset profiles every gene: skip the per-row tables
+        self.observable = None if obs is None else obs.to(self.device)
+        self._obs_counts = None if obs is None else obs.counts().cpu()
+        nnz = getattr(self.loader, "gene_nnz", None)
+        self.gene_weights = None
+        if self.model_config.tau != 0.0:
+            if nnz is None:
+                raise ValueError("tau != 0 needs per-gene non-zero counts (loader.gene_nnz)")
+            self.gene_weights = torch.as_tensor(nnz).to(self.device, torch.float32)
+
+        self.model = TxFM(self.model_config, self.n_genes).to(self.device)
+        steps_per_epoch = len(self.loader) // cfg.accum
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = int(cfg.steps) if cfg.steps is not None else max(
+            1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.weight_decay = (cfg.weight_decay if cfg.weight_decay is not None
+                             else 1.0 / (cfg.lr * self.total_steps))
+        self.optimizer = _adamw(self.model, cfg, self.weight_decay, self.is_cuda)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=self.total_steps, pct_start=cfg.warmup,
+            anneal_strategy="cos", cycle_momentum=False)
+        rates = [b.drop_path for b in self.model.encoder.blocks]
+        self._drop_rates = torch.tensor(rates, device=self.device)[:, None]
+        self._use_drop = max(rates) > 0.0
+        self.flops_per_sample = train_flops_per_sample(self.model_config, self.n_genes)
+        self.peak = peak_flops(self.device, "bf16" if self.bf16 else "tf32")
+
+        self.step = 0
+        self.epoch = 0
+        self.samples = 0
+        self._resumed_from = None
+        if cfg.resume:
+            self._resume()
+        elif ckpt.list_checkpoints(self.run_dir):
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to "
+                                  "continue that run, or choose another --out")
+        else:
+            self.loader.set_epoch(0)
+
+        net = self.model
+        if cfg.compile:
+            net = torch.compile(net)
+        if self.dist.enabled:
+            net = DDP(net, device_ids=[self.device.index] if self.is_cuda else None)
+        self.net = net
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _needs_pad(self, cpu_batch) -> bool:
+        """Whether any row has fewer observable genes than K (host-side, from CPU tensors)."""
+        if self._obs_counts is None:
+            return self.n_genes < self.model_config.k
+        ids = cpu_batch.dataset_ids.long()
+        return bool((self._obs_counts[ids] < self.model_config.k).any())
+
+    def _drop_keep(self, offset: int, rows: int) -> torch.Tensor | None:
+        if not self._use_drop:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(_mix(self.cfg.seed, offset, 0xD209))
+        u = torch.rand(self._drop_rates.shape[0], rows, generator=g, device=self.device)
+        return u >= self._drop_rates
+
+    def _sample(self, batch, seed: int, offset: int):
+        return sample_batch(batch, n_genes=self.n_genes, config=self.model_config,
+                            observable=self.observable, seed=seed, offset=offset,
+                            gene_weights=self.gene_weights)
+
+    def _stream(self):
+        """CPU micro-batches forever, across epochs (the loader's own order and position)."""
+        while True:
+            epoch = self.loader.epoch
+            yield from self.loader
+            if self.loader.epoch == epoch:  # a loader that does not move on by itself
+                self.loader.set_epoch(epoch + 1)
+            self.epoch = self.loader.epoch
+
+    def _fetch(self, stream) -> list:
+        out = []
+        for _ in range(self.cfg.accum):
+            cpu = next(stream)
+            out.append((cpu, cpu.to(self.device, non_blocking=True)))
+        return out
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step on ``accum`` (cpu, device) batch pairs: (loss, grad norm) on device."""
+        cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
+        total = torch.zeros((), device=self.device)
+        for micro, (cpu, dev) in enumerate(batches):
+            offset = (self.step * cfg.accum + micro) * world + rank
+            sample = self._sample(dev, cfg.seed, offset)
+            pad = sample.pad_mask if self._needs_pad(cpu) else None
+            keep = self._drop_keep(offset, len(cpu))
+            sync = micro == len(batches) - 1 or not isinstance(self.net, DDP)
+            with (contextlib.nullcontext() if sync else self.net.no_sync()):
+                with self._autocast():
+                    loss = self.net(sample, pad_mask=pad, drop_keep=keep)
+                (loss / cfg.accum).backward()
+            total += loss.detach().float()
+        norm = None
+        if cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples += cfg.batch_size
+        return total / cfg.accum, norm
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the first ``val_batches`` micro-batches of the validation split (all
+        ranks together), with fixed draws: comparable across steps, resumes and world sizes."""
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = 0
+        per_rank = max(1, self.cfg.val_batches // self.dist.world_size)
+        self.val_loader.set_epoch(0)
+        for i, cpu in enumerate(self.val_loader):
+            if i >= per_rank:
+                break
+            dev = cpu.to(self.device, non_blocking=True)
+            sample = self._sample(dev, _VAL_SEED, i * self.dist.world_size + self.dist.rank)
+            pad = sample.pad_mask if self._needs_pad(cpu) else None
+            with self._autocast():
+                total += self.model(sample, pad_mask=pad).float()
+            n += 1
+        self.model.train()
+        stats = torch.stack([total, torch.tensor(float(n), device=self.device)])
+        dist.all_reduce_mean(stats, self.dist)
+        total, n = stats.tolist()
+        return total / n if n else None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self) -> dict:
+        loaders = dist.all_gather_object(self.loader.state_dict(), self.dist)
+        rngs = dist.all_gather_object(_rng_state(self.device), self.dist)
+        return {"step": self.step, "epoch": self.epoch, "samples": self.samples,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "loader": loaders, "rng": rngs,
+                "world_size": self.dist.world_size,
+                "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
+                "n_genes": self.n_genes, "vocab": self.vocab,
+                "torch": torch.__version__}
+
+    def save(self) -> pathlib.Path | None:
+        state = self.state()  # collective: every rank takes part
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.keep_checkpoints)
+        dist.barrier(self.dist)
+        return path
+
+    def _resume(self) -> None:
+        found = ckpt.latest_checkpoint(self.run_dir, map_location="cpu")
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}")
+        path, state = found
+        if state["n_genes"] != self.n_genes or (
+                state["vocab"].get("hash") and self.vocab.get("hash")
+                and state["vocab"]["hash"] != self.vocab["hash"]):
+            raise ValueError(f"--resume: {path} was trained on another gene vocabulary "
+                             f"({state['n_genes']} genes, hash {state['vocab'].get('hash')}) than "
+                             f"the data ({self.n_genes} genes, hash {self.vocab.get('hash')})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
+        saved_total = state["scheduler"].get("total_steps")
+        if saved_total == self.total_steps:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # a longer (or shorter) run: re-plan the one-cycle schedule from here on
+            if self.step >= self.total_steps:
+                raise ValueError(f"--resume: {path} is at step {self.step}, not before the "
+                                 f"requested end {self.total_steps}: ask for more steps")
+            warnings.warn(f"--resume: the run now has {self.total_steps} steps instead of "
+                          f"{saved_total}: the learning-rate schedule and the weight decay "
+                          f"(1 / (lr x steps)) follow the new length from step {self.step} on",
+                          RuntimeWarning, stacklevel=2)
+            self.optimizer.param_groups[0]["weight_decay"] = self.weight_decay
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=self.cfg.lr, total_steps=self.total_steps,
+                pct_start=self.cfg.warmup, anneal_strategy="cos", cycle_momentum=False,
+                last_epoch=self.step - 1)
+        rank = self.dist.rank
+        if state.get("world_size") == self.dist.world_size:
+            self.loader.load_state_dict(state["loader"][rank])
+            self.epoch = self.loader.epoch
+            _set_rng_state(state["rng"][rank], self.device)
+        else:
+            warnings.warn(f"--resume: {path} was written by {state.get('world_size')} ranks, this "
+                          f"run has {self.dist.world_size}: the data restarts at epoch "
+                          f"{self.epoch}'s beginning", RuntimeWarning, stacklevel=2)
+            self.loader.set_epoch(self.epoch)
+        self._resumed_from = path
+        self._say(f"resumed from {path} (step {self.step})")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
+                 "n_genes": self.n_genes, "total_steps": self.total_steps,
+                 "weight_decay": self.weight_decay, "world_size": self.dist.world_size,
+                 "parameters": sum(p.numel() for p in self.model.parameters())}, indent=2))
+        logger = MetricsLogger(self.run_dir, self.step if self._resumed_from else None,
+                               cfg.tensorboard) if main else None
+        bar = _progress(self.total_steps, self.step, enabled=main and cfg.progress)
+        self.model.train()
+        stream = self._stream()
+        pending = self._fetch(stream) if self.step < self.total_steps else None
+        loss_sum = torch.zeros((), device=self.device)
+        norm_sum = torch.zeros((), device=self.device)
+        n_since, t_last, t0 = 0, time.perf_counter(), time.perf_counter()
+        last_path = None
+        while self.step < self.total_steps:
+            loss, norm = self.train_step(pending)
+            loss_sum += loss
+            if norm is not None:
+                norm_sum += norm.detach().float()
+            n_since += 1
+            step, done = self.step, self.step >= self.total_steps
+            save_now = done or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            # Prefetch now, so the copy overlaps this step; not across a checkpoint, whose loader
+            # position must not include batches that no finished step consumed.
+            pending = None if (save_now or done) else self._fetch(stream)
+            val_now = done or (cfg.val_every and step % cfg.val_every == 0)
+            if val_now or step % cfg.log_every == 0:
+                stats = torch.stack([loss_sum, norm_sum]) / n_since
+                dist.all_reduce_mean(stats, self.dist)
+                train_loss, grad_norm = stats.tolist()  # the host waits here, once per log
+                now = time.perf_counter()
+                sps = n_since * cfg.batch_size / (now - t_last)
+                per_device = sps / self.dist.world_size
+                row = {"step": step, "epoch": self.epoch, "samples": self.samples,
+                       "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm if cfg.grad_clip else None,
+                       "samples_per_s": sps, "step_ms": 1e3 * (now - t_last) / n_since,
+                       "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
+                       "elapsed_s": now - t0}
+                if val_now:
+                    row["val_loss"] = self.validate()
+                if logger is not None:
+                    logger.log(row)
+                bar.set_postfix(_postfix(row), refresh=False)
+                loss_sum.zero_(), norm_sum.zero_()
+                n_since, t_last = 0, time.perf_counter()
+            bar.update(1)
+            if save_now:
+                last_path = self.save()
+                if not done:
+                    pending = self._fetch(stream)
+        bar.close()
+        result = TrainResult(self.run_dir, last_path, None, None, self.step)
+        if main:
+            if logger is not None:
+                logger.close()
+            result.metrics = logger.path if logger is not None else None
+            result.checkpoint = last_path or (ckpt.list_checkpoints(self.run_dir) or [None])[-1]
+            if result.metrics is not None and result.metrics.exists():
+                result.history = read_metrics(result.metrics)
+                if cfg.plot:
+                    from .plot import plot_losses
+
+                    result.plot = plot_losses(result.metrics, self.run_dir / "loss.png",
+                                              title=f"TxFM-{self.model_config.name}")
+        return result
+
+
+def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
+          loader_factory=None) -> TrainResult:
+    """Run (or resume) a training run; returns where its checkpoint, metrics and plot are."""
+    trainer = Trainer(cfg, model_config, loader_factory=loader_factory)
+    try:
+        return trainer.fit()
+    finally:
+        dist.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, weight_decay: float, cuda: bool):
+    """AdamW; weight decay on matrices only **(our choice)**: biases, norms, LayerScale, CLS and
+    the per-gene NB/ZINB parameters (all 1-D) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    extra = {"fused": True}  # one kernel for all parameters (CUDA and CPU)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), for per-micro-batch generators."""
+    z = 0
+    for p in parts:
+        z = (z + int(p) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z & 0x7FFFFFFFFFFFFFFF
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                dynamic_ncols=True, desc="train")
+
+
+def _postfix(row: dict) -> dict:
+    out = {"loss": f"{row['train_loss']:.4g}", "samples/s": f"{row['samples_per_s']:.0f}"}
+    if row.get("val_loss") is not None:
+        out["val"] = f"{row['val_loss']:.4g}"
+    if row.get("mfu") is not None:
+        out["MFU"] = f"{100 * row['mfu']:.1f}%"
+    return out
