@@ -38,6 +38,14 @@ def write(src: str, out: str, zarrs: bool) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
+def _anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def read(path: str, args) -> None:
     import annbatch
     import numpy as np
@@ -55,8 +63,9 @@ def read(path: str, args) -> None:
     for _ in range(args.warmup):
         next(it)
     distinct = []
-    n = 0
-    t0 = time.perf_counter()
+    n, anon = 0, 0.0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    t0, c0 = time.perf_counter(), ru.ru_utime + ru.ru_stime
     for _ in range(args.batches):
         try:
             batch = next(it)
@@ -67,10 +76,15 @@ def read(path: str, args) -> None:
         n += x.shape[0]
         orig = batch["obs"]["orig"].to_numpy()
         distinct.append(np.unique(orig // args.stretch).size)
+        anon = max(anon, _anon_mib())
     dt = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru.ru_utime + ru.ru_stime - c0
     print(json.dumps({"cells_per_s": n / dt, "seconds": dt, "batches": args.batches,
+                      "cells_per_cpu_s": n / cpu,
                       "first_batch_s": first,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_anon_mib": anon,
                       "distinct_stretches": float(np.mean(distinct)),
                       "nnz_per_cell": float(x.nnz / x.shape[0]),
                       "dtype": str(x.dtype)}))

@@ -44,7 +44,8 @@ ANNBATCH_HELP = ("python3.12 -m venv .cache/annbatch-venv && .cache/annbatch-ven
 
 
 # ----------------------------------------------------------------------------- corpus
-def make_source(path: pathlib.Path, cells: int, genes: int, nnz: int, seed: int = 0) -> pathlib.Path:
+def make_source(path: pathlib.Path, cells: int, genes: int, nnz: int,
+                seed: int = 0) -> pathlib.Path:
     """Write the synthetic ``.h5ad`` (float32 counts, int32 indices, obs['orig'] = row)."""
     if path.is_file():
         return path
@@ -123,6 +124,13 @@ def ideal_distinct(n_cells: int, batch: int, stretch: int, seed: int = 0) -> flo
 
 
 # ----------------------------------------------------------------------------- workers
+def _cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _peak_rss_mib() -> float:
     import resource
 
@@ -131,10 +139,10 @@ def _peak_rss_mib() -> float:
     return (own + kids) / 1024
 
 
-def _rss_now_mib() -> float:
+def _rss_now_mib(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -155,11 +163,11 @@ def worker_ours(args) -> dict:
     first = time.perf_counter() - t_open
     for _ in range(args.warmup):
         next(it)
-    distinct, n, moved = [], 0, 0
+    distinct, n, moved, anon = [], 0, 0, 0.0
     on_device = None
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     for _ in range(args.batches):
         try:
             b = next(it)
@@ -172,12 +180,15 @@ def worker_ours(args) -> dict:
             moved += sum(t.numel() * t.element_size() for t in
                          (b.indptr, b.indices, b.counts, b.dataset_ids, b.cell_ids))
         distinct.append(np.unique(b.obs["orig"].numpy() // args.stretch).size)
+        anon = max(anon, _rss_now_mib("RssAnon"))
     if cuda:
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_s() - c0
     del on_device
     return {"cells_per_s": n / dt, "seconds": dt, "first_batch_s": first,
+            **({"cells_per_cpu_s": n / cpu} if not args.workers else {}),
             **({"h2d_gb_per_s": moved / dt / 1e9} if cuda else {}),
+            "peak_anon_mib": anon,
             "peak_rss_mib": _peak_rss_mib(), "import_rss_mib": base_rss,
             "distinct_stretches": float(np.mean(distinct)),
             "nnz_per_cell": float(b.indices.numel() / b.batch_size)}
@@ -202,13 +213,14 @@ def worker_h5ad(args) -> dict:
     for _ in range(args.warmup):
         batch()
     distinct, n = [], 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     for _ in range(args.batches):
         rows, x = batch()
         n += x.shape[0]
         distinct.append(np.unique(orig[rows] // args.stretch).size)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _cpu_s() - c0
     return {"cells_per_s": n / dt, "seconds": dt, "first_batch_s": first,
+            "cells_per_cpu_s": n / cpu,
             "peak_rss_mib": _peak_rss_mib(), "import_rss_mib": base_rss,
             "distinct_stretches": float(np.mean(distinct)),
             "nnz_per_cell": float(x.nnz / x.shape[0])}
@@ -236,7 +248,8 @@ def run_case(cmd: list[str], reps: int, in_process: bool = False, timeout: float
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--cells", type=int, default=200_000)
     p.add_argument("--genes", type=int, default=44_349)
@@ -261,7 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stretch", type=int, default=1024, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.cells, args.genes, args.nnz = min(args.cells, 4096), min(args.genes, 2000), min(args.nnz, 200)
+        args.cells, args.genes = min(args.cells, 4096), min(args.genes, 2000)
+        args.nnz = min(args.nnz, 200)
         args.batch_size = min(args.batch_size, 256)
         args.reps = args.reps or 1
         args.batches = args.batches or 4
@@ -334,7 +348,8 @@ def main(argv=None) -> int:
                                      "--warmup", str(args.warmup)]))
     if not args.no_h5ad:
         cases.append(("h5ad backed", "h5ad float32/int32", "sorted random rows", src,
-                      base + ["--worker", "h5ad", "--path", str(src), "--batches", str(slow_batches)]))
+                      base + ["--worker", "h5ad", "--path", str(src), "--batches",
+                              str(slow_batches)]))
     rows = []
     warmed = set()
     for impl, layout, settings, path, cmd in cases:
@@ -344,11 +359,14 @@ def main(argv=None) -> int:
         r = run_case(cmd, args.reps, in_process=args.quick)
         rows.append({"loader": impl, "layout": layout, "settings": settings,
                      "cells_per_s": round(r["cells_per_s"]), "runs": r["runs"],
+                     "cells_per_cpu_s": (round(r["cells_per_cpu_s"]) if "cells_per_cpu_s" in r
+                                         else None),
                      "first_batch_s": round(r["first_batch_s"], 2),
                      "peak_rss_mib": round(r["peak_rss_mib"]),
                      "rss_after_import_mib": (round(r["import_rss_mib"]) if "import_rss_mib" in r
                                               else None),
-                     "distinct_stretches": round(r["distinct_stretches"], 1),
+                     "peak_anon_mib": round(r["peak_anon_mib"]) if "peak_anon_mib" in r else None,
+                     "distinct_stretches": f"{r['distinct_stretches']:.1f}",
                      "h2d_gb_per_s": round(r["h2d_gb_per_s"], 2) if "h2d_gb_per_s" in r else None,
                      "disk_bytes_per_cell": round(disk_bytes(path) / args.cells)})
         print(f"{impl:22s} {layout:22s} {settings:28s} {rows[-1]['cells_per_s']:>9,} cells/s",
@@ -359,13 +377,16 @@ def main(argv=None) -> int:
         r["x_annbatch"] = round(r["cells_per_s"] / best_ab, 2) if best_ab else None
     ideal = ideal_distinct(args.cells, B, 1024, args.seed)
     rows.append({"loader": "ideal", "layout": "global permutation", "settings": "",
-                 "distinct_stretches": round(ideal, 1)})
+                 "distinct_stretches": f"{ideal:.1f}"})
     extra = {"corpus": {"cells": args.cells, "genes": args.genes, "nnz_per_cell": args.nnz,
                         "batch_size": B, "source_bytes": disk_bytes(src)},
              "preparation_s": prep, "annbatch": ab_note or "measured",
              "load": os.getloadavg()}
     columns = ["loader", "layout", "settings", "cells_per_s", "x_annbatch", "runs",
-               "first_batch_s", "peak_rss_mib", "rss_after_import_mib", "distinct_stretches", "disk_bytes_per_cell"]
+               "cells_per_cpu_s",
+               "first_batch_s", "peak_rss_mib", "peak_anon_mib", "rss_after_import_mib",
+               "distinct_stretches",
+               "disk_bytes_per_cell"]
     if args.device.startswith("cuda"):
         columns.insert(4, "h2d_gb_per_s")
     target = f" -> {args.device}" if args.device != "cpu" else ""

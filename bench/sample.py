@@ -14,8 +14,9 @@ Implementations, side by side on the same batch:
 Cases: B in {256, 1536}; ``sc`` rows (~3,000 non-zeros, 4 datasets of 8,000-20,000 observable
 genes) and ``bulk`` rows (~20,000 non-zeros, 36,000 observable); G = 44,349; K = 2,048; with
 and without the dense target. Reported: median ms, cells/s, speed-up over the loop and eager
-(``x_loop``, ``x_eager``), peak extra memory (outputs included); on a GPU also the bytes the op
-must move and the achieved GB/s.
+(``x_loop``, ``x_eager``), peak extra memory (outputs included); on CPU also the process CPU
+time per call (all threads: ``cpu_ms``, ``cells_per_cpu_s``), which other processes' load
+disturbs far less than wall time; on a GPU the bytes the op must move and the achieved GB/s.
 
 ``--cases 256:sc,1536:bulk`` picks cases; ``--quick``: one small case (a smoke test).
 """
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -156,8 +159,16 @@ def run_case(B, kind, G, K, device, impls, reps, max_seconds, seed=0, nnz=None, 
                 def call(kw=kw, out=out):
                     return masked_sample(indptr, indices, counts, out=out, **kw)
 
+            cpu_s: list[float] = []  # process CPU time (all threads) of each call
+
+            def timed(call=call):
+                t0 = time.process_time()
+                out = call()
+                cpu_s.append(time.process_time() - t0)
+                return out
+
             slow = impl in ("loop", "eager", "torch")
-            timing = time_fn(call, device, warmup=1, reps=3 if slow else reps,
+            timing = time_fn(timed, device, warmup=1, reps=3 if slow else reps,
                              max_seconds=max_seconds)
             peak = peak_extra_mib(call, device)
             ms = timing["median_ms"]
@@ -166,6 +177,9 @@ def run_case(B, kind, G, K, device, impls, reps, max_seconds, seed=0, nnz=None, 
                    "min_ms": round(timing["min_ms"], 3), "reps": timing["reps"],
                    "cells_per_s": round(B / (ms / 1e3)),
                    "peak_extra_mib": None if peak is None else round(peak, 1)}
+            if device.type == "cpu":  # robust to other processes' load, unlike wall time
+                row["cpu_ms"] = round(1e3 * statistics.median(cpu_s[1:]), 3)
+                row["cells_per_cpu_s"] = round(B / statistics.median(cpu_s[1:]))
             if device.type == "cuda":
                 moved = bytes_moved(indptr, counts, B, G, K, return_target)
                 row["gb_per_s"] = round(moved / 1e9 / (ms / 1e3), 1)
@@ -225,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows, ("B", "kind", "G", "K", "target"), refs=("loop", "eager"))
     columns = ["B", "kind", "target", "impl", "median_ms", "cells_per_s", "x_loop", "x_eager",
                "peak_extra_mib"]
+    if device.type == "cpu":
+        columns += ["cpu_ms", "cells_per_cpu_s"]
     if device.type == "cuda":
         columns += ["gb_per_s", "pct_peak_bw"]
     emit(f"masked sampling (G={G}, K={K})", rows, columns, args, device)

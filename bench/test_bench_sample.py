@@ -40,7 +40,8 @@ def _synced(fn):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_sample(benchmark, batch, impl, return_target):
     indptr, indices, counts, obs, ds = batch
-    benchmark.group = f"masked sample B{B} K{K} G{G_FULL} {'target' if return_target else 'no target'}"
+    target = "target" if return_target else "no target"
+    benchmark.group = f"masked sample B{B} K{K} G{G_FULL} {target}"
     if impl in ("loop", "eager"):
         fn = loop_sample if impl == "loop" else eager_sample
 

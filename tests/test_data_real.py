@@ -69,9 +69,11 @@ def test_pbmc_v2_and_v3_into_one_vocabulary(shared_data, tmp_path):
     v3 = shared_data / "scrna_pbmc_1k_v3_10x_qcfiltered"
     out = tmp_path / "pbmc"
     min_cells, min_genes = 3, 200
-    m = convert([v2, v3], out, names=["pbmc_v2", "pbmc_v3"], min_cells=min_cells,
-                min_genes=min_genes, val_fraction=0.02, shard_cells=500, progress=False,
-                log=lambda s: None)
+    # these MatrixMarket files list entries gene by gene (converted from R), not cell by cell
+    with pytest.warns(UserWarning, match="not grouped by cell"):
+        m = convert([v2, v3], out, names=["pbmc_v2", "pbmc_v3"], min_cells=min_cells,
+                    min_genes=min_genes, val_fraction=0.02, shard_cells=500, progress=False,
+                    log=lambda s: None)
     m, x, obs = corpus(out)
     expected_vocab = []
     for name, folder in (("pbmc_v2", v2), ("pbmc_v3", v3)):
@@ -119,8 +121,10 @@ def test_chr21_10x_v3_and_symbol_to_id_mapping(shared_data, tmp_path):
     # and the datasets share the chr21 genes
     v3 = shared_data / "scrna_pbmc_1k_v3_10x_qcfiltered"
     out2 = tmp_path / "mixed"
-    m2 = convert([chr21, v3], out2, gene_table=shared_data / "gene_tables" / "genes_grch38_sceptre.tsv",
-                 min_cells=0, min_genes=0, val_fraction=0.0, progress=False, log=lambda s: None)
+    table = shared_data / "gene_tables" / "genes_grch38_sceptre.tsv"
+    with pytest.warns(UserWarning, match="not grouped by cell"):
+        m2 = convert([chr21, v3], out2, gene_table=table, min_cells=0, min_genes=0,
+                     val_fraction=0.0, progress=False, log=lambda s: None)
     obs_chr21 = set(m2.datasets[0].observable.tolist())
     obs_pbmc = set(m2.datasets[1].observable.tolist())
     shared = obs_chr21 & obs_pbmc

@@ -70,7 +70,7 @@ def _train(shards, run, steps=3):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Synthetic data, its shards, and a tiny model trained for a few steps."""
-    from txfm.data import convert
+    from txfm.data.convert import convert
     from txfm.data.synth import generate
 
     root = tmp_path_factory.mktemp("e2e")
@@ -110,6 +110,7 @@ def test_embed_is_deterministic_per_cell_and_reports_the_mapping(trained, capsys
     assert outs["bs64"].X.sum() == screen.X.sum()
 
 
+@pytest.mark.filterwarnings("ignore:bmdb. only 8 perturbations")
 def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
     import anndata as ad
 
@@ -145,13 +146,14 @@ def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
     assert "| X_txfm |" in printed and "| codebook |" in printed
 
 
+@pytest.mark.filterwarnings("ignore:.*entries are not grouped by cell")
 def test_pbmc_v2_embedded_by_a_model_trained_on_pbmc_v3(shared_data, tmp_path, capsys):
     """Different chemistries, different gene lists: only v2 genes in the v3 vocabulary are
     observable; the report says how many."""
     import anndata as ad
 
     from txfm.cli import main
-    from txfm.data import convert
+    from txfm.data.convert import convert
     from txfm.eval.io import read_cells
     from txfm.train import load_checkpoint
 
@@ -172,3 +174,46 @@ def test_pbmc_v2_embedded_by_a_model_trained_on_pbmc_v3(shared_data, tmp_path, c
     e3 = ad.read_h5ad(tmp_path / "v3.h5ad").obsm["X_txfm"]
     assert e2.shape == (996, 32) and e3.shape == (906, 32)
     assert np.isfinite(e2).all() and np.isfinite(e3).all()
+
+
+@pytest.mark.gpu
+def test_embed_on_cuda_matches_cpu(trained):
+    """The sampler draws the same genes on every backend, so CUDA and CPU embeddings agree
+    (fp32 on both; TF32 matmuls allowed for)."""
+    import anndata as ad
+
+    from txfm.eval.embed import embed_counts, load_model, map_input_genes
+    from txfm.eval.io import counts_matrix
+
+    root, synth = trained
+    screen = ad.read_h5ad(synth.datasets[0])
+    emb = {}
+    for device in ("cpu", "cuda"):
+        model, config, vocab, info = load_model(str(root / "run"), device)
+        match = map_input_genes(screen.var, vocab, None, info["symbols"])
+        counts, observable = remap_to_vocabulary(counts_matrix(screen), match.index, len(vocab))
+        emb[device] = embed_counts(model, counts, observable, k=config.k, device=device,
+                                   precision="fp32", progress=False)
+    np.testing.assert_allclose(emb["cuda"], emb["cpu"], atol=2e-3, rtol=2e-3)
+
+
+def test_embed_warns_on_normalised_input_and_fails_on_unmapped_genes(trained, tmp_path, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+
+    root, synth = trained
+    screen = ad.read_h5ad(synth.datasets[0])[:64].copy()
+    screen.X = screen.X.astype(np.float32)
+    screen.X.data = np.log1p(screen.X.data)
+    screen.write_h5ad(tmp_path / "logged.h5ad")
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input",
+                 str(tmp_path / "logged.h5ad"), "--out", str(tmp_path / "e.h5ad"),
+                 "--no-progress"]) == 0
+    assert "not integers" in capsys.readouterr().err
+    screen.var_names = [f"OTHER{i}" for i in range(screen.n_vars)]
+    screen.var = screen.var.drop(columns="symbol")
+    screen.write_h5ad(tmp_path / "other.h5ad")
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input",
+                 str(tmp_path / "other.h5ad"), "--out", str(tmp_path / "e.h5ad")]) == 2
+    assert "--gene-table" in capsys.readouterr().err

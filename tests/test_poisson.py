@@ -185,6 +185,23 @@ def test_half_precision_error_at_most_twice_eager(backend, shape, dtypes, reduct
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zdt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_gradient_is_the_rounded_fp32_gradient(backend, zdt):
+    """fp32 arithmetic, then one round-to-nearest-even into the logits' dtype: within half a
+    unit in the last place of the fp64 reference (plus the fp32 tolerance and, for fp16,
+    half its subnormal spacing)."""
+    z, x = _inputs(8, 5000)
+    z = z.to(zdt)
+    mask = _mask("datasets", 8, 5000)
+    loss, grad = _run(backend, z, x, mask, "mean")
+    ref_loss, ref_grad, loss_tol, grad_tol = expected(z, x, mask, "mean")
+    assert grad.dtype == zdt and abs(loss.double() - ref_loss) <= loss_tol
+    half_ulp = 2.0 ** -8 if zdt == torch.bfloat16 else 2.0 ** -11
+    floor = 2.0 ** -25 if zdt == torch.float16 else 0.0
+    assert torch.all((grad.double() - ref_grad).abs() <= half_ulp * ref_grad.abs() + grad_tol + floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits_are_finite_and_zero_grad_below_zero(backend):
     vals = torch.tensor([-1e4, -30.0, -1e-30, -0.0, 0.0, 1e-30, 1e-6, 1e-3, 0.5, 2.0, 30.0, 400.0,
                          1e4, 3e38, -3e38])

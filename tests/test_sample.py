@@ -221,7 +221,8 @@ def test_seeds_offsets_and_rows_key_the_draw(backend):
     batch = make_batch(3, G, (10, 20), seed=6)
     base = run(batch, backend, n_genes=G, k=k, seed=1, offset=0).gene_ids
     assert torch.equal(base, run(batch, backend, n_genes=G, k=k, seed=1, offset=0).gene_ids)
-    for kw in ({"seed": 2, "offset": 0}, {"seed": 1, "offset": 1}, {"seed": 1 + 2**32, "offset": 0}):
+    for kw in ({"seed": 2, "offset": 0}, {"seed": 1, "offset": 1},
+               {"seed": 1 + 2**32, "offset": 0}):
         other = run(batch, backend, n_genes=G, k=k, **kw).gene_ids
         assert (other != base).float().mean() > 0.9, kw
     assert (base[0] != base[1]).float().mean() > 0.9  # rows differ
@@ -416,15 +417,18 @@ BAD_DATA = [
     (r"indptr\[0\] must be 0", lambda p, i, c: (torch.tensor([1, 2, 3]), i, c)),
     (r"indptr must be non-decreasing, but indptr\[2\] < indptr\[1\]",
      lambda p, i, c: (torch.tensor([0, 3, 2, 3]), i, c)),
-    (r"indptr\[-1\] must equal nnz = indices.numel\(\) = 3", lambda p, i, c: (torch.tensor([0, 2, 2]), i, c)),
-    (r"indices must lie in \[0, n_genes=6\); row 1", lambda p, i, c: (p, i.new_tensor([1, 4, 6]), c)),
+    (r"indptr\[-1\] must equal nnz = indices.numel\(\) = 3",
+     lambda p, i, c: (torch.tensor([0, 2, 2]), i, c)),
+    (r"indices must lie in \[0, n_genes=6\); row 1",
+     lambda p, i, c: (p, i.new_tensor([1, 4, 6]), c)),
     ("indices must lie in.*row 0", lambda p, i, c: (p, i.new_tensor([-1, 4, 0]), c)),
     ("strictly increasing.*row 0 is not", lambda p, i, c: (p, i.new_tensor([4, 1, 0]), c)),
     ("strictly increasing.*row 0", lambda p, i, c: (p, i.new_tensor([4, 4, 0]), c)),
     ("counts must be finite and >= 0; row 1", lambda p, i, c: (p, i, c.new_tensor([1, 1, -2]))),
     ("counts must be finite.*row 0", lambda p, i, c: (p, i, c.new_tensor([float("nan"), 1, 1]))),
     ("counts must be finite.*row 0", lambda p, i, c: (p, i, c.new_tensor([float("inf"), 1, 1]))),
-    ("counts must be finite.*row 1", lambda p, i, c: (p, i, torch.tensor([1, 2, -3], dtype=torch.int32))),
+    ("counts must be finite.*row 1",
+     lambda p, i, c: (p, i, torch.tensor([1, 2, -3], dtype=torch.int32))),
 ]
 
 

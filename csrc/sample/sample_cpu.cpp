@@ -6,6 +6,7 @@
 // branch-free; gather their values from the scratch row; zero the scratch row again.
 // Memory traffic per row: nnz * (4 + sizeof(count)) read, G * 4 written (target), K * 9 written.
 #include <omp.h>
+#include <sys/mman.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -89,6 +90,22 @@ void log1p_inplace(float* x, int64_t len) {
   for (int64_t i = 0; i < len; ++i) x[i] = log1p_nonneg(x[i]);
 }
 
+// A fresh target is mostly first-touch page faults (~25 ms of CPU for 45 MB of 4 KiB pages on
+// the 2-core VM, more than the rest of the op); transparent huge pages on its 2 MiB-aligned
+// interior cut the faults 512-fold where THP is in "madvise" mode. Advice only.
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (p == nullptr || bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // dst[0:n] = src[0:n] with non-temporal stores (dst is written once and not read back soon).
 void stream_copy(float* dst, const float* src, int64_t n) {
 #if defined(__SSE2__)
@@ -146,6 +163,7 @@ int run(const Args& a, int64_t* bad_row) {
   int bad_code = TXFM_OK;
   const int64_t K = a.K;
 
+  if (a.target) advise_huge_pages(a.target, a.B * a.G * int64_t(sizeof(float)));
   // Waking a second thread costs a scheduler quantum on a busy machine: small calls run serial.
   const int64_t work = a.nnz + 4 * a.B * std::min(K, a.G) + (a.target ? a.B * a.G / 8 : 0);
 #pragma omp parallel if (work > (int64_t(1) << 19))
@@ -193,7 +211,7 @@ int run(const Args& a, int64_t* bad_row) {
       uint32_t n_obs = static_cast<uint32_t>(a.G);
       const int32_t* genes = nullptr;
       if (a.obs_indptr) {
-        ds = std::min<int64_t>(std::max<int64_t>(ds, 0), a.n_datasets - 1);  // memory-safe if unvalidated
+        ds = std::min<int64_t>(std::max<int64_t>(ds, 0), a.n_datasets - 1);  // if unvalidated
         n_obs = static_cast<uint32_t>(a.obs_indptr[ds + 1] - a.obs_indptr[ds]);
         genes = a.obs_genes + a.obs_indptr[ds];
       }

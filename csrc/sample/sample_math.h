@@ -3,8 +3,9 @@
 // txfm_kernels/sample.py. Change one, change all four: tests check they agree bit for bit.
 //
 // Uniform draw of K of a row's n observable genes without replacement:
-//   * a keyed bijection P of [0, 2^m) with 2^m >= max(n, 1024) (an alternating unbalanced Feistel network,
-//     kRounds rounds, round function = a 32-bit avalanche hash of (right half ^ round key));
+//   * a keyed bijection P of [0, 2^m) with 2^m >= max(n, 1024): an alternating unbalanced
+//     Feistel network, kRounds rounds, round function = a 32-bit avalanche hash of
+//     (right half ^ round key);
 //   * the draw is the first min(K, n) values of P(0), P(1), P(2), ... that are < n, i.e. P
 //     restricted to [0, n) in order ("filtering", the streaming form of cycle-walking). Every
 //     value < n occurs exactly once among P(0..2^m-1), so the ids are distinct, and at most

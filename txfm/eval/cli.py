@@ -165,6 +165,7 @@ def _table(path):
 # ----------------------------------------------------------------------------- embed / genes
 
 def cmd_embed(args) -> int:
+    import numpy as np
 
     from .embed import (
         embed_counts,
@@ -183,8 +184,15 @@ def cmd_embed(args) -> int:
     model, config, vocab, info = load_model(args.checkpoint, device)
     match = map_input_genes(adata.var, vocab, _table(args.gene_table), info.get("symbols"))
     print(f"{args.input}: {adata.n_obs:,} cells; {match.summary(len(vocab))}")
+    raw = counts_matrix(adata)
+    head = raw.data[:100_000]
+    if head.size and (head < 0).any():
+        return _fail(f"{args.input}: negative values in the counts; pass raw counts (--layer)")
+    if head.size and not np.all(head == np.round(head)):
+        print("warning: the counts are not integers: the model expects raw counts (normalised "
+              "data in .X? pass --layer counts or --layer raw)", file=sys.stderr)
     try:
-        counts, observable = remap_to_vocabulary(counts_matrix(adata), match.index, len(vocab))
+        counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
     except ValueError as err:
         return _fail(str(err))
     k = args.k or int(config.k)
@@ -251,15 +259,18 @@ def _recall_summary(table):
     import pandas as pd
 
     prim = table[table.primary]
+    single_db = prim.database.nunique() == 2  # one database + "combined" (the same pairs)
     rows = []
     for name, g in prim.groupby("representation", sort=False):
         row = {"representation": name, "genes": int(g.n_genes.iloc[0]),
                "PCs": int(g.n_components.iloc[0])}
         for _, r in g.iterrows():
+            if single_db and r.database == "combined":
+                continue
             row[r.database] = (f"{100 * r.recall_5_95_mean:.1f} ± {100 * r.recall_5_95_std:.1f}"
                                if r.n_pairs else "–")
         comb = g[g.database == "combined"].iloc[0]
-        row["combined 10/90"] = f"{100 * comb.recall_10_90_mean:.1f} ± " \
+        row["10/90 combined"] = f"{100 * comb.recall_10_90_mean:.1f} ± " \
                                 f"{100 * comb.recall_10_90_std:.1f}"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -384,6 +395,14 @@ def cmd_perturbation(args) -> int:
     if bad or not post or not metrics:
         return _fail(f"unknown or empty --postprocess/--metrics {bad}; choose from "
                      f"{POSTPROCESSING} and {METRICS}")
+    unlabelled = adata.obs[args.perturbation_key].isna().to_numpy()
+    if args.batch_key:
+        unlabelled |= adata.obs[args.batch_key].isna().to_numpy()
+    if unlabelled.any():
+        print(f"leaving out {int(unlabelled.sum()):,} cells without a perturbation/batch label")
+        adata = adata[~unlabelled].copy()
+    if adata.n_obs == 0:
+        return _fail(f"{args.embeddings}: no cells to evaluate")
     if args.max_cells and adata.n_obs > args.max_cells:
         rows = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.max_cells,
                                                                 replace=False))

@@ -231,8 +231,8 @@ def _null_loo_cosine(pool: np.ndarray, idx: np.ndarray, chunk_elems: int = 1 << 
 # ----------------------------------------------------------------------------- lin / knn
 
 def _folds(labels: Labels, keep: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train rows, test rows) pairs: leave one batch out; without batches one stratified
-    80/20 split."""
+    """(train rows, test rows) pairs: leave one batch out; without batches one random 80/20
+    split (seeded)."""
     if labels.batch is not None and labels.n_batches >= 2:
         return [(np.flatnonzero(keep & (labels.batch != b)),
                  np.flatnonzero(keep & (labels.batch == b))) for b in range(labels.n_batches)]
@@ -296,14 +296,18 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
 
     keep = np.ones(len(labels.pert), bool) if include_control else labels.pert != labels.control
     n_classes = len(labels.pert_names)
+    # Cosine neighbours = Euclidean neighbours of unit vectors (cos = 1 - d^2 / 2), which
+    # scikit-learn finds with a float32 GEMM: ~4x faster than its metric="cosine" path.
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
     hit1 = hit5 = total = 0
     for ref, query in _folds(labels, keep, seed):
         if len(ref) == 0 or len(query) == 0:
             continue
         kk = min(k, len(ref))
-        nn = NearestNeighbors(n_neighbors=kk, metric="cosine", algorithm="brute").fit(x[ref])
-        dist, idx = nn.kneighbors(x[query])
-        w = np.exp((1.0 - dist) / temperature)
+        nn = NearestNeighbors(n_neighbors=kk, metric="euclidean", algorithm="brute")
+        dist, idx = nn.fit(unit[ref]).kneighbors(unit[query])
+        w = np.exp((1.0 - dist.astype(np.float64) ** 2 / 2.0) / temperature)
         flat = (np.arange(len(query))[:, None] * n_classes + labels.pert[ref][idx]).ravel()
         scores = np.bincount(flat, weights=w.ravel(), minlength=len(query) * n_classes) \
             .reshape(len(query), n_classes)

@@ -73,11 +73,6 @@ class Database:
             return f"{len(self.pairs):,} pairs"
         return f"{len(self.sets):,} gene sets"
 
-    def genes(self) -> set[str]:
-        if self.pairs is not None:
-            return set(self.pairs.entity1) | set(self.pairs.entity2)
-        return set().union(*[set(s) for s in self.sets]) if self.sets else set()
-
     def index_pairs(self, genes: pd.Index) -> np.ndarray:
         """``[P, 2]`` int64 pairs ``(i, j)``, ``i < j``, of positions in ``genes`` (unique
         names); only pairs whose two genes are both present, each once."""

@@ -66,7 +66,7 @@ class TxFMConfig:
     library_size: float = 1e5
     include_unobserved: bool = False  # SPEC §4 option: unprofiled genes count as zeros
     use_fused_ops: bool = True
-    attention: str = "auto"  # auto: flash-attn if installed (CUDA, bf16/fp16, no padding), else SDPA
+    attention: str = "auto"  # auto: FlashAttention-3 on Hopper if installed, else SDPA; see encoder.py
     extra: dict = field(default_factory=dict)  # free-form notes kept in checkpoints
 
     def __post_init__(self):

@@ -13,10 +13,17 @@ Only the CLS output is used, so the **last block runs its queries, output projec
 on the CLS token alone** (keys and values still come from all N tokens): the same result,
 about ``20 / 24`` of a block's matrix FLOPs saved (~7% of TxFM-B's encoder).
 
-Attention runs on ``F.scaled_dot_product_attention`` (flash / memory-efficient / cuDNN
-kernels on GPU), or on flash-attn's ``flash_attn_func`` when it is installed, the tensors are
-CUDA bf16/fp16 and there is no padding mask (``config.attention``: ``auto``, ``sdpa``,
-``flash`` or ``math`` = plain matmul + softmax, the reference).
+Attention (``config.attention``):
+
+* ``auto`` (default): FlashAttention-3 (``flash_attn_interface``, the Hopper build of
+  flash-attn) when it is installed, the GPU is a Hopper, the tensors are bf16/fp16 and no row
+  is padded; otherwise ``F.scaled_dot_product_attention``, which picks its fastest kernel
+  itself (cuDNN on H100: 293 TFLOP/s fwd+bwd at head dim 64, vs 184 for FlashAttention-2,
+  measured in ``bench/RESULTS.md``; so FlashAttention-2 is *not* preferred automatically).
+* ``sdpa``: always ``F.scaled_dot_product_attention``.
+* ``flash``: flash-attn's ``flash_attn_func`` (FA3 if installed, else FA2; error if neither),
+  for unpadded bf16/fp16 CUDA batches; SDPA otherwise.
+* ``math``: plain matmul + softmax in fp32, the reference.
 
 Stochastic depth takes its per-sample keep decisions from ``drop_keep [depth, B]`` bool when
 given (the trainer derives it from ``(seed, step)`` so that runs are reproducible across
@@ -31,14 +38,30 @@ from torch import nn
 from . import reference as ref
 from .config import TxFMConfig
 
-try:  # optional: pip install flash-attn (a CUDA build); SDPA otherwise
-    from flash_attn import flash_attn_func as _flash_attn_func
+try:  # optional: FlashAttention-3, the Hopper build of flash-attn (hopper/ in its repo)
+    from flash_attn_interface import flash_attn_func as _fa3_func
 except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA build
-    _flash_attn_func = None
+    _fa3_func = None
+try:  # optional: pip install flash-attn (FlashAttention-2, a CUDA build)
+    from flash_attn import flash_attn_func as _fa2_func
+except Exception:  # noqa: BLE001
+    _fa2_func = None
 
 
-def flash_attn_available() -> bool:
-    return _flash_attn_func is not None
+def flash_attn_available() -> dict[str, bool]:
+    """Which optional flash-attn builds import here: ``{"fa3": ..., "fa2": ...}``."""
+    return {"fa3": _fa3_func is not None, "fa2": _fa2_func is not None}
+
+
+def _flash_fn(backend: str, q: torch.Tensor):
+    """The flash-attn function to use for ``q`` under ``backend``, or None for SDPA."""
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return None
+    if backend == "auto":
+        if _fa3_func is None or torch.cuda.get_device_capability(q.device)[0] != 9:
+            return None
+        return _fa3_func
+    return _fa3_func or _fa2_func
 
 
 def _make_tokenizer(n_genes: int, dim: int) -> nn.Module:
@@ -82,13 +105,13 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             return (scores.softmax(-1) @ v.float()).to(q.dtype)
-        use_flash = (self.backend in ("auto", "flash") and _flash_attn_func is not None
-                     and mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))
-        if self.backend == "flash" and not use_flash and _flash_attn_func is None:
+        if self.backend == "flash" and _fa3_func is None and _fa2_func is None:
             raise RuntimeError("attention='flash' needs flash-attn: pip install flash-attn "
                                "(a CUDA build), or use attention='auto'")
-        if use_flash:
-            out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        fn = _flash_fn(self.backend, q) if self.backend in ("auto", "flash") and mask is None else None
+        if fn is not None:  # flash-attn takes [B, N, h, hd]
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out[0] if isinstance(out, tuple) else out  # some FA3 versions add the LSE
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

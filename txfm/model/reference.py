@@ -18,10 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-try:  # the fused op's structures when present, so both paths hand the model the same type
-    from txfm_kernels.masks import ObservableGenes, RowGeneMask
-except ImportError:  # pragma: no cover - txfm_kernels is part of this package
-    ObservableGenes = RowGeneMask = None
+from txfm_kernels.masks import RowGeneMask  # the compact mask both sampler paths return
 
 
 def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor, *,
@@ -117,7 +114,7 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         if dataset_ids is None:
             raise ValueError("masked_sample: observable needs dataset_ids [B]")
         obs = observable.mask[dataset_ids.long()]
-        gene_mask = RowGeneMask(observable.mask, dataset_ids) if RowGeneMask else obs
+        gene_mask = RowGeneMask(observable.mask, dataset_ids)
     else:
         obs = torch.ones(b, n_genes, dtype=torch.bool, device=device)
         gene_mask = None

@@ -119,9 +119,8 @@ def build_configs(args):
         changes["steps"] = None
     if args.grad_clip == 0:
         changes["grad_clip"] = None
-    for flag, field in (("compile", "compile"),):
-        if getattr(args, flag):
-            changes[field] = True
+    if args.compile:
+        changes["compile"] = True
     if args.no_progress:
         changes["progress"] = False
     if args.no_plot:

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 RECIPES = {
-    "tiny": dict(batch_size=32, steps=600, epochs=None, ckpt_every=200, val_every=100,
+    "tiny": dict(batch_size=32, steps=600, epochs=None, ckpt_every=200, val_every=50,
                  log_every=10),
     "S": dict(batch_size=1536, epochs=200.0),
     "B": dict(batch_size=1536, epochs=200.0),

@@ -17,16 +17,23 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
     rows = read_metrics(metrics_csv)
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.2, ms=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over observable genes)")
-    ax.set_title(title or pathlib.Path(metrics_csv).parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    last = max([s for s, _ in train + val], default=1)
+    # Right panel: the run after its first 10% (the warm-up), where the early drop no longer
+    # hides the slower progress on the y scale.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for ax, start in zip(axes, (0, 0.1 * last)):
+        t = [(s, v) for s, v in train if s >= start]
+        v = [(s, x) for s, x in val if s >= start]
+        if t:
+            ax.plot(*zip(*t), label="train", lw=1.2)
+        if v:
+            ax.plot(*zip(*v), "o-", label="validation", lw=1.2, ms=4)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("loss (mean over observable genes)")
+    axes[0].set_title(title or pathlib.Path(metrics_csv).parent.name)
+    axes[1].set_title("after warm-up (zoomed)")
     fig.tight_layout()
     out_png = pathlib.Path(out_png)
     fig.savefig(out_png)

@@ -187,7 +187,7 @@ class Trainer:
             1, math.ceil(cfg.epochs * steps_per_epoch))
         self.weight_decay = (cfg.weight_decay if cfg.weight_decay is not None
                              else 1.0 / (cfg.lr * self.total_steps))
-        self.optimizer = _adamw(self.model, cfg, self.weight_decay, self.is_cuda)
+        self.optimizer = _adamw(self.model, cfg, self.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=cfg.lr, total_steps=self.total_steps, pct_start=cfg.warmup,
             anneal_strategy="cos", cycle_momentum=False)
@@ -210,10 +210,11 @@ class Trainer:
             self.loader.set_epoch(0)
 
         net = self.model
-        if cfg.compile:
-            net = torch.compile(net)
+        self.ddp = None
         if self.dist.enabled:
-            net = DDP(net, device_ids=[self.device.index] if self.is_cuda else None)
+            net = self.ddp = DDP(net, device_ids=[self.device.index] if self.is_cuda else None)
+        if cfg.compile:  # after DDP, so that dynamo splits graphs at DDP's bucket boundaries
+            net = torch.compile(net)
         self.net = net
 
     # -- helpers ----------------------------------------------------------------------------
@@ -270,8 +271,8 @@ class Trainer:
             sample = self._sample(dev, cfg.seed, offset)
             pad = sample.pad_mask if self._needs_pad(cpu) else None
             keep = self._drop_keep(offset, len(cpu))
-            sync = micro == len(batches) - 1 or not isinstance(self.net, DDP)
-            with (contextlib.nullcontext() if sync else self.net.no_sync()):
+            sync = micro == len(batches) - 1 or self.ddp is None
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 with self._autocast():
                     loss = self.net(sample, pad_mask=pad, drop_keep=keep)
                 (loss / cfg.accum).backward()
@@ -460,15 +461,15 @@ def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
 
 
 # ------------------------------------------------------------------------------------------------
-def _adamw(model: torch.nn.Module, cfg: TrainConfig, weight_decay: float, cuda: bool):
-    """AdamW; weight decay on matrices only **(our choice)**: biases, norms, LayerScale, CLS and
-    the per-gene NB/ZINB parameters (all 1-D) are not decayed."""
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, weight_decay: float):
+    """Fused AdamW (one kernel for all parameters, CUDA and CPU); weight decay on matrices only
+    **(our choice)**: biases, norms, LayerScale, CLS and per-gene NB/ZINB parameters (1-D) are
+    not decayed."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": other, "weight_decay": 0.0}]
-    extra = {"fused": True}  # one kernel for all parameters (CUDA and CPU)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 def _mix(*parts: int) -> int:

@@ -1,0 +1,161 @@
+"""``txfm data synth|convert|info|demo``. Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    data = subparsers.add_parser("data", help="synthetic data, conversion to Zarr shards, info",
+                                 description="Make, convert and inspect training data.")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    p = sub.add_parser(
+        "synth", formatter_class=fmt, help="write synthetic raw counts with known ground truth",
+        description="Negative-binomial counts with gene programs, cell types, CRISPRi-like "
+                    "perturbations, batches and optional bulk samples: one .h5ad per dataset "
+                    "(screen, atlas[, bulk]) plus truth/ (gene programs, relationship pairs in "
+                    "the EFAAR entity1,entity2 format, perturbation effects).")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cells", type=int, default=20_000, help="single cells (screen + atlas)")
+    p.add_argument("--genes", type=int, default=3_000, help="genes in the universe")
+    p.add_argument("--perturbations", type=int, default=50, help="CRISPRi target genes")
+    p.add_argument("--batches", type=int, default=3, help="batches per single-cell dataset")
+    p.add_argument("--bulk", type=int, default=0, help="bulk samples (0: no bulk dataset)")
+    p.add_argument("--programs", type=int, default=None, help="gene programs (default genes/75)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "convert", formatter_class=fmt,
+        help="convert .h5ad / 10x inputs into shuffled Zarr v3 CSR shards",
+        description="Each INPUT (.h5ad, 10x matrix folder, or 10x .h5) is one dataset. Genes are "
+                    "keyed by Ensembl id where present, else symbol, and merged into one "
+                    "vocabulary (or mapped onto --vocab). Single-cell datasets are filtered "
+                    "(genes in >= --min-cells cells, then cells with >= --min-genes genes). Cells "
+                    "of all inputs are shuffled across the corpus (seeded) and written as "
+                    "anndata-on-zarr-v3 shards that anndata.read_zarr and annbatch read. "
+                    "Interrupted? Run the same command again: finished shards are kept.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, help="output shards folder")
+    p.add_argument("--vocab", default=None, help="existing vocabulary TSV (gene_id[, symbol]); "
+                                                 "genes outside it are reported and dropped")
+    p.add_argument("--gene-key", default="auto", choices=["auto", "id", "symbol"],
+                   help="gene identity: Ensembl id where present else symbol (auto), ids only, "
+                        "or symbols")
+    p.add_argument("--gene-table", default=None,
+                   help="Ensembl id <-> symbol table to give symbol-only inputs ids (e.g. "
+                        "shared/data/gene_tables/genes_grch38_sceptre.tsv)")
+    p.add_argument("--names", default=None, help="comma-separated dataset names, one per input "
+                                                 "(default: file/folder names)")
+    p.add_argument("--bulk-input", action="append", default=[], metavar="NAME_OR_PATH",
+                   help="mark an input as bulk (not filtered); repeatable. .h5ad files with "
+                        "uns['modality'] == 'bulk' are bulk already")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--layer", default=None,
+                     help="read counts from .layers[LAYER] of .h5ad inputs")
+    src.add_argument("--raw", action="store_true", help="read counts from .raw of .h5ad inputs")
+    p.add_argument("--min-cells", type=int, default=1000,
+                   help="single-cell: keep genes expressed in >= this many cells (paper: 1,000)")
+    p.add_argument("--min-genes", type=int, default=2000,
+                   help="single-cell: keep cells expressing >= this many genes (paper: 2,000)")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept non-integer counts (TPM-like bulk data); stored as float32")
+    p.add_argument("--feature-types", default="Gene Expression",
+                   help="10x feature types to keep (comma-separated; empty = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus-wide shuffle")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of cells held out as validation shards")
+    p.add_argument("--shard-cells", type=int, default=None,
+                   help="cells per shard (default: from --shard-mb)")
+    p.add_argument("--shard-mb", type=float, default=256.0,
+                   help="target uncompressed MiB of counts + indices per shard")
+    p.add_argument("--codec", default="none", choices=["none", "lz4", "zstd"],
+                   help="inner-chunk compression (none reads fastest; see the README)")
+    p.add_argument("--counts-dtype", default="auto",
+                   choices=["auto", "uint16", "uint32", "float32"],
+                   help="stored count dtype (auto: uint16 if all counts fit, else uint32/float32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing conversion made with other inputs/options")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="summarise a shards folder",
+                       description="Print the manifest summary of a shards folder.")
+    p.add_argument("shards")
+    p.add_argument("--json", action="store_true", help="print the whole manifest.json")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", formatter_class=fmt,
+                       help="make the synthetic demo shards used by plain `txfm train`",
+                       description="Generate and convert the default synthetic data (skipped "
+                                   "when already complete).")
+    p.add_argument("--root", default="txfm-demo")
+    p.set_defaults(func=cmd_demo)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_synth(args) -> int:
+    from .synth import generate
+
+    try:
+        r = generate(args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
+                     batches=args.batches, bulk=args.bulk, programs=args.programs, seed=args.seed)
+    except ValueError as err:
+        return _fail(str(err))
+    print("wrote " + ", ".join(str(p) for p in r.datasets))
+    print(f"ground truth in {r.truth_dir}: {r.programs.name}, {r.relationships.name}, "
+          f"{r.perturbations.name}, {r.params.name}")
+    print(f"next: txfm data convert {' '.join(str(p) for p in r.datasets)} --out SHARDS "
+          f"--min-cells 20 --min-genes 100")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    from .readers import InputError
+
+    names = args.names.split(",") if args.names else None
+    types = tuple(t for t in args.feature_types.split(",") if t)
+    try:
+        m = convert(args.inputs, args.out, vocab=args.vocab, gene_key=args.gene_key,
+                    gene_table=args.gene_table, names=names, bulk=args.bulk_input,
+                    layer=args.layer, use_raw=args.raw, min_cells=args.min_cells,
+                    min_genes=args.min_genes, allow_non_integer=args.allow_non_integer,
+                    feature_types=types, seed=args.seed, val_fraction=args.val_fraction,
+                    shard_cells=args.shard_cells, shard_mb=args.shard_mb, codec=args.codec,
+                    counts_dtype=args.counts_dtype, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    except (InputError, FileExistsError, ValueError) as err:
+        return _fail(str(err))
+    print(f"wrote {m.root}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from .manifest import Manifest
+
+    try:
+        m = Manifest.load(args.shards)
+    except (FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+    if args.json:
+        print(json.dumps(m.raw, indent=1))
+    else:
+        print(m.summary())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import ensure_demo
+
+    d = ensure_demo(args.root, progress=True, log=lambda s: print(s, file=sys.stderr))
+    print(f"demo shards: {d.shards}\nsynthetic inputs: {d.raw}\nground truth: {d.truth}")
+    return 0
