@@ -37,6 +37,24 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def select_impls(impls, wanted: str | None):
+    """Keep the implementations named in ``--impls`` (comma-separated); list or dict in, same out."""
+    if not wanted:
+        return impls
+    names = wanted.split(",")
+    unknown = [w for w in names if w not in impls]
+    if unknown:
+        raise SystemExit(f"--impls: {unknown} not available here; choose from {list(impls)}")
+    if isinstance(impls, dict):
+        return {k: v for k, v in impls.items() if k in names}
+    return [i for i in impls if i in names]
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+
+
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,7 +20,7 @@ BENCHES = {
     "poisson": [],
     "tokens": [],
     "sample": [],
-    "train": ["--preset", "S,B"],
+    "train": ["--preset", "S", "--preset", "B"],
 }
 
 

@@ -26,7 +26,7 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, compile_fn, emit, gpu_peak_bandwidth_gbs,
+from bench.common import (add_common_args, add_ratios, check_device, select_impls, compile_fn, emit, gpu_peak_bandwidth_gbs,
                           peak_extra_mib, sync, time_fn)
 
 G_FULL = 44_349
@@ -125,15 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
-    impls = implementations(device)
-    if args.impls:
-        wanted = args.impls.split(",")
-        unknown = [w for w in wanted if w not in impls]
-        if unknown:
-            raise SystemExit(f"--impls: {unknown} not available here; choose from {impls}")
-        impls = [i for i in impls if i in wanted]
+    check_device(device)
+    impls = select_impls(implementations(device), args.impls)
     dtypes = (args.dtype or ("fp32" if args.quick else "fp32,bf16")).split(",")
     if any(d not in DTYPES for d in dtypes):
         raise SystemExit(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import (add_common_args, add_ratios, emit, gpu_peak_bandwidth_gbs,
+from bench.common import (add_common_args, add_ratios, check_device, select_impls, emit, gpu_peak_bandwidth_gbs,
                           peak_extra_mib, sync, time_fn)
 
 G_FULL = 44_349
@@ -217,15 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
-    impls = implementations(device)
-    if args.impls:
-        wanted = args.impls.split(",")
-        unknown = [w for w in wanted if w not in impls]
-        if unknown:
-            raise SystemExit(f"--impls: {unknown} not available here; choose from {impls}")
-        impls = [i for i in impls if i in wanted]
+    check_device(device)
+    impls = select_impls(implementations(device), args.impls)
     extra = {}
     if args.quick:
         cases, G, K, reps, max_s = [(16, "sc")], 5000, 256, args.reps or 2, 2.0

@@ -1,13 +1,12 @@
 """TxFM model: presets and parameter counts, fused vs eager ops, attention, ablation switches."""
 import copy
-import importlib.util
 
 import pytest
 import torch
 
 from txfm.model import PRESETS, TxFM, TxFMConfig, preset
-from txfm.model import reference as ref
 from txfm_kernels.masks import ObservableGenes
+from txfm_kernels.sample import masked_sample
 
 G = 300
 
@@ -21,12 +20,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _fused_ops_present() -> bool:
-    return all(importlib.util.find_spec(f"txfm_kernels.{m}") for m in ("tokens", "poisson"))
 
 
 def _batch(b=6, g=G, k=32, seed=0, n_datasets=2, small_dataset=None):
-    """A MaskedSample from the eager reference sampler on random CSR rows."""
+    """A MaskedSample from the eager (torch backend) sampler on random CSR rows."""
     gen = torch.Generator().manual_seed(seed)
     nnz = torch.randint(5, g // 3, (b,), generator=gen)
     indptr = torch.zeros(b + 1, dtype=torch.int64)
@@ -40,8 +37,8 @@ def _batch(b=6, g=G, k=32, seed=0, n_datasets=2, small_dataset=None):
         mask[1, :small_dataset] = True
     obs = ObservableGenes.from_mask(mask)
     ds = torch.arange(b) % n_datasets
-    return ref.masked_sample(indptr, idx, counts, n_genes=g, k=k, observable=obs,
-                             dataset_ids=ds, seed=seed)
+    return masked_sample(indptr, idx, counts, n_genes=g, k=k, observable=obs, dataset_ids=ds,
+                         seed=seed, backend="torch")
 
 
 def _tiny(**over):
@@ -83,7 +80,6 @@ def test_preset_lookup_and_overrides():
 
 
 # -- fused vs eager --------------------------------------------------------------------------------
-@pytest.mark.skipif(not _fused_ops_present(), reason="txfm_kernels.tokens / poisson not built yet")
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_and_eager_paths_give_same_loss_and_grads(padded):
     torch.manual_seed(0)
@@ -264,7 +260,6 @@ def test_forward_accepts_tensors_and_rejects_missing_target():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _fused_ops_present(), reason="txfm_kernels.tokens / poisson not built yet")
 def test_gpu_bf16_fused_matches_eager():
     torch.manual_seed(0)
     s = _batch(b=16, k=64, small_dataset=30)

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _native
+from . import _native, _pool
 from .backends import BACKENDS, resolve_backend
 from .masks import RowGeneMask
 
@@ -319,7 +319,7 @@ def _launch_cpu(z, x, mode, full, alpha, beta, eps, mask, mask_stride, ids, row_
                 elementwise, need_grad):
     B, G = z.shape
     cdt = _compute_dtype(z)
-    grad = torch.empty_like(z) if need_grad else None
+    grad = _pool.cpu_empty((B, G), z.dtype) if need_grad else None
     elem = torch.empty((B, G), dtype=cdt) if elementwise else None
     loss_out = torch.empty((), dtype=cdt)
     status = _cpu_fn()(*_native_args(z, x, mode, full, alpha, beta, eps, mask, mask_stride, ids,

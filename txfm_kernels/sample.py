@@ -72,7 +72,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _native
+from . import _native, _pool
 from .backends import resolve_backend
 from .masks import ObservableGenes, RowGeneMask
 
@@ -625,7 +625,9 @@ def _new_outputs(B: int, k: int, n_genes: int, return_target: bool, device):
     return (torch.empty(B, k, dtype=torch.int32, device=device),
             torch.empty(B, k, dtype=torch.float32, device=device),
             torch.empty(B, k, dtype=torch.bool, device=device),
-            torch.empty(B, n_genes if return_target else 0, dtype=torch.float32, device=device),
+            (_pool.cpu_empty((B, n_genes), torch.float32) if return_target and
+             torch.device(device).type == "cpu" else
+             torch.empty(B, n_genes if return_target else 0, dtype=torch.float32, device=device)),
             torch.empty(B, dtype=torch.float32, device=device))
 
 

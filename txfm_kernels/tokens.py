@@ -53,7 +53,7 @@ import os
 import torch
 from torch import nn
 
-from . import _native
+from . import _native, _pool
 from .backends import BACKENDS, resolve_backend
 
 try:  # Triton is optional: the other backends work without it
@@ -242,7 +242,7 @@ def _cpu_fns():
 
 def _forward_cpu(codebook, gene_ids, values, cls, pad_mask):
     B, K, V, D1, c = _sizes(codebook, gene_ids, cls)
-    out = codebook.new_empty(B, K + c, D1 + 1)
+    out = _pool.cpu_empty((B, K + c, D1 + 1), codebook.dtype)  # see _pool: page faults
     fwd, _ = _cpu_fns()
     status = fwd(_native.ptr(codebook), _native.ptr(gene_ids), gene_ids.element_size(),
                  _native.ptr(values), _native.ptr(cls), _native.ptr(pad_mask), _native.ptr(out),
@@ -256,7 +256,7 @@ def _forward_cpu(codebook, gene_ids, values, cls, pad_mask):
 def _backward_cpu(grad, gene_ids, pad_mask, V, c, deterministic):
     B, K = gene_ids.shape
     D1 = grad.shape[-1] - 1
-    gc = grad.new_empty(V, D1)
+    gc = _pool.cpu_empty((V, D1), grad.dtype)
     gv = grad.new_empty(B, K)
     _, bwd = _cpu_fns()
     status = bwd(_native.ptr(grad), _native.ptr(gene_ids), gene_ids.element_size(),

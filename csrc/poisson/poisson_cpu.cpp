@@ -9,12 +9,12 @@
 // instead of adding a branch (or a template parameter) to the loop, and the loss is summed
 // from the per-element values of each 512-element block while they are still in L1.
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "common/txfm_common.h"
+#include "common/txfm_memory.h"
 #include "poisson/poisson_math.h"
 
 namespace {
@@ -156,22 +156,6 @@ ItemFn pick(int mode, bool full, int zt, int xt) {
   return nullptr;
 }
 
-// Large fresh output buffers are mostly page faults on first touch (~1 us per 4 KiB page,
-// more than the arithmetic); asking for transparent huge pages before the first write cuts
-// that ~5x where THP is in "madvise" mode. Advisory only: failures are ignored.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (p == nullptr || bytes < int64_t(4 * kHuge)) return;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 int dtype_size(int dt) { return dt == DT_F32 ? 4 : dt == DT_F64 ? 8 : 2; }
 
 }  // namespace
@@ -206,8 +190,8 @@ TXFM_API int txfm_poisson_fwd(const void* z, int z_dtype, const void* x, int x_d
   std::vector<double> partials(size_t(n_items), 0.0);
   Job j{z, x, B, G, mask, mask_stride, ids, row_scale, scale, grad, loss_elem, partials.data(),
         n_tiles, alpha, beta, eps};
-  advise_huge_pages(grad, B * G * dtype_size(z_dtype));
-  advise_huge_pages(loss_elem, B * G * (z_dtype == DT_F64 ? 8 : 4));
+  txfm::advise_huge_pages(grad, B * G * dtype_size(z_dtype));
+  txfm::advise_huge_pages(loss_elem, B * G * (z_dtype == DT_F64 ? 8 : 4));
 
   // Dynamic chunks: a thread that loses its core to another process (data loaders, say) does
   // not hold the others up; the partials do not depend on which thread ran an item.

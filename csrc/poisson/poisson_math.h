@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "common/txfm_common.h"
+#include "common/txfm_math.h"
 
 namespace txfm_poisson {
 
@@ -36,25 +37,8 @@ enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-TXFM_HD uint32_t f2u(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-TXFM_HD float u2f(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
+using txfm::f2u;
+using txfm::u2f;
 
 // ---- 16-bit <-> fp32 conversions --------------------------------------------------------
 
@@ -179,16 +163,7 @@ TXFM_HD float log_c(float x) {
   const float f = low ? (m + m) - 1.0f : m - 1.0f;
   const float ef = float(low ? e - 1 : e);
   const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  float y = txfm::cephes_logf_poly(f) * f * z;
   y = y + ef * -2.12194440e-4f;
   y = y - 0.5f * z;
   float r = (f + y) + ef * 0.693359375f;

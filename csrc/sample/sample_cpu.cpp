@@ -6,7 +6,6 @@
 // branch-free; gather their values from the scratch row; zero the scratch row again.
 // Memory traffic per row: nnz * (4 + sizeof(count)) read, G * 4 written (target), K * 9 written.
 #include <omp.h>
-#include <sys/mman.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -17,6 +16,7 @@
 #include <vector>
 
 #include "common/txfm_common.h"
+#include "common/txfm_memory.h"
 #include "sample/sample_math.h"
 
 using namespace txfm_sample;
@@ -90,22 +90,6 @@ void log1p_inplace(float* x, int64_t len) {
   for (int64_t i = 0; i < len; ++i) x[i] = log1p_nonneg(x[i]);
 }
 
-// A fresh target is mostly first-touch page faults (~25 ms of CPU for 45 MB of 4 KiB pages on
-// the 2-core VM, more than the rest of the op); transparent huge pages on its 2 MiB-aligned
-// interior cut the faults 512-fold where THP is in "madvise" mode. Advice only.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (p == nullptr || bytes < int64_t(4 * kHuge)) return;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // dst[0:n] = src[0:n] with non-temporal stores (dst is written once and not read back soon).
 void stream_copy(float* dst, const float* src, int64_t n) {
 #if defined(__SSE2__)
@@ -163,7 +147,7 @@ int run(const Args& a, int64_t* bad_row) {
   int bad_code = TXFM_OK;
   const int64_t K = a.K;
 
-  if (a.target) advise_huge_pages(a.target, a.B * a.G * int64_t(sizeof(float)));
+  if (a.target) txfm::advise_huge_pages(a.target, a.B * a.G * int64_t(sizeof(float)));
   // Waking a second thread costs a scheduler quantum on a busy machine: small calls run serial.
   const int64_t work = a.nnz + 4 * a.B * std::min(K, a.G) + (a.target ? a.B * a.G / 8 : 0);
 #pragma omp parallel if (work > (int64_t(1) << 19))

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "common/txfm_common.h"
+#include "common/txfm_math.h"
 
 namespace txfm_sample {
 
@@ -97,15 +98,7 @@ TXFM_HD float log1p_nonneg(float x) {
   e += big ? 1 : 0;
   const float f = m - 1.0f;
   const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
+  const float p = txfm::cephes_logf_poly(f);
   const float fe = static_cast<float>(e);
   float y = f * z * p;
   y += -2.12194440e-4f * fe;

@@ -10,32 +10,15 @@
 // zeros for genes no token shows. The result does not depend on the thread count, and the only
 // buffers are the int64 offsets [V + 1] and positions [B * K].
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <vector>
 
+#include "common/txfm_memory.h"
 #include "tokens/tokens_math.h"
 
 using namespace txfm_tokens;
 
 namespace {
-
-// The outputs are freshly allocated by torch and untouched: first-touch page faults of 4 KiB
-// pages cost about as much as the copy itself (~20 ms per 100 MB here). Asking for
-// transparent huge pages on the 2 MiB-aligned interior cuts the faults 512-fold; it is only
-// advice (ignored where THP is off) and changes nothing else about the memory.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(MADV_HUGEPAGE) && !defined(TXFM_NO_ADVISE)
-  const uintptr_t huge = uintptr_t(1) << 21;
-  if (bytes < int64_t(4 * huge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 // Row accumulation, the hot loop of the backward (vectorised, best ISA picked at load time).
 TXFM_CPU_DISPATCH void add_row(float* __restrict acc, const float* __restrict src, int64_t n) {
@@ -61,7 +44,7 @@ template <class T, class I>
 int forward(const T* codebook, const I* ids, const T* values, const T* cls, const uint8_t* pad,
             T* out, int64_t B, int64_t K, int64_t V, int64_t D1, int has_cls) {
   const int64_t T_ = K + has_cls, d = D1 + 1, rows = B * T_;
-  advise_huge_pages(out, rows * d * int64_t(sizeof(T)));
+  txfm::advise_huge_pages(out, rows * d * int64_t(sizeof(T)));
   int bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
   for (int64_t r = 0; r < rows; ++r) {
@@ -114,7 +97,7 @@ int backward(const T* grad, const I* ids, const uint8_t* pad, T* grad_codebook, 
   typedef Reducer<T> R;
   typedef typename R::A A;
   const int64_t N = B * K, T_ = K + has_cls, d = D1 + 1;
-  advise_huge_pages(grad_codebook, V * D1 * int64_t(sizeof(T)));
+  txfm::advise_huge_pages(grad_codebook, V * D1 * int64_t(sizeof(T)));
 
   // Counting sort of the non-padded token positions by gene id (serial: O(N + V), ~1 ms).
   std::vector<int64_t> off(V + 1, 0);

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common/txfm_common.h"
+#include "common/txfm_math.h"
 
 namespace txfm_tokens {
 
@@ -24,31 +25,12 @@ struct bf16 {
   uint16_t bits;
 };
 
-TXFM_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
 
-TXFM_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-TXFM_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+TXFM_HD float bf16_to_float(uint16_t h) { return txfm::u2f(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even, NaN stays a (quiet) NaN: the same result as c10::BFloat16(float).
 TXFM_HD uint16_t float_to_bf16(float f) {
-  uint32_t u = float_to_bits(f);
+  uint32_t u = txfm::f2u(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);

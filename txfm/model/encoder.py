@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from txfm_kernels.tokens import GeneTokenizer
+
 from . import reference as ref
 from .config import TxFMConfig
 
@@ -62,29 +64,6 @@ def _flash_fn(backend: str, q: torch.Tensor):
             return None
         return _fa3_func
     return _fa3_func or _fa2_func
-
-
-def _make_tokenizer(n_genes: int, dim: int) -> nn.Module:
-    """The fused op's ``GeneTokenizer`` (owns ``codebook [G, d-1]`` and ``cls [d]``)."""
-    try:
-        from txfm_kernels.tokens import GeneTokenizer
-    except ImportError:
-        return _EagerTokenizer(n_genes, dim)
-    return GeneTokenizer(n_genes, dim, cls=True)
-
-
-class _EagerTokenizer(nn.Module):
-    """Same parameters as ``txfm_kernels.GeneTokenizer`` for when that op is not importable."""
-
-    def __init__(self, n_genes: int, dim: int):
-        super().__init__()
-        self.codebook = nn.Parameter(torch.empty(n_genes, dim - 1))
-        self.cls = nn.Parameter(torch.empty(dim))
-        nn.init.normal_(self.codebook, std=0.02)
-        nn.init.normal_(self.cls, std=0.02)
-
-    def forward(self, gene_ids, values, pad_mask=None):
-        return ref.gene_tokens(self.codebook, gene_ids, values, cls=self.cls, pad_mask=pad_mask)
 
 
 class Attention(nn.Module):
@@ -179,7 +158,7 @@ class Encoder(nn.Module):
     def __init__(self, config: TxFMConfig, n_genes: int):
         super().__init__()
         self.config = config
-        self.tokenizer = _make_tokenizer(n_genes, config.dim)
+        self.tokenizer = GeneTokenizer(n_genes, config.dim, cls=True)
         n = config.depth
         rates = [config.drop_path * i / max(n - 1, 1) for i in range(n)]  # linear 0 -> drop_path
         self.blocks = nn.ModuleList(Block(config, r) for r in rates)

@@ -41,19 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from txfm_kernels.poisson import rectified_tanh_poisson_nll
+
 from . import reference as ref
 from .config import TxFMConfig
 
 _EPS = 1e-8
-
-
-def _fused_poisson():
-    """The fused loss, or None while ``txfm_kernels.poisson`` is not importable."""
-    try:
-        from txfm_kernels.poisson import rectified_tanh_poisson_nll
-    except ImportError:
-        return None
-    return rectified_tanh_poisson_nll
 
 
 class CountLoss(nn.Module):
@@ -83,7 +76,7 @@ class CountLoss(nn.Module):
     def fused(self) -> bool:
         """Whether this head runs on the fused kernel (poisson + rectified_tanh + fused ops)."""
         return (self.use_fused_ops and self.loss == "poisson"
-                and self.activation == "rectified_tanh" and _fused_poisson() is not None)
+                and self.activation == "rectified_tanh")
 
     def predict(self, logits: torch.Tensor, gene_mask=None) -> torch.Tensor:
         """``x_hat [B, G]`` fp32: predicted log1p-normalised values."""
@@ -102,7 +95,7 @@ class CountLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, gene_mask=None,
                 library_size: torch.Tensor | None = None) -> torch.Tensor:
         if self.fused:
-            return _fused_poisson()(logits, target, gene_mask, alpha=self.alpha, beta=self.beta,
+            return rectified_tanh_poisson_nll(logits, target, gene_mask, alpha=self.alpha, beta=self.beta,
                                     reduction="mean")
         x_hat = self.predict(logits, gene_mask)
         x = target.float()

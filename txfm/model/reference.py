@@ -8,17 +8,13 @@ that the fused kernels avoid, but are plain autograd code that anyone can read.
 * :func:`rectified_tanh` — ``alpha * relu(tanh(z / beta))`` (SPEC §3).
 * :func:`masked_row_mean` — mean over rows of each row's mean over its kept genes (SPEC §4);
   the reduction every loss here uses.
-* :func:`masked_sample` — a vectorised CSR -> (shown genes, values, dense target) sampler,
-  used only where :mod:`txfm_kernels.sample` is not importable (its ``backend="torch"`` is
-  the eager path otherwise, so that both paths draw the same genes).
+
+The eager path samples with :func:`txfm_kernels.masked_sample` ``backend="torch"`` (vectorised
+torch ops), so both paths draw exactly the same genes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-
-from txfm_kernels.masks import RowGeneMask  # the compact mask both sampler paths return
 
 
 def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor, *,
@@ -71,72 +67,3 @@ def poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_mask=None, *,
     per_gene = torch.exp(xh) - xh * torch.exp(target.float())
     mask = dense_gene_mask(gene_mask, logits.shape[0], logits.shape[1], logits.device)
     return masked_row_mean(per_gene, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Fallback sampler (only where txfm_kernels.sample is missing)
-# --------------------------------------------------------------------------------------------
-class MaskedSample(NamedTuple):
-    """Encoder inputs and loss target of a batch; same fields as ``txfm_kernels.MaskedSample``."""
-
-    gene_ids: torch.Tensor  # [B, K] int32
-    values: torch.Tensor  # [B, K] fp32
-    pad_mask: torch.Tensor  # [B, K] bool
-    target: torch.Tensor | None  # [B, G] fp32
-    gene_mask: object  # RowGeneMask or None
-    library_size: torch.Tensor  # [B] fp32
-
-
-def _generator(seed: int, offset: int, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((int(seed) * 1_000_003 + int(offset)) % (2**63 - 1))
-    return g
-
-
-def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
-                  n_genes: int, k: int = 2048, observable=None, dataset_ids=None,
-                  library_size: float = 1e5, seed: int = 0, offset: int = 0, tau: float = 0.0,
-                  gene_weights: torch.Tensor | None = None,
-                  return_target: bool = True) -> MaskedSample:
-    """Vectorised eager sampler (SPEC §1–2): densify, normalise, draw ``k`` observable genes.
-
-    Uniform draw without replacement = top-k of i.i.d. uniform keys; weighted (``tau != 0``)
-    = top-k of ``log(u) / w`` keys (Efraimidis–Spirakis). Rows with fewer than ``k``
-    observable genes are padded at the end (``pad_mask``). Same ``(seed, offset)`` -> same
-    draw on the same device; *not* the fused op's random stream.
-    """
-    device = indptr.device
-    b = indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(b, device=device), indptr[1:] - indptr[:-1])
-    dense = torch.zeros(b, n_genes, dtype=torch.float32, device=device)
-    dense[rows, indices.long()] = counts.float()
-    if observable is not None:
-        if dataset_ids is None:
-            raise ValueError("masked_sample: observable needs dataset_ids [B]")
-        obs = observable.mask[dataset_ids.long()]
-        gene_mask = RowGeneMask(observable.mask, dataset_ids)
-    else:
-        obs = torch.ones(b, n_genes, dtype=torch.bool, device=device)
-        gene_mask = None
-    dense = dense * obs
-    lib = dense.sum(1)
-    x = torch.log1p(dense * (library_size / lib.clamp_min(1e-30))[:, None])
-    keys = torch.rand(b, n_genes, generator=_generator(seed, offset, device), device=device)
-    if tau != 0.0:
-        if gene_weights is None:
-            raise ValueError("masked_sample: tau != 0 needs gene_weights [G] (m_i of SPEC §2)")
-        w = gene_weights.float().clamp_min(1.0).pow(tau)
-        keys = torch.log(keys.clamp_min(1e-30)) / w
-    keys = keys.masked_fill(~obs, float("-inf"))
-    kk = min(k, n_genes)
-    top, ids = torch.topk(keys, kk, dim=1)
-    pad = top == float("-inf")
-    values = x.gather(1, ids).masked_fill(pad, 0.0)
-    ids = ids.masked_fill(pad, 0)
-    if kk < k:  # more shown slots than genes: pad the rest
-        extra = k - kk
-        ids = torch.cat([ids, ids.new_zeros(b, extra)], 1)
-        values = torch.cat([values, values.new_zeros(b, extra)], 1)
-        pad = torch.cat([pad, pad.new_ones(b, extra)], 1)
-    return MaskedSample(ids.to(torch.int32), values, pad, x if return_target else None,
-                        gene_mask, lib)

@@ -41,7 +41,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from txfm.model import TxFM, TxFMConfig, preset
-from txfm.model import reference as ref
+from txfm_kernels.sample import masked_sample
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -114,16 +114,16 @@ def _vocabulary(loader) -> dict:
 
 
 def sample_batch(batch, *, n_genes: int, config: TxFMConfig, observable, seed: int, offset: int,
-                 gene_weights: torch.Tensor | None = None):
-    """Encoder inputs + target of a device CSR batch (fused op, or its eager path)."""
+                 gene_weights: torch.Tensor | None = None, out=None):
+    """Encoder inputs + target of a device CSR batch (fused op, or its eager path).
+
+    ``out``: a previous :class:`txfm_kernels.MaskedSample` of the same shape to write into.
+    """
     kwargs = dict(n_genes=n_genes, k=config.k, observable=observable,
                   dataset_ids=batch.dataset_ids if observable is not None else None,
                   library_size=config.library_size, seed=seed, offset=offset, tau=config.tau,
-                  gene_weights=gene_weights if config.tau != 0.0 else None, return_target=True)
-    try:
-        from txfm_kernels.sample import masked_sample
-    except ImportError:
-        return ref.masked_sample(batch.indptr, batch.indices, batch.counts, **kwargs)
+                  gene_weights=gene_weights if config.tau != 0.0 else None, return_target=True,
+                  out=out)
     return masked_sample(batch.indptr, batch.indices, batch.counts,
                          backend="auto" if config.use_fused_ops else "torch", **kwargs)
 
@@ -172,6 +172,7 @@ class Trainer:
         if obs is not None and bool(obs.mask.all()):
             obs = None  # every dataset profiles every gene: skip the per-row tables
         self.observable = None if obs is None else obs.to(self.device)
+        self._sample_buffers: dict[int, list] = {}  # batch size -> [buffer, buffer, last used]
         self._obs_counts = None if obs is None else obs.counts().cpu()
         nnz = getattr(self.loader, "gene_nnz", None)
         self.gene_weights = None
@@ -241,9 +242,21 @@ class Trainer:
         return u >= self._drop_rates
 
     def _sample(self, batch, seed: int, offset: int):
-        return sample_batch(batch, n_genes=self.n_genes, config=self.model_config,
-                            observable=self.observable, seed=seed, offset=offset,
-                            gene_weights=self.gene_weights)
+        # On the CPU a fresh [B, G] target costs as much in first-touch page faults as the
+        # sampling itself, so two buffers per batch size are alternated: a micro-batch's graph
+        # is gone (backward done) before its buffer comes round again. GPUs have the caching
+        # allocator for that.
+        out = None
+        if self.device.type == "cpu":
+            slots = self._sample_buffers.setdefault(int(batch.indptr.shape[0]) - 1, [None, None, 0])
+            slots[2] ^= 1
+            out = slots[slots[2]]
+        sample = sample_batch(batch, n_genes=self.n_genes, config=self.model_config,
+                              observable=self.observable, seed=seed, offset=offset,
+                              gene_weights=self.gene_weights, out=out)
+        if self.device.type == "cpu":
+            slots[slots[2]] = sample
+        return sample
 
     def _stream(self):
         """CPU micro-batches forever, across epochs (the loader's own order and position)."""
