@@ -10,10 +10,14 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.sparse as sp
 
 from txfm.data import InputError, Manifest, ShardReadError

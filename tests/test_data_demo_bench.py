@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 import txfm.data.demo as demo
 from txfm.data import Manifest, ShardLoader
 

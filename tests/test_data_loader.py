@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 import anndata as ad
 import numpy as np
-import pytest
 import scipy.sparse as sp
 import torch
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import gzip
 import warnings
 
+import pytest
+
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.io
 import scipy.sparse as sp
 

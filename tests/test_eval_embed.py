@@ -6,6 +6,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 from txfm.eval.embed import remap_to_vocabulary
 from txfm.eval.genemap import GeneTable, match_genes, normalise_ids
 

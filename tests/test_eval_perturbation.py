@@ -7,6 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
 from txfm.eval.perturbation import (
     BenchmarkOptions,
     Labels,

@@ -11,20 +11,18 @@ functional, nn.Module):
 """
 from .backends import BACKENDS, BackendInfo, available_backends, resolve_backend
 from .masks import ObservableGenes, RowGeneMask
+from .poisson import (ALPHA, BETA, PoissonNLLLoss, RectifiedTanh, RectifiedTanhPoissonNLLLoss,
+                      poisson_nll_loss, rectified_tanh, rectified_tanh_poisson_nll)
+from .sample import MaskedSample, masked_sample
+from .tokens import GeneTokenizer, gene_tokens
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendInfo", "available_backends", "resolve_backend", "ObservableGenes",
-           "RowGeneMask"]
-
-# Each op module appends its public names below.
-from .poisson import (ALPHA, BETA, PoissonNLLLoss, RectifiedTanh,  # noqa: E402
-                      RectifiedTanhPoissonNLLLoss, poisson_nll_loss, rectified_tanh,
-                      rectified_tanh_poisson_nll)
-
-__all__ += ["ALPHA", "BETA", "rectified_tanh", "rectified_tanh_poisson_nll", "poisson_nll_loss",
-            "RectifiedTanh", "RectifiedTanhPoissonNLLLoss", "PoissonNLLLoss"]
-from .tokens import GeneTokenizer, gene_tokens  # noqa: E402
-__all__ += ["gene_tokens", "GeneTokenizer"]
-from .sample import MaskedSample, masked_sample  # noqa: E402
-__all__ += ["MaskedSample", "masked_sample"]
+__all__ = [
+    "BACKENDS", "BackendInfo", "available_backends", "resolve_backend",
+    "ObservableGenes", "RowGeneMask",
+    "ALPHA", "BETA", "rectified_tanh", "rectified_tanh_poisson_nll", "poisson_nll_loss",
+    "RectifiedTanh", "RectifiedTanhPoissonNLLLoss", "PoissonNLLLoss",
+    "gene_tokens", "GeneTokenizer",
+    "MaskedSample", "masked_sample",
+]
