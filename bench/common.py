@@ -55,6 +55,29 @@ def check_device(device: torch.device) -> None:
         raise SystemExit("--device cuda: no CUDA GPU visible to torch")
 
 
+def bench_device() -> str:
+    """Device the pytest-benchmark cases run on: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def benchmark_backends(op: str, device: str) -> list[str]:
+    """Our backends worth timing for ``op`` on ``device`` (the Triton interpreter is no benchmark)."""
+    import txfm_kernels
+
+    return [name for name, info in txfm_kernels.available_backends(op).items()
+            if info.available and device in info.devices
+            and not (name == "triton" and device == "cpu")]
+
+
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronisation, so a timer sees the whole GPU work."""
+    def run():
+        out = fn()
+        sync(device)
+        return out
+    return run
+
+
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -7,14 +7,13 @@ sizes and dtypes.
 import pytest
 import torch
 
-import txfm_kernels
+from bench.common import bench_device, benchmark_backends, synced
 from bench.poisson import G_FULL, eager_loss, make_case
 from txfm_kernels import rectified_tanh_poisson_nll
 
 B = 32
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [name for name, info in txfm_kernels.available_backends("poisson").items()
-            if info.available and DEVICE in info.devices and not (name == "triton" and DEVICE == "cpu")]
+DEVICE = bench_device()
+BACKENDS = benchmark_backends("poisson", DEVICE)
 IMPLS = ["eager", "compile"] + BACKENDS
 
 
@@ -32,15 +31,6 @@ def _loss_fn(impl):
     return lambda z, x: rectified_tanh_poisson_nll(z, x, backend=impl)
 
 
-def _synced(fn):
-    def run():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward(benchmark, case, impl):
     z, x = case
@@ -51,7 +41,7 @@ def test_forward(benchmark, case, impl):
         with torch.no_grad():
             return loss_fn(z, x)
 
-    loss = benchmark(_synced(run))
+    loss = benchmark(synced(run, DEVICE))
     torch.testing.assert_close(loss.float(), eager_loss(z, x).detach(), rtol=1e-4, atol=1e-3)
 
 
@@ -64,5 +54,5 @@ def test_forward_backward(benchmark, case, impl):
     def run():
         return torch.autograd.grad(loss_fn(z, x), z)[0]
 
-    grad = benchmark(_synced(run))
+    grad = benchmark(synced(run, DEVICE))
     assert grad.shape == z.shape and grad.dtype == z.dtype

@@ -6,17 +6,14 @@ by side on one small case (B=32 single-cell rows, G=44,349, K=2,048, with and wi
 target); ``python -m bench.sample`` runs the full sizes.
 """
 import pytest
-import torch
 
-import txfm_kernels
+from bench.common import bench_device, benchmark_backends, synced
 from bench.sample import G_FULL, eager_sample, loop_sample, make_batch
 from txfm_kernels import masked_sample
 
 B, K = 32, 2048
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [name for name, info in txfm_kernels.available_backends("sample").items()
-            if info.available and DEVICE in info.devices
-            and not (name == "triton" and DEVICE == "cpu")]  # the interpreter is no benchmark
+DEVICE = bench_device()
+BACKENDS = benchmark_backends("sample", DEVICE)
 IMPLS = ["loop", "eager"] + BACKENDS
 
 
@@ -25,15 +22,6 @@ def batch():
     indptr, indices, counts, obs, ds = make_batch(B, "sc")
     return (indptr.to(DEVICE), indices.to(DEVICE), counts.to(DEVICE), obs.to(DEVICE),
             ds.to(DEVICE))
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("return_target", [True, False], ids=["target", "no-target"])
@@ -52,5 +40,5 @@ def test_masked_sample(benchmark, batch, impl, return_target):
             return masked_sample(indptr, indices, counts, n_genes=G_FULL, k=K, observable=obs,
                                  dataset_ids=ds, seed=0, return_target=return_target,
                                  backend=impl)
-    out = benchmark(_synced(run))
+    out = benchmark(synced(run, DEVICE))
     assert out[0].shape == (B, K)

@@ -7,15 +7,13 @@ Each group puts eager PyTorch, torch.compile and our backends side by side on on
 import pytest
 import torch
 
-import txfm_kernels
+from bench.common import bench_device, benchmark_backends, synced
 from bench.tokens import V_FULL, eager_tokens, make_case
 from txfm_kernels import gene_tokens
 
 B, K, D = 8, 2048, 384
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [name for name, info in txfm_kernels.available_backends("tokens").items()
-            if info.available and DEVICE in info.devices
-            and not (name == "triton" and DEVICE == "cpu")]  # the interpreter is no benchmark
+DEVICE = bench_device()
+BACKENDS = benchmark_backends("tokens", DEVICE)
 IMPLS = ["eager", "compile"] + BACKENDS
 
 
@@ -33,15 +31,6 @@ def _forward(impl):
     return lambda e, ids, x, c: gene_tokens(e, ids, x, cls=c, backend=impl)
 
 
-def _synced(fn):
-    def run():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward(benchmark, case, impl):
     codebook, gene_ids, values, cls, _ = case
@@ -52,7 +41,7 @@ def test_forward(benchmark, case, impl):
         with torch.no_grad():
             return fwd(codebook, gene_ids, values, cls)
 
-    out = benchmark(_synced(run))
+    out = benchmark(synced(run, DEVICE))
     assert out.shape == (B, K + 1, D)
 
 
@@ -65,5 +54,5 @@ def test_forward_backward(benchmark, case, impl):
     def run():
         return torch.autograd.grad(fwd(codebook, gene_ids, values, cls), (codebook, cls), grad)
 
-    grads = benchmark(_synced(run))
+    grads = benchmark(synced(run, DEVICE))
     assert grads[0].shape == codebook.shape
