@@ -26,8 +26,8 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, check_device, select_impls, compile_fn, emit, gpu_peak_bandwidth_gbs,
-                          peak_extra_mib, sync, time_fn)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
+                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
 
 G_FULL = 44_349
 BATCHES = (64, 256, 1024)
@@ -50,16 +50,7 @@ def make_case(B: int, G: int, dtype: torch.dtype, device, seed: int = 0):
 
 
 def implementations(device: torch.device) -> list[str]:
-    from txfm_kernels import available_backends
-
-    names = ["eager", "compile"]
-    for name, info in available_backends("poisson").items():
-        if not info.available or device.type not in info.devices:
-            continue
-        if name == "triton" and device.type == "cpu":
-            continue  # the interpreter: a correctness tool, not a benchmark
-        names.append(name)
-    return names
+    return ["eager", "compile"] + benchmark_backends("poisson", device.type)
 
 
 def bytes_moved(B: int, G: int, dtype: torch.dtype, mode: str) -> int:

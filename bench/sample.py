@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from bench.common import (add_common_args, add_ratios, check_device, select_impls, emit, gpu_peak_bandwidth_gbs,
-                          peak_extra_mib, sync, time_fn)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, emit,
+                          gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
 
 G_FULL = 44_349
 K_DEFAULT = 2048
@@ -113,16 +113,8 @@ def eager_sample(indptr, indices, counts, observable, dataset_ids, G, K, return_
 
 
 def implementations(device: torch.device) -> list[str]:
-    from txfm_kernels import available_backends
-
     impls = ["loop", "eager"]
-    infos = available_backends("sample")
-    for name in ("cuda", "triton", "cpu", "torch"):
-        info = infos[name]
-        if not info.available or device.type not in info.devices:
-            continue
-        if name == "triton" and device.type == "cpu":
-            continue  # the interpreter: a correctness tool, not a benchmark
+    for name in benchmark_backends("sample", device.type):
         impls.append(name)
         if name != "torch":
             impls.append(f"{name}+out")

@@ -24,8 +24,8 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, check_device, select_impls, compile_fn, emit, gpu_peak_bandwidth_gbs,
-                          peak_extra_mib, sync, time_fn)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
+                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
 
 V_FULL = 44_349
 K_DEFAULT = 2048
@@ -53,16 +53,8 @@ def make_case(B, K, d, V, dtype, device, seed=0):
 
 def implementations(device: torch.device) -> dict[str, dict]:
     """name -> gene_tokens keyword arguments (None for the eager/compile baselines)."""
-    from txfm_kernels import available_backends
-
     impls: dict[str, dict | None] = {"eager": None, "compile": None}
-    infos = available_backends("tokens")
-    for name in ("cuda", "triton", "cpu", "torch"):
-        info = infos[name]
-        if not info.available or device.type not in info.devices:
-            continue
-        if name == "triton" and device.type == "cpu":
-            continue  # the interpreter: a correctness tool, not a benchmark
+    for name in benchmark_backends("tokens", device.type):
         impls[name] = {"backend": name}
         if name in ("cuda", "triton"):
             impls[f"{name}-atomic"] = {"backend": name, "deterministic": False}

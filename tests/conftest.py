@@ -54,6 +54,16 @@ def triton_device() -> str:
     return "cpu"
 
 
+@pytest.fixture
+def one_blas_thread():
+    """One BLAS thread for tests on small matrices: spinning OpenBLAS threads made them ~4x
+    slower when they shared 2 cores with other jobs."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 def importlib_find(name):
     import importlib.util
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from _shards import read_shards
 from txfm.data import InputError, Manifest, ShardReadError
 from txfm.data.convert import convert
 from txfm.data.synth import generate
@@ -42,16 +43,7 @@ def write_h5ad(path: Path, counts, genes, *, ids=True, obs=None, dtype=np.float3
 
 def shard_frames(out: Path) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """All shards (train then val) read back with anndata, concatenated in manifest order."""
-    m = Manifest.load(out)
-    xs, obs = [], []
-    for s in m.shards:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy: "indices array has non-integer dtype (uint16)"
-            a = ad.read_zarr(out / s.path)
-        assert a.n_vars == m.n_genes and list(a.var_names) == m.gene_ids
-        xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))
-        obs.append(a.obs)
-    return sp.vstack(xs).tocsr(), pd.concat(obs)
+    return read_shards(out)[1:]
 
 
 def expected_rows(path: Path, vocab_ids: list[str], rows: np.ndarray, key="index") -> sp.csr_matrix:

@@ -1,18 +1,16 @@
 """ShardLoader: contents, determinism, worker/rank disjointness, resume, shuffle quality."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 pytest.importorskip("anndata", reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
 pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from _shards import read_shards
 from txfm.data import CSRBatch, Manifest, ShardLoader
 from txfm.data.convert import convert
 from txfm.data.loader import _round_robin_consumed
@@ -34,17 +32,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(shards):
     """All cells by global id (cell_ids), read with anndata: (csr [N, G], obs)."""
-    m = Manifest.load(shards)
-    xs, obs = [], []
-    for s in m.shards:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            a = ad.read_zarr(shards / s.path)
-        xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))
-        obs.append(a.obs)
-    import pandas as pd
-
-    return sp.vstack(xs).tocsr(), pd.concat(obs)
+    return read_shards(shards)[1:]
 
 
 def to_csr(b: CSRBatch) -> sp.csr_matrix:

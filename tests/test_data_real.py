@@ -15,11 +15,11 @@ pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from txfm.data import Manifest, ShardLoader
+from _shards import read_shards
+from txfm.data import ShardLoader
 from txfm.data.convert import convert
 
 
@@ -33,16 +33,7 @@ def read_10x(folder):
     return sp.csr_matrix(m.T).astype(np.int64), [r[0] for r in rows], second
 
 
-def corpus(out):
-    m = Manifest.load(out)
-    xs, obs = [], []
-    for s in m.shards:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            a = ad.read_zarr(out / s.path)
-        xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))
-        obs.append(a.obs)
-    return m, sp.vstack(xs).tocsr(), pd.concat(obs)
+corpus = read_shards
 
 
 def project(x: sp.csr_matrix, keys: list[str], vocab: list[str]) -> sp.csr_matrix:

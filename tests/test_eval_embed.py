@@ -13,13 +13,7 @@ from txfm.eval.embed import remap_to_vocabulary
 from txfm.eval.genemap import GeneTable, match_genes, normalise_ids
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """Small matrices: one BLAS thread avoids oversubscription when tests share 2 cores."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def test_remap_to_vocabulary_moves_sums_and_drops_columns():

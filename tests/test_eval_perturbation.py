@@ -25,14 +25,7 @@ from txfm.eval.perturbation import (
 from txfm.eval.sanity import truth_effect_embedding
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """The matrices here are small; one BLAS thread avoids oversubscription (spinning OpenBLAS
-    threads made these tests ~4x slower when they shared 2 cores with other jobs)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def _labels(n_perts=6, cells=40, batches=2, ctrl_cells=60, seed=0):

@@ -22,14 +22,7 @@ from txfm.eval.relationships import (
 from txfm.eval.sanity import truth_gene_representation
 
 
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    """The matrices here are small; one BLAS thread avoids oversubscription (spinning OpenBLAS
-    threads made these tests ~4x slower when they shared 2 cores with other jobs)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def test_filter_relationships_sorts_drops_self_pairs_and_duplicates():

@@ -31,6 +31,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | pathlib.Path) -> pathlib.Path:
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_recall_vs_components(table: pd.DataFrame, path: str | pathlib.Path,
                               database: str = "combined", metric: str = "recall_5_95"
                               ) -> pathlib.Path:
@@ -53,11 +61,7 @@ def plot_recall_vs_components(table: pd.DataFrame, path: str | pathlib.Path,
     ax.set_ylabel(f"recall {lo}/{hi} (%), {database}")
     ax.set_title("Gene-gene relationship recall (circled: reported)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_recall_by_database(table: pd.DataFrame, path: str | pathlib.Path,
@@ -78,11 +82,7 @@ def plot_recall_by_database(table: pd.DataFrame, path: str | pathlib.Path,
     ax.set_xticks(np.arange(len(dbs)) + w * (len(reps) - 1) / 2, dbs, rotation=30)
     ax.set_ylabel(f"recall {lo}/{hi} (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_perturbation_metrics(best: pd.DataFrame, path: str | pathlib.Path,
@@ -103,8 +103,4 @@ def plot_perturbation_metrics(best: pd.DataFrame, path: str | pathlib.Path,
     for ax in axes.ravel()[len(metrics):]:
         ax.axis("off")
     fig.suptitle("Perturbation benchmark (best post-processing per embedding)")
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

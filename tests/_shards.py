@@ -1,0 +1,24 @@
+"""Reading converted shards back with anndata (shared by the data tests)."""
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from txfm.data import Manifest
+
+
+def read_shards(out: Path) -> tuple[Manifest, sp.csr_matrix, pd.DataFrame]:
+    """Every shard (train then val) read with anndata, concatenated in manifest order."""
+    m = Manifest.load(out)
+    xs, obs = [], []
+    for s in m.shards:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy: "indices array has non-integer dtype (uint16)"
+            a = ad.read_zarr(Path(out) / s.path)
+        assert a.n_vars == m.n_genes and list(a.var_names) == m.gene_ids
+        xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))
+        obs.append(a.obs)
+    return m, sp.vstack(xs).tocsr(), pd.concat(obs)
