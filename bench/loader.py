@@ -8,8 +8,10 @@ geometric counts; written once as a float32/int32 ``.h5ad`` and cached under
 ``.cache/bench_loader/``) is read by
 
 * ``txfm`` — :class:`txfm.data.ShardLoader` on shards written by ``txfm data convert``
-  (uint16 counts and indices, codec ``none`` and, for comparison, ``lz4``), in-process with
-  1 and 2 threads, and through a DataLoader with ``--workers`` processes;
+  (counts and indices stored as uint16, read by anndata as float32/int32; codec ``none``
+  and, for comparison, ``lz4``), in-process with 1 and 2 threads, with its crc32c check of
+  every chunk on (the default) and, in the same run, off (``verify=off``: the cost of
+  checking), and through a DataLoader with ``--workers`` processes;
 * ``annbatch`` — ``annbatch.Loader`` (zarrs codec pipeline) on annbatch's own pre-shuffled
   collection written by its ``DatasetCollection`` (blosc-lz4, 64-row chunks), with
   chunk_size 512 / preload 32 (fastest) and 32 / 256 (its README), and on our collection;
@@ -82,8 +84,12 @@ def make_source(path: pathlib.Path, cells: int, genes: int, nnz: int,
 def make_ours(src: pathlib.Path, out: pathlib.Path, codec: str) -> pathlib.Path:
     from txfm.data.convert import convert
 
-    convert([src], out, min_cells=0, min_genes=0, val_fraction=0.0, codec=codec, seed=0,
-            progress=sys.stderr.isatty(), log=lambda s: None)
+    kw = dict(min_cells=0, min_genes=0, val_fraction=0.0, codec=codec, seed=0,
+              progress=sys.stderr.isatty(), log=lambda s: None)
+    try:  # a finished conversion with the same options is kept
+        convert([src], out, **kw)
+    except FileExistsError:  # a cached conversion by an older txfm (another format): redo
+        convert([src], out, overwrite=True, **kw)
     return out
 
 
@@ -157,7 +163,8 @@ def worker_ours(args) -> dict:
     base_rss = _rss_now_mib()
     t_open = time.perf_counter()
     loader = ShardLoader(args.path, args.batch_size, obs_columns=("orig",), seed=args.seed,
-                         num_threads=args.threads or None, pin_memory=cuda)
+                         num_threads=args.threads or None, pin_memory=cuda,
+                         verify=not args.no_verify)
     it = iter(loader.dataloader(args.workers) if args.workers else loader)
     next(it)
     first = time.perf_counter() - t_open
@@ -270,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=["ours", "h5ad"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--stretch", type=int, default=1024, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -328,9 +336,12 @@ def main(argv=None) -> int:
     cases = []
     for codec, path in ours.items():
         for threads in (1, 2):
-            cases.append(("txfm", f"txfm {codec}", f"threads={threads}", path,
-                          base + ["--worker", "ours", "--path", str(path), "--threads",
-                                  str(threads), "--workers", "0", "--batches", str(batches)]))
+            for verify in ((True, False) if codec == "none" else (True,)):
+                cases.append(("txfm", f"txfm {codec}",
+                              f"threads={threads}" + ("" if verify else " verify=off"), path,
+                              base + ["--worker", "ours", "--path", str(path), "--threads",
+                                      str(threads), "--workers", "0", "--batches", str(batches)]
+                              + ([] if verify else ["--no-verify"])))
     if args.workers and "none" in ours:
         cases.append(("txfm", "txfm none", f"DataLoader workers={args.workers}", ours["none"],
                       base + ["--worker", "ours", "--path", str(ours["none"]), "--workers",
@@ -375,12 +386,18 @@ def main(argv=None) -> int:
                    and r["layout"].startswith("annbatch")), default=None)
     for r in rows:
         r["x_annbatch"] = round(r["cells_per_s"] / best_ab, 2) if best_ab else None
+    speed = {(r["layout"], r["settings"]): r["cells_per_s"] for r in rows}
+    verify_cost = {f"threads={t}": f"{1 - speed[('txfm none', f'threads={t}')] / off:.1%}"
+                   for t in (1, 2)
+                   if (off := speed.get(("txfm none", f"threads={t} verify=off")))
+                   and ("txfm none", f"threads={t}") in speed}
     ideal = ideal_distinct(args.cells, B, 1024, args.seed)
     rows.append({"loader": "ideal", "layout": "global permutation", "settings": "",
                  "distinct_stretches": f"{ideal:.1f}"})
     extra = {"corpus": {"cells": args.cells, "genes": args.genes, "nnz_per_cell": args.nnz,
                         "batch_size": B, "source_bytes": disk_bytes(src)},
              "preparation_s": prep, "annbatch": ab_note or "measured",
+             "verify_cost": verify_cost,
              "load": os.getloadavg()}
     columns = ["loader", "layout", "settings", "cells_per_s", "x_annbatch", "runs",
                "cells_per_cpu_s",
@@ -394,6 +411,9 @@ def main(argv=None) -> int:
          f"genes, ~{args.nnz:,} nnz/cell", rows, columns, args, args.device, extra)
     if ab_note:
         print(f"\nannbatch: {ab_note}")
+    if verify_cost:
+        print(f"\ncost of checking every chunk's crc32c (1 - verified / unverified cells/s): "
+              f"{verify_cost}")
     print(f"\nload average during the run: {os.getloadavg()}; preparation: {prep}")
     return 0
 

@@ -4,7 +4,7 @@ forward+backward.
 Implementations, side by side on the same inputs (logits ``z [B, G]``, log1p targets
 ``x [B, G]``, no gene mask, reduction "mean"):
 
-* ``eager``    the SPEC §4 formula in eager PyTorch, in the inputs' dtype:
+* ``eager``    the TxFM loss (arXiv:2605.31562 §4) in eager PyTorch, in the inputs' dtype:
   ``phi = alpha * relu(tanh(z / beta)); (exp(phi) - phi * exp(x)).mean(1).mean()``
 * ``compile``  ``torch.compile`` of that function (inductor)
 * ``cpu`` / ``cuda`` / ``triton`` / ``torch``:
@@ -35,7 +35,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def eager_loss(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """SPEC §4, as a user would write it (no mask: mean over genes, then over rows)."""
+    """The loss of arXiv:2605.31562 §4 as a user would write it (no mask: mean over genes, then
+    over rows)."""
     from txfm_kernels import ALPHA, BETA
 
     phi = ALPHA * torch.relu(torch.tanh(z / BETA))

@@ -3,7 +3,8 @@
     pytest bench/test_bench_loader.py --benchmark-only
 
 Each case reads 8 shuffled 256-cell batches of a 6,000 x 5,000 corpus (~600 nnz/cell):
-``txfm`` in-process with 1 and 2 threads, and anndata's backed ``.h5ad`` random access.
+``txfm`` in-process with 1 and 2 threads, with and without its crc32c check of every chunk,
+and anndata's backed ``.h5ad`` random access.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ def corpus(tmp_path_factory):
     return src, make_ours(src, root / "txfm_none", "none")
 
 
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_txfm_loader(benchmark, corpus, threads):
+def test_txfm_loader(benchmark, corpus, threads, verify):
     from txfm.data import ShardLoader
 
     benchmark.group = "loader: 8 x 256 shuffled cells"
-    loader = ShardLoader(corpus[1], BATCH, num_threads=threads)
+    loader = ShardLoader(corpus[1], BATCH, num_threads=threads, verify=verify)
 
     def run():
         loader.set_epoch(0)

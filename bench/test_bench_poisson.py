@@ -1,6 +1,6 @@
 """pytest-benchmark view of the fused Poisson loss: ``pytest bench/test_bench_poisson.py --benchmark-only``.
 
-Each group puts eager PyTorch (the SPEC formula), torch.compile of it and our backends side
+Each group puts eager PyTorch (the paper's formula), torch.compile of it and our backends side
 by side on one small case (B=32, G=44,349, fp32); ``python -m bench.poisson`` runs the full
 sizes and dtypes.
 """

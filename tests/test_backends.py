@@ -29,17 +29,17 @@ def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
 
 
 def test_disabled_cpu_library_falls_back_to_torch(monkeypatch):
-    from txfm_kernels import _native
+    from txfm_kernels import _common
 
     monkeypatch.setenv("TXFM_DISABLE_NATIVE", "cpu")
-    _native.cpu_library.cache_clear()
+    _common.cpu_library.cache_clear()
     try:
         assert resolve_backend("auto", torch.device("cpu"), "poisson") == "torch"
         with pytest.raises(RuntimeError, match="disabled by TXFM_DISABLE_NATIVE"):
             resolve_backend("cpu", torch.device("cpu"), "poisson")
     finally:
         monkeypatch.delenv("TXFM_DISABLE_NATIVE")
-        _native.cpu_library.cache_clear()
+        _common.cpu_library.cache_clear()
 
 
 def test_observable_genes_round_trip():

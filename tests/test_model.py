@@ -48,13 +48,13 @@ def _tiny(**over):
 
 
 # -- presets ---------------------------------------------------------------------------------------
-SPEC_TABLE = {"S": (6, 6, 384, 0.1, 2048, 57e6), "B": (12, 12, 768, 0.1, 2048, 159e6),
+PAPER_TABLE6 = {"S": (6, 6, 384, 0.1, 2048, 57e6), "B": (12, 12, 768, 0.1, 2048, 159e6),
               "L": (24, 16, 1024, 0.3, 2048, 403e6)}
 
 
 @pytest.mark.parametrize("name", ["S", "B", "L"])
 def test_presets_match_spec_table_and_parameter_counts(name):
-    depth, heads, dim, drop, k, params = SPEC_TABLE[name]
+    depth, heads, dim, drop, k, params = PAPER_TABLE6[name]
     cfg = preset(name)
     assert (cfg.depth, cfg.heads, cfg.dim, cfg.drop_path, cfg.k) == (depth, heads, dim, drop, k)
     with torch.device("meta"):  # count without allocating 1.6 GB for L

@@ -1,6 +1,6 @@
 """Fused rectified-tanh Poisson NLL and the poisson_nll_loss drop-in, on every CPU-capable
 backend (triton runs under the interpreter), against an fp64 eager reference written here
-from SPEC §4 independently of txfm_kernels.poisson."""
+from the paper (arXiv:2605.31562 §4) independently of txfm_kernels.poisson."""
 import functools
 import math
 
@@ -62,7 +62,7 @@ def _dense(mask, B, G):
 
 
 def reference(z, x, mask, reduction, alpha=ALPHA, beta=BETA):
-    """fp64 eager SPEC formula and its autograd gradient (z as given, upcast to fp64)."""
+    """fp64 eager formula of the paper and its autograd gradient (z as given, upcast to fp64)."""
     B, G = z.shape
     keep = _dense(mask, B, G)
     z64 = z.detach().double().requires_grad_(True)
@@ -161,7 +161,7 @@ def _bf16_errors(loss, grad, ref_loss, ref_grad):
                                                                           "fp16-fp32"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_half_precision_error_at_most_twice_eager(backend, shape, dtypes, reduction):
-    """Error vs fp64 (of the same rounded inputs) <= 2x the error of the SPEC formula run
+    """Error vs fp64 (of the same rounded inputs) <= 2x the error of the paper's formula run
     eagerly in the logits' dtype."""
     zdt, xdt = dtypes
     z, x = _inputs(*shape)
@@ -542,3 +542,31 @@ def test_out_of_range_dataset_ids_raise_on_cpu(backend):
     bad = RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.tensor([0, 2, 1]))
     with pytest.raises((ValueError, IndexError), match="dataset_ids|index"):
         rectified_tanh_poisson_nll(z, x, bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_id", [-1, 2])
+def test_out_of_range_dataset_ids_raise_the_same_error_on_every_backend(backend, bad_id):
+    """A negative id used to wrap around to the last dataset's row on the torch backend."""
+    z, x = _inputs(3, 8)
+    bad = RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.tensor([0, bad_id, 1]))
+    got = "-1, 1" if bad_id < 0 else "0, 2"
+    with pytest.raises(ValueError, match=r"dataset_ids must lie in \[0, 2\).*\[" + got + r"\]"):
+        rectified_tanh_poisson_nll(z, x, bad, backend=backend)
+    with pytest.raises(ValueError, match=r"RowGeneMask.dataset_ids must lie in \[0, 2\)"):
+        bad.dense()
+
+
+def test_torch_reference_gives_nan_rows_for_unchecked_bad_ids_like_the_gpu_kernels():
+    """Where ids are not checked on the host (GPU tensors, torch.compile), a row with an id
+    outside [0, D) gets a NaN loss and gradient, never another dataset's genes."""
+    from txfm_kernels.poisson import reference as ref
+
+    z, x = _inputs(3, 8)
+    table = torch.rand(2, 8, generator=torch.Generator().manual_seed(3)) > 0.3
+    ids = torch.tensor([0, -1, 1])
+    loss, grad = ref.forward(z, x, table, ids, ref.RTANH, False, ALPHA, BETA, 0.0, "none", True)
+    assert torch.isnan(loss[1]).all() and torch.isnan(grad[1][table[0] | table[1]]).all()
+    good = RowGeneMask(table, torch.tensor([0, 1]))
+    want, _ = reference(z[[0, 2]], x[[0, 2]], good, "none")
+    torch.testing.assert_close(loss[[0, 2]].double(), want, rtol=1e-5, atol=1e-4)

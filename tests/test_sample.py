@@ -506,6 +506,45 @@ def test_validate_false_trusts_the_input():
     assert s.library_size.tolist() == [2.0, -2.0]
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_target_sum_names_L_and_library_size_is_its_deprecated_alias(backend):
+    batch = make_batch(5, 30, (1, 12), seed=21)
+    target, lib = reference_dense(*batch[:3], 30, L=2e4)
+    s = run(batch, backend, n_genes=30, k=6, seed=1, target_sum=2e4)
+    np.testing.assert_allclose(s.target.numpy(), target, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(s.library_size.numpy(), lib, rtol=1e-6)  # S, each row's total
+    with pytest.warns(DeprecationWarning, match="library_size= is deprecated, pass target_sum="):
+        old = run(batch, backend, n_genes=30, k=6, seed=1, library_size=2e4)
+    for a, b in zip(old, s):
+        if isinstance(b, torch.Tensor):
+            assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="pass target_sum only"), pytest.warns(DeprecationWarning):
+        run(batch, backend, n_genes=30, k=6, seed=1, target_sum=2e4, library_size=2e4)
+    with pytest.raises(ValueError, match="target_sum must be finite and > 0"):
+        run(batch, backend, n_genes=30, k=6, seed=1, target_sum=float("inf"))
+
+
+@needs_cpu
+def test_unvalidated_out_of_range_dataset_ids_never_wrap_around_on_the_torch_backend():
+    """With validate=False every backend clamps a dataset id into [0, D) (the kernels never
+    read out of bounds); the torch reference used to index with a negative id, i.e. wrap
+    around to the last dataset."""
+    batch = make_batch(4, 50, (1, 20), seed=22, n_datasets=3, obs_range=(10, 40))
+    indptr, indices, counts, obs, _ = batch
+    ds = torch.tensor([0, -1, 2, 7], dtype=torch.int32)
+    kw = dict(n_genes=50, k=8, seed=2, validate=False)
+    cpu = masked_sample(indptr, indices, counts, observable=obs, dataset_ids=ds, backend="cpu",
+                        **kw)
+    ref = masked_sample(indptr, indices, counts, observable=obs, dataset_ids=ds, backend="torch",
+                        **kw)
+    clamped = masked_sample(indptr, indices, counts, observable=obs, backend="torch",
+                            dataset_ids=ds.clamp(0, 2), **kw)
+    for a, b, c in zip(cpu[:4] + (cpu.library_size,), ref[:4] + (ref.library_size,),
+                       clamped[:4] + (clamped.library_size,)):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.isin(ref.gene_ids[1][~ref.pad_mask[1]], obs.genes[:obs.indptr[1]].long()).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library integration
 # ---------------------------------------------------------------------------------------------

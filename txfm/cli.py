@@ -3,11 +3,102 @@
 
 Each subpackage registers its own subcommands (``register(subparsers)`` in its ``cli``
 module) and imports its heavy dependencies only when its command runs.
+
+A user's mistake (bad option value, missing or unreadable input, an output that would be
+overwritten) ends in one ``error: ...`` line on stderr and exit status 2, never a traceback:
+commands raise :class:`UsageError`, and :func:`main` also reports the library's own
+bad-input errors (:data:`USER_ERRORS`) that way.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+
+class UsageError(ValueError):
+    """A mistake of the user's; the message names the argument or file and says what to do.
+
+    ``txfm`` prints it as one ``error: <message>`` line on stderr and exits with status 2.
+    """
+
+
+# Library errors that always mean "this input is bad" (module, class name); looked up in
+# sys.modules so that reporting an error never imports a heavy module.
+USER_ERRORS = (("txfm.data.readers", "InputError"), ("txfm.data.layout", "ShardReadError"),
+               ("txfm.train.checkpoint", "CheckpointError"))
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, UsageError):
+        return True
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def error_message(exc: BaseException) -> str:
+    """The text of an exception without ``KeyError``'s quotes."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc)
+
+
+# -- argparse types for numeric options: the option is named by argparse in its error --------
+def int_at_least(low: int):
+    """argparse ``type``: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(low: float | None = None, *, above: bool = False):
+    """argparse ``type``: a finite float, ``>= low`` (``> low`` with ``above=True``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low}, got {value}")
+        return value
+
+    parse.__name__ = "finite number"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def check_device(option: str, device: str) -> str:
+    """``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) if usable here, else UsageError."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if device != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())
+                             or (kind == "cpu" and index)):
+        raise UsageError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {device}: CUDA is not available here (torch "
+                             f"{torch.__version__}); use {option} cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"{option} {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``txfm ARGV``; returns the exit status (2: a user mistake, reported on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -32,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
+        if not _is_user_error(exc):
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

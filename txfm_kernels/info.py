@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _native
-from .backends import OPS, available_backends
+from ._common import OPS, available_backends, built_ops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         mark = "yes" if info.available else "no "
         print(f"{name:7s} {mark}  {info.detail}")
     failed = [n for n in args.require if not infos[n].available]
-    built = _native.built_ops()
+    built = built_ops()
     for kind in args.require_built:
         missing = [op for op in OPS if op not in built[kind]]
         failed += [f"{kind} library of {op} (not built)" for op in missing]

@@ -1,7 +1,9 @@
 """Compact description of which genes each sample's dataset profiles ("observable genes").
 
-A corpus mixes datasets that each measure only part of the gene vocabulary (SPEC §1). Rather
-than a ``[B, G]`` mask per batch, the ops take a per-dataset table plus each row's dataset id:
+A corpus mixes datasets that each measure only part of the gene vocabulary; a sample's genes
+are drawn from, and its loss taken over, the genes its dataset profiles (arXiv:2605.31562 §2,
+§4). Rather than a ``[B, G]`` mask per batch, the ops take a per-dataset table plus each row's
+dataset id:
 
 * :class:`ObservableGenes` — built once per corpus: ``mask [D, G]`` bool and the same sets as
   sorted id lists in CSR form (``indptr [D+1]`` int64, ``genes [nnz]`` int32), which the
@@ -18,6 +20,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ._common import check_row_ids
+
 
 class RowGeneMask(NamedTuple):
     """Row ``b`` keeps gene ``g`` iff ``mask[dataset_ids[b], g]``; never materialises ``[B, G]``."""
@@ -26,8 +30,16 @@ class RowGeneMask(NamedTuple):
     dataset_ids: torch.Tensor  # [B] int32 or int64, values in [0, D)
 
     def dense(self) -> torch.Tensor:
-        """The equivalent ``[B, G]`` bool mask (for references and debugging)."""
-        return self.mask[self.dataset_ids.long()]
+        """The equivalent ``[B, G]`` bool mask (for references and debugging).
+
+        A dataset id outside ``[0, D)`` raises a ``ValueError`` on CPU tensors; on GPU tensors
+        (no host check, it would synchronise) it is torch's out-of-bounds index error, negative
+        ids included (they never wrap around to the last rows).
+        """
+        n = self.mask.shape[0]
+        ids = self.dataset_ids.long()
+        check_row_ids(ids, n, "RowGeneMask.dataset_ids")
+        return self.mask[torch.where(ids < 0, n, ids)]
 
 
 @dataclass(frozen=True)

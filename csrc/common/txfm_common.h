@@ -23,6 +23,19 @@
 #define TXFM_CPU_DISPATCH
 #endif
 
+// Element type codes of every op's C ABI; txfm_kernels/_common.py (DTYPE_CODE) mirrors them.
+enum txfm_dtype : int {
+  TXFM_F32 = 0, TXFM_BF16 = 1, TXFM_F16 = 2, TXFM_F64 = 3,
+  TXFM_I32 = 4, TXFM_I16 = 5, TXFM_U16 = 6, TXFM_U8 = 7,
+};
+
+// Every entry point takes its arguments as one struct (`txfm_<op>_args`, declared in
+// csrc/<op>/<op>_math.h) that a ctypes.Structure in txfm_kernels/<op>/native.py mirrors.
+// This exports `int64_t <struct>_size(void)`: the Python side compares it with its mirror
+// before the first call, so a library built from other sources is an error, not garbage.
+#define TXFM_EXPORT_SIZEOF(T) \
+  TXFM_API int64_t T##_size(void) { return static_cast<int64_t>(sizeof(T)); }
+
 // Status codes returned by every CPU entry point (CUDA entry points return cudaError_t).
 enum txfm_status : int {
   TXFM_OK = 0,

@@ -24,20 +24,10 @@ using namespace txfm_poisson;
 constexpr int64_t kSub = 512;    // elements per fp32 partial sum (then added into fp64)
 constexpr int64_t kTile = 8192;  // columns per work item (a multiple of kSub)
 
-struct Job {
-  const void* z;              // [B, G] logits
-  const void* x;              // [B, G] target
-  int64_t B, G;
-  const uint8_t* mask;        // nullptr, or rows of G bytes (0 = leave the gene out)
-  int64_t mask_stride;        // bytes between mask rows (0: one [G] row for every sample)
-  const int64_t* ids;         // nullptr (mask row = b), or [B] row of `mask` for sample b
-  const double* row_scale;    // nullptr, or [B] weight of each row's loss and gradient
-  double scale;               // weight when row_scale is nullptr
-  void* grad;                 // nullptr, or [B, G] dlogits in the logits' dtype
-  void* loss_elem;            // nullptr, or [B, G] per-element loss in the compute type
-  double* partials;           // [B * n_tiles]
+// The entry point's arguments plus the workspace of the (row, column tile) items.
+struct Job : txfm_poisson_args {
+  double* partials;  // [B * n_tiles]
   int64_t n_tiles;
-  double alpha, beta, eps;
 };
 
 
@@ -124,74 +114,43 @@ TXFM_CPU_DISPATCH void run_item(const Job& j, int64_t item) {
 
 using ItemFn = void (*)(const Job&, int64_t);
 
-template <int MODE, bool FULL>
-ItemFn pick_same_dtype(int zt, int xt) {
-  if (zt != xt) return nullptr;
-  switch (zt) {
-    case DT_F32: return run_item<MODE, FULL, float, float, float>;
-    case DT_BF16: return run_item<MODE, FULL, bf16_t, bf16_t, float>;
-    case DT_F16: return run_item<MODE, FULL, f16_t, f16_t, float>;
-    case DT_F64: return run_item<MODE, FULL, double, double, double>;
-  }
-  return nullptr;
-}
-
-// RTANH: logits fp32/bf16/fp16 with target fp32/bf16, or both fp64.
-// LOG/LINEAR (the drop-in poisson_nll_loss): input and target of one dtype.
-ItemFn pick(int mode, bool full, int zt, int xt) {
-  if (mode == MODE_RTANH) {
-    if (full) return nullptr;
-    if (zt == DT_F64 || xt == DT_F64) return zt == xt ? run_item<MODE_RTANH, false, double, double, double> : nullptr;
-    if (xt != DT_F32 && xt != DT_BF16) return nullptr;
-    const bool xf = xt == DT_F32;
-    switch (zt) {
-      case DT_F32: return xf ? run_item<MODE_RTANH, false, float, float, float> : run_item<MODE_RTANH, false, float, bf16_t, float>;
-      case DT_BF16: return xf ? run_item<MODE_RTANH, false, bf16_t, float, float> : run_item<MODE_RTANH, false, bf16_t, bf16_t, float>;
-      case DT_F16: return xf ? run_item<MODE_RTANH, false, f16_t, float, float> : run_item<MODE_RTANH, false, f16_t, bf16_t, float>;
-    }
-    return nullptr;
-  }
-  if (mode == MODE_LOG) return full ? pick_same_dtype<MODE_LOG, true>(zt, xt) : pick_same_dtype<MODE_LOG, false>(zt, xt);
-  if (mode == MODE_LINEAR) return full ? pick_same_dtype<MODE_LINEAR, true>(zt, xt) : pick_same_dtype<MODE_LINEAR, false>(zt, xt);
-  return nullptr;
-}
+// The instantiation of run_item for pick() (poisson_math.h).
+template <int MODE, bool FULL, typename ZS, typename XS, typename C> struct Item {
+  static ItemFn get() { return run_item<MODE, FULL, ZS, XS, C>; }
+};
 
 int dtype_size(int dt) { return dt == DT_F32 ? 4 : dt == DT_F64 ? 8 : 2; }
 
 }  // namespace
 
-// Fused forward over [B, G] logits z and target x.
+// Fused forward over [B, G] logits z and target x (every argument: txfm_poisson_args).
 //
-// mode: 0 rectified tanh (SPEC §4), 1 log_input, 2 linear input (+ full: Stirling term).
-// z_dtype / x_dtype: 0 fp32, 1 bf16, 2 fp16, 3 fp64 (supported pairs: see pick()).
-// mask: nullptr, or bytes with row r at mask + r * mask_stride; row of sample b is ids[b]
-//   when ids is given (values in [0, n_mask_rows)), else b (mask_stride 0: one shared row).
+// mode: 0 rectified tanh (arXiv:2605.31562 §4), 1 log_input, 2 linear input (+ full: Stirling).
+// Supported dtype pairs: see pick() in poisson_math.h. Row of `mask` for sample b: ids[b]
+// when ids is given (values in [0, n_mask_rows)), else b (mask_stride 0: one shared row).
 // Weight of row b: row_scale[b] if given, else scale. The loss written to *loss_out is
 //   sum_b weight_b * sum_{kept g} l[b, g]; grad (if not null, logits' dtype) gets
 //   weight_b * dl/dz for kept genes and 0 elsewhere; loss_elem (if not null, fp32 or fp64 for
 //   fp64 data) gets l[b, g] for kept genes and 0 elsewhere. *loss_out is a float (a double for
 //   fp64 data); the partial sums behind it are fp64.
 // Returns TXFM_OK, TXFM_ERR_BAD_ARG, or TXFM_ERR_BAD_INPUT (an id outside [0, n_mask_rows)).
-TXFM_API int txfm_poisson_fwd(const void* z, int z_dtype, const void* x, int x_dtype, int64_t B,
-                              int64_t G, int mode, int full, double alpha, double beta, double eps,
-                              const uint8_t* mask, int64_t mask_stride, const int64_t* ids,
-                              int64_t n_mask_rows, const double* row_scale, double scale,
-                              void* grad, void* loss_elem, void* loss_out) {
-  const ItemFn fn = pick(mode, full != 0, z_dtype, x_dtype);
-  if (fn == nullptr || z == nullptr || x == nullptr || loss_out == nullptr || B < 1 || G < 1 ||
-      (ids != nullptr && mask == nullptr) || beta == 0.0)
+TXFM_API int txfm_poisson_fwd(const txfm_poisson_args* a) {
+  if (a == nullptr) return TXFM_ERR_BAD_ARG;
+  const ItemFn fn = pick<Item>(a->mode, a->full != 0, a->z_dtype, a->x_dtype);
+  const int64_t B = a->B, G = a->G;
+  if (fn == nullptr || a->z == nullptr || a->x == nullptr || a->loss_out == nullptr || B < 1 ||
+      G < 1 || (a->ids != nullptr && a->mask == nullptr) || a->beta == 0.0)
     return TXFM_ERR_BAD_ARG;
-  if (ids != nullptr) {
+  if (a->ids != nullptr) {
     for (int64_t b = 0; b < B; ++b)
-      if (ids[b] < 0 || ids[b] >= n_mask_rows) return TXFM_ERR_BAD_INPUT;
+      if (a->ids[b] < 0 || a->ids[b] >= a->n_mask_rows) return TXFM_ERR_BAD_INPUT;
   }
   const int64_t n_tiles = (G + kTile - 1) / kTile;
   const int64_t n_items = B * n_tiles;
   std::vector<double> partials(size_t(n_items), 0.0);
-  Job j{z, x, B, G, mask, mask_stride, ids, row_scale, scale, grad, loss_elem, partials.data(),
-        n_tiles, alpha, beta, eps};
-  txfm::advise_huge_pages(grad, B * G * dtype_size(z_dtype));
-  txfm::advise_huge_pages(loss_elem, B * G * (z_dtype == DT_F64 ? 8 : 4));
+  const Job j{*a, partials.data(), n_tiles};
+  txfm::advise_huge_pages(a->grad, B * G * dtype_size(a->z_dtype));
+  txfm::advise_huge_pages(a->loss_elem, B * G * (a->z_dtype == DT_F64 ? 8 : 4));
 
   // Dynamic chunks: a thread that loses its core to another process (data loaders, say) does
   // not hold the others up; the partials do not depend on which thread ran an item.
@@ -200,9 +159,11 @@ TXFM_API int txfm_poisson_fwd(const void* z, int z_dtype, const void* x, int x_d
 
   double total = 0.0;
   for (int64_t i = 0; i < n_items; ++i) total += partials[size_t(i)];
-  if (z_dtype == DT_F64)
-    *static_cast<double*>(loss_out) = total;
+  if (a->z_dtype == DT_F64)
+    *static_cast<double*>(a->loss_out) = total;
   else
-    *static_cast<float*>(loss_out) = float(total);
+    *static_cast<float*>(a->loss_out) = float(total);
   return TXFM_OK;
 }
+
+TXFM_EXPORT_SIZEOF(txfm_poisson_args)

@@ -27,21 +27,10 @@ constexpr int kUnroll = 8;  // elements per thread in flight: enough bytes to co
 constexpr int64_t kTileCols = int64_t(kThreads) * kUnroll * 2;  // 4096 columns per block
 constexpr int kReduceThreads = 1024;
 
-struct Args {
-  const void* z;
-  const void* x;
-  int64_t B, G;
-  const uint8_t* mask;
-  int64_t mask_stride;
-  const int64_t* ids;
-  int64_t n_mask_rows;
-  const double* row_scale;
-  double scale;
-  void* grad;
-  void* loss_elem;
-  double* partials;
+// The entry point's arguments plus the workspace of the (row, column tile) blocks.
+struct Args : txfm_poisson_args {
+  double* partials;  // [B * n_tiles]
   int64_t n_tiles;
-  double alpha, beta, eps;
 };
 
 // Deterministic block sum (fixed shuffle tree, then warp 0 over the warp sums).
@@ -136,36 +125,10 @@ void launch(const Args& a, cudaStream_t stream) {
   fwd_kernel<MODE, FULL, ZS, XS, C><<<unsigned(a.B * a.n_tiles), kThreads, 0, stream>>>(a);
 }
 
-template <int MODE, bool FULL>
-Launch pick_same_dtype(int zt, int xt) {
-  if (zt != xt) return nullptr;
-  switch (zt) {
-    case DT_F32: return launch<MODE, FULL, float, float, float>;
-    case DT_BF16: return launch<MODE, FULL, bf16_t, bf16_t, float>;
-    case DT_F16: return launch<MODE, FULL, f16_t, f16_t, float>;
-    case DT_F64: return launch<MODE, FULL, double, double, double>;
-  }
-  return nullptr;
-}
-
-// Same supported pairs as the CPU kernel (poisson_cpu.cpp).
-Launch pick(int mode, bool full, int zt, int xt) {
-  if (mode == MODE_RTANH) {
-    if (full) return nullptr;
-    if (zt == DT_F64 || xt == DT_F64) return zt == xt ? launch<MODE_RTANH, false, double, double, double> : nullptr;
-    if (xt != DT_F32 && xt != DT_BF16) return nullptr;
-    const bool xf = xt == DT_F32;
-    switch (zt) {
-      case DT_F32: return xf ? launch<MODE_RTANH, false, float, float, float> : launch<MODE_RTANH, false, float, bf16_t, float>;
-      case DT_BF16: return xf ? launch<MODE_RTANH, false, bf16_t, float, float> : launch<MODE_RTANH, false, bf16_t, bf16_t, float>;
-      case DT_F16: return xf ? launch<MODE_RTANH, false, f16_t, float, float> : launch<MODE_RTANH, false, f16_t, bf16_t, float>;
-    }
-    return nullptr;
-  }
-  if (mode == MODE_LOG) return full ? pick_same_dtype<MODE_LOG, true>(zt, xt) : pick_same_dtype<MODE_LOG, false>(zt, xt);
-  if (mode == MODE_LINEAR) return full ? pick_same_dtype<MODE_LINEAR, true>(zt, xt) : pick_same_dtype<MODE_LINEAR, false>(zt, xt);
-  return nullptr;
-}
+// The instantiation of launch for pick() (poisson_math.h).
+template <int MODE, bool FULL, typename ZS, typename XS, typename C> struct Kernel {
+  static Launch get() { return launch<MODE, FULL, ZS, XS, C>; }
+};
 
 }  // namespace
 
@@ -176,31 +139,31 @@ TXFM_API int64_t txfm_poisson_cuda_tile_cols() { return kTileCols; }
 // `partials` (device, B * ceil(G / tile_cols) doubles) and the stream; loss_out is a device
 // float (a double for fp64 data). Returns a cudaError_t (cudaErrorInvalidValue for unsupported
 // arguments).
-TXFM_API int txfm_poisson_fwd_cuda(const void* z, int z_dtype, const void* x, int x_dtype,
-                                   int64_t B, int64_t G, int mode, int full, double alpha,
-                                   double beta, double eps, const uint8_t* mask,
-                                   int64_t mask_stride, const int64_t* ids, int64_t n_mask_rows,
-                                   const double* row_scale, double scale, void* grad,
-                                   void* loss_elem, void* loss_out, double* partials,
+TXFM_API int txfm_poisson_fwd_cuda(const txfm_poisson_args* args, double* partials,
                                    void* stream) {
-  const Launch fn = pick(mode, full != 0, z_dtype, x_dtype);
+  if (args == nullptr) return int(cudaErrorInvalidValue);
+  const Launch fn = pick<Kernel>(args->mode, args->full != 0, args->z_dtype, args->x_dtype);
+  const int64_t B = args->B, G = args->G;
   const int64_t n_tiles = (G + kTileCols - 1) / kTileCols;
-  if (fn == nullptr || z == nullptr || x == nullptr || loss_out == nullptr || partials == nullptr ||
-      B < 1 || G < 1 || B * n_tiles > int64_t(0x7fffffff) || (ids != nullptr && mask == nullptr) ||
-      beta == 0.0)
+  if (fn == nullptr || args->z == nullptr || args->x == nullptr || args->loss_out == nullptr ||
+      partials == nullptr || B < 1 || G < 1 || B * n_tiles > int64_t(0x7fffffff) ||
+      (args->ids != nullptr && args->mask == nullptr) || args->beta == 0.0)
     return int(cudaErrorInvalidValue);
-  const Args a{z, x, B, G, mask, mask_stride, ids, n_mask_rows, row_scale, scale, grad, loss_elem,
-               partials, n_tiles, alpha, beta, eps};
+  const Args a{*args, partials, n_tiles};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   fn(a, s);
-  if (z_dtype == DT_F64)
-    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles, static_cast<double*>(loss_out));
+  if (args->z_dtype == DT_F64)
+    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles,
+                                               static_cast<double*>(args->loss_out));
   else
-    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles, static_cast<float*>(loss_out));
+    reduce_kernel<<<1, kReduceThreads, 0, s>>>(partials, B * n_tiles,
+                                               static_cast<float*>(args->loss_out));
   return int(cudaGetLastError());
 }
 
-// grad (n elements, dtype 0 fp32 / 1 bf16 / 2 fp16) *= *scale (device fp32), unless it is 1.
+TXFM_EXPORT_SIZEOF(txfm_poisson_args)
+
+// grad (n elements, dtype TXFM_F32 / TXFM_BF16 / TXFM_F16) *= *scale (device fp32), unless it is 1.
 TXFM_API int txfm_poisson_scale_cuda(void* grad, int dtype, int64_t n, const float* scale,
                                      void* stream) {
   if (grad == nullptr || scale == nullptr || n < 0) return int(cudaErrorInvalidValue);

@@ -1,8 +1,8 @@
 // Per-element math of the Poisson NLL kernels, shared by the C++ CPU kernel and the CUDA kernel
 // (TXFM_HD = __host__ __device__ under nvcc), so the CPU tests check the arithmetic the GPU runs.
 //
-// Three loss modes (SPEC §4 and torch.nn.functional.poisson_nll_loss), per element with logit z
-// and target x:
+// Three loss modes (the TxFM loss of arXiv:2605.31562 §4, and
+// torch.nn.functional.poisson_nll_loss), per element with logit z and target x:
 //
 //   RTANH   phi = alpha * relu(tanh(z / beta)),  l = exp(phi) - phi * exp(x)
 //           dl/dz = (alpha / beta) * sech^2(z / beta) * (exp(phi) - exp(x))  for z > 0, else 0
@@ -27,10 +27,30 @@
 #include "common/txfm_common.h"
 #include "common/txfm_math.h"
 
+// Arguments of the fused forward (txfm_poisson_fwd, txfm_poisson_fwd_cuda), mirrored field for
+// field by PoissonArgs in txfm_kernels/poisson/native.py.
+struct txfm_poisson_args {
+  const void* z;             // [B, G] logits
+  const void* x;             // [B, G] target
+  int32_t z_dtype, x_dtype;  // txfm_dtype codes (supported pairs: see pick() in the kernels)
+  int64_t B, G;
+  int32_t mode, full;        // Mode; full: add Stirling's term (LOG / LINEAR only)
+  double alpha, beta, eps;
+  const uint8_t* mask;       // nullptr, or rows of G bytes (0 = leave the gene out)
+  int64_t mask_stride;       // bytes between mask rows (0: one [G] row for every sample)
+  const int64_t* ids;        // nullptr (mask row = b), or [B] mask row of sample b
+  int64_t n_mask_rows;       // rows of `mask` that ids may name
+  const double* row_scale;   // nullptr, or [B] weight of each row's loss and gradient
+  double scale;              // weight when row_scale is nullptr
+  void* grad;                // nullptr, or [B, G] weight * dl/dz in the logits' dtype
+  void* loss_elem;           // nullptr, or [B, G] per-element loss in the compute type
+  void* loss_out;            // the reduced loss: one float (a double for fp64 data)
+};
+
 namespace txfm_poisson {
 
 enum Mode : int { MODE_RTANH = 0, MODE_LOG = 1, MODE_LINEAR = 2 };
-enum DType : int { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
+enum DType : int { DT_F32 = TXFM_F32, DT_BF16 = TXFM_BF16, DT_F16 = TXFM_F16, DT_F64 = TXFM_F64 };
 
 // Storage types of 16-bit floats: raw bits, converted with integer ops (no hardware or
 // library types needed, identical on host and device).
@@ -214,7 +234,7 @@ template <> TXFM_HD LossGrad<double> tanh_sech2<double>(double u) {
   return {tanh(u), 1.0 / (c * c)};  // cosh overflows to inf for large u: sech^2 -> 0
 }
 
-// RTANH (SPEC §4).
+// RTANH (arXiv:2605.31562 §4).
 template <typename C> TXFM_HD LossGrad<C> rtanh_elem(C z, C x, const Params<C>& p) {
   const LossGrad<C> ts = tanh_sech2(z * p.inv_beta);
   const C phi = z <= C(0) ? C(0) : p.alpha * ts.loss;  // NaN z: tanh is NaN, so phi is NaN
@@ -249,6 +269,54 @@ template <int MODE, bool FULL, typename C> TXFM_HD LossGrad<C> elem(C z, C x, co
                                      : linear_elem(z, x, p);
   if (FULL) r.loss += stirling(x);
   return r;
+}
+
+// ---- which instantiation runs a call -----------------------------------------------------
+
+// The supported (mode, logits dtype, target dtype) combinations, shared by the CPU and the
+// CUDA dispatch: K<MODE, FULL, ZS, XS, C>::get() is that backend's function for logits stored
+// as ZS, targets as XS, computed in C; nullptr for an unsupported combination.
+// RTANH: logits fp32/bf16/fp16 with target fp32/bf16, or both fp64 (no Stirling term).
+// LOG/LINEAR (the drop-in poisson_nll_loss): input and target of one dtype.
+template <template <int, bool, typename, typename, typename> class K, int MODE, bool FULL>
+auto pick_same_dtype(int zt, int xt) -> decltype(K<MODE, FULL, float, float, float>::get()) {
+  if (zt != xt) return nullptr;
+  switch (zt) {
+    case DT_F32: return K<MODE, FULL, float, float, float>::get();
+    case DT_BF16: return K<MODE, FULL, bf16_t, bf16_t, float>::get();
+    case DT_F16: return K<MODE, FULL, f16_t, f16_t, float>::get();
+    case DT_F64: return K<MODE, FULL, double, double, double>::get();
+  }
+  return nullptr;
+}
+
+template <template <int, bool, typename, typename, typename> class K>
+auto pick(int mode, bool full, int zt, int xt) -> decltype(K<0, false, float, float, float>::get()) {
+  if (mode == MODE_RTANH) {
+    if (full) return nullptr;
+    if (zt == DT_F64 || xt == DT_F64)
+      return zt == xt ? K<MODE_RTANH, false, double, double, double>::get() : nullptr;
+    if (xt != DT_F32 && xt != DT_BF16) return nullptr;
+    const bool xf = xt == DT_F32;
+    switch (zt) {
+      case DT_F32:
+        return xf ? K<MODE_RTANH, false, float, float, float>::get()
+                  : K<MODE_RTANH, false, float, bf16_t, float>::get();
+      case DT_BF16:
+        return xf ? K<MODE_RTANH, false, bf16_t, float, float>::get()
+                  : K<MODE_RTANH, false, bf16_t, bf16_t, float>::get();
+      case DT_F16:
+        return xf ? K<MODE_RTANH, false, f16_t, float, float>::get()
+                  : K<MODE_RTANH, false, f16_t, bf16_t, float>::get();
+    }
+    return nullptr;
+  }
+  if (mode == MODE_LOG)
+    return full ? pick_same_dtype<K, MODE_LOG, true>(zt, xt) : pick_same_dtype<K, MODE_LOG, false>(zt, xt);
+  if (mode == MODE_LINEAR)
+    return full ? pick_same_dtype<K, MODE_LINEAR, true>(zt, xt)
+                : pick_same_dtype<K, MODE_LINEAR, false>(zt, xt);
+  return nullptr;
 }
 
 }  // namespace txfm_poisson

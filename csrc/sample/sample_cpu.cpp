@@ -37,26 +37,8 @@ enum SampleStatus : int {
   BAD_DATASET = 16,       // dataset id outside [0, n_datasets)
 };
 
-enum CountType : int { F32 = 0, I32 = 1, I16 = 2, U16 = 3, U8 = 4 };
-
-struct Args {
-  const int64_t* indptr;
-  const int32_t* indices;
-  const void* counts;
-  int64_t B, nnz, G;
-  const int64_t* obs_indptr;  // null: every gene observable
-  const int32_t* obs_genes;
-  int64_t n_datasets;
-  const void* dataset_ids;  // null: dataset 0
-  int ds_is_64;
-  int64_t K;
-  float L;
-  uint32_t k0, k1;
-  int32_t* gene_ids;
-  float* values;
-  uint8_t* pad;
-  float* target;  // null: no target
-  float* libsize;
+// The entry point's arguments plus whether to check the input while reading it.
+struct Args : txfm_sample_args {
   int validate;
 };
 
@@ -182,7 +164,7 @@ int run(const Args& a, int64_t* bad_row) {
       // the target then receives it with streaming stores: no read-for-ownership of the
       // target's cache lines, so DRAM sees the 4 * G bytes once.
       const double sum = row_sum(c, len);
-      const float scale = norm_scale(a.L, sum);
+      const float scale = norm_scale(a.target_sum, sum);
       float* dense = scratch.data();
       for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, len - i0);
@@ -238,42 +220,40 @@ int run(const Args& a, int64_t* bad_row) {
 // Returns TXFM_OK, TXFM_ERR_BAD_ARG, or a SampleStatus (>= 10) with *bad_row set to the row
 // (or, for indptr, the position) at fault. With validate == 0 the input is trusted: invalid
 // input then gives unspecified results (and may read or write out of bounds).
-TXFM_API int txfm_sample_cpu(const int64_t* indptr, const int32_t* indices, const void* counts,
-                             int count_type, int64_t B, int64_t nnz, int64_t G,
-                             const int64_t* obs_indptr, const int32_t* obs_genes,
-                             int64_t n_datasets, const void* dataset_ids, int ds_is_64,
-                             int64_t K, float library_size, uint32_t k0, uint32_t k1,
-                             int32_t* gene_ids, float* values, uint8_t* pad, float* target,
-                             float* libsize, int validate, int64_t* bad_row) {
-  if (B < 0 || nnz < 0 || G < 1 || G > (int64_t(1) << 31) || K < 1 || !indptr || !bad_row ||
-      (B > 0 && (!gene_ids || !values || !pad || !libsize || (obs_indptr && !obs_genes))) ||
-      (nnz > 0 && (!indices || !counts)))
+TXFM_API int txfm_sample_cpu(const txfm_sample_args* args, int validate, int64_t* bad_row) {
+  if (args == nullptr || bad_row == nullptr) return TXFM_ERR_BAD_ARG;
+  const Args a{*args, validate};
+  const int64_t B = a.B, nnz = a.nnz;
+  if (B < 0 || nnz < 0 || a.G < 1 || a.G > (int64_t(1) << 31) || a.K < 1 || !a.indptr ||
+      (B > 0 && (!a.gene_ids || !a.values || !a.pad || !a.libsize ||
+                 (a.obs_indptr && !a.obs_genes))) ||
+      (nnz > 0 && (!a.indices || !a.counts)))
     return TXFM_ERR_BAD_ARG;
   *bad_row = -1;
   if (validate) {
-    if (indptr[0] != 0) {
+    if (a.indptr[0] != 0) {
       *bad_row = 0;
       return BAD_INDPTR_START;
     }
     for (int64_t b = 0; b < B; ++b) {
-      if (indptr[b + 1] < indptr[b]) {
+      if (a.indptr[b + 1] < a.indptr[b]) {
         *bad_row = b;
         return BAD_INDPTR_ORDER;
       }
     }
-    if (indptr[B] != nnz) {
+    if (a.indptr[B] != nnz) {
       *bad_row = B;
       return BAD_INDPTR_END;
     }
   }
-  Args a{indptr, indices, counts, B, nnz, G, obs_indptr, obs_genes, n_datasets, dataset_ids,
-         ds_is_64, K, library_size, k0, k1, gene_ids, values, pad, target, libsize, validate};
-  switch (count_type) {
-    case F32: return run<float>(a, bad_row);
-    case I32: return run<int32_t>(a, bad_row);
-    case I16: return run<int16_t>(a, bad_row);
-    case U16: return run<uint16_t>(a, bad_row);
-    case U8: return run<uint8_t>(a, bad_row);
+  switch (a.count_type) {
+    case TXFM_F32: return run<float>(a, bad_row);
+    case TXFM_I32: return run<int32_t>(a, bad_row);
+    case TXFM_I16: return run<int16_t>(a, bad_row);
+    case TXFM_U16: return run<uint16_t>(a, bad_row);
+    case TXFM_U8: return run<uint8_t>(a, bad_row);
     default: return TXFM_ERR_BAD_ARG;
   }
 }
+
+TXFM_EXPORT_SIZEOF(txfm_sample_args)

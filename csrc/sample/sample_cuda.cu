@@ -124,14 +124,11 @@ masked_sample_kernel(const int64_t* __restrict__ indptr, const int32_t* __restri
 }
 
 template <typename C>
-cudaError_t launch(const int64_t* indptr, const int32_t* indices, const void* counts, int64_t B,
-                   int64_t nnz, int64_t G, const int64_t* obs_indptr, const int32_t* obs_genes,
-                   int64_t n_datasets, const void* dataset_ids, int ds_is_64, int64_t K, float L,
-                   uint32_t k0, uint32_t k1, int32_t* gene_ids, float* values, uint8_t* pad,
-                   float* target, float* libsize, cudaStream_t stream) {
-  masked_sample_kernel<C><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-      indptr, indices, static_cast<const C*>(counts), nnz, G, obs_indptr, obs_genes, n_datasets,
-      dataset_ids, ds_is_64, K, L, k0, k1, gene_ids, values, pad, target, libsize);
+cudaError_t launch(const txfm_sample_args& a, cudaStream_t stream) {
+  masked_sample_kernel<C><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
+      a.indptr, a.indices, static_cast<const C*>(a.counts), a.nnz, a.G, a.obs_indptr,
+      a.obs_genes, a.n_datasets, a.dataset_ids, a.ds_is_64, a.K, a.target_sum, a.k0, a.k1,
+      a.gene_ids, a.values, a.pad, a.target, a.libsize);
   return cudaGetLastError();
 }
 
@@ -139,27 +136,19 @@ cudaError_t launch(const int64_t* indptr, const int32_t* indices, const void* co
 
 // Same arguments as txfm_sample_cpu minus validation, plus the stream; returns a cudaError_t.
 // target (if not null) must be all zeros: only the non-zeros are written.
-TXFM_API int txfm_sample_cuda(const int64_t* indptr, const int32_t* indices, const void* counts,
-                              int count_type, int64_t B, int64_t nnz, int64_t G,
-                              const int64_t* obs_indptr, const int32_t* obs_genes,
-                              int64_t n_datasets, const void* dataset_ids, int ds_is_64,
-                              int64_t K, float library_size, uint32_t k0, uint32_t k1,
-                              int32_t* gene_ids, float* values, uint8_t* pad, float* target,
-                              float* libsize, void* stream) {
-  if (B <= 0) return cudaSuccess;
-  if (B > 0x7FFFFFFF || K < 1 || G < 1) return cudaErrorInvalidValue;
+TXFM_API int txfm_sample_cuda(const txfm_sample_args* a, void* stream) {
+  if (a == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (a->B <= 0) return cudaSuccess;
+  if (a->B > 0x7FFFFFFF || a->K < 1 || a->G < 1) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
-#define TXFM_SAMPLE_LAUNCH(T)                                                                  \
-  return static_cast<int>(launch<T>(indptr, indices, counts, B, nnz, G, obs_indptr, obs_genes, \
-                                    n_datasets, dataset_ids, ds_is_64, K, library_size, k0,    \
-                                    k1, gene_ids, values, pad, target, libsize, s))
-  switch (count_type) {
-    case 0: TXFM_SAMPLE_LAUNCH(float);
-    case 1: TXFM_SAMPLE_LAUNCH(int32_t);
-    case 2: TXFM_SAMPLE_LAUNCH(int16_t);
-    case 3: TXFM_SAMPLE_LAUNCH(uint16_t);
-    case 4: TXFM_SAMPLE_LAUNCH(uint8_t);
+  switch (a->count_type) {
+    case TXFM_F32: return static_cast<int>(launch<float>(*a, s));
+    case TXFM_I32: return static_cast<int>(launch<int32_t>(*a, s));
+    case TXFM_I16: return static_cast<int>(launch<int16_t>(*a, s));
+    case TXFM_U16: return static_cast<int>(launch<uint16_t>(*a, s));
+    case TXFM_U8: return static_cast<int>(launch<uint8_t>(*a, s));
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
-#undef TXFM_SAMPLE_LAUNCH
 }
+
+TXFM_EXPORT_SIZEOF(txfm_sample_args)

@@ -1,6 +1,6 @@
 // Math of the masked sampler shared by the C++ CPU kernel and the CUDA kernel (TXFM_HD), and
 // mirrored line for line by the Triton kernel and the torch reference in
-// txfm_kernels/sample.py. Change one, change all four: tests check they agree bit for bit.
+// txfm_kernels/sample/ (triton.py, reference.py). Change one, change all four: tests check they agree bit for bit.
 //
 // Uniform draw of K of a row's n observable genes without replacement:
 //   * a keyed bijection P of [0, 2^m) with 2^m >= max(n, 1024): an alternating unbalanced
@@ -18,6 +18,29 @@
 
 #include "common/txfm_common.h"
 #include "common/txfm_math.h"
+
+// Arguments of txfm_sample_cpu / txfm_sample_cuda, mirrored field for field by SampleArgs in
+// txfm_kernels/sample/native.py.
+struct txfm_sample_args {
+  const int64_t* indptr;     // [B + 1] CSR row pointers
+  const int32_t* indices;    // [nnz] gene ids, strictly increasing within a row
+  const void* counts;        // [nnz] of count_type
+  int32_t count_type;        // txfm_dtype: TXFM_F32, TXFM_I32, TXFM_I16, TXFM_U16 or TXFM_U8
+  int32_t ds_is_64;          // dataset_ids are int64 (else int32)
+  int64_t B, nnz, G;
+  const int64_t* obs_indptr; // [n_datasets + 1], or nullptr: every gene observable
+  const int32_t* obs_genes;  // each dataset's observable genes, sorted
+  int64_t n_datasets;
+  const void* dataset_ids;   // [B], or nullptr: dataset 0
+  int64_t K;                 // genes drawn per row
+  float target_sum;          // L of log1p(L * c / sum(c))
+  uint32_t k0, k1;           // the call's key (derived from (seed, offset) on the host)
+  int32_t* gene_ids;         // [B, K] outputs
+  float* values;             // [B, K]
+  uint8_t* pad;              // [B, K]
+  float* target;             // [B, G], or nullptr: no target (CUDA: zeroed by the caller)
+  float* libsize;            // [B] sum of each row's counts
+};
 
 namespace txfm_sample {
 
@@ -72,27 +95,15 @@ TXFM_HD uint32_t feistel(uint32_t x, const uint32_t* keys, int la, int lb) {
   return x;
 }
 
-TXFM_HD uint32_t float_bits(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-TXFM_HD float bits_float(uint32_t u) {
-  float f;
-  memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // log1p(x) for x >= 0 (finite), branch-free so GCC vectorises it: log(1 + x) with the Cephes
 // logf polynomial on the mantissa (~1 ulp) plus the rounding error of 1 + x as a first-order
 // correction (x - (u - 1)) / u. Exact 0 at x = 0.
 TXFM_HD float log1p_nonneg(float x) {
   const float u = 1.0f + x;
   const float corr = (x - (u - 1.0f)) / u;
-  const uint32_t bits = float_bits(u);
+  const uint32_t bits = txfm::f2u(u);
   int e = static_cast<int>(bits >> 23) - 127;
-  float m = bits_float((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
+  float m = txfm::u2f((bits & 0x007FFFFFu) | 0x3F800000u);  // [1, 2)
   const bool big = m > 1.41421356f;
   m = big ? 0.5f * m : m;  // [sqrt(1/2), sqrt(2))
   e += big ? 1 : 0;
@@ -106,11 +117,11 @@ TXFM_HD float log1p_nonneg(float x) {
   return (f + y) + 0.693359375f * fe + corr;
 }
 
-// Library-size factor L / sum(counts); a row without counts gets 0 so its values are 0, not NaN.
+// Normalisation factor L / sum(counts); a row without counts gets 0 so its values are 0, not NaN.
 // The sum is accumulated in fp64 by every backend: fp32 sums of large libraries (> 2^24 counts)
 // would depend on the summation order, fp64 ones round to the same fp32 value.
-TXFM_HD float norm_scale(float library_size, double row_sum) {
-  return row_sum > 0.0 ? static_cast<float>(static_cast<double>(library_size) / row_sum) : 0.0f;
+TXFM_HD float norm_scale(float target_sum, double row_sum) {
+  return row_sum > 0.0 ? static_cast<float>(static_cast<double>(target_sum) / row_sum) : 0.0f;
 }
 
 }  // namespace txfm_sample

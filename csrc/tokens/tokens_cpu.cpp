@@ -147,66 +147,62 @@ int backward(const T* grad, const I* ids, const uint8_t* pad, T* grad_codebook, 
   return TXFM_OK;
 }
 
+// The entry points' dispatch on the id width.
 template <class T>
-int forward_ids(const void* codebook, const void* ids, int id_bytes, const void* values,
-                const void* cls, const uint8_t* pad, void* out, int64_t B, int64_t K, int64_t V,
-                int64_t D1, int has_cls) {
-  if (id_bytes == 4)
-    return forward<T, int32_t>((const T*)codebook, (const int32_t*)ids, (const T*)values,
-                               (const T*)cls, pad, (T*)out, B, K, V, D1, has_cls);
-  if (id_bytes == 8)
-    return forward<T, int64_t>((const T*)codebook, (const int64_t*)ids, (const T*)values,
-                               (const T*)cls, pad, (T*)out, B, K, V, D1, has_cls);
+int forward_ids(const txfm_tokens_args& a) {
+  if (a.id_bytes == 4)
+    return forward<T, int32_t>((const T*)a.codebook, (const int32_t*)a.ids, (const T*)a.values,
+                               (const T*)a.cls, a.pad, (T*)a.out, a.B, a.K, a.V, a.D1, a.has_cls);
+  if (a.id_bytes == 8)
+    return forward<T, int64_t>((const T*)a.codebook, (const int64_t*)a.ids, (const T*)a.values,
+                               (const T*)a.cls, a.pad, (T*)a.out, a.B, a.K, a.V, a.D1, a.has_cls);
   return TXFM_ERR_BAD_ARG;
 }
 
 template <class T>
-int backward_ids(const void* grad, const void* ids, int id_bytes, const uint8_t* pad,
-                 void* grad_codebook, void* grad_values, int64_t B, int64_t K, int64_t V,
-                 int64_t D1, int has_cls) {
-  if (id_bytes == 4)
-    return backward<T, int32_t>((const T*)grad, (const int32_t*)ids, pad, (T*)grad_codebook,
-                                (T*)grad_values, B, K, V, D1, has_cls);
-  if (id_bytes == 8)
-    return backward<T, int64_t>((const T*)grad, (const int64_t*)ids, pad, (T*)grad_codebook,
-                                (T*)grad_values, B, K, V, D1, has_cls);
+int backward_ids(const txfm_tokens_args& a) {
+  if (a.id_bytes == 4)
+    return backward<T, int32_t>((const T*)a.grad, (const int32_t*)a.ids, a.pad,
+                                (T*)a.grad_codebook, (T*)a.grad_values, a.B, a.K, a.V, a.D1,
+                                a.has_cls);
+  if (a.id_bytes == 8)
+    return backward<T, int64_t>((const T*)a.grad, (const int64_t*)a.ids, a.pad,
+                                (T*)a.grad_codebook, (T*)a.grad_values, a.B, a.K, a.V, a.D1,
+                                a.has_cls);
   return TXFM_ERR_BAD_ARG;
 }
 
-bool bad_sizes(int64_t B, int64_t K, int64_t V, int64_t D1, int has_cls) {
-  return B < 0 || K < 0 || V < 1 || D1 < 1 || (has_cls != 0 && has_cls != 1);
+bool bad_sizes(const txfm_tokens_args* a) {
+  return a == nullptr || a->B < 0 || a->K < 0 || a->V < 1 || a->D1 < 1 ||
+         (a->has_cls != 0 && a->has_cls != 1);
 }
 
 }  // namespace
 
-// tokens [B, K + has_cls, D1 + 1] <- codebook [V, D1], ids [B, K] (int32/int64 by id_bytes),
+// tokens out [B, K + has_cls, D1 + 1] <- codebook [V, D1], ids [B, K] (int32/int64 by id_bytes),
 // values [B, K], cls [D1 + 1] (if has_cls), pad [B, K] uint8 or NULL. All contiguous, codebook,
 // values, cls and out of element type `dtype` (DT_F32, DT_BF16, DT_F64).
 // Returns TXFM_ERR_BAD_INPUT if a non-padded id lies outside [0, V).
-TXFM_API int txfm_tokens_forward(const void* codebook, const void* ids, int id_bytes,
-                                 const void* values, const void* cls, const uint8_t* pad,
-                                 void* out, int64_t B, int64_t K, int64_t V, int64_t D1,
-                                 int has_cls, int dtype) {
-  if (bad_sizes(B, K, V, D1, has_cls) || (has_cls && !cls)) return TXFM_ERR_BAD_ARG;
-  switch (dtype) {
-    case DT_F32: return forward_ids<float>(codebook, ids, id_bytes, values, cls, pad, out, B, K, V, D1, has_cls);
-    case DT_BF16: return forward_ids<bf16>(codebook, ids, id_bytes, values, cls, pad, out, B, K, V, D1, has_cls);
-    case DT_F64: return forward_ids<double>(codebook, ids, id_bytes, values, cls, pad, out, B, K, V, D1, has_cls);
+TXFM_API int txfm_tokens_forward(const txfm_tokens_args* a) {
+  if (bad_sizes(a) || (a->has_cls && !a->cls)) return TXFM_ERR_BAD_ARG;
+  switch (a->dtype) {
+    case DT_F32: return forward_ids<float>(*a);
+    case DT_BF16: return forward_ids<bf16>(*a);
+    case DT_F64: return forward_ids<double>(*a);
     default: return TXFM_ERR_BAD_ARG;
   }
 }
 
 // grad_codebook [V, D1] (every row written) and grad_values [B, K] (0 at padding) <- grad
 // [B, K + has_cls, D1 + 1]. Deterministic: each gene's rows are summed in token order.
-TXFM_API int txfm_tokens_backward(const void* grad, const void* ids, int id_bytes,
-                                  const uint8_t* pad, void* grad_codebook, void* grad_values,
-                                  int64_t B, int64_t K, int64_t V, int64_t D1, int has_cls,
-                                  int dtype) {
-  if (bad_sizes(B, K, V, D1, has_cls)) return TXFM_ERR_BAD_ARG;
-  switch (dtype) {
-    case DT_F32: return backward_ids<float>(grad, ids, id_bytes, pad, grad_codebook, grad_values, B, K, V, D1, has_cls);
-    case DT_BF16: return backward_ids<bf16>(grad, ids, id_bytes, pad, grad_codebook, grad_values, B, K, V, D1, has_cls);
-    case DT_F64: return backward_ids<double>(grad, ids, id_bytes, pad, grad_codebook, grad_values, B, K, V, D1, has_cls);
+TXFM_API int txfm_tokens_backward(const txfm_tokens_args* a) {
+  if (bad_sizes(a)) return TXFM_ERR_BAD_ARG;
+  switch (a->dtype) {
+    case DT_F32: return backward_ids<float>(*a);
+    case DT_BF16: return backward_ids<bf16>(*a);
+    case DT_F64: return backward_ids<double>(*a);
     default: return TXFM_ERR_BAD_ARG;
   }
 }
+
+TXFM_EXPORT_SIZEOF(txfm_tokens_args)

@@ -202,54 +202,55 @@ cudaError_t launch_backward_atomic(const void* grad, const void* ids, int id_byt
   return cudaGetLastError();
 }
 
-bool bad_args(int64_t B, int64_t K, int64_t V, int64_t D1, int has_cls, int id_bytes) {
-  return B < 0 || K < 0 || V < 1 || D1 < 1 || (has_cls != 0 && has_cls != 1) ||
-         (id_bytes != 4 && id_bytes != 8);
+bool bad_args(const txfm_tokens_args* a, bool reads_ids) {
+  return a == nullptr || a->B < 0 || a->K < 0 || a->V < 1 || a->D1 < 1 ||
+         (a->has_cls != 0 && a->has_cls != 1) ||
+         (reads_ids && a->id_bytes != 4 && a->id_bytes != 8);
 }
 
 }  // namespace
 
 // Same arguments as txfm_tokens_forward (tokens_cpu.cpp), device pointers, plus the stream.
 // dtype: DT_F32 or DT_BF16.
-TXFM_API int txfm_tokens_forward_cuda(const void* codebook, const void* ids, int id_bytes,
-                                      const void* values, const void* cls, const uint8_t* pad,
-                                      void* out, int64_t B, int64_t K, int64_t V, int64_t D1,
-                                      int has_cls, int dtype, void* stream) {
-  if (bad_args(B, K, V, D1, has_cls, id_bytes) || (has_cls && !cls)) return cudaErrorInvalidValue;
+TXFM_API int txfm_tokens_forward_cuda(const txfm_tokens_args* a, void* stream) {
+  if (bad_args(a, true) || (a->has_cls && !a->cls)) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == DT_F32)
-    return launch_forward<float>(codebook, ids, id_bytes, values, cls, pad, out, B, K, V, D1, has_cls, s);
-  if (dtype == DT_BF16)
-    return launch_forward<bf16>(codebook, ids, id_bytes, values, cls, pad, out, B, K, V, D1, has_cls, s);
+  if (a->dtype == DT_F32)
+    return launch_forward<float>(a->codebook, a->ids, a->id_bytes, a->values, a->cls, a->pad,
+                                 a->out, a->B, a->K, a->V, a->D1, a->has_cls, s);
+  if (a->dtype == DT_BF16)
+    return launch_forward<bf16>(a->codebook, a->ids, a->id_bytes, a->values, a->cls, a->pad,
+                                a->out, a->B, a->K, a->V, a->D1, a->has_cls, s);
   return cudaErrorInvalidValue;
 }
 
 // grad_codebook [V, D1] (every row written) from grad [B, K + has_cls, D1 + 1], given the flat
 // token indices sorted by gene (perm, int64) and each gene's segment [offsets[g], offsets[g+1]).
-TXFM_API int txfm_tokens_backward_sorted_cuda(const void* grad, const int64_t* perm,
-                                              const int64_t* offsets, void* grad_codebook,
-                                              int64_t B, int64_t K, int64_t V, int64_t D1,
-                                              int has_cls, int dtype, void* stream) {
-  if (bad_args(B, K, V, D1, has_cls, 8)) return cudaErrorInvalidValue;
+TXFM_API int txfm_tokens_backward_sorted_cuda(const txfm_tokens_args* a, void* stream) {
+  if (bad_args(a, false)) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == DT_F32)
-    return launch_backward_sorted<float>(grad, perm, offsets, grad_codebook, K, V, D1, has_cls, s);
-  if (dtype == DT_BF16)
-    return launch_backward_sorted<bf16>(grad, perm, offsets, grad_codebook, K, V, D1, has_cls, s);
+  if (a->dtype == DT_F32)
+    return launch_backward_sorted<float>(a->grad, a->perm, a->offsets, a->grad_codebook, a->K,
+                                         a->V, a->D1, a->has_cls, s);
+  if (a->dtype == DT_BF16)
+    return launch_backward_sorted<bf16>(a->grad, a->perm, a->offsets, a->grad_codebook, a->K,
+                                        a->V, a->D1, a->has_cls, s);
   return cudaErrorInvalidValue;
 }
 
-// acc [V, D1] fp32 (zeroed by the caller) += every non-padded token's gradient row, by atomics:
-// fast, but the fp32 summation order (hence the last bits) varies from run to run.
-TXFM_API int txfm_tokens_backward_atomic_cuda(const void* grad, const void* ids, int id_bytes,
-                                              const uint8_t* pad, float* acc, int64_t B, int64_t K,
-                                              int64_t V, int64_t D1, int has_cls, int dtype,
-                                              void* stream) {
-  if (bad_args(B, K, V, D1, has_cls, id_bytes)) return cudaErrorInvalidValue;
+// grad_codebook [V, D1] fp32 (zeroed by the caller) += every non-padded token's gradient row, by
+// atomics: fast, but the fp32 summation order (hence the last bits) varies from run to run.
+TXFM_API int txfm_tokens_backward_atomic_cuda(const txfm_tokens_args* a, void* stream) {
+  if (bad_args(a, true)) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == DT_F32)
-    return launch_backward_atomic<float>(grad, ids, id_bytes, pad, acc, B, K, V, D1, has_cls, s);
-  if (dtype == DT_BF16)
-    return launch_backward_atomic<bf16>(grad, ids, id_bytes, pad, acc, B, K, V, D1, has_cls, s);
+  float* acc = static_cast<float*>(a->grad_codebook);
+  if (a->dtype == DT_F32)
+    return launch_backward_atomic<float>(a->grad, a->ids, a->id_bytes, a->pad, acc, a->B, a->K,
+                                         a->V, a->D1, a->has_cls, s);
+  if (a->dtype == DT_BF16)
+    return launch_backward_atomic<bf16>(a->grad, a->ids, a->id_bytes, a->pad, acc, a->B, a->K,
+                                        a->V, a->D1, a->has_cls, s);
   return cudaErrorInvalidValue;
 }
+
+TXFM_EXPORT_SIZEOF(txfm_tokens_args)

@@ -16,10 +16,29 @@
 #include "common/txfm_common.h"
 #include "common/txfm_math.h"
 
+// Arguments of every entry point of the op (CPU and CUDA, forward and backward), mirrored field
+// for field by TokensArgs in txfm_kernels/tokens/native.py. Each entry point reads its own.
+struct txfm_tokens_args {
+  const void* codebook;    // [V, D1]                       forward
+  const void* ids;         // [B, K] int32 or int64 (id_bytes 4 or 8)
+  const void* values;      // [B, K]                        forward
+  const void* cls;         // [D1 + 1] or nullptr            forward
+  const uint8_t* pad;      // [B, K] or nullptr, 1 = padding
+  void* out;               // [B, K + has_cls, D1 + 1]       forward: the tokens
+  const void* grad;        // [B, K + has_cls, D1 + 1]       backward: dL/dtokens
+  void* grad_codebook;     // [V, D1]                        backward (atomic CUDA: fp32 sums)
+  void* grad_values;       // [B, K]                         CPU backward
+  const int64_t* perm;     // [B * K] positions sorted by gene   sorted CUDA backward
+  const int64_t* offsets;  // [V + 1] each gene's segment       sorted CUDA backward
+  int64_t B, K, V, D1;
+  int32_t id_bytes, has_cls;
+  int32_t dtype;           // txfm_dtype of codebook, values, cls, out, grad, grad_*
+};
+
 namespace txfm_tokens {
 
-// Element type codes passed through the C ABI.
-enum dtype_code : int { DT_F32 = 0, DT_BF16 = 1, DT_F64 = 2 };
+// Element type codes of the C ABI (txfm_dtype).
+enum dtype_code : int { DT_F32 = TXFM_F32, DT_BF16 = TXFM_BF16, DT_F64 = TXFM_F64 };
 
 struct bf16 {
   uint16_t bits;

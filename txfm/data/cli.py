@@ -1,8 +1,10 @@
-"""``txfm data synth|convert|info|demo``. Heavy imports happen inside the commands."""
+"""``txfm data synth|convert|info|verify|demo``. Heavy imports happen inside the commands."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from txfm.cli import finite_float, int_at_least, nonnegative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -18,13 +20,17 @@ def register(subparsers) -> None:
                     "(screen, atlas[, bulk]) plus truth/ (gene programs, relationship pairs in "
                     "the EFAAR entity1,entity2 format, perturbation effects).")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cells", type=int, default=20_000, help="single cells (screen + atlas)")
-    p.add_argument("--genes", type=int, default=3_000, help="genes in the universe")
-    p.add_argument("--perturbations", type=int, default=50, help="CRISPRi target genes")
-    p.add_argument("--batches", type=int, default=3, help="batches per single-cell dataset")
-    p.add_argument("--bulk", type=int, default=0, help="bulk samples (0: no bulk dataset)")
-    p.add_argument("--programs", type=int, default=None, help="gene programs (default genes/75)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells", type=int_at_least(20), default=20_000,
+                   help="single cells (screen + atlas)")
+    p.add_argument("--genes", type=int_at_least(50), default=3_000, help="genes in the universe")
+    p.add_argument("--perturbations", type=positive_int, default=50, help="CRISPRi target genes")
+    p.add_argument("--batches", type=positive_int, default=3,
+                   help="batches per single-cell dataset")
+    p.add_argument("--bulk", type=nonnegative_int, default=0,
+                   help="bulk samples (0: no bulk dataset)")
+    p.add_argument("--programs", type=positive_int, default=None,
+                   help="gene programs (default genes/75)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -56,20 +62,24 @@ def register(subparsers) -> None:
     src.add_argument("--layer", default=None,
                      help="read counts from .layers[LAYER] of .h5ad inputs")
     src.add_argument("--raw", action="store_true", help="read counts from .raw of .h5ad inputs")
-    p.add_argument("--min-cells", type=int, default=1000,
+    p.add_argument("--min-cells", type=nonnegative_int, default=1000,
                    help="single-cell: keep genes expressed in >= this many cells (paper: 1,000)")
-    p.add_argument("--min-genes", type=int, default=2000,
+    p.add_argument("--min-genes", type=nonnegative_int, default=2000,
                    help="single-cell: keep cells expressing >= this many genes (paper: 2,000)")
     p.add_argument("--allow-non-integer", action="store_true",
                    help="accept non-integer counts (TPM-like bulk data); stored as float32")
     p.add_argument("--feature-types", default="Gene Expression",
                    help="10x feature types to keep (comma-separated; empty = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus-wide shuffle")
-    p.add_argument("--val-fraction", type=float, default=0.01,
+    p.add_argument("--genome", default=None,
+                   help="10x .h5 inputs: genomes to read (comma-separated, e.g. mm10; default "
+                        "all), as scanpy's read_10x_h5(genome=...)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the corpus-wide shuffle")
+    p.add_argument("--val-fraction", type=finite_float(0.0), default=0.01,
                    help="share of cells held out as validation shards")
-    p.add_argument("--shard-cells", type=int, default=None,
+    p.add_argument("--shard-cells", type=positive_int, default=None,
                    help="cells per shard (default: from --shard-mb)")
-    p.add_argument("--shard-mb", type=float, default=256.0,
+    p.add_argument("--shard-mb", type=finite_float(0.0, above=True), default=256.0,
                    help="target uncompressed MiB of counts + indices per shard")
     p.add_argument("--codec", default="none", choices=["none", "lz4", "zstd"],
                    help="inner-chunk compression (none reads fastest; see the README)")
@@ -86,6 +96,15 @@ def register(subparsers) -> None:
     p.add_argument("shards")
     p.add_argument("--json", action="store_true", help="print the whole manifest.json")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="check every chunk of a shards folder for corruption",
+                       description="Read every chunk of every shard and check its crc32c "
+                                   "checksum and contents (gene ids, counts, cell offsets). "
+                                   "Exit status 0: intact; 2: corrupt or unreadable (each "
+                                   "problem is listed, naming the shard, cells and file).")
+    p.add_argument("shards")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", formatter_class=fmt,
                        help="make the synthetic demo shards used by plain `txfm train`",
@@ -130,8 +149,9 @@ def cmd_convert(args) -> int:
                     feature_types=types, seed=args.seed, val_fraction=args.val_fraction,
                     shard_cells=args.shard_cells, shard_mb=args.shard_mb, codec=args.codec,
                     counts_dtype=args.counts_dtype, overwrite=args.overwrite,
-                    progress=not args.quiet)
-    except (InputError, FileExistsError, ValueError) as err:
+                    progress=not args.quiet,
+                    genome=[g for g in args.genome.split(",") if g] if args.genome else None)
+    except (InputError, OSError, ValueError) as err:  # OSError: e.g. --out not writable
         return _fail(str(err))
     print(f"wrote {m.root}")
     return 0
@@ -151,6 +171,26 @@ def cmd_info(args) -> int:
     else:
         print(m.summary())
     return 0
+
+
+def cmd_verify(args) -> int:
+    from .manifest import Manifest
+
+    try:
+        m = Manifest.load(args.shards)
+        report = m.verify(progress=not args.quiet)
+    except (OSError, ValueError) as err:
+        return _fail(str(err))
+    size = f"{report.n_chunks:,} X chunks, {report.n_bytes / 2**20:,.1f} MiB"
+    if report.ok:
+        print(f"{m.root}: {len(m.shards)} shards intact ({size} checked)")
+        return 0
+    for msg in report.problems:
+        print(f"corrupt: {msg}")
+    more = report.n_problems - len(report.problems)
+    return _fail(f"{m.root}: {report.n_problems} problem(s) in {len(m.shards)} shards "
+                 f"({size} checked){f', {more} not listed' if more else ''}; first: "
+                 f"{report.problems[0]}")
 
 
 def cmd_demo(args) -> int:

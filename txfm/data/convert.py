@@ -25,9 +25,13 @@ recorded cell by cell as well as by its seed.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import sys
@@ -44,11 +48,13 @@ from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, MANI
                      write_json_atomic)
 from .manifest import Manifest
 from .obs import ObsTables
+from .stats import GeneStats
 from .readers import InputError, InputReader, open_input
 from .vocab import (Vocabulary, dataset_keys, read_gene_table, symbol_to_id_map,
                     union_vocabulary)
 
 WORK = ".txfm-convert"
+LOCK = ".txfm-convert.lock"  # held (flock) by the conversion writing the folder
 _META = np.dtype([("pos", "<i8"), ("nnz", "<i8"), ("ds", "<i4"), ("row", "<i8")])
 
 
@@ -89,12 +95,12 @@ def _fingerprint(inputs: Sequence[Path], params: dict) -> str:
 def _ours(entry: Path) -> bool:
     n = entry.name
     return (n.startswith(SHARD_PREFIX) or n.startswith(".tmp-") or n in
-            (VAL_GROUP, VOCAB_FILE, MANIFEST, "zarr.json", WORK) or n.startswith(MANIFEST))
+            (VAL_GROUP, VOCAB_FILE, MANIFEST, "zarr.json", WORK, LOCK) or n.startswith(MANIFEST))
 
 
 def _clean(out: Path) -> None:
     for entry in out.iterdir():
-        if _ours(entry):
+        if _ours(entry) and entry.name != LOCK:  # the lock stays: we hold it
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
@@ -191,12 +197,16 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
             seed: int = 0, val_fraction: float = 0.01, shard_cells: int | None = None,
             shard_mb: float = 256.0, codec: str = "none", counts_dtype: str = "auto",
             chunk_nnz: int = 8_000_000, overwrite: bool = False, progress: bool = True,
+            genome: str | Sequence[str] | None = None,
             log: Callable[[str], None] | None = None) -> Manifest:
     """Convert ``inputs`` (paths; each one dataset) into a shard collection at ``out``.
 
     Returns the :class:`Manifest`. See the module docstring for the pipeline and
-    ``txfm data convert --help`` for the options. Raises :class:`InputError` (a
-    ``ValueError``) for bad inputs, ``FileExistsError`` when ``out`` holds something else.
+    ``txfm data convert --help`` for the options (``genome``: genomes read from 10x ``.h5``
+    inputs, default all). Raises :class:`InputError` (a ``ValueError``) for bad inputs,
+    ``ValueError`` for bad options, ``FileExistsError`` when ``out`` holds something else or
+    another conversion is writing it. A conversion that fails on a bad input or option
+    leaves no ``out`` behind if it created it.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     inputs = [Path(p) for p in inputs]
@@ -207,29 +217,100 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
     if counts_dtype not in ("auto", "uint16", "uint32", "float32"):
         raise ValueError(f"counts_dtype must be auto, uint16, uint32 or float32, got "
                          f"{counts_dtype!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if min_cells < 0 or min_genes < 0:
-        raise ValueError("min_cells and min_genes must be >= 0")
+    _check_numbers(val_fraction=val_fraction, min_cells=min_cells, min_genes=min_genes,
+                   seed=seed, shard_cells=shard_cells, shard_mb=shard_mb, chunk_nnz=chunk_nnz)
+    if genome and not any(p.suffix in (".h5", ".hdf5") for p in inputs):
+        raise ValueError("--genome selects genomes of 10x .h5 inputs, and none was given")
+    if (layer or use_raw) and not any(p.suffix == ".h5ad" for p in inputs):
+        raise ValueError(f"{'--layer' if layer else '--raw'} applies to .h5ad inputs, and none "
+                         f"was given")
+    for p in (vocab, gene_table):
+        if p is not None and not Path(p).is_file():
+            raise InputError(f"{p}: file does not exist")
     out = Path(out)
-    readers = [open_input(p, layer=layer, use_raw=use_raw) for p in inputs]
+    readers: list[InputReader] = []
     try:
-        return _convert(readers, inputs, out, vocab=vocab, gene_key=gene_key,
-                        gene_table=gene_table, names=names, bulk=bulk, min_cells=min_cells,
-                        min_genes=min_genes, allow_non_integer=allow_non_integer,
-                        feature_types=tuple(feature_types), seed=seed,
-                        val_fraction=val_fraction, shard_cells=shard_cells, shard_mb=shard_mb,
-                        codec=codec, counts_dtype=counts_dtype, chunk_nnz=chunk_nnz,
-                        overwrite=overwrite, progress=progress, log=log,
-                        layer=layer, use_raw=use_raw)
+        for p in inputs:
+            readers.append(open_input(p, layer=layer, use_raw=use_raw, genome=genome))
+        created = not out.exists()
+        with _locked(out):
+            try:
+                return _convert(readers, inputs, out, vocab=vocab, gene_key=gene_key,
+                                gene_table=gene_table, names=names, bulk=bulk,
+                                min_cells=min_cells, min_genes=min_genes,
+                                allow_non_integer=allow_non_integer,
+                                feature_types=tuple(feature_types), seed=seed,
+                                val_fraction=val_fraction, shard_cells=shard_cells,
+                                shard_mb=shard_mb, codec=codec, counts_dtype=counts_dtype,
+                                chunk_nnz=chunk_nnz, overwrite=overwrite, progress=progress,
+                                log=log, layer=layer, use_raw=use_raw, genome=genome)
+            except ValueError:  # InputError included: nothing worth resuming was made
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
     finally:
         for r in readers:
             r.close()
 
 
+def _check_numbers(**values) -> None:
+    """ValueError naming the option (``convert`` argument and CLI flag) that is out of range:
+    NaN, infinite, negative, not a whole number, or zero where a size is meant."""
+    for name, v in values.items():
+        if name in ("val_fraction", "shard_mb"):
+            ok = (isinstance(v, numbers.Real) and math.isfinite(v)
+                  and (0 <= v < 1 if name == "val_fraction" else v > 0))
+            what = "in [0, 1)" if name == "val_fraction" else "a number > 0"
+        else:
+            low = 1 if name in ("shard_cells", "chunk_nnz") else 0
+            ok = (v is None and name == "shard_cells") or (
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low)
+            what = f"an integer >= {low}"
+        if not ok:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {what}, got {v!r}")
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on ``out`` while converting into it: a second conversion into
+    the same folder fails at once instead of interleaving. ``flock`` locks die with their
+    process, so a killed conversion never leaves a stale lock; the lock file is removed at
+    the end (a waiter that locked the removed file notices the swap and retries)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FileExistsError(f"--out {out} is being written by another conversion "
+                                  f"({holder}); wait for it to finish or choose another "
+                                  f"--out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a lock file that its holder removed meanwhile: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
 def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, min_cells,
              min_genes, allow_non_integer, feature_types, seed, val_fraction, shard_cells,
-             shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, layer, use_raw):
+             shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, layer, use_raw,
+             genome):
     # ---- names, kinds, fingerprint
     if names is not None and len(names) != len(readers):
         raise ValueError(f"{len(names)} names for {len(readers)} inputs")
@@ -241,6 +322,10 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
             name, k = f"{base}_{k}", k + 1
         ds_names.append(name)
     bulk = set(map(str, bulk))
+    unknown = bulk - set(ds_names) - set(map(str, inputs))
+    if unknown:
+        raise ValueError(f"--bulk-input {', '.join(sorted(unknown))}: names no input; give a "
+                         f"dataset name ({', '.join(ds_names)}) or an input path as given")
     kinds = ["bulk" if (r.kind == "bulk" or n in bulk or str(p) in bulk) else "single-cell"
              for r, n, p in zip(readers, ds_names, inputs)]
     params = dict(format=FORMAT_VERSION, vocab=str(vocab) if vocab else None,
@@ -251,6 +336,11 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
                   feature_types=list(feature_types), seed=seed, val_fraction=val_fraction,
                   shard_cells=shard_cells, shard_mb=shard_mb, codec=codec,
                   counts_dtype=counts_dtype)
+    if genome:  # only when given: older fingerprints stay valid
+        params["genome"] = [genome] if isinstance(genome, str) else list(genome)
+    # obs first: a column that cannot be stored fails before any pass over the counts
+    obs_tables = ObsTables([r.obs() for r in readers], ds_names, [r.n_cells for r in readers],
+                           [r.path for r in readers])
     fingerprint = _fingerprint(inputs, params)
     if _prepare_out(out, fingerprint, overwrite):
         log(f"{out}: already converted with these inputs and options; nothing to do")
@@ -406,13 +496,13 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
         (work / "buckets.done").write_text("ok\n")
 
     # ---- pass 2: shards
-    obs_tables = ObsTables([d.reader.obs() for d in datasets], [d.name for d in datasets],
-                            [d.reader.n_cells for d in datasets])
     var = pd.DataFrame({"symbol": list(vocab_obj.symbols)},
                        index=pd.Index(list(vocab_obj.ids), name=None))
     for stale in list(out.glob(".tmp-*")) + list((out / VAL_GROUP).glob(".tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
     gene_nnz = np.zeros(n_genes, dtype=np.int64)
+    gene_stats = GeneStats.zeros(n_genes)
+    train_cells_by_ds = np.zeros(len(datasets), dtype=np.int64)
     records = []
     elem_cache: dict = {}
     bar = _progress(len(shards), "shards", progress, unit="shard")
@@ -425,6 +515,9 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
         st = np.load(stats_file)
         if spec["split"] == "train":
             gene_nnz += st["gene_nnz"]
+            gene_stats.frac_sum += st["gene_frac_sum"]
+            gene_stats.log1p_sum += st["gene_log1p_sum"]
+            train_cells_by_ds += st["ds_cells"]
         records.append({"path": spec["path"], "split": spec["split"], "n_cells": spec["n"],
                         "nnz": int(st["nnz"]), "cell_offset": spec["start"]})
         bar.update(1)
@@ -432,6 +525,8 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
 
     # ---- finish: vocab, groups, manifest (last)
     vocab_obj.save(out / VOCAB_FILE)
+    for i, d in enumerate(datasets):  # training cells that profile each gene
+        gene_stats.n_cells[d.local2vocab[d.gene_keep]] += train_cells_by_ds[i]
     n_cells_by_ds = np.zeros(len(datasets), dtype=np.int64)
     for k in range(len(shards)):
         n_cells_by_ds += np.load(work / f"shard_{k}.npz")["ds_cells"]
@@ -452,6 +547,7 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
         "obs_columns": ["dataset", "source_row"] + obs_tables.columns,
         "shards": records,
         "gene_nnz": gene_nnz.tolist(),
+        **gene_stats.to_json(),
     }
     root_attrs = {**COLLECTION_ATTRS, "txfm": {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                                 "manifest": MANIFEST, "vocab_hash": vocab_obj.hash}}
@@ -552,7 +648,10 @@ def _write_shard(k, spec, final: Path, buckets: Path, stats_file: Path, idx_dtyp
     write_csr_store(tmp, indptr=m.indptr.astype(np.int64), indices=m.indices.astype(idx_dtype),
                     counts=m.data.astype(cnt_dtype, copy=False), n_genes=n_genes, obs=obs,
                     var=var, codec=codec, cache=elem_cache)
+    gstats = GeneStats.zeros(n_genes)  # the decoder's starting point (txfm.data.stats)
+    gstats.add_csr(m.indptr, m.indices, m.data, np.zeros(n_genes, np.int64))
     stats = {"gene_nnz": np.bincount(m.indices, minlength=n_genes).astype(np.int64),
+             "gene_frac_sum": gstats.frac_sum, "gene_log1p_sum": gstats.log1p_sum,
              "nnz": np.int64(m.nnz),
              "ds_cells": np.bincount(meta["ds"], minlength=obs_tables.n_datasets).astype(np.int64)}
     tmp_stats = stats_file.with_name(stats_file.stem + ".tmp.npz")

@@ -24,15 +24,25 @@ sets of cells: a batch draws its cells from ``buffer_size / chunk_size`` random 
 by default) of the corpus.
 
 Speed: uncompressed shards are memory-mapped; a window's pages are populated in one call
-and released after use; a batch is one ``np.concatenate`` per array over the rows' slices,
-widening uint16 to int32 as it copies. ~4-7 ms of CPU per 1,024 cells of ~3,000 non-zeros
-on the 2-core machine of ``bench/RESULTS.md`` (2-3x annbatch, whose blosc decode alone
-costs more).
+and released after use; a batch is one ``np.concatenate`` per array over the rows' slices
+of the stored uint16 values, widening them to int32 as it copies (numbers in
+``bench/RESULTS.md``, section "Loader").
 
-Resume: :meth:`state_dict` records ``(epoch, batches consumed, lanes)``; after
+Integrity: every inner chunk a window touches has its crc32c checked as the window is read
+(``verify=True``, the default; ~10 GB/s of CPU, its cost is measured by ``bench.loader``),
+gene ids are checked against the vocabulary (``validate``), and a corrupt chunk raises
+:class:`~txfm.data.ShardReadError` naming the shard, its cells and the file.
+
+Epochs and resume: :meth:`state_dict` records ``(epoch, batches consumed, lanes)``; after
 :meth:`load_state_dict` the next iteration continues with exactly the next batch (windows
 already consumed are skipped without reading). Iterating to the end advances the epoch;
-:meth:`set_epoch` jumps to the start of any epoch.
+:meth:`set_epoch` jumps to the start of any epoch. Where DataLoader workers start is kept in
+a small shared-memory table, so the epoch also advances under a plain
+``torch.utils.data.DataLoader(loader, batch_size=None, num_workers=N)`` (fresh, persistent
+or spawned workers; ``set_epoch`` reaches them too). :meth:`dataloader` wraps such a
+DataLoader and counts the batches it hands out, so that its state is exact at any batch and
+a resumed epoch goes on as the uninterrupted one would (its round-robin restarts at the lane
+that was next); a plain DataLoader's state is exact at epoch boundaries.
 """
 from __future__ import annotations
 
@@ -51,6 +61,7 @@ from .layout import ShardedArrayReader, ShardReadError
 from .manifest import Manifest, ShardInfo
 
 STATE_VERSION = 1
+_MAX_WORKERS = 64  # DataLoader workers whose epochs the shared state can count
 _NP_DTYPE = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 
 
@@ -104,7 +115,6 @@ class _Shard:
     """One shard's arrays: in-memory ``indptr``, dataset ids and obs; readers for the rest."""
 
     def __init__(self, root: Path, info: ShardInfo, manifest: Manifest, obs_columns: Sequence[str]):
-        import anndata as ad
         import zarr
 
         self.info = info
@@ -131,12 +141,14 @@ class _Shard:
             if arr.length != info.nnz:
                 raise ShardReadError(f"{self.where(0, info.nnz)}: X/{what} has {arr.length} "
                                      f"values, expected {info.nnz}")
+        # both arrays cut into the same inner chunks: a window's pieces line up
+        self.aligned = getattr(self.data, "inner", 0) == getattr(self.indices, "inner", -1)
+        self.checksums = self.data.checksum and self.indices.checksum
         obs = group["obs"]
         names = [d.name for d in manifest.datasets]
-        try:
-            ds = ad.io.read_elem(obs["dataset"])
-        except KeyError:
-            raise ShardReadError(f"shard {self.name}: obs has no 'dataset' column") from None
+        if "dataset" not in obs:
+            raise ShardReadError(f"shard {self.name}: obs has no 'dataset' column")
+        ds = self._read_obs(obs, "dataset")
         lookup = np.array([names.index(c) if c in names else -1 for c in ds.categories])
         self.dataset_ids = lookup[np.asarray(ds.codes)].astype(np.int32)
         if np.any(self.dataset_ids < 0):
@@ -147,7 +159,16 @@ class _Shard:
             if col not in obs:
                 have = list(obs.attrs.get("column-order", []))
                 raise KeyError(f"obs column {col!r} not in shard {self.name}; columns: {have}")
-            self.obs_raw[col] = ad.io.read_elem(obs[col])
+            self.obs_raw[col] = self._read_obs(obs, col)
+
+    def _read_obs(self, obs, col: str):
+        import anndata as ad
+
+        try:  # zarr checks each chunk's crc32c as it reads
+            return ad.io.read_elem(obs[col])
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable column
+            raise ShardReadError(f"{self.where(0, -1)}: cannot read obs/{col} "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
     def where(self, e0: int, e1: int) -> str:
         off = self.info.cell_offset
@@ -172,16 +193,21 @@ class _Window:
 
 @dataclass
 class _Loaded:
-    """A window in memory: row ``r`` is ``parts[seg[r]][start[r]:stop[r]]`` of both arrays.
+    """A window in memory, as ``pieces`` of both arrays laid end to end in window order.
 
-    ``parts`` are zero-copy views of memory-mapped shards (uncompressed shards) or slices of
-    one buffer the window was read/decoded into."""
+    ``pieces`` are zero-copy views of memory-mapped shards, one per inner chunk (uncompressed
+    shards; a chunk ends with its checksum, so a run of chunks is not one slice), or slices
+    of one buffer the window was read/decoded into. Row ``r`` is elements
+    ``[ws[r], we[r])`` of that concatenation: pieces ``kfirst[r] .. kfirst[r] + nspan[r]``,
+    piece ``k`` starting at element ``bounds[k]``."""
 
     idx_parts: list
     cnt_parts: list
-    seg: np.ndarray  # int64 [n_rows]
-    start: np.ndarray  # int64 [n_rows]
-    stop: np.ndarray
+    bounds: np.ndarray  # int64 [n_pieces + 1]
+    ws: np.ndarray  # int64 [n_rows]
+    we: np.ndarray
+    kfirst: np.ndarray  # int64 [n_rows]
+    nspan: np.ndarray  # int64 [n_rows]: pieces a row touches (0 for an empty row)
     dataset_ids: np.ndarray
     cell_ids: np.ndarray
     obs: dict
@@ -210,6 +236,10 @@ class ShardLoader(torch.utils.data.IterableDataset):
             workers unless given).
         counts_dtype: ``torch.int32`` or ``torch.float32``; default int32 for integer corpora.
         validate: check every gene id < n_genes as windows are read (one cheap pass).
+        verify: check the crc32c of every inner chunk as windows are read (one pass over the
+            bytes, ~10 GB/s; its cost is measured in ``bench/RESULTS.md``); a corrupt chunk
+            raises :class:`~txfm.data.ShardReadError` naming the shard and the cells.
+            Collections of format 1 have no chunk checksums: a warning says so.
         mmap: read uncompressed shards through memory maps (no copy into a window buffer;
             pages are released after each window, so RSS stays bounded); False reads every
             window with ``pread`` into a buffer. Compressed shards are always decoded.
@@ -224,7 +254,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
                  pin_memory: bool = False, rank: int | None = None, world_size: int | None = None,
                  chunk_size: int = 256, buffer_size: int = 16384, num_threads: int | None = None,
                  counts_dtype: torch.dtype | None = None, validate: bool = True,
-                 mmap: bool = True, prefetch: int = 1, release_pages: bool = True):
+                 verify: bool = True, mmap: bool = True, prefetch: int = 1,
+                 release_pages: bool = True):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -253,6 +284,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self.num_threads = num_threads
         self.pin = bool(pin_memory)
         self.validate = bool(validate)
+        self.verify = bool(verify)
         self.mmap = bool(mmap)
         self.prefetch = max(1, int(prefetch))
         self.release_pages = bool(release_pages)
@@ -265,6 +297,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
                             f"{counts_dtype}")
         self.counts_dtype = counts_dtype
         self._shards = [_Shard(self.root, info, self.manifest, self.obs_columns) for info in infos]
+        if self.verify and not all(sh.checksums for sh in self._shards):
+            warnings.warn(f"{self.root} has no per-chunk checksums (written by an older txfm, "
+                          f"format {self.manifest.raw.get('version')}): its data cannot be "
+                          f"verified as it is read; convert the inputs again to add them",
+                          RuntimeWarning, stacklevel=2)
         self._unify_obs()
         self._n_cells = sum(s.info.n_cells for s in self._shards)
         sizes = np.array([s.info.n_cells for s in self._shards], dtype=np.int64)
@@ -273,9 +310,16 @@ class ShardLoader(torch.utils.data.IterableDataset):
         first = np.concatenate([[0], np.cumsum(per)[:-1]])
         self._chunk_row0 = (np.arange(per.sum()) - np.repeat(first, per)) * self.chunk_size
         self._chunk_len = np.minimum(self.chunk_size, sizes[self._chunk_shard] - self._chunk_row0)
-        self.epoch = 0
+        self._epoch = 0
         self._position = 0  # batches of this epoch already consumed (in this rank's order)
         self._lanes = 1
+        self._tracking = False  # a .dataloader() iteration is counting batches
+        # Where DataLoader workers start, shared with them (see _start): [epoch, position,
+        # lanes] then started[L, w] = epochs worker w of an L-worker DataLoader began since
+        # the last _publish. Shared memory reaches forked, spawned and persistent workers.
+        self._shared = torch.zeros(3 + (_MAX_WORKERS + 1) * _MAX_WORKERS,
+                                   dtype=torch.int64).share_memory_()
+        self._publish()
         self._pin_now = False
         self._observable = None
         self._gene_nnz = torch.from_numpy(self.manifest.gene_nnz.copy())
@@ -289,6 +333,12 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def gene_nnz(self) -> torch.Tensor:
         """int64 ``[G]``: training cells in which each gene is non-zero (m_i of SPEC §2)."""
         return self._gene_nnz
+
+    @property
+    def gene_stats(self):
+        """Per-gene expression sums of the training split (:class:`txfm.data.stats.GeneStats`),
+        or None when the manifest predates them."""
+        return self.manifest.gene_stats
 
     @property
     def observable(self):
@@ -376,65 +426,80 @@ class ShardLoader(torch.utils.data.IterableDataset):
         skips = _round_robin_consumed(counts, skip_total)
         return per_lane[lane], int(skips[lane])
 
+    def _lane_counts(self, lanes: int, epoch: int) -> np.ndarray:
+        """Batches of each of ``lanes`` lanes in ``epoch`` (window ``j`` is lane ``j % lanes``)."""
+        n = np.array([w.n_batches for w in self._windows(epoch)], dtype=np.int64)
+        return np.array([n[w::lanes].sum() for w in range(lanes)], dtype=np.int64)
+
     # ------------------------------------------------------------------------ reading
     def _load(self, win: _Window, epoch: int) -> _Loaded:
-        """Make a window's rows addressable: map (or read) its segments, check gene ids,
-        gather per-row metadata and draw the window's row permutation."""
+        """Make a window's rows addressable: map (or read) its segments, check gene ids and
+        chunk checksums, gather per-row metadata and draw the window's row permutation."""
         segs = list(zip(win.shard.tolist(), win.row0.tolist(), win.row1.tolist()))
-        n_seg = len(segs)
-        idx_parts, cnt_parts, mapped = [None] * n_seg, [None] * n_seg, []
-        copy = []
+        slots: list = []  # per segment: (index pieces, count pieces)
+        mapped, copy = [], []
         for i, (s, r0, r1) in enumerate(segs):
             sh = self._shards[s]
             e0, e1 = int(sh.indptr[r0]), int(sh.indptr[r1])
-            if self.mmap:
-                iv, cv = sh.indices.view(e0, e1), sh.data.view(e0, e1)
-                if iv is not None and cv is not None:
-                    idx_parts[i], cnt_parts[i] = iv, cv
-                    mapped.append((s, e0, e1))
-                    sh.indices.populate(e0, e1)
-                    sh.data.populate(e0, e1)
-                    continue
-            copy.append((i, sh, e0, e1))
-        if copy:  # compressed (or unmappable) segments: read into one buffer
+            if e1 == e0:
+                slots.append(([], []))
+            elif (self.mmap and sh.aligned and sh.indices.mappable(e0, e1)
+                  and sh.data.mappable(e0, e1)):
+                slots.append((sh.indices.pieces(e0, e1), sh.data.pieces(e0, e1)))
+                mapped.append((s, e0, e1))
+            else:
+                slots.append(None)
+                copy.append((i, sh, e0, e1))
+        if copy:  # compressed (or unmappable) segments: read into one buffer each array
             total = sum(e1 - e0 for _, _, e0, e1 in copy)
             ibuf = np.empty(total, dtype=copy[0][1].indices.dtype)
             cbuf = np.empty(total, dtype=copy[0][1].data.dtype)
             off = 0
             for i, sh, e0, e1 in copy:
                 n = e1 - e0
-                sh.indices.read_into(e0, e1, ibuf[off:off + n])
-                sh.data.read_into(e0, e1, cbuf[off:off + n])
-                idx_parts[i], cnt_parts[i] = ibuf[off:off + n], cbuf[off:off + n]
+                sh.indices.read_into(e0, e1, ibuf[off:off + n], verify=self.verify)
+                sh.data.read_into(e0, e1, cbuf[off:off + n], verify=self.verify)
+                slots[i] = ([ibuf[off:off + n]], [cbuf[off:off + n]])
                 off += n
+        idx_parts = [p for ip, _ in slots for p in ip]
+        cnt_parts = [p for _, cp in slots for p in cp]
+        sizes = np.array([p.size for p in idx_parts], dtype=np.int64)
+        bounds = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
         if self.validate:  # one pass over the ids (also faults mapped pages in, ahead of use)
-            for i, (s, r0, r1) in enumerate(segs):
-                part = idx_parts[i]
-                if part.size and int(part.max()) >= self.n_genes:
+            for (s, r0, r1), (ip, _) in zip(segs, slots):
+                if any(int(part.max()) >= self.n_genes for part in ip):
                     sh = self._shards[s]
                     raise ShardReadError(f"{sh.where(int(sh.indptr[r0]), int(sh.indptr[r1]))}: "
                                          f"gene index >= {self.n_genes} (corrupt X/indices)")
-        lens = np.array([r1 - r0 for _, r0, r1 in segs], dtype=np.int64)
-        seg = np.repeat(np.arange(n_seg, dtype=np.int64), lens)
-        start = np.empty(win.n_rows, dtype=np.int64)
-        stop = np.empty(win.n_rows, dtype=np.int64)
-        ds_ids = np.empty(win.n_rows, dtype=np.int32)
-        cell_ids = np.empty(win.n_rows, dtype=np.int64)
+        if self.verify:  # crc32c of every inner chunk the mapped segments touch
+            for s, e0, e1 in mapped:
+                self._shards[s].indices.check(e0, e1)
+                self._shards[s].data.check(e0, e1)
+        n_rows = win.n_rows
+        ws = np.empty(n_rows, dtype=np.int64)
+        we = np.empty(n_rows, dtype=np.int64)
+        ds_ids = np.empty(n_rows, dtype=np.int32)
+        cell_ids = np.empty(n_rows, dtype=np.int64)
         obs = {c: [] for c in self.obs_columns}
-        row = 0
+        row = base = 0
         for s, r0, r1 in segs:
             sh = self._shards[s]
             n = r1 - r0
-            ip = sh.indptr[r0:r1 + 1] - sh.indptr[r0]
-            start[row:row + n], stop[row:row + n] = ip[:-1], ip[1:]
+            ip = sh.indptr[r0:r1 + 1] - sh.indptr[r0] + base
+            ws[row:row + n], we[row:row + n] = ip[:-1], ip[1:]
             ds_ids[row:row + n] = sh.dataset_ids[r0:r1]
             cell_ids[row:row + n] = sh.info.cell_offset + np.arange(r0, r1)
             for c in self.obs_columns:
                 obs[c].append(self._obs_values[s][c][r0:r1])
             row += n
+            base = int(ip[-1])
+        kfirst = np.searchsorted(bounds, ws, side="right") - 1
+        klast = np.searchsorted(bounds, we - 1, side="right") - 1
+        nspan = np.where(we > ws, klast - kfirst + 1, 0)
         perm = (np.random.default_rng([self.seed, epoch, self.rank, self.world_size, win.index])
-                .permutation(win.n_rows) if self.shuffle else np.arange(win.n_rows))
-        return _Loaded(idx_parts, cnt_parts, seg, start, stop, ds_ids, cell_ids,
+                .permutation(n_rows) if self.shuffle else np.arange(n_rows))
+        return _Loaded(idx_parts, cnt_parts, bounds, ws, we, kfirst, nspan, ds_ids, cell_ids,
                        {c: np.concatenate(v) for c, v in obs.items()}, perm, mapped)
 
     def _release(self, w: _Loaded) -> None:
@@ -454,32 +519,102 @@ class ShardLoader(torch.utils.data.IterableDataset):
     def _assemble(self, w: _Loaded, t: int) -> CSRBatch:
         """Batch ``t`` of a loaded window: rows ``perm[t*B:(t+1)*B]`` gathered into new CSR."""
         rows = w.perm[t * self.batch_size:(t + 1) * self.batch_size]
-        starts, stops = w.start[rows], w.stop[rows]
+        ws, we = w.ws[rows], w.we[rows]
         indptr = self._empty(rows.size + 1, torch.int64)
         ip = indptr.numpy()
         ip[0] = 0
-        np.cumsum(stops - starts, out=ip[1:])
+        np.cumsum(we - ws, out=ip[1:])
         nnz = int(ip[-1])
         indices = self._empty(nnz, torch.int32)
         counts = self._empty(nnz, self.counts_dtype)
-        # One memcpy per row segment (with the widening cast) inside np.concatenate: the
-        # fastest pure-numpy segment gather (an nnz-long index array costs ~3x more).
-        spans = list(zip(w.seg[rows].tolist(), starts.tolist(), stops.tolist()))
-        ip_, cp_ = w.idx_parts, w.cnt_parts
-        np.concatenate([ip_[s][a:b] for s, a, b in spans], out=indices.numpy(), casting="same_kind")
-        np.concatenate([cp_[s][a:b] for s, a, b in spans], out=counts.numpy(), casting="same_kind")
+        # each row's spans over the window's pieces (a row crossing an inner chunk boundary
+        # of a mapped shard has two)
+        ns = w.nspan[rows]
+        rep = np.repeat(np.arange(rows.size), ns)
+        k = w.kfirst[rows][rep] + (np.arange(rep.size) - (np.cumsum(ns) - ns)[rep])
+        lo = w.bounds[k]
+        a = np.maximum(ws[rep], lo) - lo
+        b = np.minimum(we[rep], w.bounds[k + 1]) - lo
+        spans = list(zip(k.tolist(), a.tolist(), b.tolist()))
+        if spans:
+            # One memcpy per span (with the widening cast) inside np.concatenate: the
+            # fastest pure-numpy segment gather (an nnz-long index array costs ~3x more).
+            ip_, cp_ = w.idx_parts, w.cnt_parts
+            np.concatenate([ip_[s][a:b] for s, a, b in spans], out=indices.numpy(),
+                           casting="same_kind")
+            np.concatenate([cp_[s][a:b] for s, a, b in spans], out=counts.numpy(),
+                           casting="same_kind")
         obs = {c: torch.from_numpy(np.ascontiguousarray(v[rows])) for c, v in w.obs.items()}
         return CSRBatch(indptr, indices, counts, torch.from_numpy(w.dataset_ids[rows]),
                         torch.from_numpy(w.cell_ids[rows]), obs, self.n_genes)
 
     # ---------------------------------------------------------------------- iteration
+    def _started(self) -> np.ndarray:
+        return self._shared[3:].view(_MAX_WORKERS + 1, _MAX_WORKERS).numpy()
+
+    def _publish(self) -> None:
+        """Make ``(epoch, position, lanes)`` where every DataLoader worker starts next."""
+        sh = self._shared.numpy()
+        sh[:3] = (self._epoch, self._position, self._lanes)
+        sh[3:] = 0
+
+    def _auto_epochs(self) -> int:
+        """Epochs that workers of plain DataLoaders began by themselves since the last
+        :meth:`_publish` (every worker of one DataLoader begins each epoch once)."""
+        if self._tracking:
+            return 0
+        return int(self._started()[:, 0].sum())
+
+    def _sync(self) -> None:
+        """Take epochs that plain DataLoader workers ran into this process' own state."""
+        auto = self._auto_epochs()
+        if auto:
+            self._epoch, self._position = self._epoch + auto, 0
+            self._publish()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being read (or read next); plain DataLoader epochs count when begun."""
+        return self._epoch + self._auto_epochs()
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.set_epoch(value)
+
+    def _start(self, info) -> tuple[int, int, int, int]:
+        """``(epoch, position, lane, lanes)`` for an iteration starting now in this process
+        (``info`` = torch's worker info, None in the main process)."""
+        if info is None:
+            self._sync()
+            if self._position and self._lanes != 1:
+                raise RuntimeError(f"resuming mid-epoch needs the same number of DataLoader "
+                                   f"workers as when the state was saved ({self._lanes}), got "
+                                   f"0 (in-process)")
+            return self._epoch, self._position, 0, 1
+        # a DataLoader worker: counts its epochs in shared memory, so that the epoch advances
+        # for forked (fresh each epoch), spawned and persistent workers alike
+        lanes, w = info.num_workers, info.id
+        if lanes > _MAX_WORKERS:
+            raise ValueError(f"at most {_MAX_WORKERS} DataLoader workers, got {lanes}")
+        started = self._started()
+        epoch, position, saved_lanes = (int(x) for x in self._shared[:3].tolist())
+        others = started[:, 0].copy()  # epochs begun by DataLoaders of other sizes
+        others[lanes] = 0
+        k = int(others.sum() + started[lanes, w])
+        started[lanes, w] += 1
+        if k:
+            return epoch + k, 0, w, lanes
+        if position and saved_lanes != lanes:
+            raise RuntimeError(f"resuming mid-epoch needs the same number of DataLoader "
+                               f"workers as when the state was saved ({saved_lanes}), got {lanes}")
+        # resumed mid-epoch: the DataLoader starts its round-robin at worker 0, the
+        # uninterrupted run would go on with the lane after the last one consumed
+        rotation = _round_robin_next(self._lane_counts(lanes, epoch), position)
+        return epoch, position, (w + rotation) % lanes, lanes
+
     def __iter__(self) -> Iterator[CSRBatch]:
         info = torch.utils.data.get_worker_info()
-        lane, lanes = (0, 1) if info is None else (info.id, info.num_workers)
-        epoch, position = self.epoch, self._position
-        if position and lanes != self._lanes:
-            raise RuntimeError(f"resuming mid-epoch needs the same number of DataLoader workers "
-                               f"as when the state was saved ({self._lanes}), got {lanes}")
+        epoch, position, lane, lanes = self._start(info)
         threads = self.num_threads or (2 if info is None else 1)
         # DataLoader workers never pin (no CUDA in forked workers): the DataLoader pins
         # in the main process when asked to (pin_memory=True, as .dataloader() does)
@@ -528,15 +663,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
                     self._position += 1
                 yield batch
             if track:
-                self.epoch, self._position = epoch + 1, 0
+                self._epoch, self._position = epoch + 1, 0
+                self._publish()
         finally:
             for fut, _ in batches:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its beginning at the next iteration."""
-        self.epoch, self._position = int(epoch), 0
+        """Start epoch ``epoch`` from its beginning at the next iteration (in this process or
+        in DataLoader workers, persistent ones included)."""
+        self._epoch, self._position = int(epoch), 0
+        self._publish()
 
     # ------------------------------------------------------------------------ resume
     def _fingerprint(self) -> dict:
@@ -547,7 +685,12 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 "buffer_size": self.buffer_size}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batches": self._position,
+        """Where the next iteration starts: exact at any batch when iterated in-process or
+        through :meth:`dataloader`; at epoch boundaries when driven by a plain DataLoader
+        (the main process does not see which batches its workers made)."""
+        if not self._tracking:
+            self._sync()
+        return {"version": STATE_VERSION, "epoch": self._epoch, "batches": self._position,
                 "lanes": self._lanes, **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -561,40 +704,65 @@ class ShardLoader(torch.utils.data.IterableDataset):
                                          for k, (a, b) in diff.items()))
         if not 0 <= int(state["batches"]) <= len(self):
             raise ValueError(f"loader state position {state['batches']} outside [0, {len(self)}]")
-        self.epoch, self._position, self._lanes = (int(state["epoch"]), int(state["batches"]),
-                                                  int(state["lanes"]))
+        if not 1 <= int(state["lanes"]) <= _MAX_WORKERS:
+            raise ValueError(f"loader state lanes {state['lanes']} outside [1, {_MAX_WORKERS}]")
+        self._epoch, self._position, self._lanes = (int(state["epoch"]), int(state["batches"]),
+                                                   int(state["lanes"]))
+        self._publish()
 
     def dataloader(self, num_workers: int = 2, **kwargs) -> "_TrackedDataLoader":
         """A ``torch.utils.data.DataLoader`` over this loader with ``num_workers`` processes
-        that keeps :meth:`state_dict` exact (it counts the batches handed out)."""
+        (0: in this process) that keeps :meth:`state_dict` exact: it counts the batches it
+        hands out, and a resumed epoch goes on exactly as the uninterrupted one would.
+        ``kwargs`` go to the DataLoader (``persistent_workers=True`` keeps the workers
+        across epochs)."""
         return _TrackedDataLoader(self, num_workers, kwargs)
 
 
 class _TrackedDataLoader:
     def __init__(self, loader: ShardLoader, num_workers: int, kwargs: dict):
-        if num_workers < 1:
-            raise ValueError("num_workers must be >= 1 (iterate the ShardLoader itself for 0)")
-        self.loader, self.num_workers, self.kwargs = loader, num_workers, kwargs
+        if not 0 <= num_workers <= _MAX_WORKERS:
+            raise ValueError(f"num_workers must be in [0, {_MAX_WORKERS}], got {num_workers}")
+        for key in ("batch_size", "num_workers", "sampler", "batch_sampler", "shuffle",
+                    "collate_fn"):
+            if key in kwargs:
+                raise ValueError(f"{key} is set by ShardLoader.dataloader(); do not pass it")
+        self.loader, self.num_workers = loader, int(num_workers)
+        self.kwargs = {"pin_memory": loader.pin, **kwargs}
+        if not self.num_workers:
+            self.kwargs.pop("persistent_workers", None)  # nothing to keep with 0 workers
+        self._dl = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _loader(self) -> torch.utils.data.DataLoader:
+        if self._dl is None or not self.kwargs.get("persistent_workers"):
+            self._dl = torch.utils.data.DataLoader(self.loader, batch_size=None,
+                                                   num_workers=self.num_workers, **self.kwargs)
+        return self._dl
+
     def __iter__(self):
         ld = self.loader
+        if not self.num_workers:  # in this process: the loader counts its own batches
+            yield from self._loader()
+            return
+        ld._sync()
         if ld._position and ld._lanes != self.num_workers:
-            raise RuntimeError(f"resuming mid-epoch needs num_workers={ld._lanes} (as saved)")
+            raise RuntimeError(f"resuming mid-epoch needs num_workers={ld._lanes} (as saved), "
+                               f"got {self.num_workers}")
         ld._lanes = self.num_workers
-        kwargs = {"pin_memory": ld.pin, **self.kwargs}
-        if kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers would freeze the epoch in the workers; "
-                             "leave it off")
-        dl = torch.utils.data.DataLoader(ld, batch_size=None, num_workers=self.num_workers,
-                                         **kwargs)
-        epoch = ld.epoch
-        for batch in dl:
-            ld._position += 1
-            yield batch
-        ld.epoch, ld._position = epoch + 1, 0
+        ld._publish()  # the workers start at (epoch, position), this DataLoader's lanes
+        epoch = ld._epoch
+        ld._tracking = True
+        try:
+            for batch in self._loader():
+                ld._position += 1
+                yield batch
+            ld._epoch, ld._position = epoch + 1, 0
+        finally:
+            ld._publish()
+            ld._tracking = False
 
 
 def _round_robin_consumed(counts: np.ndarray, k: int) -> np.ndarray:
@@ -615,3 +783,15 @@ def _round_robin_consumed(counts: np.ndarray, k: int) -> np.ndarray:
     extra = np.flatnonzero(counts > lo)[:rest]
     taken[extra] += 1
     return taken
+
+
+def _round_robin_next(counts: np.ndarray, k: int) -> int:
+    """The lane after the one that yields item ``k - 1`` of a round-robin over lanes with
+    ``counts`` items each (exhausted lanes skipped): where it goes on; 0 for ``k == 0``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if k <= 0 or counts.size == 0:
+        return 0
+    taken = _round_robin_consumed(counts, min(int(k), int(counts.sum())))
+    # item k - 1 is in the round of the lanes that have yielded most; a round goes by index
+    last = int(np.flatnonzero(taken == taken.max())[-1])
+    return (last + 1) % counts.size

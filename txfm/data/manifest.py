@@ -2,18 +2,23 @@
 
 Written last by the converter (atomically), so its presence means the collection is
 complete. :meth:`Manifest.load` checks it against the files (every listed shard present,
-vocabulary hash matches ``vocab.tsv``) and raises a clear error otherwise.
+vocabulary hash matches ``vocab.tsv``) and raises a clear error otherwise;
+:meth:`Manifest.verify` (``txfm data verify``) reads every chunk of every shard and checks
+its checksum and contents.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, VOCAB_FILE
+from .layout import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, VOCAB_FILE, ShardedArrayReader,
+                     ShardReadError, read_dtype)
 from .vocab import Vocabulary
 
 
@@ -37,6 +42,28 @@ class ShardInfo:
     cell_offset: int  # global position of the shard's first cell (train shards first, then val)
 
 
+@dataclass
+class VerifyReport:
+    """What :meth:`Manifest.verify` found: ``problems`` (at most ``limit`` messages, each
+    naming the shard, cells or array and the file), ``n_problems`` in all, chunks and bytes
+    checked."""
+
+    problems: list[str] = field(default_factory=list)
+    n_problems: int = 0
+    n_chunks: int = 0
+    n_bytes: int = 0
+    limit: int = 20
+
+    @property
+    def ok(self) -> bool:
+        return self.n_problems == 0
+
+    def add(self, msg: str, n: int = 1) -> None:
+        self.n_problems += n
+        if len(self.problems) < self.limit:
+            self.problems.append(msg)
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
@@ -54,6 +81,14 @@ class Manifest:
     seed: int
     fingerprint: str
     raw: dict  # the whole JSON document
+
+    @property
+    def gene_stats(self):
+        """:class:`txfm.data.stats.GeneStats` of the training split, or None for a collection
+        converted before the manifest kept them."""
+        from .stats import GeneStats
+
+        return GeneStats.from_json(self.raw)
 
     @property
     def n_genes(self) -> int:
@@ -133,12 +168,144 @@ class Manifest:
                    integer_counts=bool(doc["integer_counts"]), seed=int(doc["seed"]),
                    fingerprint=doc["fingerprint"], raw=doc)
 
+    @property
+    def version(self) -> int:
+        return int(self.raw.get("version", 1))
+
+    @property
+    def read_dtypes(self) -> tuple[str, str]:
+        """``(counts, indices)`` dtypes that anndata/zarr return for ``X`` (format >= 2:
+        ordinary float/int32; format 1: the stored unsigned integers)."""
+        if self.version < 2:
+            return self.counts_dtype, self.indices_dtype
+        return (read_dtype(self.counts_dtype, "counts").name,
+                read_dtype(self.indices_dtype, "indices").name)
+
     def summary(self) -> str:
+        rc, ri = self.read_dtypes
         lines = [f"{self.root}: {self.n_cells:,} cells ({self.n_split_cells('train'):,} train, "
                  f"{self.n_split_cells('val'):,} val) x {self.n_genes:,} genes "
                  f"(vocab {self.vocab_hash}); {len(self.shards)} shards; counts "
-                 f"{self.counts_dtype}, indices {self.indices_dtype}, codec {self.codec}"]
+                 f"{self.counts_dtype}, indices {self.indices_dtype} on disk (read as {rc}, "
+                 f"{ri}), codec {self.codec}, format {self.version}"
+                 + (" (no chunk checksums)" if self.version < 2 else "")]
         for i, d in enumerate(self.datasets):
             lines.append(f"  [{i}] {d.name} ({d.kind}): {d.n_cells:,} cells, "
                          f"{d.observable.size:,} observable genes")
         return "\n".join(lines)
+
+    def verify(self, progress: bool = False, limit: int = 20) -> VerifyReport:
+        """Read every chunk of every shard and check it: the crc32c of each inner chunk of
+        ``X/data`` and ``X/indices`` (and that it decodes), every other array read through
+        zarr (which checks its crc32c), ``X/indptr`` against the manifest, gene ids below
+        ``n_genes`` and increasing within each cell, counts finite and >= 0.
+
+        Returns a :class:`VerifyReport` (``report.ok``); ``progress`` shows a bar of bytes
+        read on stderr. Arrays without checksums (format 1 collections) are problems.
+        """
+        from tqdm.auto import tqdm
+
+        report = VerifyReport(limit=limit)
+        if self.version < 2:
+            report.add(f"{self.root} was written by txfm format {self.version}, with no "
+                       f"per-chunk checksums: it cannot be verified; convert the inputs again")
+            return report
+        total = sum(f.stat().st_size for s in self.shards for f in (self.root / s.path).rglob("*")
+                    if f.is_file())
+        bar = tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=not progress,
+                   file=sys.stderr, leave=False)
+        try:
+            for info in self.shards:
+                _verify_shard(self, info, report, bar.update)
+        finally:
+            bar.close()
+        report.n_bytes = total
+        return report
+
+
+def _has_crc(meta: dict) -> bool:
+    """Whether an array's chunks end with a crc32c (directly or inside sharding)."""
+    codecs = meta.get("codecs", [])
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        codecs = codecs[0]["configuration"]["codecs"]
+    return any(c.get("name") in ("crc32c", "numcodecs.crc32c") for c in codecs)
+
+
+def _verify_shard(m: "Manifest", info: ShardInfo, report: VerifyReport, update) -> None:
+    import zarr
+
+    path = m.root / info.path
+    off, n = info.cell_offset, info.n_cells
+    where_shard = f"shard {info.path} (corpus cells {off}..{off + n})"
+    # X/indptr and every anndata element: through zarr, which checks each chunk's crc32c
+    indptr = None
+    for meta_file in sorted(path.rglob("zarr.json")):
+        meta = json.loads(meta_file.read_text())
+        rel = meta_file.parent.relative_to(path).as_posix()
+        if meta.get("node_type") != "array" or rel in ("X/data", "X/indices"):
+            continue
+        if not _has_crc(meta):
+            report.add(f"{where_shard}: array {rel} has no per-chunk checksums (not written "
+                       f"by this txfm): convert the inputs again to be able to verify it")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                values = zarr.open_array(meta_file.parent, mode="r")[...]
+        except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt array
+            report.add(f"{where_shard}: array {rel} ({meta_file.parent}) cannot be read "
+                       f"({type(exc).__name__}: {exc})")
+            continue
+        if rel == "X/indptr":
+            indptr = np.asarray(values, dtype=np.int64)
+        update(sum(f.stat().st_size for f in meta_file.parent.rglob("*") if f.is_file()))
+    if indptr is None or indptr.size != n + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
+            or int(indptr[-1]) != info.nnz:
+        report.add(f"{where_shard}: X/indptr is missing or corrupt (expected {n + 1} "
+                   f"non-decreasing offsets from 0 to {info.nnz})")
+        return
+
+    def where(e0: int, e1: int) -> str:
+        if e1 < 0:
+            return where_shard
+        r0 = int(np.searchsorted(indptr, e0, side="right") - 1)
+        r1 = min(max(int(np.searchsorted(indptr, max(e0, e1 - 1), side="right")), r0 + 1), n)
+        return f"shard {info.path}, cells {r0}..{r1} of the shard (corpus cells {off + r0}.." \
+               f"{off + r1})"
+
+    row_start = np.zeros(max(info.nnz, 1), dtype=bool)
+    row_start[indptr[:-1][indptr[:-1] < info.nnz]] = True
+    for name in ("indices", "data"):
+        try:
+            reader = ShardedArrayReader(path / "X" / name, where)
+        except ShardReadError as err:
+            report.add(str(err))
+            continue
+        if reader.length != info.nnz:
+            report.add(f"{where_shard}: X/{name} has {reader.length} values, expected {info.nnz}")
+            continue
+
+        state = {"next": 0, "last": -1}  # where the previous good chunk ended, its last id
+
+        def check(e0: int, values: np.ndarray, name=name) -> None:
+            if name == "indices":  # ids in range and increasing within a cell
+                last = state["last"] if state["next"] == e0 else -1  # after a bad chunk: unknown
+                prev = np.concatenate([[last], values[:-1]])
+                state["next"], state["last"] = e0 + values.size, int(values[-1])
+                bad = (values >= m.n_genes) | ((values <= prev) & ~row_start[e0:e0 + values.size])
+                what = f"gene ids >= {m.n_genes} or not increasing within a cell"
+            elif values.dtype.kind == "f":
+                bad = ~np.isfinite(values) | (values < 0)
+                what = "counts negative or not finite"
+            else:
+                return
+            if bad.any():
+                p = e0 + int(np.flatnonzero(bad)[0])
+                report.add(f"{where(p, p + 1)}: X/{name} holds {what} (corrupt data)")
+
+        try:
+            report.n_chunks += reader.verify(report.add, progress=update, check=check)
+        except Exception as exc:  # noqa: BLE001 - report, go on with the other arrays
+            report.add(f"{where_shard}: X/{name} cannot be verified ({type(exc).__name__}: "
+                       f"{exc})")
+        finally:
+            reader.close()

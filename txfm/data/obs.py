@@ -1,8 +1,23 @@
 """``obs`` of the converted corpus: the inputs' cell annotations, unified across datasets.
 
-Every shard's ``obs`` has the same columns with the same categories, so that a loader can
-concatenate them without re-coding: ``dataset`` (categorical over the dataset names) and
-``source_row`` (row in its input) are added by the converter; every input column follows.
+Every shard's ``obs`` has the same columns with the same dtypes (and categories), so that a
+loader can concatenate them without re-coding: ``dataset`` (categorical over the dataset
+names) and ``source_row`` (row in its input) are added by the converter; every input column
+follows, its values and missing values kept. How a column is stored, given its dtype in the
+datasets that have it (a dataset without the column gives missing values):
+
+* categorical: the same categories in the same order when every dataset has the same
+  ones (``ordered`` kept); else unordered, the sorted union. Ordered categoricals whose
+  categories differ between datasets are an error (no order would be right).
+* integer: numpy ints stay numpy ints (common type); pandas nullable ``Int*``/``UInt*``
+  stay nullable with ``<NA>``; numpy ints missing from some dataset become float64 + NaN.
+* float: numpy floats (common type), NaN for missing. pandas nullable ``Float*`` become
+  numpy floats, ``<NA>`` -> NaN: anndata cannot store nullable floats.
+* boolean: numpy ``bool``; pandas ``boolean`` (with ``<NA>``) when nullable or missing
+  from some dataset.
+* anything else (strings, ``string`` dtype, objects, mixed kinds across datasets): a
+  categorical of the values as text, sorted categories, missing = NaN (what anndata's own
+  ``write_h5ad`` does with strings).
 """
 from __future__ import annotations
 
@@ -16,70 +31,121 @@ from .readers import InputError
 RESERVED = ("dataset", "source_row")
 
 
-class ObsTables:
-    """Per-dataset ``obs`` columns unified across datasets, looked up by (dataset, row).
+def _family(dtype) -> str:
+    if isinstance(dtype, pd.CategoricalDtype):
+        return "category"
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    return "text"
 
-    Numeric columns stay numeric (int64 when every dataset has them as integers, else
-    float64 with NaN for datasets without them); everything else becomes a categorical with
-    one sorted category list shared by all shards (missing = code -1). Input columns named
-    like the ones the converter adds (``dataset``, ``source_row``) get an ``_input`` suffix.
+
+def _nullable(dtype) -> bool:
+    return isinstance(dtype, pd.api.extensions.ExtensionDtype)
+
+
+def _concat(arrays: list) -> pd.api.extensions.ExtensionArray:
+    return pd.concat([pd.Series(a) for a in arrays], ignore_index=True).array
+
+
+def _as_text(parts: list[pd.Series | None], lens: list[int]) -> pd.Categorical:
+    strs = [pd.Series(np.where(s.notna(), s.astype(str), None), dtype=object)
+            if s is not None else pd.Series([None] * n, dtype=object)
+            for s, n in zip(parts, lens)]
+    cats = sorted({v for s in strs for v in pd.unique(s.dropna())})
+    return pd.Categorical(pd.concat(strs, ignore_index=True), categories=cats)
+
+
+def _unify(parts: list[pd.Series | None], lens: list[int]):
+    """One array over all datasets' rows (dataset order) holding column ``parts``."""
+    present = [s for s in parts if s is not None]
+    everywhere = len(present) == len(parts)
+    families = {_family(s.dtype) for s in present}
+    if families == {"category"}:
+        cats = [s.cat.categories for s in present]
+        ordered = {s.cat.ordered for s in present}
+        if all(c.equals(cats[0]) for c in cats) and len(ordered) == 1:
+            dtype = pd.CategoricalDtype(cats[0], ordered=ordered.pop())
+        elif True in ordered:
+            raise ValueError("ordered categoricals whose categories differ between inputs "
+                             f"({[c.tolist()[:5] for c in cats]}); give every input the same "
+                             f"categories in the same order")
+        else:
+            try:
+                dtype = pd.CategoricalDtype(cats[0].append(cats[1:]).unique().sort_values())
+            except TypeError:  # categories of different kinds (numbers and text)
+                return _as_text(parts, lens)
+        codes = [pd.Categorical(s, dtype=dtype).codes if s is not None
+                 else np.full(n, -1, np.int8) for s, n in zip(parts, lens)]
+        return pd.Categorical.from_codes(np.concatenate(codes), dtype=dtype)
+    if families == {"bool"}:
+        if everywhere and not any(_nullable(s.dtype) for s in present):
+            return np.concatenate([s.to_numpy(dtype=bool) for s in present])
+        return _concat([pd.array(s, dtype="boolean") if s is not None
+                        else pd.array([pd.NA] * n, dtype="boolean") for s, n in zip(parts, lens)])
+    if families <= {"int", "float"}:
+        nullable = any(_nullable(s.dtype) for s in present)
+        dt = np.result_type(*[s.dtype.numpy_dtype if _nullable(s.dtype) else s.dtype
+                              for s in present])
+        if dt.kind == "f" or not (everywhere or nullable):
+            dt = dt if dt.kind == "f" else np.dtype(np.float64)
+            return np.concatenate([s.to_numpy(dtype=dt, na_value=np.nan) if s is not None
+                                   else np.full(n, np.nan, dt) for s, n in zip(parts, lens)])
+        if not nullable:
+            return np.concatenate([s.to_numpy(dtype=dt) for s in present])
+        name = ("UInt" if dt.kind == "u" else "Int") + str(dt.itemsize * 8)
+        return _concat([pd.array(s, dtype=name) if s is not None
+                        else pd.array([pd.NA] * n, dtype=name) for s, n in zip(parts, lens)])
+    return _as_text(parts, lens)
+
+
+class ObsTables:
+    """Per-dataset ``obs`` columns unified across datasets (see the module docstring), looked
+    up by (dataset, row). Input columns named like the ones the converter adds (``dataset``,
+    ``source_row``) get an ``_input`` suffix; column names become strings.
+
+    ``frames``: each dataset's ``obs`` (rows = its cells); ``names``: dataset names;
+    ``n_cells``: rows expected per dataset; ``paths``: each dataset's input file, named in
+    errors (:class:`InputError`, naming the file and column).
     """
 
-    def __init__(self, frames: list[pd.DataFrame], names: list[str], n_cells: list[int]):
+    def __init__(self, frames: list[pd.DataFrame], names: list[str], n_cells: list[int],
+                 paths: list | None = None):
         self.names = names
         self.n_datasets = len(frames)
-        for f, n, name in zip(frames, n_cells, names):
+        paths = [str(p) for p in paths] if paths is not None else [f"dataset {n}" for n in names]
+        for f, n, path in zip(frames, n_cells, paths):
             if len(f) != n:
-                raise InputError(f"dataset {name}: obs has {len(f)} rows for {n} cells")
-        renamed = [f.rename(columns={c: f"{c}_input" for c in RESERVED if c in f.columns})
-                   for f in frames]
+                raise InputError(f"{path}: obs has {len(f)} rows for {n} cells")
+        renamed = []
+        for f in frames:
+            f = f.rename(columns=str)
+            renamed.append(f.rename(columns={c: f"{c}_input" for c in RESERVED if c in f.columns}))
         self.obs_names = [np.asarray(f.index.astype(str), dtype=object) for f in renamed]
+        self.offsets = np.concatenate([[0], np.cumsum(n_cells)]).astype(np.int64)
         cols: list[str] = []
         for f in renamed:
-            cols += [str(c) for c in f.columns if str(c) not in cols]
+            cols += [c for c in f.columns if c not in cols]
         self.columns = cols
-        self.kind: dict[str, str] = {}
-        self.values: dict[str, list] = {}
-        self.categories: dict[str, list] = {}
+        self.data: dict = {}  # column -> array over all datasets' rows, in dataset order
         for c in cols:
-            present = [c in f.columns for f in renamed]
-            numeric = all(pd.api.types.is_numeric_dtype(f[c])
-                          and not pd.api.types.is_bool_dtype(f[c])
-                          for f in renamed if c in f.columns)
-            if numeric:
-                as_int = all(present) and all(pd.api.types.is_integer_dtype(f[c]) for f in renamed)
-                dtype = np.int64 if as_int else np.float64
-                self.kind[c] = "numeric"
-                self.values[c] = [f[c].to_numpy(dtype=dtype) if c in f.columns
-                                  else np.full(len(f), np.nan) for f in renamed]
-            else:
-                strs = [pd.Series(np.where(f[c].notna(), f[c].astype(str), None), dtype=object)
-                        if c in f.columns else pd.Series([None] * len(f), dtype=object)
-                        for f in renamed]
-                cats = sorted({v for s in strs for v in pd.unique(s.dropna())})
-                self.kind[c] = "categorical"
-                self.categories[c] = cats
-                self.values[c] = [pd.Categorical(s, categories=cats).codes.astype(np.int32)
-                                  for s in strs]
+            parts = [f[c] if c in f.columns else None for f in renamed]
+            try:
+                self.data[c] = _unify(parts, [len(f) for f in renamed])
+            except (TypeError, ValueError) as exc:
+                have = ", ".join(f"{p} ({s.dtype})" for p, s in zip(paths, parts) if s is not None)
+                raise InputError(f"{have}: obs column {c!r} cannot be stored: {exc}") from exc
 
     def frame(self, ds: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+        """``obs`` of the cells (dataset ``ds[i]``, row ``rows[i]``), in that order."""
+        idx = self.offsets[ds] + rows
         cols = {"dataset": pd.Categorical.from_codes(ds.astype(np.int32), categories=self.names),
                 "source_row": rows.astype(np.int64)}
         for c in self.columns:
-            out = None
-            for d in range(self.n_datasets):
-                sel = ds == d
-                if not sel.any():
-                    continue
-                v = self.values[c][d][rows[sel]]
-                if out is None:
-                    out = np.empty(ds.size, dtype=v.dtype if self.kind[c] == "categorical"
-                                   else np.result_type(*[x.dtype for x in self.values[c]]))
-                out[sel] = v
-            if self.kind[c] == "categorical":
-                cols[c] = pd.Categorical.from_codes(out, categories=self.categories[c])
-            else:
-                cols[c] = out
+            cols[c] = self.data[c][idx]
         index = np.empty(ds.size, dtype=object)
         for d in range(self.n_datasets):
             sel = ds == d

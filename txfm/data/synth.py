@@ -68,7 +68,8 @@ def gene_symbols(n: int) -> np.ndarray:
 class _Model:
     """Gene-level and cell-type-level parameters shared by all datasets."""
 
-    def __init__(self, rng: np.random.Generator, genes: int, n_programs: int, n_types: int):
+    def __init__(self, rng: np.random.Generator, genes: int, n_programs: int, n_types: int,
+                 program_size: tuple[int, int] = (10, 40)):
         self.G = genes
         self.base = rng.normal(-1.0, 1.6, genes)
         self.theta = np.exp(rng.normal(np.log(3.0), 0.6, genes))
@@ -78,7 +79,7 @@ class _Model:
         budget = int(0.45 * genes)
         pos = 0
         for p in range(n_programs):
-            size = int(rng.integers(10, 41))
+            size = int(rng.integers(program_size[0], program_size[1] + 1))
             size = min(size, budget - pos)
             if size < 3:
                 n_programs = p
@@ -210,7 +211,9 @@ def _write_dataset(path: Path, model: _Model, rng: np.random.Generator, *, obser
 
 def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations: int = 50,
              batches: int = 3, bulk: int = 0, programs: int | None = None, cell_types: int = 8,
-             seed: int = 0, chunk_cells: int | None = None) -> SynthResult:
+             seed: int = 0, chunk_cells: int | None = None, depth: float = 4000.0,
+             program_size: tuple[int, int] = (10, 40), shift: tuple[float, float] = (0.8, 1.6),
+             distinct_programs: bool = False) -> SynthResult:
     """Write the synthetic datasets and their ground truth into ``out_dir`` (see module doc).
 
     ``cells`` single cells in total (screen + atlas), ``genes`` in the universe,
@@ -226,17 +229,23 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     truth.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_prog = programs or max(6, genes // 75)
-    model = _Model(rng, genes, n_prog, cell_types)
+    model = _Model(rng, genes, n_prog, cell_types, tuple(program_size))
     chunk = chunk_cells or max(64, (1 << 22) // genes)
     ids, syms = gene_ids(genes), gene_symbols(genes)
     type_names = [f"type_{t}" for t in range(cell_types)]
 
     # perturbation targets: program genes, spread over programs
     prog_genes = np.flatnonzero(model.program >= 0)
-    n_targets = min(perturbations, prog_genes.size)
-    targets = rng.choice(prog_genes, n_targets, replace=False)
+    if distinct_programs:  # one target per program: every perturbation moves its own program
+        n_targets = min(perturbations, model.n_programs)
+        progs = rng.choice(model.n_programs, n_targets, replace=False)
+        targets = np.array([rng.choice(np.flatnonzero(model.program == p)) for p in progs],
+                           dtype=np.int64)
+    else:
+        n_targets = min(perturbations, prog_genes.size)
+        targets = rng.choice(prog_genes, n_targets, replace=False)
     kd_t = rng.uniform(1.5, 3.0, n_targets)
-    shift_t = rng.uniform(0.8, 1.6, n_targets) * rng.choice([-1.0, 1.0], n_targets)
+    shift_t = rng.uniform(*shift, n_targets) * rng.choice([-1.0, 1.0], n_targets)
 
     def subset(frac: float, must: np.ndarray) -> np.ndarray:
         keep = rng.random(genes) < frac
@@ -258,7 +267,7 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     b_screen = rng.integers(0, batches, n_screen)
     p = out / "screen.h5ad"
     _write_dataset(p, model, rng, observed=obs_screen, types=t_screen, batch=b_screen,
-                   n_batches=batches, depth_median=4000.0, depth_sigma=0.45, perturb_gene=pg,
+                   n_batches=batches, depth_median=depth, depth_sigma=0.45, perturb_gene=pg,
                    perturb_label=label, kd=kd, shift_prog=sprog, shift=sh, mix=None, noise=0.5,
                    theta_scale=1.0, name="screen", kind="single-cell", chunk=chunk,
                    type_names=type_names, batch_names=[f"screen_b{b}" for b in range(batches)])
@@ -272,7 +281,7 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
         b_atlas = rng.integers(0, batches, n_atlas)
         p = out / "atlas.h5ad"
         _write_dataset(p, model, rng, observed=obs_atlas, types=t_atlas, batch=b_atlas,
-                       n_batches=batches, depth_median=3000.0, depth_sigma=0.5,
+                       n_batches=batches, depth_median=0.75 * depth, depth_sigma=0.5,
                        perturb_gene=none[:n_atlas],
                        perturb_label=np.full(n_atlas, "none", dtype=object),
                        kd=np.zeros(n_atlas), shift_prog=none[:n_atlas], shift=np.zeros(n_atlas),

@@ -15,7 +15,9 @@ the order given, so adding inputs at the end never renumbers existing genes. It 
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -73,12 +75,7 @@ class Vocabulary:
         """A TSV with a header: ``gene_id`` (and optionally ``symbol``) columns, or one
         unnamed column of keys."""
         path = Path(path)
-        try:
-            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise InputError(f"{path}: cannot read vocabulary TSV ({exc})") from exc
-        if df.shape[0] == 0:
-            raise InputError(f"{path}: vocabulary is empty")
+        df = _read_tsv(path, "vocabulary TSV", sep="\t")
         cols = [c.lower() for c in df.columns]
         id_col = next((df.columns[i] for i, c in enumerate(cols)
                        if c in ("gene_id", "id", "ensembl_gene_id", "gene_ids")), df.columns[0])
@@ -86,12 +83,29 @@ class Vocabulary:
                         if c in ("symbol", "gene_symbol", "gene_name")), None)
         ids = strip_version(df[id_col].to_numpy(dtype=object))
         symbols = df[sym_col].to_numpy(dtype=object) if sym_col is not None else ids
-        return cls(tuple(ids.tolist()), tuple(str(s) for s in symbols))
+        try:
+            return cls(tuple(ids.tolist()), tuple(str(s) for s in symbols))
+        except ValueError as exc:  # duplicated ids
+            raise InputError(f"{path}: {exc}") from exc
+
+
+def _read_tsv(path: Path, what: str, **kw) -> pd.DataFrame:
+    """A table with a header line, as strings; InputError naming the file when it is missing,
+    unreadable (truncated .gz, binary) or has no rows."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, **kw)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error,
+            pd.errors.ParserError, pd.errors.EmptyDataError) as exc:  # csv: sniffing sep=None
+        raise InputError(f"{path}: cannot read the {what} ({type(exc).__name__}: {exc})") from exc
+    if df.shape[0] == 0:
+        raise InputError(f"{path}: the {what} has no rows")
+    return df
 
 
 def read_gene_table(path: Path) -> list[tuple[str, str]]:
-    """(id, symbol) pairs from a table like ``gene_tables/genes_grch38_sceptre.tsv``."""
-    df = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    """(id, symbol) pairs from a table like ``gene_tables/genes_grch38_sceptre.tsv`` (a header
+    line; tab-, comma- or otherwise delimited). Raises :class:`InputError` naming the file."""
+    df = _read_tsv(Path(path), "gene table", sep=None, engine="python")
     cols = {c.lower(): c for c in df.columns}
     id_col = next((cols[c] for c in ("ensembl_gene_id", "gene_id", "id") if c in cols), None)
     sym_col = next((cols[c] for c in ("gene_symbol", "symbol", "gene_name") if c in cols), None)

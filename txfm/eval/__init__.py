@@ -1,4 +1,4 @@
-"""Evaluate what TxFM learned (SPEC §6).
+"""Evaluate what TxFM learned (arXiv:2605.31562, evaluation).
 
 Commands (``txfm/eval/cli.py``): ``txfm embed``, ``txfm genes``, ``txfm eval relationships``,
 ``txfm eval perturbation``. The same work as Python functions:

@@ -8,6 +8,15 @@ import argparse
 import pathlib
 import sys
 
+from txfm.cli import (
+    UsageError,
+    error_message,
+    finite_float,
+    int_at_least,
+    nonnegative_int,
+    positive_int,
+)
+
 
 def register(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -27,12 +36,12 @@ def register(subparsers) -> None:
                    help="Ensembl id <-> symbol TSV (e.g. shared/data/gene_tables/"
                         "genes_grch38_sceptre.tsv) when input and vocabulary name genes "
                         "differently")
-    p.add_argument("--k", type=int, default=None, help="shown genes per cell (default: the "
-                                                       "model's K)")
-    p.add_argument("--draws", type=int, default=1, help="average the embeddings of this many "
-                                                        "draws of shown genes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="shown genes per cell (default: the model's K)")
+    p.add_argument("--draws", type=positive_int, default=1,
+                   help="average the embeddings of this many draws of shown genes")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--key", default="X_txfm", help="obsm key to write")
@@ -77,12 +86,13 @@ def register(subparsers) -> None:
     p.add_argument("--counts", default=None,
                    help="training-like counts (.h5ad/10x) for the PCA-loadings baseline")
     p.add_argument("--counts-layer", default=None)
-    p.add_argument("--counts-max-cells", type=int, default=20000,
+    p.add_argument("--counts-max-cells", type=positive_int, default=20000,
                    help="subsample cells of --counts for the baseline PCA")
-    p.add_argument("--null-pairs", type=int, default=20000, help="random gene pairs per draw")
-    p.add_argument("--draws", type=int, default=3, help="null draws")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--gmt-max-size", type=int, default=500,
+    p.add_argument("--null-pairs", type=positive_int, default=20000,
+                   help="random gene pairs per draw")
+    p.add_argument("--draws", type=positive_int, default=3, help="null draws")
+    p.add_argument("--seed", type=nonnegative_int, default=42)
+    p.add_argument("--gmt-max-size", type=nonnegative_int, default=500,
                    help="skip gene sets larger than this (0 = keep all)")
     p.add_argument("--all-genes", action="store_true",
                    help="evaluate each representation on all its genes instead of the genes "
@@ -116,13 +126,28 @@ def register(subparsers) -> None:
     p.add_argument("--gene-table", default=None, help="map Ensembl-id labels to symbols (bmdb)")
     p.add_argument("--postprocess", default="none,center,standardize,tvn")
     p.add_argument("--metrics", default="pcst,lin,knn,bmdb,ilisi")
-    p.add_argument("--min-cells", type=int, default=5,
+    p.add_argument("--min-cells", type=positive_int, default=5,
                    help="perturbations with fewer cells are left out")
-    p.add_argument("--max-cells", type=int, default=None, help="random subsample of cells")
-    p.add_argument("--library-size", type=float, default=1e5, help="Lib+Log target sum")
-    p.add_argument("--pca-components", type=int, default=128, help="PCA baseline size")
-    p.add_argument("--pcst-null-draws", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cells", type=positive_int, default=None,
+                   help="random subsample of cells")
+    p.add_argument("--library-size", type=finite_float(0.0, above=True), default=1e5,
+                   help="Lib+Log target sum")
+    p.add_argument("--pca-components", type=positive_int, default=128, help="PCA baseline size")
+    p.add_argument("--fit-on", default=None, metavar="PATH",
+                   help="training corpus (a shard collection from `txfm data convert`, or an "
+                        ".h5ad of raw counts): also fit the pca and liblog_hvg<N> baselines on "
+                        "it and apply them to the screen, as rows pca_corpus, "
+                        "liblog_hvg<N>_corpus (the paper's 'PCA (1.4M samples)'), on the genes "
+                        "both profile")
+    p.add_argument("--fit-cells", type=int_at_least(2), default=50000,
+                   help="random training cells of --fit-on to fit on (drawn with --seed)")
+    p.add_argument("--oracle-k", type=_k_list, default=None, metavar="K[,K2]",
+                   help="add rows oracle_k{K}: each cell's PCA scores (--pca-components, fit on "
+                        "all genes) estimated from K genes drawn as `txfm embed --seed` shows "
+                        "them (onto the --fit-on vocabulary when given): the ceiling of a model "
+                        "shown K genes (txfm.eval.oracle)")
+    p.add_argument("--pcst-null-draws", type=positive_int, default=1000)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", default="txfm_eval_perturbation", help="output folder")
     _add_threads(p)
     p.add_argument("--no-progress", action="store_true")
@@ -131,8 +156,17 @@ def register(subparsers) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
+def _k_list(text: str) -> tuple[int, ...]:
+    """argparse ``type``: comma-separated integers >= 1 (``128,512``)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts or not all(t.isdigit() and int(t) >= 1 for t in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= 1, comma-separated "
+                                         "(e.g. 128,512)")
+    return tuple(dict.fromkeys(int(t) for t in parts))
+
+
 def _add_threads(p) -> None:
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=nonnegative_int, default=0,
                    help="BLAS/OpenMP threads (0 = the libraries' default). The matrices here are "
                         "small: on a busy machine --threads 1 avoids oversubscription (measured "
                         "4x faster on a loaded 2-core box)")
@@ -157,9 +191,27 @@ def _fail(msg: str) -> int:
 
 
 def _table(path):
+    """The ``--gene-table`` (None if not given); UsageError if it cannot be read."""
     from .genemap import GeneTable
 
-    return GeneTable.read(path) if path else None
+    if not path:
+        return None
+    try:
+        return GeneTable.read(path)
+    except (OSError, ValueError) as exc:  # missing file, no id/symbol columns, bad CSV
+        msg = error_message(exc)
+        raise UsageError(msg if msg.startswith("--gene-table") else f"--gene-table {path}: {msg}"
+                         ) from exc
+
+
+def _output(path, *, folder: bool) -> pathlib.Path:
+    """``--out`` checked before any work: a folder (``folder``) or a file name, not the other."""
+    out = pathlib.Path(path)
+    if folder and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder for the results")
+    if not folder and out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give an .h5ad file name")
+    return out
 
 
 # ----------------------------------------------------------------------------- embed / genes
@@ -174,21 +226,19 @@ def cmd_embed(args) -> int:
         remap_to_vocabulary,
         resolve_device,
     )
-    from .io import counts_matrix, read_cells
+    from txfm.cli import check_device
 
-    device = resolve_device(args.device)
-    try:
-        adata = read_cells(args.input, layer=args.layer)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        return _fail(str(err))
+    from .io import counts_matrix, read_cells, write_h5ad
+
+    device = resolve_device(check_device("--device", args.device))
+    out = _output(args.out, folder=False)
+    table = _table(args.gene_table)
     model, config, vocab, info = load_model(args.checkpoint, device)
-    match = map_input_genes(adata.var, vocab, _table(args.gene_table), info.get("symbols"))
+    adata = read_cells(args.input, layer=args.layer, option="--input")
+    raw = counts_matrix(adata, f"--input {args.input}")
+    match = map_input_genes(adata.var, vocab, table, info.get("symbols"))
     print(f"{args.input}: {adata.n_obs:,} cells; {match.summary(len(vocab))}")
-    raw = counts_matrix(adata)
-    head = raw.data[:100_000]
-    if head.size and (head < 0).any():
-        return _fail(f"{args.input}: negative values in the counts; pass raw counts (--layer)")
-    if head.size and not np.all(head == np.round(head)):
+    if not np.array_equal(raw.data, np.round(raw.data)):
         print("warning: the counts are not integers: the model expects raw counts (normalised "
               "data in .X? pass --layer counts or --layer raw)", file=sys.stderr)
     try:
@@ -200,7 +250,7 @@ def cmd_embed(args) -> int:
     if empty:
         print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
               "that of an empty profile)", file=sys.stderr)
-    library_size = float(getattr(config, "library_size", 1e5))
+    library_size = float(config.target_sum)  # the normalisation the model was trained with
     emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, device=device, library_size=library_size,
                        precision=args.precision, progress=not args.no_progress)
@@ -208,9 +258,7 @@ def cmd_embed(args) -> int:
     adata.uns["txfm_embed"] = {"checkpoint": str(args.checkpoint), "k": k, "draws": args.draws,
                                "seed": args.seed, "genes_mapped": match.n_mapped,
                                "genes_input": len(match.index), "mapping": match.how}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    write_h5ad(adata, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={k}, "
           f"draws={args.draws}, {device})")
     return 0
@@ -222,18 +270,19 @@ def cmd_genes(args) -> int:
 
     from .embed import gene_representations, load_model
     from .genemap import gene_symbols
+    from .io import write_h5ad
 
+    out = _output(args.out, folder=False)
+    table = _table(args.gene_table)
     model, _, vocab, info = load_model(args.checkpoint, "cpu")
     reps = gene_representations(model)
     obs = pd.DataFrame(index=pd.Index([str(g) for g in vocab], name=None))
     symbols = info.get("symbols") if isinstance(info, dict) else None
     if symbols is not None or args.gene_table:
-        obs["symbol"] = gene_symbols(vocab, symbols, _table(args.gene_table))
+        obs["symbol"] = gene_symbols(vocab, symbols, table)
     a = ad.AnnData(obs=obs, obsm=reps)
     a.uns["txfm_genes"] = {"checkpoint": str(args.checkpoint)}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    a.write_h5ad(out)
+    write_h5ad(a, out)
     print(f"wrote {out}: {len(vocab):,} genes; " +
           ", ".join(f"obsm[{k!r}] {v.shape[1]} dims" for k, v in reps.items()))
     return 0
@@ -246,11 +295,13 @@ def _components_map(values) -> tuple[dict, int | None]:
 
     out, default = dict(DEFAULT_COMPONENTS), None
     for v in values or []:
-        if "=" in v:
-            key, n = v.split("=", 1)
+        key, _, n = v.rpartition("=")
+        if not n.isdigit() or int(n) < 1 or (_ and not key):
+            raise UsageError(f"--n-components {v}: use N or KEY=N with N >= 1 (e.g. codebook=32)")
+        if key:
             out[key] = int(n)
         else:
-            default = int(v)
+            default = int(n)
     return out, default
 
 
@@ -281,7 +332,7 @@ def cmd_relationships(args) -> int:
 
     from .baselines import pca_gene_loadings
     from .genemap import gene_symbols
-    from .io import counts_matrix, read_cells
+    from .io import counts_matrix, read_cells, read_h5ad
     from .plots import markdown_table, plot_recall_by_database, plot_recall_vs_components
     from .relationships import (
         BASELINE_COMPONENTS,
@@ -294,6 +345,7 @@ def cmd_relationships(args) -> int:
 
     if args.genes is None and args.counts is None:
         return _fail("nothing to evaluate: pass --genes genes.h5ad and/or --counts X.h5ad")
+    out = _output(args.out, folder=True)
     table = _table(args.gene_table)
     sources = args.sources.split(",") if args.sources else None
     try:
@@ -304,9 +356,7 @@ def cmd_relationships(args) -> int:
     comps, default_c = _components_map(args.n_components)
     reps = []
     if args.genes:
-        import anndata as ad
-
-        g = ad.read_h5ad(args.genes)
+        g = read_h5ad(args.genes, "--genes")
         keys = args.key or list(g.obsm.keys())
         missing = [k for k in keys if k not in g.obsm]
         if missing or not keys:
@@ -318,17 +368,17 @@ def cmd_relationships(args) -> int:
             n = comps.get(k, default_c or BASELINE_COMPONENTS)
             reps.append(GeneRepresentation(k, np.asarray(g.obsm[k]), syms, n))
     if args.counts:
-        try:
-            c = read_cells(args.counts, layer=args.counts_layer)
-        except (FileNotFoundError, KeyError, ValueError) as err:
-            return _fail(str(err))
-        x = counts_matrix(c)
+        c = read_cells(args.counts, layer=args.counts_layer, option="--counts")
+        x = counts_matrix(c, f"--counts {args.counts}", "--counts-layer")
         if c.n_obs > args.counts_max_cells:
             rows = np.sort(np.random.default_rng(args.seed).choice(c.n_obs, args.counts_max_cells,
                                                                     replace=False))
             x = x[rows]
         n = comps.get("pca_loadings", default_c or BASELINE_COMPONENTS)
-        loadings, kept = pca_gene_loadings(x, n, seed=args.seed)
+        try:
+            loadings, kept = pca_gene_loadings(x, n, seed=args.seed)
+        except ValueError as err:
+            return _fail(f"--counts {args.counts}: {err}")
         syms = gene_symbols(c.var_names, c.var["symbol"].to_numpy() if "symbol" in c.var else None,
                             table)[kept]
         print(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
@@ -345,7 +395,6 @@ def cmd_relationships(args) -> int:
                                        progress=not args.no_progress)
     except ValueError as err:
         return _fail(str(err))
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res.to_csv(out / "relationships.csv", index=False)
     summary = _recall_summary(res)
@@ -360,6 +409,40 @@ def cmd_relationships(args) -> int:
 
 
 # ----------------------------------------------------------------------------- perturbation
+
+def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
+    """Rows ``<baseline>_corpus`` (fit on ``--fit-on``) and ``oracle_k{K}`` (``--oracle-k``)."""
+    import time
+
+    from .baselines import align_to_reference, expression_baselines, read_reference
+    from .io import counts_matrix
+    from .oracle import oracle_embeddings
+
+    raw = counts_matrix(adata, f"--embeddings {args.embeddings}")
+    rows, observable = {}, None
+    if args.fit_on:
+        ref = read_reference(args.fit_on, args.fit_cells, args.seed)
+        raw, observable, shared, match = align_to_reference(adata.var, raw, ref, table)
+        print(f"--fit-on {ref.source}: screen {match.summary(len(ref.genes))}; "
+              f"{int(shared.sum()):,} genes both profile")
+        names = [n for n in base_names if n == "pca" or n.startswith("liblog_hvg")]
+        if names:
+            t0 = time.perf_counter()
+            fit, notes = expression_baselines(raw, names, library_size=args.library_size,
+                                              pca_components=args.pca_components,
+                                              seed=args.seed, reference=ref.counts,
+                                              genes=shared)
+            for n in notes:
+                print(n)
+            print(f"corpus-fit baselines {list(fit)}: {time.perf_counter() - t0:.1f} s")
+            rows.update(fit)
+    if args.oracle_k:
+        oracle = oracle_embeddings(raw, args.oracle_k, args.pca_components, seed=args.seed,
+                                   observable=observable, library_size=args.library_size,
+                                   log=print)
+        rows.update((f"oracle_k{k}", e) for k, e in oracle.items())
+    return rows
+
 
 def cmd_perturbation(args) -> int:
     import numpy as np
@@ -380,10 +463,9 @@ def cmd_perturbation(args) -> int:
     from .plots import markdown_table, plot_perturbation_metrics
     from .relationships import load_databases
 
-    try:
-        adata = read_cells(args.embeddings, layer=args.layer)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        return _fail(str(err))
+    out = _output(args.out, folder=True)
+    table = _table(args.gene_table)
+    adata = read_cells(args.embeddings, layer=args.layer, option="--embeddings")
     for key, what in ((args.perturbation_key, "--perturbation-key"),
                       (args.batch_key, "--batch-key")):
         if key is not None and key not in adata.obs:
@@ -438,16 +520,24 @@ def cmd_perturbation(args) -> int:
     base_names = () if args.baselines.strip() == "none" else \
         tuple(s for s in args.baselines.split(",") if s)
     if base_names:
+        raw = counts_matrix(adata, f"--embeddings {args.embeddings}")
         try:
-            base, notes = expression_baselines(counts_matrix(adata), base_names,
+            base, notes = expression_baselines(raw, base_names,
                                                library_size=args.library_size,
                                                pca_components=args.pca_components,
                                                seed=args.seed)
         except (ValueError, MemoryError) as err:
-            return _fail(f"baselines: {err}")
+            return _fail(f"--baselines {args.baselines}: {err}")
         for n in notes:
             print(n)
         embeddings.update(base)
+    if args.fit_on or args.oracle_k:
+        try:
+            embeddings.update(_corpus_and_oracle_rows(args, adata, base_names, table))
+        except UsageError:  # names its option and file already
+            raise
+        except (ValueError, MemoryError) as err:
+            return _fail(f"{'--fit-on' if args.fit_on else '--oracle-k'}: {err}")
     if not embeddings:
         return _fail("no embedding to evaluate: the input has no X_* key in .obsm and "
                      "--baselines none")
@@ -462,7 +552,7 @@ def cmd_perturbation(args) -> int:
                 return _fail(str(err))
         else:
             print("no --db: bmdb not computed")
-    symbols = gene_symbols(labels.pert_names, table=_table(args.gene_table))
+    symbols = gene_symbols(labels.pert_names, table=table)
     options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
                                pcst_null_draws=args.pcst_null_draws, seed=args.seed)
     tables = []
@@ -477,7 +567,6 @@ def cmd_perturbation(args) -> int:
         tables.append(t)
     full = pd.concat(tables, ignore_index=True)
     best = best_rows(full)
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     full.to_csv(out / "perturbation_all.csv", index=False)
     best.to_csv(out / "perturbation.csv", index=False)

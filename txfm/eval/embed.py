@@ -1,4 +1,4 @@
-"""Cell embeddings and gene representations from a trained TxFM checkpoint (SPEC §6).
+"""Cell embeddings and gene representations from a trained TxFM checkpoint (arXiv:2605.31562, evaluation).
 
 * :func:`embed_counts` — CLS embeddings ``[cells, d]`` of raw counts whose columns are already
   in the model's vocabulary. The K shown genes of each cell are drawn by
@@ -107,6 +107,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on CPU).
     Returns:
         ``[cells, d]`` float32.
+    Raises:
+        ValueError: no cells; ``draws``, ``k`` or ``batch_size`` < 1; ``observable`` not ``[G]``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -117,6 +119,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         raise ValueError("no cells to embed")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k={k} and batch_size={batch_size} must be >= 1")
     n_genes = counts.shape[1]
     if observable.shape != (n_genes,):
         raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape}")

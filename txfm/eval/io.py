@@ -4,16 +4,21 @@
 ``.h5ad`` file (read whole, with its ``obs``, ``obsm``, ``layers``, ``uns``), a 10x Cell
 Ranger matrix folder (``matrix.mtx[.gz]`` + ``features.tsv[.gz]`` or ``genes.tsv[.gz]`` +
 ``barcodes.tsv[.gz]``) or a 10x ``.h5`` file (both through the converter's readers), always
-as an AnnData with cells as rows.
+as an AnnData with cells as rows. Every problem with an input or output file raises
+:class:`txfm.cli.UsageError` naming the option and the file (``txfm`` prints it as one
+``error:`` line).
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import warnings
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from txfm.cli import UsageError, error_message
 
 
 def read_10x(path: str | pathlib.Path):
@@ -52,36 +57,82 @@ def read_10x(path: str | pathlib.Path):
     return a
 
 
-def read_cells(path: str | pathlib.Path, *, layer: str | None = None):
+def read_h5ad(path: str | pathlib.Path, option: str):
+    """The AnnData in ``path``; UsageError naming ``option`` if it is missing or unreadable."""
+    import anndata as ad
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for a bad file
+        raise UsageError(f"{option} {path}: cannot be read as .h5ad ({type(exc).__name__}: "
+                         f"{error_message(exc)}); is the file complete (an interrupted copy?)"
+                         ) from exc
+
+
+def write_h5ad(adata, out: str | pathlib.Path, option: str = "--out") -> pathlib.Path:
+    """Write ``adata`` to ``out`` atomically (a temporary file renamed onto ``out``), so that an
+    interrupted write never leaves a half-written ``out``; UsageError if it cannot be written."""
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise UsageError(f"{option} {out}: is a folder; give an .h5ad file name")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UsageError(f"{option} {out}: cannot be written ({exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_cells(path: str | pathlib.Path, *, layer: str | None = None, option: str = "input"):
     """AnnData (cells x genes) from ``.h5ad``, a 10x folder or a 10x ``.h5``.
 
     Args:
         layer: take the counts from ``.layers[layer]`` (``"raw"`` for ``.raw.X``) instead of
             ``.X``; the chosen matrix becomes ``.X`` of the returned object.
+        option: the command-line option that named ``path`` (for error messages).
+    Raises:
+        UsageError: ``path`` is missing, unreadable, empty, or lacks ``layer``.
     """
     import anndata as ad
 
+    from txfm.data.readers import InputError
+
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise UsageError(f"{option} {path}: no such file or folder")
     if path.is_dir() or path.suffix in (".h5", ".hdf5"):
-        a = read_10x(path)
+        try:
+            a = read_10x(path)
+        except InputError as exc:  # names the file and what is wrong already
+            raise UsageError(f"{option}: {error_message(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - h5py/scipy/gzip errors of a damaged input
+            raise UsageError(f"{option} {path}: cannot be read as a 10x matrix "
+                             f"({type(exc).__name__}: {error_message(exc)})") from exc
     elif path.suffix == ".h5ad":
-        a = ad.read_h5ad(path)
+        a = read_h5ad(path, option)
     else:
-        raise ValueError(f"{path}: unknown input type; give an .h5ad file, a 10x matrix folder "
-                         "or a 10x .h5 file")
+        raise UsageError(f"{option} {path}: unknown input type; give an .h5ad file, a 10x matrix "
+                         "folder or a 10x .h5 file")
     if a.n_obs == 0 or a.n_vars == 0:
-        raise ValueError(f"{path}: empty input ({a.n_obs} cells x {a.n_vars} genes)")
+        raise UsageError(f"{option} {path}: empty input ({a.n_obs} cells x {a.n_vars} genes)")
     if layer is not None:
         if layer == "raw":
             if a.raw is None:
-                raise KeyError(f"{path}: --layer raw but the file has no .raw")
+                raise UsageError(f"{option} {path}: layer 'raw' asked for, but the file has no "
+                                 ".raw; leave the layer option out to use .X")
             a = ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=a.obsm, uns=a.uns)
         else:
             if layer not in a.layers:
-                raise KeyError(f"{path}: no layer {layer!r} (layers: {list(a.layers.keys())}; "
-                               "use 'raw' for .raw.X, or leave --layer out for .X)")
+                raise UsageError(f"{option} {path}: no layer {layer!r} (layers: "
+                                 f"{list(a.layers.keys())}; use 'raw' for .raw.X, or leave the "
+                                 "layer option out for .X)")
             a.X = a.layers[layer]
     return a
 
@@ -97,10 +148,23 @@ def gene_name_columns(var: pd.DataFrame) -> tuple[list[np.ndarray], list[str]]:
     return alts, names
 
 
-def counts_matrix(a) -> sp.csr_matrix:
-    """``a.X`` as float32 CSR (densely stored counts are converted)."""
+def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -> sp.csr_matrix:
+    """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts.
+
+    Raises:
+        UsageError: no ``.X``, or any value NaN, infinite or negative (names ``source``, the
+            first bad cell, and ``layer_option`` to pick the raw counts).
+    """
     x = a.X
     if x is None:
-        raise ValueError("the input has no .X; pass --layer")
-    return sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else \
+        raise UsageError(f"{source} has no .X; choose the counts with {layer_option}")
+    x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else \
         x.tocsr().astype(np.float32)
+    for bad, what in ((~np.isfinite(x.data), "NaN or infinite"), (x.data < 0, "negative")):
+        if bad.any():
+            where = np.flatnonzero(bad)
+            cell = int(np.searchsorted(x.indptr, where[0], side="right")) - 1
+            raise UsageError(f"{source}: {where.size:,} {what} values in the counts (first in "
+                             f"cell {cell}, {a.obs_names[cell]!r}); TxFM needs raw counts: pass "
+                             f"them with {layer_option} or clean the input")
+    return x

@@ -1,4 +1,4 @@
-"""Perturbation benchmark (Bendidi et al. 2024; SPEC §6) on cell embeddings.
+"""Perturbation benchmark (Bendidi et al. 2024; arXiv:2605.31562, evaluation) on cell embeddings.
 
 Input: ``x [cells, dims]`` (any embedding or baseline), a perturbation label per cell (the
 control label, e.g. ``non-targeting``, among them) and optionally a batch label per cell.

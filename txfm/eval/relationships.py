@@ -1,4 +1,4 @@
-"""Gene-gene relationship recall (Celik et al. 2024; Kraus et al. 2024; SPEC §6).
+"""Gene-gene relationship recall (Celik et al. 2024; Kraus et al. 2024; arXiv:2605.31562, evaluation).
 
 A *gene representation* is a matrix ``R [G, D]`` with one row per gene (the encoder codebook,
 the decoder's gene weights, PCA loadings, aggregated perturbation embeddings...). How well

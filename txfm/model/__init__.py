@@ -1,4 +1,4 @@
-"""TxFM model: config and presets, encoder, decoder, count losses (SPEC §3–4).
+"""TxFM model: config and presets, encoder, decoder, count losses (arXiv:2605.31562, model and loss).
 
 * :class:`TxFMConfig`, :data:`PRESETS` (``tiny``, ``S``, ``B``, ``L``), :func:`preset`
 * :class:`TxFM` — ``forward(sample) -> loss``, ``embed(gene_ids, values, pad_mask) -> [B, d]``,

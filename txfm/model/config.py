@@ -1,4 +1,4 @@
-"""TxFM model configuration and the presets of SPEC §3 (paper Table 6).
+"""TxFM model configuration and the presets of arXiv:2605.31562, model (paper Table 6).
 
 =======  ======  =====  ====  ===============  ====  ============  =======  ==============
 preset   blocks  heads  d     stochastic depth  K     decoder width  params   paper
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 LOSSES = ("poisson", "nb", "zinb", "mse", "smoothl1")
 ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
+TOKEN_NORMS = ("none", "rms")
 
 
 @dataclass
@@ -38,7 +40,15 @@ class TxFMConfig:
     Encoder: ``depth`` pre-norm blocks of ``heads`` heads, width ``dim``, MLP width
     ``mlp_ratio * dim``; LayerScale initialised at ``layerscale_init``; stochastic depth rising
     linearly from 0 at the first block to ``drop_path`` at the last. ``k`` genes are shown per
-    sample (SPEC §2), drawn with weight ``m_i ** tau`` (``tau = 0``: uniform).
+    sample (arXiv:2605.31562 §2), drawn with weight ``m_i ** tau`` (``tau = 0``: uniform).
+
+    Tokens (§3): a shown gene ``g`` with value ``x`` enters as ``[E_g ; x]``. ``token_norm``
+    decides the scale of the embedding part: ``"rms"`` (default, **our choice**) uses
+    ``E_g / rms(E_g)``, so every gene's part has norm ``sqrt(d-1)`` beside ``x`` in
+    ``[0, ~11.5]`` and the first LayerNorm keeps both the gene's identity and its value;
+    ``"none"`` is the paper's literal token with ``E`` initialised at std 0.02, where the value
+    coordinate dominates every expressed token after that LayerNorm (cosine ~0.998 between
+    different genes) and the model learns far less (``docs/learning.md``).
 
     Decoder: ``decoder_depth`` hidden layers of width ``decoder_hidden`` (0: one linear map
     from the CLS embedding to the G logits), then ``activation`` turns logits into predicted
@@ -59,12 +69,13 @@ class TxFMConfig:
     layerscale_init: float = 0.1
     k: int = 128
     tau: float = 0.0
+    token_norm: str = "rms"
     decoder_depth: int = 4
     decoder_hidden: int = 256
     loss: str = "poisson"
     activation: str = "rectified_tanh"
-    library_size: float = 1e5
-    include_unobserved: bool = False  # SPEC §4 option: unprofiled genes count as zeros
+    target_sum: float = 1e5  # L: counts are normalised to this total before log1p (§2)
+    include_unobserved: bool = False  # arXiv:2605.31562, loss option: unprofiled genes count as zeros
     use_fused_ops: bool = True
     attention: str = "auto"  # auto: FlashAttention-3 on Hopper if installed, else SDPA; see encoder.py
     extra: dict = field(default_factory=dict)  # free-form notes kept in checkpoints
@@ -75,12 +86,12 @@ class TxFMConfig:
     # -- derived constants ------------------------------------------------------------------
     @property
     def alpha(self) -> float:
-        """Upper bound of the predicted log1p value: ``log(L + 1)`` (SPEC §3)."""
-        return math.log(self.library_size + 1.0)
+        """Upper bound of the predicted log1p value: ``log(L + 1)`` (arXiv:2605.31562, model)."""
+        return math.log(self.target_sum + 1.0)
 
     @property
     def beta(self) -> float:
-        """Temperature of the rectified tanh: ``4 e`` (SPEC §3)."""
+        """Temperature of the rectified tanh: ``4 e`` (arXiv:2605.31562, model)."""
         return 4.0 * math.e
 
     @property
@@ -108,15 +119,28 @@ class TxFMConfig:
         need(self.loss in LOSSES, f"loss={self.loss!r} is not one of {LOSSES}")
         need(self.activation in ACTIVATIONS,
              f"activation={self.activation!r} is not one of {ACTIVATIONS}")
+        need(self.token_norm in TOKEN_NORMS,
+             f"token_norm={self.token_norm!r} is not one of {TOKEN_NORMS}")
         need(self.attention in ATTENTION, f"attention={self.attention!r} is not one of {ATTENTION}")
-        need(self.library_size > 0, f"library_size={self.library_size} must be > 0")
+        need(math.isfinite(self.target_sum) and self.target_sum > 0,
+             f"target_sum={self.target_sum} must be finite and > 0")
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def library_size(self) -> float:
+        """Deprecated name of :attr:`target_sum`."""
+        warnings.warn("TxFMConfig.library_size is deprecated: use target_sum", DeprecationWarning,
+                      stacklevel=2)
+        return self.target_sum
+
     @classmethod
     def from_dict(cls, d: dict) -> "TxFMConfig":
+        d = _renamed(d)
+        if "token_norm" not in d:  # checkpoints from before the field: the literal [E ; x]
+            d["token_norm"] = "none"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -124,11 +148,23 @@ class TxFMConfig:
         return cls(**d)
 
     def replace(self, **overrides) -> "TxFMConfig":
+        overrides = _renamed(overrides)
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"TxFMConfig: unknown fields {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
+
+
+def _renamed(d: dict) -> dict:
+    """Accept the deprecated ``library_size`` for ``target_sum`` (checkpoints before 0.2)."""
+    if "library_size" not in d:
+        return d
+    d = dict(d)
+    if "target_sum" not in d:
+        d["target_sum"] = d["library_size"]
+    del d["library_size"]
+    return d
 
 
 PRESETS: dict[str, TxFMConfig] = {

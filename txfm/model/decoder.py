@@ -1,4 +1,4 @@
-"""TxFM decoder: CLS embedding ``[B, d]`` -> logits over the gene vocabulary ``[B, G]`` (SPEC §3).
+"""TxFM decoder: CLS embedding ``[B, d]`` -> logits over the gene vocabulary ``[B, G]`` (arXiv:2605.31562, model).
 
 ``decoder_depth = n`` hidden layers of width ``H = decoder_hidden``::
 
@@ -7,7 +7,7 @@
     z = Linear(H, G)(LN(h))                            head
 
 ``n = 0`` is a single linear map ``z = Linear(d, G)(LN(e))``. The head's weight
-``[G, H]`` is the decoder's gene representation (SPEC §6), :meth:`Decoder.gene_weights`.
+``[G, H]`` is the decoder's gene representation (arXiv:2605.31562, evaluation), :meth:`Decoder.gene_weights`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TxFM encoder: gene tokens -> pre-norm transformer blocks -> CLS embedding (SPEC §3).
+"""TxFM encoder: gene tokens -> pre-norm transformer blocks -> CLS embedding (arXiv:2605.31562, model).
 
 Shapes: ``B`` samples, ``K`` shown genes, ``N = K + 1`` tokens (CLS first), width ``d``,
 ``h`` heads. A sample is a set: no positional encoding; padded genes (rows with fewer than K
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from txfm_kernels.tokens import GeneTokenizer
+from txfm_kernels.tokens import GeneTokenizer, gene_tokens
 
 from . import reference as ref
 from .config import TxFMConfig
@@ -167,10 +167,14 @@ class Encoder(nn.Module):
 
     def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
         """``[B, K+1, d]`` encoder input (fused op or eager reference per ``use_fused_ops``)."""
-        tok = self.tokenizer
-        if self.config.use_fused_ops:
-            return tok(gene_ids, values, pad_mask=pad_mask)
-        return ref.gene_tokens(tok.codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask)
+        tok, cfg = self.tokenizer, self.config
+        codebook = tok.codebook
+        if cfg.token_norm == "rms":
+            codebook = F.rms_norm(codebook, (codebook.shape[-1],))
+        if cfg.use_fused_ops:
+            return gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
+                               deterministic=tok.deterministic, backend=tok.backend)
+        return ref.gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
                 pad_mask: torch.Tensor | None = None,

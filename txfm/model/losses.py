@@ -1,4 +1,4 @@
-"""Count activations and reconstruction losses of TxFM (SPEC §3–4 and the Table 5 ablations).
+"""Count activations and reconstruction losses of TxFM (arXiv:2605.31562, model and loss and the Table 5 ablations).
 
 The decoder's logits ``z [B, G]`` become predicted log1p-normalised values ``x_hat`` through
 an *activation*:
@@ -14,12 +14,12 @@ softmax             ``log1p(L * softmax(z))`` over the row's observable genes **
 ==================  ==========================================================================
 
 and a *loss* compares ``x_hat`` with the target ``x = log1p(L c / sum c)``, per gene, then
-takes the mean over each row's kept genes (its observable genes, SPEC §4) and over rows:
+takes the mean over each row's kept genes (its observable genes, arXiv:2605.31562, loss) and over rows:
 
 ==========  ==================================================================================
 loss        per gene
 ==========  ==================================================================================
-poisson     ``exp(x_hat) - x_hat * exp(x)`` (SPEC §4; fused kernel for rectified_tanh)
+poisson     ``exp(x_hat) - x_hat * exp(x)`` (arXiv:2605.31562, loss; fused kernel for rectified_tanh)
 nb          negative binomial NLL of the raw count ``c = s (exp(x) - 1)``, mean
             ``mu = s (exp(x_hat) - 1)``, size factor ``s = sum(c) / L``, per-gene inverse
             dispersion ``theta_g = exp(log_theta_g)`` (learned)
@@ -64,7 +64,7 @@ class CountLoss(nn.Module):
         self.activation = config.activation
         self.alpha = config.alpha
         self.beta = config.beta
-        self.library_size = float(config.library_size)
+        self.target_sum = float(config.target_sum)
         self.use_fused_ops = config.use_fused_ops
         if self.loss in ("nb", "zinb"):
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
@@ -90,7 +90,7 @@ class CountLoss(nn.Module):
         mask = ref.dense_gene_mask(gene_mask, z.shape[0], z.shape[1], z.device)
         if mask is not None:
             z = z.masked_fill(~mask, float("-inf"))
-        return torch.log1p(self.library_size * torch.softmax(z, dim=-1))
+        return torch.log1p(self.target_sum * torch.softmax(z, dim=-1))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, gene_mask=None,
                 library_size: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,7 +114,7 @@ class CountLoss(nn.Module):
         if library_size is None:
             raise ValueError(f"loss={self.loss!r} needs library_size [B] (raw counts per row; "
                              "MaskedSample.library_size)")
-        size = (library_size.float() / self.library_size)[:, None]
+        size = (library_size.float() / self.target_sum)[:, None]
         counts = size * torch.expm1(x)
         mu = size * torch.expm1(x_hat) + _EPS
         theta = torch.exp(self.log_theta.float())[None, :]
@@ -143,3 +143,31 @@ def logit_bias_init(config: TxFMConfig) -> float:
     if config.activation in ("relu", "clamped_relu"):
         return 1.0
     return 0.0
+
+
+def inverse_activation(x_hat: torch.Tensor, config: TxFMConfig) -> torch.Tensor:
+    """Logits whose activation is ``x_hat`` (fp32, any shape; softmax: over the last dim, up to
+    a constant). ``x_hat`` is kept inside ``[0, alpha)`` where the inverse exists."""
+    x_hat = x_hat.float().clamp(0.0, config.alpha * (1.0 - 1e-6))
+    if config.activation == "rectified_tanh":
+        return config.beta * torch.atanh(x_hat / config.alpha)
+    if config.activation in ("relu", "clamped_relu"):
+        return x_hat
+    # softmax: log1p(L softmax(z)) = x_hat  <=>  softmax(z) = expm1(x_hat) / L
+    return torch.log(torch.expm1(x_hat).clamp_min(1e-30))
+
+
+def optimal_logits(stats, config: TxFMConfig) -> torch.Tensor:
+    """``[G]`` fp32 logits whose prediction is each gene's constant-predictor optimum.
+
+    ``stats``: :class:`txfm.data.stats.GeneStats` of the training corpus. Poisson, NB and ZINB
+    take ``x_hat* = log(mean(exp(x)))`` (the Poisson optimum), MSE and SmoothL1 the mean
+    target ``mean(x)``; the activation is then inverted. Predictions are kept at
+    ``x_hat >= 0.01``, inside the live region of rectified tanh and ReLU, so that no gene
+    starts where its gradient is exactly 0.
+    """
+    if config.loss in ("mse", "smoothl1"):
+        x_hat = torch.as_tensor(stats.mean_target())
+    else:
+        x_hat = torch.log(torch.as_tensor(stats.mean_exp_target(config.target_sum)))
+    return inverse_activation(x_hat.clamp_min(0.01), config)

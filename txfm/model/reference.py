@@ -4,9 +4,9 @@
 they materialise every intermediate (``[B, K, d-1]`` gathers, ``[B, G]`` masks and losses)
 that the fused kernels avoid, but are plain autograd code that anyone can read.
 
-* :func:`gene_tokens` — ``[CLS; [E[g]; x] ...]`` encoder tokens (SPEC §3).
-* :func:`rectified_tanh` — ``alpha * relu(tanh(z / beta))`` (SPEC §3).
-* :func:`masked_row_mean` — mean over rows of each row's mean over its kept genes (SPEC §4);
+* :func:`gene_tokens` — ``[CLS; [E[g]; x] ...]`` encoder tokens (arXiv:2605.31562, model).
+* :func:`rectified_tanh` — ``alpha * relu(tanh(z / beta))`` (arXiv:2605.31562, model).
+* :func:`masked_row_mean` — mean over rows of each row's mean over its kept genes (arXiv:2605.31562, loss);
   the reduction every loss here uses.
 
 The eager path samples with :func:`txfm_kernels.masked_sample` ``backend="torch"`` (vectorised
@@ -62,7 +62,7 @@ def masked_row_mean(per_gene: torch.Tensor, mask: torch.Tensor | None) -> torch.
 
 def poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_mask=None, *,
                 alpha: float, beta: float) -> torch.Tensor:
-    """SPEC §4 loss in fp32: ``exp(phi(z)) - phi(z) * exp(x)``, ``phi`` = rectified tanh."""
+    """arXiv:2605.31562, loss loss in fp32: ``exp(phi(z)) - phi(z) * exp(x)``, ``phi`` = rectified tanh."""
     xh = rectified_tanh(logits.float(), alpha, beta)
     per_gene = torch.exp(xh) - xh * torch.exp(target.float())
     mask = dense_gene_mask(gene_mask, logits.shape[0], logits.shape[1], logits.device)

@@ -1,4 +1,4 @@
-"""TxFM: a masked autoencoder of RNA-seq counts (SPEC §3–4).
+"""TxFM: a masked autoencoder of RNA-seq counts (arXiv:2605.31562, model and loss).
 
 ``TxFM(config, n_genes)``: encoder (gene tokens -> transformer -> CLS embedding ``e``),
 decoder (``e`` -> logits over all ``G`` genes), loss head (activation + count loss over each
@@ -17,7 +17,7 @@ from torch import nn
 from .config import TxFMConfig
 from .decoder import Decoder
 from .encoder import Encoder
-from .losses import CountLoss
+from .losses import CountLoss, optimal_logits
 
 _UNSET = object()  # "not given" (None is a meaningful override, e.g. pad_mask=None)
 
@@ -48,13 +48,25 @@ class TxFM(nn.Module):
         return self.encoder.tokenizer
 
     def decoder_gene_weights(self) -> torch.Tensor:
-        """``[G, hidden]``: the decoder's last weight matrix, one row per gene (SPEC §6)."""
+        """``[G, hidden]``: the decoder's last weight matrix, one row per gene (arXiv:2605.31562, evaluation)."""
         return self.decoder.gene_weights()
 
     def set_use_fused_ops(self, flag: bool) -> "TxFM":
         """Switch between the fused ``txfm_kernels`` ops and the eager reference ops in place."""
         self.config.use_fused_ops = bool(flag)
         self.loss.use_fused_ops = bool(flag)
+        return self
+
+    @torch.no_grad()
+    def init_output_bias(self, stats) -> "TxFM":
+        """Start the decoder's per-gene output bias at each gene's constant-predictor optimum
+        over the training corpus (``stats``: :class:`txfm.data.stats.GeneStats`), instead of
+        one constant logit for all genes; see :func:`txfm.model.losses.optimal_logits`."""
+        bias = self.decoder.head.bias
+        z = optimal_logits(stats, self.config)
+        if z.shape != bias.shape:
+            raise ValueError(f"gene statistics cover {z.shape[0]} genes, the model {bias.shape[0]}")
+        bias.copy_(z.to(bias))
         return self
 
     # -- forward ----------------------------------------------------------------------------

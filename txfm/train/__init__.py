@@ -1,4 +1,4 @@
-"""The lean TxFM trainer (SPEC §5): ``txfm train``, from CSR shards to checkpoints.
+"""The lean TxFM trainer (arXiv:2605.31562, training recipe): ``txfm train``, from CSR shards to checkpoints.
 
 * :class:`TrainConfig` (recipe + run settings), :func:`train` / :class:`Trainer`
 * :func:`load_checkpoint` — ``(model, config, vocab_genes, info)`` from a run or a ``.pt`` file

@@ -87,13 +87,14 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     """Load one checkpoint file or raise :class:`CheckpointError` naming it and why."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder (the --out "
+                              "of `txfm train`) or one of its checkpoints/step_*.pt files")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
         raise CheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read: it is truncated or "
-            f"corrupt ({type(exc).__name__}: {exc})") from exc
+            f"corrupt, or not a TxFM checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a TxFM checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state)})")

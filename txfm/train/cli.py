@@ -21,6 +21,8 @@ import json
 import pathlib
 import sys
 
+from txfm.cli import UsageError, error_message, finite_float
+
 _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
     "data": "data", "out": "out", "steps": "steps", "epochs": "epochs",
     "batch_size": "batch_size", "accum": "accum", "lr": "lr", "weight_decay": "weight_decay",
@@ -30,6 +32,8 @@ _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
 }
 _MODEL_FLAGS = {"k": "k", "tau": "tau", "loss": "loss", "activation": "activation",
                 "decoder_depth": "decoder_depth", "attention": "attention"}
+_FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in _TRAIN_FLAGS.items()}
+_FLAG_OF["preset"] = "--preset"
 
 
 def register(subparsers) -> None:
@@ -52,25 +56,31 @@ def register(subparsers) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no loss plot at the end")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV metrics only")
-    r = p.add_argument_group("recipe (defaults: SPEC §5 and the preset)")
+    r = p.add_argument_group("recipe (defaults: arXiv:2605.31562, training recipe and the preset)")
     r.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    r.add_argument("--epochs", type=float, default=None, help="epochs (when --steps is not given)")
+    r.add_argument("--epochs", type=finite_float(), default=None,
+                   help="epochs (when --steps is not given)")
     r.add_argument("--batch-size", type=int, default=None, help="global batch per step")
     r.add_argument("--accum", type=int, default=None, help="gradient accumulation micro-batches")
-    r.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-3)")
-    r.add_argument("--weight-decay", type=float, default=None, help="default 1/(lr x steps)")
-    r.add_argument("--warmup", type=float, default=None, help="warm-up share of steps (0.1)")
-    r.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (1.0; 0: off)")
+    r.add_argument("--lr", type=finite_float(), default=None, help="peak learning rate (1e-3)")
+    r.add_argument("--weight-decay", type=finite_float(), default=None,
+                   help="default 1/(lr x steps)")
+    r.add_argument("--warmup", type=finite_float(), default=None,
+                   help="warm-up share of steps (0.1), rounded to whole steps")
+    r.add_argument("--grad-clip", type=finite_float(), default=None,
+                   help="max gradient norm (1.0; 0: off)")
     r.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--log-every", type=int, default=None)
-    r.add_argument("--val-every", type=int, default=None)
-    r.add_argument("--val-batches", type=int, default=None)
-    r.add_argument("--ckpt-every", type=int, default=None)
+    r.add_argument("--val-every", type=int, default=None, help="steps (0: only at the end)")
+    r.add_argument("--val-batches", type=int, default=None,
+                   help="validation micro-batches (8; the last may be partial)")
+    r.add_argument("--ckpt-every", type=int, default=None, help="steps (0: only at the end)")
     r.add_argument("--keep", type=int, default=None, help="checkpoints kept (3)")
     m = p.add_argument_group("model (ablation switches)")
     m.add_argument("--k", type=int, default=None, help="shown genes per sample")
-    m.add_argument("--tau", type=float, default=None, help="frequency weighting of the draw (0)")
+    m.add_argument("--tau", type=finite_float(), default=None,
+                   help="frequency weighting of the draw (0)")
     m.add_argument("--loss", choices=LOSSES, default=None)
     m.add_argument("--activation", choices=ACTIVATIONS, default=None)
     m.add_argument("--decoder-depth", type=int, default=None, help="0 = linear decoder")
@@ -90,64 +100,125 @@ def _convert(value: str, current):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     if isinstance(current, int):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if isinstance(current, float):
-        return float(value)
+        number = finite_float()
+        try:
+            return number(value)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
     return value
 
 
 def build_configs(args):
-    """(TrainConfig, TxFMConfig) from parsed arguments (and RUN/config.json on --resume)."""
+    """(TrainConfig, TxFMConfig) from parsed arguments (and RUN/config.json on --resume).
+
+    Raises :class:`txfm.cli.UsageError` naming the option for any value out of range, a
+    ``--resume`` without a checkpoint, or an ``--out`` that is not a folder.
+    """
     from txfm.model import TxFMConfig, preset
-    from txfm.train.config import TrainConfig
+    from txfm.train.checkpoint import checkpoint_dir, list_checkpoints
+    from txfm.train.config import ConfigError, TrainConfig
 
     name = args.preset or "tiny"
     out = pathlib.Path(args.out or f"runs/{name}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder for the run")
     saved = out / "config.json"
-    if args.resume and saved.exists():
-        stored = json.loads(saved.read_text())
-        train_cfg = TrainConfig.from_dict(stored["train"])
-        model_cfg = TxFMConfig.from_dict(stored["model"])
-    else:
-        train_cfg = TrainConfig.for_preset(name, out=str(out))
-        model_cfg = preset(name)
-    changes = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items()
-               if getattr(args, dest) is not None}
-    if args.steps is not None:
-        changes["epochs"] = None
-    elif args.epochs is not None:
-        changes["steps"] = None
-    if args.grad_clip == 0:
-        changes["grad_clip"] = None
-    if args.compile:
-        changes["compile"] = True
-    if args.no_progress:
-        changes["progress"] = False
-    if args.no_plot:
-        changes["plot"] = False
-    if args.no_tensorboard:
-        changes["tensorboard"] = False
-    changes["resume"] = bool(args.resume)
-    changes["out"] = str(out)
-    train_cfg = dataclasses.replace(train_cfg, **changes)
+    try:
+        if args.resume:
+            if not list_checkpoints(out):
+                raise UsageError(f"--resume: {out} has no checkpoint yet (nothing in "
+                                 f"{checkpoint_dir(out)}); leave out --resume to start a new run")
+            if saved.exists():
+                try:
+                    stored = json.loads(saved.read_text())
+                    train_cfg = TrainConfig.from_dict(stored["train"])
+                    model_cfg = TxFMConfig.from_dict(stored["model"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise UsageError(f"{saved}: cannot be read ({error_message(exc)}); restore "
+                                     "it or start a new run in another --out") from exc
+        if not (args.resume and saved.exists()):
+            train_cfg = TrainConfig.for_preset(name, out=str(out))
+            model_cfg = preset(name)
+        changes = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items()
+                   if getattr(args, dest) is not None}
+        if args.steps is not None:
+            changes["epochs"] = None
+        elif args.epochs is not None:
+            changes["steps"] = None
+        for dest in ("grad_clip", "val_every", "ckpt_every"):  # 0 means off / only at the end
+            if getattr(args, dest) == 0:
+                changes[_TRAIN_FLAGS[dest]] = None
+        if args.compile:
+            changes["compile"] = True
+        if args.no_progress:
+            changes["progress"] = False
+        if args.no_plot:
+            changes["plot"] = False
+        if args.no_tensorboard:
+            changes["tensorboard"] = False
+        changes["resume"] = bool(args.resume)
+        changes["out"] = str(out)
+        train_cfg = dataclasses.replace(train_cfg, **changes)
+    except ConfigError as exc:
+        flag = _FLAG_OF.get(exc.field, exc.field)
+        raise UsageError(f"{flag} {exc.value}: {exc.rule}") from exc
     model_changes = {field: getattr(args, dest) for dest, field in _MODEL_FLAGS.items()
                      if getattr(args, dest) is not None}
     if args.eager:
         model_changes["use_fused_ops"] = False
+    fields = ", ".join(f.name for f in dataclasses.fields(TxFMConfig))
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not hasattr(model_cfg, key):
-            raise SystemExit(f"--set {item!r}: use FIELD=VALUE with a TxFMConfig field "
-                             f"({', '.join(f.name for f in dataclasses.fields(TxFMConfig))})")
-        model_changes[key] = _convert(value, getattr(model_cfg, key))
-    return train_cfg, model_cfg.replace(**model_changes)
+            raise UsageError(f"--set {item}: use FIELD=VALUE with a TxFMConfig field ({fields})")
+        try:
+            model_changes[key] = _convert(value, getattr(model_cfg, key))
+        except ValueError as exc:
+            raise UsageError(f"--set {item}: {exc}") from exc
+    try:
+        return train_cfg, model_cfg.replace(**model_changes)
+    except ValueError as exc:  # TxFMConfig names the field: --k, --tau, ... or --set FIELD=
+        raise UsageError(f"model option: {exc}") from exc
+
+
+def _check_data(data: str | None) -> None:
+    """UsageError unless ``--data`` is absent (the demo), a folder, or a valid random spec."""
+    if data is None:
+        return
+    if str(data).startswith("random"):
+        from txfm.train.synthetic import parse_random_spec
+
+        try:
+            parse_random_spec(str(data))
+        except ValueError as exc:
+            raise UsageError(f"--data {data}: {exc}; e.g. random:cells=4096,genes=2000") from exc
+    elif not pathlib.Path(data).is_dir():
+        raise UsageError(f"--data {data}: no such folder; give a shards folder written by "
+                         "`txfm data convert`, random[:cells=N,genes=G], or leave --data out for "
+                         "the demo")
 
 
 def run(args) -> int:
-    from txfm.train.trainer import train
+    from txfm.cli import check_device
+    from txfm.train import distributed as dist
+    from txfm.train.trainer import Trainer
 
     train_cfg, model_cfg = build_configs(args)
-    result = train(train_cfg, model_cfg)
+    _check_data(train_cfg.data)
+    check_device("--device", train_cfg.device)
+    try:
+        try:
+            trainer = Trainer(train_cfg, model_cfg)
+        except (ValueError, OSError) as exc:  # setting up: the data, --out, --resume, sizes
+            raise UsageError(error_message(exc)) from exc
+        result = trainer.fit()
+    finally:
+        dist.shutdown()
     if result.checkpoint is None:  # not the main rank
         return 0
     losses = result.train_losses
@@ -163,7 +234,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":  # python -m txfm.train.cli ...
-    parser = argparse.ArgumentParser(prog="txfm")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["train"] + sys.argv[1:])
-    sys.exit(ns.func(ns))
+    from txfm.cli import main
+
+    sys.exit(main(["train"] + sys.argv[1:]))

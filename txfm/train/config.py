@@ -1,7 +1,8 @@
-"""Training recipe (SPEC §5) and run settings.
+"""Training recipe (arXiv:2605.31562, training recipe) and run settings.
 
 Recipe defaults: AdamW (fused on CUDA), peak lr 1e-3, betas (0.9, 0.999), eps 1e-6,
-weight decay ``1 / (lr * total_steps)``, one-cycle cosine schedule with 10% warm-up,
+weight decay ``1 / (lr * total_steps)``, one-cycle cosine schedule with 10% warm-up
+(:mod:`txfm.train.schedule`),
 bf16 autocast on GPU, gradient clipping at 1.0 **(our choice; the paper does not say)**.
 Global batch 1,536 and 200 epochs for S/B/L (paper Table 6); ``tiny`` trains 600 steps of
 32 on the synthetic demo corpus.
@@ -12,6 +13,8 @@ Global batch 1,536 and 200 epochs for S/B/L (paper Table 6); ``tiny`` trains 600
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 
 RECIPES = {
@@ -21,6 +24,14 @@ RECIPES = {
     "B": dict(batch_size=1536, epochs=200.0),
     "L": dict(batch_size=1536, epochs=200.0),
 }
+
+
+class ConfigError(ValueError):
+    """A :class:`TrainConfig` value out of range: ``field``, ``value``, ``rule`` (what is valid)."""
+
+    def __init__(self, field: str, value, rule: str):
+        super().__init__(f"TrainConfig: {field}={value!r} {rule}")
+        self.field, self.value, self.rule = field, value, rule
 
 
 @dataclass
@@ -37,9 +48,10 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
-    weight_decay: float | None = None  # None: 1 / (lr * total_steps) (SPEC §5)
-    warmup: float = 0.1  # share of steps warming up (OneCycleLR pct_start)
+    weight_decay: float | None = None  # None: 1 / (lr * total_steps) (arXiv:2605.31562, training recipe)
+    warmup: float = 0.1  # share of steps warming up (txfm.train.schedule: rounded to steps)
     grad_clip: float | None = 1.0
+    init_bias: bool = True  # decoder output bias from the corpus' per-gene optimum
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32
     compile: bool = False
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
@@ -60,29 +72,51 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(cond, msg):
+        """Raise :class:`ConfigError` (a ValueError naming the field) for any value out of range."""
+        def need(cond, name, rule):
             if not cond:
-                raise ValueError(f"TrainConfig: {msg}")
+                raise ConfigError(name, getattr(self, name), rule)
 
-        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        need(self.accum >= 1, f"accum={self.accum} must be >= 1")
-        need(self.steps is not None or self.epochs is not None,
+        def finite(x):
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        need(str(self.preset).lower() in {k.lower() for k in RECIPES}, "preset",
+             f"is not a preset; use one of {list(RECIPES)}")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.accum >= 1, "accum", "must be >= 1")
+        need(self.steps is not None or self.epochs is not None, "steps",
              "give steps or epochs (how long to train)")
-        need(self.steps is None or self.steps >= 1, f"steps={self.steps} must be >= 1")
-        need(self.epochs is None or self.epochs > 0, f"epochs={self.epochs} must be > 0")
-        need(self.lr > 0, f"lr={self.lr} must be > 0")
-        need(0.0 <= self.warmup < 1.0, f"warmup={self.warmup} must be in [0, 1)")
-        need(self.precision in ("auto", "bf16", "fp32"),
-             f"precision={self.precision!r}: use auto, bf16 or fp32")
-        need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        need(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
+        need(self.epochs is None or (finite(self.epochs) and self.epochs > 0), "epochs",
+             "must be a finite number > 0")
+        need(finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        need(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "betas",
+             "must be two numbers in [0, 1)")
+        need(finite(self.eps) and self.eps > 0, "eps", "must be a finite number > 0")
+        need(self.weight_decay is None or (finite(self.weight_decay) and self.weight_decay >= 0),
+             "weight_decay", "must be a finite number >= 0")
+        need(finite(self.warmup) and 0.0 <= self.warmup < 1.0, "warmup", "must be in [0, 1)")
+        need(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
+             "grad_clip", "must be a finite number > 0 (0 on the command line: no clipping)")
+        need(self.precision in ("auto", "bf16", "fp32"), "precision", "use auto, bf16 or fp32")
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
+             "use auto, cpu, cuda or cuda:N")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.val_every is None or self.val_every >= 1, "val_every",
+             "must be >= 1 (0 on the command line: only at the end)")
+        need(self.val_batches >= 1, "val_batches", "must be >= 1")
+        need(self.ckpt_every is None or self.ckpt_every >= 1, "ckpt_every",
+             "must be >= 1 (0 on the command line: only at the end)")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
 
     def micro_batch(self, world_size: int) -> int:
         """Rows per micro-batch on each rank."""
         parts = world_size * self.accum
         if self.batch_size % parts:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size x "
-                             f"accum = {world_size} x {self.accum}")
+            raise ValueError(f"batch_size={self.batch_size} (--batch-size) must be divisible by "
+                             f"world_size x accum = {world_size} x {self.accum} (processes x "
+                             "--accum)")
         return self.batch_size // parts
 
     def to_dict(self) -> dict:
@@ -98,7 +132,7 @@ class TrainConfig:
         """The recipe of preset ``name`` (batch, length, intervals), then ``overrides``."""
         key = {k.lower(): k for k in RECIPES}.get(str(name).lower())
         if key is None:
-            raise ValueError(f"unknown preset {name!r}; choose one of {list(RECIPES)}")
+            raise ConfigError("preset", name, f"is not a preset; use one of {list(RECIPES)}")
         base = dict(preset=key, out=f"runs/{key}")
         base.update(RECIPES[key])
         if base.get("epochs") is not None:  # long runs: step count follows from the data

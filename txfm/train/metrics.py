@@ -1,7 +1,9 @@
 """Run metrics: ``RUN/metrics.csv`` (+ TensorBoard under ``RUN/tb`` when installed).
 
 One CSV row per logged step: ``step, epoch, samples, train_loss, val_loss, lr, grad_norm,
-samples_per_s, step_ms, mfu, elapsed_s`` (empty where not measured at that step). On resume
+samples_per_s, step_ms, mfu, elapsed_s, masked_r2, cls_gain, erank, collapsed`` (empty where
+not measured at that step; the last four are the learning diagnostics of
+:mod:`txfm.train.diagnostics`, at each validation). On resume
 rows past the resumed step are dropped, so the file always tells one consistent history.
 """
 from __future__ import annotations
@@ -10,7 +12,8 @@ import csv
 import pathlib
 
 COLUMNS = ["step", "epoch", "samples", "train_loss", "val_loss", "lr", "grad_norm",
-           "samples_per_s", "step_ms", "mfu", "elapsed_s"]
+           "samples_per_s", "step_ms", "mfu", "elapsed_s", "masked_r2", "cls_gain", "erank",
+           "collapsed"]
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:

@@ -20,7 +20,8 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
     last = max([s for s, _ in train + val], default=1)
     # Right panel: the run after its first 10% (the warm-up), where the early drop no longer
     # hides the slower progress on the y scale.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    diag = [r for r in rows if r.get("cls_gain") is not None]
+    fig, axes = plt.subplots(1, 3 if diag else 2, figsize=(16.5 if diag else 11, 4), dpi=120)
     for ax, start in zip(axes, (0, 0.1 * last)):
         t = [(s, v) for s, v in train if s >= start]
         v = [(s, x) for s, x in val if s >= start]
@@ -34,6 +35,25 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
     axes[0].set_ylabel("loss (mean over observable genes)")
     axes[0].set_title(title or pathlib.Path(metrics_csv).parent.name)
     axes[1].set_title("after warm-up (zoomed)")
+    if diag:  # is it learning? (txfm.train.diagnostics)
+        ax = axes[2]
+        steps = [r["step"] for r in diag]
+        ax.plot(steps, [r["masked_r2"] for r in diag], "o-", label="masked-gene R² vs gene means")
+        ax.plot(steps, [r["cls_gain"] for r in diag], "s-", label="CLS gain (vs shuffled CLS)")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("share of deviance beyond gene means")
+        rank = ax.twinx()
+        rank.plot(steps, [r["erank"] for r in diag], "^--", color="tab:green", label="erank")
+        rank.set_ylabel("effective rank of CLS embeddings")
+        bad = [r["step"] for r in diag if r.get("collapsed")]
+        for b in bad:
+            ax.axvspan(b - 0.5, b + 0.5, color="red", alpha=0.3)
+        ax.set_title("learning diagnostics" + (" — COLLAPSED" if bad else ""))
+        lines = ax.get_legend_handles_labels()
+        more = rank.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = pathlib.Path(out_png)
     fig.savefig(out_png)

@@ -1,4 +1,4 @@
-"""The lean TxFM trainer: CSR shards -> device -> masked sampling -> model -> AdamW (SPEC §5).
+"""The lean TxFM trainer: CSR shards -> device -> masked sampling -> model -> AdamW (arXiv:2605.31562, training recipe).
 
 One optimizer step on each of ``W`` ranks (``torchrun``; one process = one device):
 
@@ -12,7 +12,8 @@ One optimizer step on each of ``W`` ranks (``torchrun``; one process = one devic
    what a 1-rank run accumulating ``W`` micro-batches draws. Stochastic depth takes its
    per-sample decisions from a generator keyed the same way.
 3. Forward + loss under bf16 autocast (GPU), backward (DDP all-reduces the last micro-batch's
-   gradients; the others run under ``no_sync``), gradient clipping, fused AdamW, OneCycleLR.
+   gradients; the others run under ``no_sync``), gradient clipping, fused AdamW, the one-cycle
+   schedule (:mod:`txfm.train.schedule`).
 
 Nothing in a step waits for the device: the loss and gradient norm stay on the device and are
 summed there; the host reads them (one sync) every ``log_every`` steps, when it also measures
@@ -41,13 +42,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from txfm.model import TxFM, TxFMConfig, preset
+from txfm.model.losses import optimal_logits
 from txfm_kernels.sample import masked_sample
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import TrainConfig
+from .diagnostics import LearningProbe, is_collapsed
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .metrics import MetricsLogger, read_metrics
+from .schedule import OneCycleSchedule
 
 _VAL_SEED = 0x5EED_0FF5E7  # validation draws: fixed, independent of the training stream
 
@@ -80,22 +84,27 @@ def demo_root() -> pathlib.Path:
 
 def open_loader(data: str | None, split: str, batch_size: int, *, seed: int, rank: int,
                 world_size: int, pin_memory: bool):
-    """The loader of ``data``: a shards folder, None (the demo shards) or ``random[:...]``."""
-    shuffle = split == "train"
+    """The loader of ``data``: a shards folder, None (the demo shards) or ``random[:...]``.
+
+    Training batches are all full (``drop_last``: equal counts on every rank); validation keeps
+    its last, partial batch, so a split smaller than one batch is still used.
+    """
+    shuffle = drop_last = split == "train"
     if data is not None and str(data).startswith("random"):
         from .synthetic import RandomCSRSource, parse_random_spec
 
         kwargs = parse_random_spec(str(data))
         return RandomCSRSource(batch_size=batch_size, split=split, shuffle=shuffle,
-                               pin_memory=pin_memory, rank=rank, world_size=world_size, **kwargs)
+                               drop_last=drop_last, pin_memory=pin_memory, rank=rank,
+                               world_size=world_size, **kwargs)
     from txfm.data import ShardLoader  # anndata/zarr: imported only for on-disk shards
 
     if data is None:
         from txfm.data.demo import ensure_demo_shards
 
         data = ensure_demo_shards(demo_root())
-    return ShardLoader(data, batch_size, split=split, shuffle=shuffle, seed=seed, drop_last=True,
-                       pin_memory=pin_memory, rank=rank, world_size=world_size)
+    return ShardLoader(data, batch_size, split=split, shuffle=shuffle, seed=seed,
+                       drop_last=drop_last, pin_memory=pin_memory, rank=rank, world_size=world_size)
 
 
 def _vocabulary(loader) -> dict:
@@ -121,7 +130,7 @@ def sample_batch(batch, *, n_genes: int, config: TxFMConfig, observable, seed: i
     """
     kwargs = dict(n_genes=n_genes, k=config.k, observable=observable,
                   dataset_ids=batch.dataset_ids if observable is not None else None,
-                  library_size=config.library_size, seed=seed, offset=offset, tau=config.tau,
+                  target_sum=config.target_sum, seed=seed, offset=offset, tau=config.tau,
                   gene_weights=gene_weights if config.tau != 0.0 else None, return_target=True,
                   out=out)
     return masked_sample(batch.indptr, batch.indices, batch.counts,
@@ -157,10 +166,14 @@ class Trainer:
         self.loader = factory("train", self.micro, rank, world, pin)
         try:
             self.val_loader = factory("val", self.micro, rank, world, pin)
-            if len(self.val_loader) == 0:
-                self.val_loader = None
+            why = "its 'val' split has no cells"
         except (FileNotFoundError, ValueError, KeyError) as exc:
-            self._say(f"no validation split ({exc}); validation is skipped")
+            self.val_loader, why = None, str(exc)
+        # All ranks validate or none does (validate() ends in a collective); a rank whose part
+        # of a tiny split is empty just adds nothing.
+        val_batches = torch.tensor(float(len(self.val_loader or ())), device=self.device)
+        if dist.all_reduce_mean(val_batches, self.dist).item() == 0:
+            self._say(f"no validation: {why}; only the training loss is logged")
             self.val_loader = None
         if len(self.loader) < cfg.accum:
             raise ValueError(f"the training data yields {len(self.loader)} micro-batches of "
@@ -181,7 +194,15 @@ class Trainer:
                 raise ValueError("tau != 0 needs per-gene non-zero counts (loader.gene_nnz)")
             self.gene_weights = torch.as_tensor(nnz).to(self.device, torch.float32)
 
-        self.model = TxFM(self.model_config, self.n_genes).to(self.device)
+        self.model = TxFM(self.model_config, self.n_genes)
+        stats = self._gene_stats(factory)
+        if cfg.init_bias and not cfg.resume:
+            self.model.init_output_bias(stats)
+        self.model.to(self.device)
+        # the per-gene-mean predictor, the yardstick of the learning diagnostics
+        self._mean_logits = optimal_logits(stats, self.model_config).to(self.device)
+        self.diagnostics: dict = {}
+        self._warned_collapse = False
         steps_per_epoch = len(self.loader) // cfg.accum
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = int(cfg.steps) if cfg.steps is not None else max(
@@ -189,9 +210,8 @@ class Trainer:
         self.weight_decay = (cfg.weight_decay if cfg.weight_decay is not None
                              else 1.0 / (cfg.lr * self.total_steps))
         self.optimizer = _adamw(self.model, cfg, self.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=cfg.lr, total_steps=self.total_steps, pct_start=cfg.warmup,
-            anneal_strategy="cos", cycle_momentum=False)
+        self.scheduler = OneCycleSchedule(self.optimizer, peak=cfg.lr,
+                                          total_steps=self.total_steps, warmup=cfg.warmup)
         rates = [b.drop_path for b in self.model.encoder.blocks]
         self._drop_rates = torch.tensor(rates, device=self.device)[:, None]
         self._use_drop = max(rates) > 0.0
@@ -217,6 +237,19 @@ class Trainer:
         if cfg.compile:  # after DDP, so that dynamo splits graphs at DDP's bucket boundaries
             net = torch.compile(net)
         self.net = net
+
+    def _gene_stats(self, factory):
+        """The training corpus' per-gene statistics: the manifest's, else a pass over up to
+        50,000 training cells (collections converted before the manifest kept them)."""
+        from txfm.data.stats import accumulate
+
+        stats = getattr(self.loader, "gene_stats", None)
+        if stats is None:
+            probe = factory("train", self.micro, 0, 1, False)
+            if hasattr(probe, "set_epoch"):
+                probe.set_epoch(0)
+            stats = accumulate(probe)
+        return stats
 
     # -- helpers ----------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -302,13 +335,15 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean loss over the first ``val_batches`` micro-batches of the validation split (all
-        ranks together), with fixed draws: comparable across steps, resumes and world sizes."""
+        """Mean loss per cell over the first ``val_batches`` micro-batches of the validation
+        split (all ranks together; the last batch may be partial), with fixed draws:
+        comparable across steps, resumes and world sizes."""
         if self.val_loader is None:
             return None
         self.model.eval()
+        probe = LearningProbe(self.model, self._mean_logits)
         total = torch.zeros((), device=self.device)
-        n = 0
+        n = 0  # cells
         per_rank = max(1, self.cfg.val_batches // self.dist.world_size)
         self.val_loader.set_epoch(0)
         for i, cpu in enumerate(self.val_loader):
@@ -317,10 +352,12 @@ class Trainer:
             dev = cpu.to(self.device, non_blocking=True)
             sample = self._sample(dev, _VAL_SEED, i * self.dist.world_size + self.dist.rank)
             pad = sample.pad_mask if self._needs_pad(cpu) else None
-            with self._autocast():
-                total += self.model(sample, pad_mask=pad).float()
-            n += 1
+            with self._autocast():  # the loss is a mean over rows: weight it by the rows
+                total += probe.add(sample, pad) * len(cpu)
+            n += len(cpu)
         self.model.train()
+        dist.all_reduce_mean(probe.sums, self.dist)
+        self.diagnostics = probe.result() if n else {}
         stats = torch.stack([total, torch.tensor(float(n), device=self.device)])
         dist.all_reduce_mean(stats, self.dist)
         total, n = stats.tolist()
@@ -372,10 +409,9 @@ class Trainer:
                           f"(1 / (lr x steps)) follow the new length from step {self.step} on",
                           RuntimeWarning, stacklevel=2)
             self.optimizer.param_groups[0]["weight_decay"] = self.weight_decay
-            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=self.cfg.lr, total_steps=self.total_steps,
-                pct_start=self.cfg.warmup, anneal_strategy="cos", cycle_momentum=False,
-                last_epoch=self.step - 1)
+            self.scheduler = OneCycleSchedule(self.optimizer, peak=self.cfg.lr,
+                                              total_steps=self.total_steps,
+                                              warmup=self.cfg.warmup, last_epoch=self.step - 1)
         rank = self.dist.rank
         if state.get("world_size") == self.dist.world_size:
             self.loader.load_state_dict(state["loader"][rank])
@@ -436,6 +472,16 @@ class Trainer:
                        "elapsed_s": now - t0}
                 if val_now:
                     row["val_loss"] = self.validate()
+                    row.update(self.diagnostics)
+                    # early on a model may still ignore its CLS; judge after a quarter of the run
+                    if self.diagnostics and step >= 0.25 * self.total_steps:
+                        row["collapsed"] = int(is_collapsed(self.diagnostics))
+                        if row["collapsed"] and not self._warned_collapse:
+                            self._warned_collapse = True
+                            bar.write(f"warning: step {step}: the CLS embeddings carry no cell "
+                                      f"state (cls_gain={row['cls_gain']:.3g}, erank="
+                                      f"{row['erank']:.2f}): the model is collapsing; see "
+                                      f"docs/learning.md") if main else None
                 if logger is not None:
                     logger.log(row)
                 bar.set_postfix(_postfix(row), refresh=False)
@@ -531,4 +577,10 @@ def _postfix(row: dict) -> dict:
         out["val"] = f"{row['val_loss']:.4g}"
     if row.get("mfu") is not None:
         out["MFU"] = f"{100 * row['mfu']:.1f}%"
+    if row.get("cls_gain") is not None:
+        out["R2"] = f"{row['masked_r2']:.3f}"
+        out["cls"] = f"{row['cls_gain']:.3f}"
+        out["rank"] = f"{row['erank']:.1f}"
+    if row.get("collapsed"):
+        out["COLLAPSED"] = "!"
     return out

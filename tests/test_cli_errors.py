@@ -1,0 +1,302 @@
+"""Every user-facing command turns a user's mistake into one ``error:`` line and exit status 2.
+
+One parametrised test runs ``txfm ...`` (in-process through :func:`txfm.cli.main`, the console
+entry point) for each mistake: a bad option value, a missing / damaged / wrong input file, an
+output that would be overwritten. It asserts exit status 2, exactly one line with ``error:``
+on stderr, no traceback, and that the message names the offending argument or file.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import pytest
+
+pytest.importorskip("anndata", reason="txfm embed/eval/data need anndata: pip install anndata zarr")
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+import torch
+
+from txfm.cli import main
+
+N_CELLS, N_GENES = 40, 50
+GENES = [f"GENE{i:05d}" for i in range(N_GENES)]  # the vocabulary of random:genes=50
+DATA = f"random:cells=64,genes={N_GENES}"
+TINY = ["--set", "dim=16", "--set", "depth=1", "--set", "heads=2", "--set", "decoder_hidden=16",
+        "--k", "8", "--eager", "--no-progress", "--no-plot", "--no-tensorboard"]
+
+
+def _write_10x(folder, counts: sp.csr_matrix, *, gz: bool):
+    """A Cell Ranger v3 matrix folder (genes x cells matrix.mtx, features.tsv, barcodes.tsv)."""
+    folder.mkdir()
+    ext = ".gz" if gz else ""
+    opener = gzip.open if gz else open
+    with opener(folder / f"matrix.mtx{ext}", "wb") as f:
+        scipy.io.mmwrite(f, counts.T.tocoo().astype(np.int64), field="integer")
+    with opener(folder / f"features.tsv{ext}", "wt") as f:
+        f.writelines(f"{g}\t{g}\tGene Expression\n" for g in GENES)
+    with opener(folder / f"barcodes.tsv{ext}", "wt") as f:
+        f.writelines(f"CELL{i}-1\n" for i in range(counts.shape[0]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs for every case: a trained run, good and damaged .h5ad / 10x inputs, databases."""
+    from txfm.model import preset
+    from txfm.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    run = root / "run"
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(run), steps=2, batch_size=8,
+                                 val_every=None, progress=False, plot=False, tensorboard=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, preset("tiny", dim=16, depth=1, heads=2, decoder_hidden=16, k=8,
+                          use_fused_ops=False))
+    finally:
+        torch.set_num_threads(n)
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(3.0, (N_CELLS, N_GENES)).astype(np.float32))
+    labels = np.array(["non-targeting", "GENE00001", "GENE00002", "GENE00003"])
+    obs = pd.DataFrame({"perturbation": labels[np.arange(N_CELLS) % 4],
+                        "batch": np.arange(N_CELLS) // 20},
+                       index=[f"CELL{i}" for i in range(N_CELLS)])
+    cells = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=GENES))
+    cells.obsm["X_txfm"] = rng.normal(size=(N_CELLS, 8)).astype(np.float32)
+    paths = {"root": root, "run": run}
+    paths["cells"] = root / "cells.h5ad"
+    cells.write_h5ad(paths["cells"])
+    data = paths["cells"].read_bytes()
+    paths["truncated"] = root / "truncated.h5ad"
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    for name, value in (("nan", np.nan), ("negative", -2.0)):
+        bad = cells.copy()
+        x = counts.toarray()
+        x[7, 3] = value
+        bad.X = sp.csr_matrix(x)
+        paths[name] = root / f"{name}.h5ad"
+        bad.write_h5ad(paths[name])
+    genes = ad.AnnData(obs=pd.DataFrame(index=GENES))
+    genes.obsm["codebook"] = rng.normal(size=(N_GENES, 4)).astype(np.float32)
+    paths["genes"] = root / "genes.h5ad"
+    genes.write_h5ad(paths["genes"])
+    paths["db"] = root / "db"
+    paths["db"].mkdir()
+    (paths["db"] / "pairs.txt").write_text("entity1,entity2\nGENE00001,GENE00002\n")
+    paths["not_ckpt"] = root / "not_a_checkpoint.pt"
+    paths["not_ckpt"].write_text("these are not the weights you are looking for\n")
+    paths["empty_dir"] = root / "empty_dir"
+    paths["empty_dir"].mkdir()
+    paths["a_file"] = root / "a_file"
+    paths["a_file"].write_text("x\n")
+    paths["tenx_gz_cut"] = _write_10x(root / "tenx_gz_cut", counts, gz=True)
+    mtx = paths["tenx_gz_cut"] / "matrix.mtx.gz"
+    mtx.write_bytes(mtx.read_bytes()[: mtx.stat().st_size // 2])
+    paths["tenx_features_gz_cut"] = _write_10x(root / "tenx_features_gz_cut", counts, gz=True)
+    feat = paths["tenx_features_gz_cut"] / "features.tsv.gz"
+    feat.write_bytes(feat.read_bytes()[: feat.stat().st_size // 2])
+    paths["tenx_empty_features"] = _write_10x(root / "tenx_empty_features", counts, gz=False)
+    (paths["tenx_empty_features"] / "features.tsv").write_text("")
+    paths["run_bad_config"] = root / "run_bad_config"
+    shutil.copytree(run, paths["run_bad_config"])
+    (paths["run_bad_config"] / "config.json").write_text("{not json")
+    return paths
+
+
+def _train(*args):
+    return ["train", "--data", DATA, "--batch-size", "8", *TINY, "--out", "{root}/new", *args]
+
+
+def _embed(*args, input="{cells}", checkpoint="{run}"):
+    return ["embed", "--checkpoint", checkpoint, "--input", input, "--out", "{root}/e.h5ad",
+            "--no-progress", *args]
+
+
+def _rel(*args):
+    return ["eval", "relationships", "--db", "{db}", "--out", "{root}/rel", "--no-progress",
+            *args]
+
+
+def _pert(*args, emb="{cells}"):
+    return ["eval", "perturbation", "--embeddings", emb, "--perturbation-key", "perturbation",
+            "--control", "non-targeting", "--out", "{root}/pert", "--no-progress", *args]
+
+
+def _convert(*args, input="{cells}"):
+    # its own --out each: a case that wrongly succeeds must not make the next one fail
+    _convert.calls = getattr(_convert, "calls", 0) + 1
+    return ["data", "convert", input, "--out", f"{{root}}/shards{_convert.calls}", "--quiet",
+            "--min-cells", "1", "--min-genes", "1", *args]
+
+
+# (argv, a word the message must contain: the argument or file it is about)
+CASES = {
+    # -- txfm train ------------------------------------------------------------------------------
+    "train-preset": (_train("--preset", "XL"), "--preset"),
+    "train-batch-size-0": (_train("--batch-size", "0"), "--batch-size"),
+    "train-lr-nan": (_train("--lr", "nan"), "--lr"),
+    "train-lr-negative": (_train("--lr", "-1e-3"), "--lr"),
+    "train-steps-0": (_train("--steps", "0"), "--steps"),
+    "train-steps-negative": (_train("--steps", "-3"), "--steps"),
+    "train-epochs-0": (_train("--epochs", "0"), "--epochs"),
+    "train-warmup-1": (_train("--warmup", "1"), "--warmup"),
+    "train-weight-decay-negative": (_train("--weight-decay", "-1"), "--weight-decay"),
+    "train-grad-clip-negative": (_train("--grad-clip", "-1"), "--grad-clip"),
+    "train-accum-0": (_train("--accum", "0"), "--accum"),
+    "train-accum-indivisible": (_train("--accum", "3"), "--accum"),
+    "train-log-every-0": (_train("--log-every", "0"), "--log-every"),
+    "train-val-every-negative": (_train("--val-every", "-2"), "--val-every"),
+    "train-val-batches-0": (_train("--val-batches", "0"), "--val-batches"),
+    "train-ckpt-every-negative": (_train("--ckpt-every", "-1"), "--ckpt-every"),
+    "train-keep-0": (_train("--keep", "0"), "--keep"),
+    "train-seed-negative": (_train("--seed", "-1"), "--seed"),
+    "train-device-unknown": (_train("--device", "gpu"), "--device"),
+    "train-k-0": (_train("--k", "0"), "k=0"),
+    "train-tau-nan": (_train("--tau", "nan"), "--tau"),
+    "train-decoder-depth-negative": (_train("--decoder-depth", "-1"), "decoder_depth"),
+    "train-set-unknown-field": (_train("--set", "blocks=3"), "--set"),
+    "train-set-bad-value": (_train("--set", "mlp_ratio=wide"), "--set"),
+    "train-set-out-of-range": (_train("--set", "drop_path=2"), "drop_path"),
+    "train-data-missing": (_train("--data", "{root}/no_shards"), "--data"),
+    "train-data-not-shards": (_train("--data", "{empty_dir}"), "empty_dir"),
+    "train-data-bad-random": (_train("--data", "random:cells=many"), "--data"),
+    "train-data-smaller-than-a-batch": (_train("--data", "random:cells=4,genes=50"), "batch"),
+    "train-out-is-a-file": (_train("--out", "{a_file}"), "--out"),
+    "train-twice-into-one-out": (_train("--out", "{run}"), "--resume"),
+    "train-resume-without-checkpoint": (_train("--resume"), "--resume"),
+    "train-resume-shorter": (_train("--out", "{run}", "--resume", "--steps", "1"), "steps"),
+    "train-resume-bad-config": (_train("--out", "{run_bad_config}", "--resume"), "config.json"),
+    # -- txfm embed ------------------------------------------------------------------------------
+    "embed-checkpoint-missing": (_embed(checkpoint="{root}/nowhere.pt"), "nowhere.pt"),
+    "embed-checkpoint-not-a-checkpoint": (_embed(checkpoint="{not_ckpt}"), "not_a_checkpoint"),
+    "embed-checkpoint-folder-without-run": (_embed(checkpoint="{empty_dir}"), "empty_dir"),
+    "embed-input-missing": (_embed(input="{root}/nowhere.h5ad"), "--input"),
+    "embed-input-truncated": (_embed(input="{truncated}"), "truncated.h5ad"),
+    "embed-input-unknown-type": (_embed(input="{a_file}"), "--input"),
+    "embed-input-nan": (_embed(input="{nan}"), "NaN"),
+    "embed-input-negative": (_embed(input="{negative}"), "negative"),
+    "embed-layer-missing": (_embed("--layer", "spliced"), "spliced"),
+    "embed-layer-raw-missing": (_embed("--layer", "raw"), ".raw"),
+    "embed-gene-table-missing": (_embed("--gene-table", "{root}/genes.tsv"), "--gene-table"),
+    "embed-k-0": (_embed("--k", "0"), "--k"),
+    "embed-k-negative": (_embed("--k", "-4"), "--k"),
+    "embed-draws-0": (_embed("--draws", "0"), "--draws"),
+    "embed-batch-size-0": (_embed("--batch-size", "0"), "--batch-size"),
+    "embed-seed-negative": (_embed("--seed", "-1"), "--seed"),
+    "embed-device-unknown": (_embed("--device", "tpu"), "--device"),
+    "embed-out-is-a-folder": (_embed() + ["--out", "{empty_dir}"], "--out"),
+    # -- txfm genes ------------------------------------------------------------------------------
+    "genes-checkpoint-missing": (["genes", "--checkpoint", "{root}/nowhere.pt", "--out",
+                                  "{root}/g.h5ad"], "nowhere.pt"),
+    "genes-checkpoint-not-a-checkpoint": (["genes", "--checkpoint", "{not_ckpt}", "--out",
+                                           "{root}/g.h5ad"], "not_a_checkpoint"),
+    "genes-gene-table-missing": (["genes", "--checkpoint", "{run}", "--out", "{root}/g.h5ad",
+                                  "--gene-table", "{root}/genes.tsv"], "--gene-table"),
+    "genes-out-is-a-folder": (["genes", "--checkpoint", "{run}", "--out", "{empty_dir}"],
+                              "--out"),
+    # -- txfm eval relationships -----------------------------------------------------------------
+    "rel-nothing-to-evaluate": (_rel(), "--genes"),
+    "rel-genes-missing": (_rel("--genes", "{root}/nowhere.h5ad"), "--genes"),
+    "rel-genes-truncated": (_rel("--genes", "{truncated}"), "truncated.h5ad"),
+    "rel-key-missing": (_rel("--genes", "{genes}", "--key", "decoder"), "decoder"),
+    "rel-gene-table-missing": (_rel("--genes", "{genes}", "--gene-table", "{root}/genes.tsv"),
+                               "--gene-table"),
+    "rel-db-missing": (["eval", "relationships", "--genes", "{genes}", "--db", "{root}/no_db",
+                        "--out", "{root}/rel"], "--db"),
+    "rel-n-components-text": (_rel("--genes", "{genes}", "--n-components", "codebook=many"),
+                              "--n-components"),
+    "rel-n-components-0": (_rel("--genes", "{genes}", "--n-components", "0"), "--n-components"),
+    "rel-draws-0": (_rel("--genes", "{genes}", "--draws", "0"), "--draws"),
+    "rel-null-pairs-0": (_rel("--genes", "{genes}", "--null-pairs", "0"), "--null-pairs"),
+    "rel-seed-negative": (_rel("--genes", "{genes}", "--seed", "-1"), "--seed"),
+    "rel-threads-negative": (_rel("--genes", "{genes}", "--threads", "-1"), "--threads"),
+    "rel-counts-missing": (_rel("--counts", "{root}/nowhere.h5ad"), "--counts"),
+    "rel-counts-nan": (_rel("--counts", "{nan}"), "NaN"),
+    "rel-counts-max-cells-0": (_rel("--counts", "{cells}", "--counts-max-cells", "0"),
+                               "--counts-max-cells"),
+    "rel-sources-unknown": (_rel("--genes", "{genes}", "--sources", "nope"), "nope"),
+    "rel-counts-layer-missing": (_rel("--counts", "{cells}", "--counts-layer", "spliced"),
+                                 "spliced"),
+    "rel-out-is-a-file": (_rel("--genes", "{genes}") + ["--out", "{a_file}"], "--out"),
+    # -- txfm eval perturbation ------------------------------------------------------------------
+    "pert-embeddings-missing": (_pert(emb="{root}/nowhere.h5ad"), "--embeddings"),
+    "pert-embeddings-truncated": (_pert(emb="{truncated}"), "truncated.h5ad"),
+    "pert-perturbation-key-missing": (["eval", "perturbation", "--embeddings", "{cells}",
+                                       "--perturbation-key", "guide", "--out", "{root}/pert"],
+                                      "--perturbation-key"),
+    "pert-batch-key-missing": (_pert("--batch-key", "plate"), "--batch-key"),
+    "pert-obsm-key-missing": (_pert("--obsm-key", "X_scgpt"), "X_scgpt"),
+    "pert-gene-table-missing": (_pert("--gene-table", "{root}/genes.tsv"), "--gene-table"),
+    "pert-db-missing": (_pert("--db", "{root}/no_db"), "--db"),
+    "pert-counts-nan": (_pert(emb="{nan}"), "NaN"),
+    "pert-min-cells-0": (_pert("--min-cells", "0"), "--min-cells"),
+    "pert-max-cells-negative": (_pert("--max-cells", "-5"), "--max-cells"),
+    "pert-library-size-0": (_pert("--library-size", "0"), "--library-size"),
+    "pert-library-size-nan": (_pert("--library-size", "nan"), "--library-size"),
+    "pert-pca-components-0": (_pert("--pca-components", "0"), "--pca-components"),
+    "pert-pcst-null-draws-0": (_pert("--pcst-null-draws", "0"), "--pcst-null-draws"),
+    "pert-seed-negative": (_pert("--seed", "-1"), "--seed"),
+    "pert-control-missing": (_pert("--control", "scrambled"), "--control"),
+    "pert-baselines-unknown": (_pert("--baselines", "bogus"), "--baselines"),
+    "pert-metrics-unknown": (_pert("--metrics", "auc"), "--metrics"),
+    "pert-fit-on-missing": (_pert("--fit-on", "{root}/no_corpus"), "--fit-on"),
+    "pert-fit-on-truncated": (_pert("--fit-on", "{truncated}"), "truncated.h5ad"),
+    "pert-fit-cells-0": (_pert("--fit-on", "{cells}", "--fit-cells", "0"), "--fit-cells"),
+    "pert-oracle-k-0": (_pert("--oracle-k", "0"), "--oracle-k"),
+    "pert-out-is-a-file": (_pert() + ["--out", "{a_file}"], "--out"),
+    # -- txfm data ---------------------------------------------------------------------------------
+    "convert-shard-cells-negative": (_convert("--shard-cells", "-5"), "--shard-cells"),
+    "convert-shard-mb-0": (_convert("--shard-mb", "0"), "--shard-mb"),
+    "convert-input-missing": (_convert(input="{root}/nowhere.h5ad"), "nowhere.h5ad"),
+    "convert-matrix-gz-truncated": (_convert(input="{tenx_gz_cut}"), "matrix.mtx.gz"),
+    "convert-features-gz-truncated": (_convert(input="{tenx_features_gz_cut}"),
+                                      "features.tsv.gz"),
+    "convert-features-empty": (_convert(input="{tenx_empty_features}"), "features.tsv"),
+    "convert-gene-table-missing": (_convert("--gene-table", "{root}/genes.tsv"), "genes.tsv"),
+    "data-info-missing": (["data", "info", "{root}/no_shards"], "no_shards"),
+}
+if torch.cuda.is_available():
+    CASES["embed-device-cuda-index"] = (_embed("--device", "cuda:99"), "--device")
+else:
+    CASES["train-device-cuda"] = (_train("--device", "cuda"), "--device")
+    CASES["embed-device-cuda"] = (_embed("--device", "cuda"), "--device")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_mistake_gives_one_error_line_and_exit_2(case, files, capsys, monkeypatch):
+    argv, named = CASES[case]
+    argv = [a.format(**files) for a in argv]
+    monkeypatch.chdir(files["root"])  # nothing lands in the repository if a case goes wrong
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse rejected the option
+        status = exc.code
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2, f"exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    assert len(errors) == 1, err
+    assert "Traceback" not in out + err
+    assert named.format(**files) in errors[0], errors[0]
+
+
+def test_console_entry_exits_2_without_traceback(tmp_path):
+    """The same through a real process (``python -m txfm``, as the ``txfm`` script runs main)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "txfm", "train", "--data", DATA, "--out",
+                           str(tmp_path / "run"), "--preset", "XL"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        "error: --preset XL: is not a preset; use one of ['tiny', 'S', 'B', 'L']"]

@@ -1,0 +1,105 @@
+"""Is the model learning? Three numbers per validation, in ``metrics.csv`` and the progress bar.
+
+A masked autoencoder can drive its loss down while learning nothing about cells: predicting
+each gene's corpus mean already removes most of the loss, and a decoder that ignores the CLS
+embedding does exactly that (``docs/learning.md``). These diagnostics separate the two:
+
+* ``masked_r2``: on the genes a cell did **not** show, the share of the per-gene-mean
+  predictor's excess loss that the model removes: ``(L_mean - L_model) / (L_mean - L_sat)``,
+  where ``L_sat`` is the loss of a perfect prediction. For MSE this is R²; for the Poisson loss
+  it is the share of Poisson deviance explained beyond per-gene means. 0 = no better than
+  means; 1 = perfect.
+* ``cls_gain``: the same scale, for how much worse the loss gets when every cell's CLS
+  embedding is swapped with another cell's (``(L_shuffled - L_model) / (L_mean - L_sat)``,
+  all observable genes). ~0 means the decoder ignores the cell: collapse.
+* ``erank``: effective rank of the validation CLS embeddings (``exp`` of the entropy of the
+  normalised singular values of the standardised embedding matrix); ~1 means every cell maps
+  to one line (typically library size).
+
+:func:`is_collapsed` flags a run whose CLS gain or rank says that the embeddings carry no
+cell state.
+"""
+from __future__ import annotations
+
+import torch
+
+from txfm.model.losses import inverse_activation
+
+COLLAPSE_CLS_GAIN = 0.01  # below: the decoder hardly uses the cell's embedding
+COLLAPSE_ERANK = 1.5  # below: embeddings lie on about one line
+
+
+def effective_rank(e: torch.Tensor) -> float:
+    """``exp(H(p))`` with ``p`` the normalised singular values of ``e [N, d]`` with every
+    dimension standardised (so one high-variance coordinate, common in transformer outputs,
+    does not hide the others): 1 = all cells on one line, ``d`` = isotropic."""
+    e = e.double()
+    if e.shape[0] < 2:
+        return float("nan")
+    e = e - e.mean(0)
+    e = e / e.std(0).clamp_min(1e-12)
+    s = torch.linalg.svdvals(e)
+    p = s / s.sum().clamp_min(1e-300)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def is_collapsed(row: dict) -> bool:
+    gain, rank = row.get("cls_gain"), row.get("erank")
+    return ((gain is not None and gain < COLLAPSE_CLS_GAIN)
+            or (rank is not None and rank < COLLAPSE_ERANK))
+
+
+class LearningProbe:
+    """Accumulates the diagnostics over validation batches; :meth:`result` gives the row."""
+
+    def __init__(self, model, mean_logits: torch.Tensor):
+        self.model = model
+        self.mean_logits = mean_logits  # [G] logits of the per-gene-mean predictor
+        self.sums = torch.zeros(6, dtype=torch.float64, device=mean_logits.device)
+        self.embeddings: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, sample, pad_mask) -> torch.Tensor:
+        """Adds one batch; returns its ordinary loss (mean over rows)."""
+        m, cfg = self.model, self.model.config
+        e = m.encoder(sample.gene_ids, sample.values, pad_mask)
+        z = m.decoder(e).float()
+        b, g = z.shape
+        observable = _dense(sample.gene_mask, b, g, z.device)
+        if cfg.include_unobserved:
+            observable = torch.ones_like(observable)
+        shown = torch.zeros_like(observable)
+        ids = sample.gene_ids.long()
+        keep = torch.ones_like(ids, dtype=torch.bool) if sample.pad_mask is None else ~sample.pad_mask
+        shown.scatter_(1, torch.where(keep, ids, 0), keep)
+        masked = observable & ~shown
+        lib = sample.library_size
+        loss = m.loss
+        perfect = inverse_activation(sample.target, cfg)
+        mean = self.mean_logits.to(z.dtype).expand(b, g)
+        shuffled = m.decoder(e.roll(1, 0)).float() if b > 1 else z
+        vals = torch.stack([
+            loss(z, sample.target, masked, lib), loss(mean, sample.target, masked, lib),
+            loss(perfect, sample.target, masked, lib),
+            loss(z, sample.target, observable, lib), loss(shuffled, sample.target, observable, lib),
+            loss(mean, sample.target, observable, lib) - loss(perfect, sample.target, observable, lib),
+        ]).double()
+        self.sums += vals * b
+        self.embeddings.append(e.float())
+        return vals[3].float()
+
+    def result(self) -> dict:
+        s = self.sums
+        masked_r2 = float((s[1] - s[0]) / (s[1] - s[2]).clamp_min(1e-12))
+        cls_gain = float((s[4] - s[3]) / s[5].clamp_min(1e-12))
+        e = torch.cat(self.embeddings) if self.embeddings else torch.zeros(0, 1)
+        return {"masked_r2": masked_r2, "cls_gain": cls_gain, "erank": effective_rank(e)}
+
+
+def _dense(gene_mask, b: int, g: int, device) -> torch.Tensor:
+    if gene_mask is None:
+        return torch.ones(b, g, dtype=torch.bool, device=device)
+    if hasattr(gene_mask, "dense"):
+        return gene_mask.dense().expand(b, g)
+    return torch.as_tensor(gene_mask, device=device).expand(b, g).clone()

@@ -1,0 +1,285 @@
+"""Encoder input tokens of TxFM: fused gene-embedding gather + value concat (+ CLS).
+
+For ``codebook E [V, d-1]``, ``gene_ids g [B, K]``, ``values x [B, K]`` and an optional
+``cls c [d]``, :func:`gene_tokens` returns ``tokens [B, T, d]`` with ``T = K + 1`` when a CLS
+token is given (it sits at position 0) and ``T = K`` otherwise::
+
+    tokens[b, cls + k] = [ E[g[b, k]] ; x[b, k] ]        (zeros where pad_mask[b, k])
+    tokens[b, 0]       = c                                (when cls is given)
+
+Backward (``G = dL/dtokens``; padded tokens receive and give no gradient)::
+
+    dE[v]      = sum over non-padded (b, k) with g[b, k] == v of G[b, cls + k, :d-1]
+    dx[b, k]   = G[b, cls + k, d-1]         (0 where padded)
+    dc         = sum over b of G[b, 0, :]
+
+Dtypes: the codebook (and cls) fp32 or bf16 (fp64 too on the cpu and torch backends, for
+gradcheck); ``values`` any float dtype, cast to the codebook's dtype as torch would (round to
+nearest even); ``gene_ids`` int32 or int64. The tokens and every gradient come out in the
+dtype of the parameter they belong to; ``dE`` and ``dc`` are accumulated in fp32 (fp64 for
+fp64). Under ``torch.autocast`` nothing changes: the op is not on autocast's lists, so the
+tokens stay in the codebook's dtype (fp32 parameters give fp32 tokens); the model casts them
+if it wants bf16 activations, or keeps a bf16 codebook.
+
+Determinism: by default ``dE`` is bitwise reproducible from run to run. Token positions are
+grouped by gene id (a stable counting sort on CPU, ``torch.sort(stable=True)`` on GPU) and each
+gene's rows are summed in position order, the way PyTorch's embedding backward does, so no
+atomics are involved. ``deterministic=False`` lets the triton and cuda backends scatter with
+fp32 atomics instead (faster with few repeated ids; the last bits then vary between runs).
+
+Memory traffic (elements of the codebook dtype, ``N = B*K``): forward reads ``N`` codebook
+rows and writes ``B*T*d`` tokens; backward reads the ``B*T*d`` gradient and writes the dense
+``V*(d-1)`` codebook gradient (the zero rows of genes no token shows are written by the
+same kernel, not by a separate zero-fill). Besides the outputs, nothing ``[B, K, d]``-sized is
+allocated; the sort needs ``O(N + V)`` integers.
+
+Backends (``backend=``, see :mod:`txfm_kernels.backends`): ``cpu`` (C++/OpenMP, default on CPU
+Backends (``backend=``, see :mod:`txfm_kernels.backends`): ``cpu`` (C++/OpenMP, default on CPU
+tensors), ``cuda`` (C-ABI CUDA library; default on GPU), ``triton``, ``torch`` (eager
+reference, works everywhere) and ``auto``. Files: ``triton.py`` (Triton kernels),
+``native.py`` (the C++ and CUDA libraries of ``csrc/tokens/``), ``reference.py`` (the eager
+PyTorch reference); this file checks arguments and holds the ``torch.library`` ops, their
+autograd, the function and the module. Every backend, ``torch`` included, runs inside the
+same custom ops, so ``torch.compile(fullgraph=True, dynamic=True)`` sees one node for the
+forward and one for the backward whatever the backend.
+
+Bad gene ids: on CPU tensors every backend raises an ``IndexError`` naming the offending ids.
+On GPU tensors the triton and cuda kernels never read outside the codebook: an out-of-range id
+gives a zero token and no gradient, silently; pass ``check_ids=True`` to get the same
+``IndexError`` as on CPU at the cost of one device synchronisation per call (the torch backend
+on GPU raises a device-side assert, like ``nn.Embedding``). Ids at padded positions are never
+read, so any placeholder (e.g. -1) may sit there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._common import BACKENDS, backend_module, check_choice, check_tensor, resolve
+from . import reference
+
+__all__ = ["gene_tokens", "GeneTokenizer"]
+
+_OP = "gene_tokens"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_GPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_MAX_WIDTH = 2048  # widest codebook row (d - 1) of the CUDA backward (registers per lane)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (compile-safe: nothing here reads tensor values)
+# ---------------------------------------------------------------------------------------------
+def _check_args(codebook, gene_ids, values, cls, pad_mask, backend):
+    check_choice(backend, "backend", BACKENDS, _OP)
+    for name, t in (("codebook", codebook), ("gene_ids", gene_ids), ("values", values)):
+        check_tensor(t, name, _OP)
+    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"{_OP}: codebook must be [n_genes, d - 1] with both sizes >= 1, "
+                         f"got shape {tuple(codebook.shape)}")
+    check_tensor(codebook, "codebook", _OP, _DTYPES, desc="float32 or bfloat16 (float64 on CPU)")
+    check_tensor(gene_ids, "gene_ids", _OP, (torch.int32, torch.int64),
+                 desc="int32 or int64 (row indices into the codebook)", hint="convert with .long()")
+    if gene_ids.dim() != 2:
+        raise ValueError(f"{_OP}: gene_ids must be [B, K], got shape {tuple(gene_ids.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"{_OP}: values must be a float tensor (log1p-normalised expression), "
+                        f"got {values.dtype}")
+    if values.shape != gene_ids.shape:
+        raise ValueError(f"{_OP}: values {tuple(values.shape)} must have the shape of gene_ids "
+                         f"{tuple(gene_ids.shape)}")
+    d = codebook.shape[1] + 1
+    if cls is not None:
+        check_tensor(cls, "cls", _OP)
+        if cls.shape != (d,):
+            raise ValueError(f"{_OP}: cls must be [d] = [{d}] (codebook width + 1), got "
+                             f"{tuple(cls.shape)}")
+        if cls.dtype != codebook.dtype:
+            raise TypeError(f"{_OP}: cls dtype {cls.dtype} differs from the codebook's "
+                            f"{codebook.dtype}; keep both parameters in one dtype")
+    if pad_mask is not None:
+        check_tensor(pad_mask, "pad_mask", _OP, (torch.bool,), desc="bool (True = padding)")
+        if pad_mask.shape != gene_ids.shape:
+            raise ValueError(f"{_OP}: pad_mask {tuple(pad_mask.shape)} must have the shape of "
+                             f"gene_ids {tuple(gene_ids.shape)}")
+    named = [("codebook", codebook), ("gene_ids", gene_ids), ("values", values), ("cls", cls),
+             ("pad_mask", pad_mask)]
+    devices = {n: t.device for n, t in named if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
+        raise ValueError(f"{_OP}: all tensors must be on one device, got {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice (inside the custom ops: it sees the real dtype and width, never traced)
+# ---------------------------------------------------------------------------------------------
+def _backend_for(backend: str, device: torch.device, dtype: torch.dtype, width: int) -> str:
+    """The backend that runs a codebook of ``dtype`` and ``width`` = d - 1 columns."""
+    name = resolve(backend, device.type, "tokens")
+    if name in ("triton", "cuda") and dtype not in _GPU_DTYPES:
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"{_OP}: backend={name!r} supports fp32 and bf16 codebooks, got {dtype}; "
+                        "use backend='cpu' or 'torch' for fp64")
+    if name == "cuda" and width > _CUDA_MAX_WIDTH:
+        if backend == "auto":  # next best on the GPU
+            try:
+                return resolve("triton", device.type, "tokens")
+            except RuntimeError:
+                return "torch"
+        raise ValueError(f"{_OP}: backend='cuda' handles d <= {_CUDA_MAX_WIDTH + 1}, got "
+                         f"d = {width + 1}; use backend='triton' or 'torch'")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: forward, backward, fake (meta) implementations, autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("txfm::gene_tokens", mutates_args=())
+def _gene_tokens_op(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor,
+                    cls: torch.Tensor | None, pad_mask: torch.Tensor | None, backend: str,
+                    deterministic: bool, check_ids: bool) -> torch.Tensor:
+    """tokens [B, K + (cls given), d]; every tensor contiguous, values/cls in the codebook dtype."""
+    name = _backend_for(backend, codebook.device, codebook.dtype, codebook.shape[1])
+    if check_ids or (gene_ids.device.type == "cpu" and name != "cpu"):  # the C++ kernel checks
+        reference.check_ids(gene_ids, pad_mask, codebook.shape[0])
+    return backend_module(__name__, name).forward(
+        codebook.contiguous(), gene_ids.contiguous(), values.contiguous(),
+        None if cls is None else cls.contiguous(),
+        None if pad_mask is None else pad_mask.contiguous(), name)
+
+
+@_gene_tokens_op.register_fake
+def _(codebook, gene_ids, values, cls, pad_mask, backend, deterministic, check_ids):
+    B, K = gene_ids.shape
+    return codebook.new_empty(B, K + int(cls is not None), codebook.shape[1] + 1)
+
+
+@torch.library.custom_op("txfm::gene_tokens_backward", mutates_args=())
+def _gene_tokens_backward_op(grad: torch.Tensor, gene_ids: torch.Tensor,
+                             pad_mask: torch.Tensor | None, n_genes: int, has_cls: bool,
+                             backend: str, deterministic: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_codebook [V, d-1], grad_values [B, K]) from grad [B, K + has_cls, d]."""
+    name = _backend_for(backend, grad.device, grad.dtype, grad.shape[-1] - 1)
+    return backend_module(__name__, name).backward(
+        grad.contiguous(), gene_ids.contiguous(),
+        None if pad_mask is None else pad_mask.contiguous(), n_genes, has_cls, deterministic,
+        name)
+
+
+@_gene_tokens_backward_op.register_fake
+def _(grad, gene_ids, pad_mask, n_genes, has_cls, backend, deterministic):
+    return grad.new_empty(n_genes, grad.shape[-1] - 1), grad.new_empty(gene_ids.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    codebook, gene_ids, values, cls, pad_mask, backend, deterministic, _ = inputs
+    ctx.save_for_backward(gene_ids, pad_mask)
+    ctx.n_genes = codebook.shape[0]
+    ctx.has_cls = cls is not None
+    ctx.backend, ctx.deterministic = backend, deterministic
+
+
+def _backward(ctx, grad):
+    gene_ids, pad_mask = ctx.saved_tensors
+    c = int(ctx.has_cls)
+    grad_codebook = grad_values = grad_cls = None
+    if ctx.needs_input_grad[0]:
+        grad_codebook, grad_values = _gene_tokens_backward_op(
+            grad, gene_ids, pad_mask, ctx.n_genes, ctx.has_cls, ctx.backend, ctx.deterministic)
+    elif ctx.needs_input_grad[2]:
+        grad_values = reference.grad_values(grad, pad_mask, c)
+    if c and ctx.needs_input_grad[3]:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad_cls = grad[:, 0].sum(0, dtype=acc).to(grad.dtype)
+    return grad_codebook, None, grad_values, grad_cls, None, None, None, None
+
+
+_gene_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"{_OP}: double backward (a gradient of the gradient) is not supported")
+
+
+_gene_tokens_backward_op.register_autograd(_no_double_backward,
+                                           setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API and module
+# ---------------------------------------------------------------------------------------------
+def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor, *,
+                cls: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                deterministic: bool = True, check_ids: bool = False,
+                backend: str = "auto") -> torch.Tensor:
+    """Encoder tokens ``[E[g] ; x]`` (+ CLS at position 0), fused, with a fused backward.
+
+    Args:
+        codebook: ``[V, d-1]`` gene embeddings, fp32 or bf16 (fp64 on cpu/torch backends).
+        gene_ids: ``[B, K]`` int32 or int64 in ``[0, V)`` (ignored where ``pad_mask``).
+        values: ``[B, K]`` float; cast to the codebook's dtype.
+        cls: optional ``[d]`` CLS token (codebook dtype); prepended at position 0.
+        pad_mask: optional ``[B, K]`` bool, True = padding: a zero token, no gradient.
+        deterministic: bitwise reproducible codebook gradient (default); False lets the GPU
+            backends use atomics.
+        check_ids: on GPU tensors, raise ``IndexError`` for out-of-range ids (one sync). CPU
+            tensors are always checked.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``[B, K + 1, d]`` with ``cls`` (``[B, K, d]`` without), in the codebook's dtype.
+
+    >>> E = torch.randn(100, 7); ids = torch.randint(0, 100, (2, 5)); x = torch.rand(2, 5)
+    >>> gene_tokens(E, ids, x, cls=torch.zeros(8)).shape
+    torch.Size([2, 6, 8])
+    """
+    _check_args(codebook, gene_ids, values, cls, pad_mask, backend)
+    if values.dtype != codebook.dtype:
+        values = values.to(codebook.dtype)
+    return _gene_tokens_op(codebook, gene_ids, values, cls, pad_mask, backend, deterministic,
+                           check_ids)
+
+
+class GeneTokenizer(nn.Module):
+    """The encoder's tokenizer: a learnable codebook ``[n_genes, d-1]`` and CLS token ``[d]``.
+
+    ``forward(gene_ids [B, K], values [B, K], pad_mask=None) -> [B, K+1, d]`` (``[B, K, d]``
+    with ``cls=False``); see :func:`gene_tokens`.
+
+    Initialisation: codebook and CLS ~ N(0, 0.02²), as ViT/BERT/MAE initialise token
+    embeddings and the CLS token. Small random embeddings make every gene distinguishable from
+    the first step without letting the embedding part swamp the value coordinate (x in
+    [0, ~11.5]), which carries the sample's signal; the pre-norm LayerNorm of the first block
+    rescales the token anyway, so the scale only sets the initial embedding/value balance.
+    """
+
+    def __init__(self, n_genes: int, d: int, cls: bool = True, backend: str = "auto",
+                 deterministic: bool = True, device=None, dtype=None):
+        super().__init__()
+        if n_genes < 1 or d < 2:
+            raise ValueError(f"GeneTokenizer: need n_genes >= 1 and d >= 2, got {n_genes}, {d}")
+        check_choice(backend, "backend", BACKENDS, "GeneTokenizer")
+        factory = {"device": device, "dtype": dtype}
+        self.n_genes, self.d = n_genes, d
+        self.backend, self.deterministic = backend, deterministic
+        self.codebook = nn.Parameter(torch.empty(n_genes, d - 1, **factory))
+        if cls:
+            self.cls = nn.Parameter(torch.empty(d, **factory))
+        else:
+            self.register_parameter("cls", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.codebook, std=0.02)
+        if self.cls is not None:
+            nn.init.normal_(self.cls, std=0.02)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return gene_tokens(self.codebook, gene_ids, values, cls=self.cls, pad_mask=pad_mask,
+                           deterministic=self.deterministic, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"n_genes={self.n_genes}, d={self.d}, cls={self.cls is not None}, "
+                f"backend={self.backend!r}, deterministic={self.deterministic}")
