@@ -50,7 +50,7 @@ def test_pca_corpus_is_sklearn_fit_on_the_reference_and_applied_to_the_screen():
     screen = _low_rank_counts(rng, 150, 60, shift=0.4)
     genes = np.ones(60, dtype=bool)
     genes[[3, 17, 41]] = False  # counted in each cell's total, but not fit on
-    out, notes = expression_baselines(screen, ("pca",), library_size=L, pca_components=4,
+    out, notes = expression_baselines(screen, ("pca",), target_sum=L, pca_components=4,
                                       reference=ref, genes=genes)
     assert list(out) == ["pca_corpus"] and not notes
     r, s = _lib_log64(ref)[:, genes], _lib_log64(screen)[:, genes]
@@ -60,7 +60,7 @@ def test_pca_corpus_is_sklearn_fit_on_the_reference_and_applied_to_the_screen():
     np.testing.assert_allclose(_align_signs(got, want), want, atol=2e-3 * np.abs(want).max())
     # not the PCA of the screen itself: centred on the reference's means, not the screen's
     assert np.abs(got.mean(0)).max() > 0.1 * got.std(0).max()
-    own, _ = expression_baselines(screen, ("pca",), library_size=L, pca_components=4,
+    own, _ = expression_baselines(screen, ("pca",), target_sum=L, pca_components=4,
                                   genes=genes)
     assert np.abs(own["pca"].mean(0)).max() < 1e-4 * own["pca"].std(0).max()
 
@@ -77,8 +77,8 @@ def test_hvg_corpus_keeps_the_genes_variable_in_the_reference():
 
     ref_var, screen_var = np.arange(0, 200, 20), np.arange(7, 200, 20)
     ref, screen = counts(ref_var), counts(screen_var)
-    out, _ = expression_baselines(screen, ("liblog_hvg10",), library_size=L, reference=ref)
-    own, _ = expression_baselines(screen, ("liblog_hvg10",), library_size=L)
+    out, _ = expression_baselines(screen, ("liblog_hvg10",), target_sum=L, reference=ref)
+    own, _ = expression_baselines(screen, ("liblog_hvg10",), target_sum=L)
     s = _lib_log64(screen)
 
     def columns(got):
@@ -168,12 +168,12 @@ def test_oracle_with_every_gene_shown_is_the_pca_embedding():
     pca = PCA(6, svd_solver="full").fit(_lib_log64(x))
     want = pca.transform(_lib_log64(x))
     for k in (40, 1000):
-        got = oracle_embedding(x, k, 6, ridge=0.0, library_size=L)
+        got = oracle_embedding(x, k, 6, ridge=0.0, target_sum=L)
         np.testing.assert_allclose(_align_signs(got, want), want, atol=1e-3 * np.abs(want).max())
     # the default prior shrinks component j by lambda_j / (lambda_j + sigma^2)
     ev = pca.explained_variance_
     shrunk = want * ev / (ev + pca.noise_variance_)
-    got = oracle_embedding(x, 40, 6, library_size=L)
+    got = oracle_embedding(x, 40, 6, target_sum=L)
     np.testing.assert_allclose(_align_signs(got, shrunk), shrunk, atol=1e-3 * np.abs(want).max())
     assert (ev / (ev + pca.noise_variance_)).min() < 0.95  # the check can tell the difference
 
@@ -193,7 +193,7 @@ def test_oracle_is_the_ridge_solve_on_the_genes_the_sampler_shows(k, ridge):
     cols = np.flatnonzero(observable)
     c, seed = 5, 11
     got = oracle_embedding(x, k, c, seed=seed, ridge=ridge, observable=observable,
-                           library_size=L)
+                           target_sum=L)
 
     pca = PCA(c, svd_solver="full").fit(_lib_log64(x)[:, cols])
     penalty = np.diag(np.full(c, ridge) if ridge is not None else
@@ -221,7 +221,7 @@ def test_oracle_is_the_ridge_solve_on_the_genes_the_sampler_shows(k, ridge):
     np.testing.assert_allclose(_align_signs(got, want), want, atol=2e-3 * np.abs(want).max())
     if ridge is None:  # several K share one PCA fit and give the same as one K at a time
         both = oracle_embeddings(x, [k, 40], c, seed=seed, observable=observable,
-                                 library_size=L)
+                                 target_sum=L)
         np.testing.assert_array_equal(both[k], got)
 
 

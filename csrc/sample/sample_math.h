@@ -1,6 +1,6 @@
 // Math of the masked sampler shared by the C++ CPU kernel and the CUDA kernel (TXFM_HD), and
-// mirrored line for line by the Triton kernel and the torch reference in
-// txfm_kernels/sample/ (triton.py, reference.py). Change one, change all four: tests check they agree bit for bit.
+// mirrored line for line by the Triton kernel and the torch reference (txfm_kernels/sample/
+// triton.py and reference.py). Change one, change all four: tests check they agree bit for bit.
 //
 // Uniform draw of K of a row's n observable genes without replacement:
 //   * a keyed bijection P of [0, 2^m) with 2^m >= max(n, 1024): an alternating unbalanced

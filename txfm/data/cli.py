@@ -178,7 +178,7 @@ def cmd_verify(args) -> int:
 
     try:
         m = Manifest.load(args.shards)
-        report = m.verify(progress=not args.quiet)
+        report = m.verify(progress=not args.quiet and sys.stderr.isatty())
     except (OSError, ValueError) as err:
         return _fail(str(err))
     size = f"{report.n_chunks:,} X chunks, {report.n_bytes / 2**20:,.1f} MiB"

@@ -58,8 +58,8 @@ class VerifyReport:
     def ok(self) -> bool:
         return self.n_problems == 0
 
-    def add(self, msg: str, n: int = 1) -> None:
-        self.n_problems += n
+    def add(self, msg: str) -> None:
+        self.n_problems += 1
         if len(self.problems) < self.limit:
             self.problems.append(msg)
 

@@ -219,6 +219,12 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     ``cells`` single cells in total (screen + atlas), ``genes`` in the universe,
     ``perturbations`` CRISPRi targets, ``batches`` per single-cell dataset, ``bulk`` bulk
     samples (0: no bulk dataset). Deterministic for a given ``seed``.
+
+    ``depth``: median UMIs per screen cell (atlas cells: 0.75x). ``program_size``: inclusive
+    range of genes per program. ``shift``: range of a perturbation's program shift (its sign is
+    random). ``distinct_programs``: each perturbation targets a gene of its own program (at
+    most one target per program), so every perturbation has a distinguishable signature; by
+    default targets are drawn among all program genes and several may share a program.
     """
     if cells < 20 or genes < 50:
         raise ValueError(f"need cells >= 20 and genes >= 50, got cells={cells}, genes={genes}")

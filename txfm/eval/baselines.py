@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-LIBRARY_SIZE = 1e5
+TARGET_SUM = 1e5
 HVG_SIZES = (5000, 1024)
 PCA_COMPONENTS = 128
 MAX_DENSE_GIB = 8.0
@@ -58,11 +58,11 @@ def check_dense_size(n_rows: int, n_cols: int, what: str, max_gib: float = MAX_D
                           "with --baselines")
 
 
-def lib_log(counts: sp.csr_matrix, library_size: float = LIBRARY_SIZE) -> sp.csr_matrix:
+def lib_log(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
     """``log1p(L * c / sum(c))`` per cell, sparse (zeros stay zero); empty cells stay zero."""
     m = as_csr(counts)
     total = np.asarray(m.sum(axis=1)).ravel()
-    scale = np.where(total > 0, library_size / np.maximum(total, 1e-12), 0.0).astype(np.float32)
+    scale = np.where(total > 0, target_sum / np.maximum(total, 1e-12), 0.0).astype(np.float32)
     out = m.copy()
     out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr)))
     return out
@@ -149,7 +149,7 @@ FIT_NAMES = "pca, liblog_hvg<N>"  # the baselines that fit something (to a refer
 
 
 def expression_baselines(counts, names: tuple[str, ...] | None = None, *,
-                         library_size: float = LIBRARY_SIZE, hvg_sizes=HVG_SIZES,
+                         target_sum: float = TARGET_SUM, hvg_sizes=HVG_SIZES,
                          pca_components: int = PCA_COMPONENTS, seed: int = 0,
                          reference=None, genes=None
                          ) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -201,10 +201,10 @@ def expression_baselines(counts, names: tuple[str, ...] | None = None, *,
             out[name] = x.toarray()
             continue
         if logged is None:
-            logged = lib_log(m, library_size)
+            logged = lib_log(m, target_sum)
             if cols is not None:
                 logged = logged[:, cols]
-            fit = logged if ref is None else lib_log(ref, library_size)
+            fit = logged if ref is None else lib_log(ref, target_sum)
             if ref is not None and cols is not None:
                 fit = fit[:, cols]
         if name == "liblog":
@@ -383,7 +383,7 @@ def align_to_reference(var, counts, reference: Reference, table=None):
     return moved, observable, shared, match
 
 
-def pca_gene_loadings(counts, n_components: int = 1024, *, library_size: float = LIBRARY_SIZE,
+def pca_gene_loadings(counts, n_components: int = 1024, *, target_sum: float = TARGET_SUM,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Genes as PCA loading vectors of the Lib+Log expression matrix (the relationship-recall
     baseline).
@@ -392,7 +392,7 @@ def pca_gene_loadings(counts, n_components: int = 1024, *, library_size: float =
         ``(loadings [genes_kept, c] float32, kept [genes_kept] int64)``: genes with zero
         variance (never or always equally expressed) have no direction and are left out.
     """
-    logged = lib_log(as_csr(counts), library_size)
+    logged = lib_log(as_csr(counts), target_sum)
     x = logged.copy()
     mean = np.asarray(x.mean(axis=0)).ravel()
     sq = np.asarray(x.multiply(x).mean(axis=0)).ravel()

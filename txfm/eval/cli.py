@@ -18,6 +18,9 @@ from txfm.cli import (
 )
 
 
+EMBED_K_FACTOR = 4  # txfm embed's default K: all observable genes, at most 4x the training K
+
+
 def register(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -37,7 +40,8 @@ def register(subparsers) -> None:
                         "genes_grch38_sceptre.tsv) when input and vocabulary name genes "
                         "differently")
     p.add_argument("--k", type=positive_int, default=None,
-                   help="shown genes per cell (default: the model's K)")
+                   help="shown genes per cell (default: every observable gene, at most "
+                        f"{EMBED_K_FACTOR} x the model's training K; docs/learning.md)")
     p.add_argument("--draws", type=positive_int, default=1,
                    help="average the embeddings of this many draws of shown genes")
     p.add_argument("--seed", type=nonnegative_int, default=0)
@@ -130,8 +134,10 @@ def register(subparsers) -> None:
                    help="perturbations with fewer cells are left out")
     p.add_argument("--max-cells", type=positive_int, default=None,
                    help="random subsample of cells")
-    p.add_argument("--library-size", type=finite_float(0.0, above=True), default=1e5,
-                   help="Lib+Log target sum")
+    p.add_argument("--target-sum", "--library-size", dest="target_sum",
+                   type=finite_float(0.0, above=True), default=1e5,
+                   help="Lib+Log target sum L (scanpy's normalize_total target_sum; "
+                        "--library-size is a deprecated alias)")
     p.add_argument("--pca-components", type=positive_int, default=128, help="PCA baseline size")
     p.add_argument("--fit-on", default=None, metavar="PATH",
                    help="training corpus (a shard collection from `txfm data convert`, or an "
@@ -245,14 +251,16 @@ def cmd_embed(args) -> int:
         counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
     except ValueError as err:
         return _fail(str(err))
-    k = args.k or int(config.k)
+    # more shown genes than in training give better embeddings (docs/learning.md); the cap
+    # bounds the quadratic attention cost on inputs that profile tens of thousands of genes
+    k = args.k or min(int(observable.sum()), EMBED_K_FACTOR * int(config.k))
     empty = int((counts.getnnz(axis=1) == 0).sum())
     if empty:
         print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
               "that of an empty profile)", file=sys.stderr)
-    library_size = float(config.target_sum)  # the normalisation the model was trained with
+    target_sum = float(config.target_sum)  # the normalisation the model was trained with
     emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
-                       batch_size=args.batch_size, device=device, library_size=library_size,
+                       batch_size=args.batch_size, device=device, target_sum=target_sum,
                        precision=args.precision, progress=not args.no_progress)
     adata.obsm[args.key] = emb
     adata.uns["txfm_embed"] = {"checkpoint": str(args.checkpoint), "k": k, "draws": args.draws,
@@ -428,7 +436,7 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
         names = [n for n in base_names if n == "pca" or n.startswith("liblog_hvg")]
         if names:
             t0 = time.perf_counter()
-            fit, notes = expression_baselines(raw, names, library_size=args.library_size,
+            fit, notes = expression_baselines(raw, names, target_sum=args.target_sum,
                                               pca_components=args.pca_components,
                                               seed=args.seed, reference=ref.counts,
                                               genes=shared)
@@ -438,7 +446,7 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
             rows.update(fit)
     if args.oracle_k:
         oracle = oracle_embeddings(raw, args.oracle_k, args.pca_components, seed=args.seed,
-                                   observable=observable, library_size=args.library_size,
+                                   observable=observable, target_sum=args.target_sum,
                                    log=print)
         rows.update((f"oracle_k{k}", e) for k, e in oracle.items())
     return rows
@@ -523,7 +531,7 @@ def cmd_perturbation(args) -> int:
         raw = counts_matrix(adata, f"--embeddings {args.embeddings}")
         try:
             base, notes = expression_baselines(raw, base_names,
-                                               library_size=args.library_size,
+                                               target_sum=args.target_sum,
                                                pca_components=args.pca_components,
                                                seed=args.seed)
         except (ValueError, MemoryError) as err:

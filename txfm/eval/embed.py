@@ -93,8 +93,8 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
 
 def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int,
                  draws: int = 1, seed: int = 0, batch_size: int = 256, device: str = "cpu",
-                 library_size: float = 1e5, precision: str = "auto",
-                 progress: bool = True) -> np.ndarray:
+                 target_sum: float = 1e5, precision: str = "auto",
+                 progress: bool = True, library_size: float | None = None) -> np.ndarray:
     """CLS embeddings of cells.
 
     Args:
@@ -115,6 +115,12 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
 
     import txfm_kernels
 
+    if library_size is not None:  # the name before target_sum; kept for one release
+        import warnings
+
+        warnings.warn("embed_counts(library_size=) is deprecated: pass target_sum=",
+                      DeprecationWarning, stacklevel=2)
+        target_sum = library_size
     if counts.shape[0] == 0:
         raise ValueError("no cells to embed")
     if draws < 1:
@@ -137,7 +143,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             acc = None
             for r in range(draws):
                 parts = [_sample_block(counts, b0, min(b0 + KEY_BLOCK, stop), obs, k=k,
-                                       library_size=library_size, seed=seed + r, device=device)
+                                       target_sum=target_sum, seed=seed + r, device=device)
                          for b0 in range(start, stop, KEY_BLOCK)]
                 gene_ids, values, pad = (torch.cat(t) for t in zip(*parts))
                 with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -156,7 +162,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     return out
 
 
-def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, library_size: float,
+def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, target_sum: float,
                   seed: int, device: str):
     """Shown genes of cells ``b0:b1`` (one sampler call keyed by block ``b0 // KEY_BLOCK``)."""
     import torch
@@ -169,7 +175,7 @@ def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, libra
     values = torch.as_tensor(counts.data[s:e].astype(np.float32), device=device)
     ds = torch.zeros(b1 - b0, dtype=torch.int32, device=device)
     m = txfm_kernels.masked_sample(indptr, indices, values, n_genes=counts.shape[1], k=k,
-                                   observable=obs, dataset_ids=ds, library_size=library_size,
+                                   observable=obs, dataset_ids=ds, target_sum=target_sum,
                                    seed=seed, offset=b0 // KEY_BLOCK, return_target=False)
     return m.gene_ids, m.values, m.pad_mask
 

@@ -11,8 +11,9 @@ hand (``docs/learning.md``)::
 and prints the benchmark with the checks that say whether the model learned: its average at
 least PCA's, and linear-probe / kNN top-1 at least 5x chance. ``--ablation`` also trains the
 paper's Table 5 alternatives with the same budget and seeds (MSE instead of the Poisson loss,
-ReLU instead of the rectified tanh, and the paper's literal token ``[E; x]``), so that their
-effect is measured on planted ground truth.
+ReLU instead of the rectified tanh) and our two design choices undone (RMS-normalised token
+embeddings, one constant starting bias), so that their effect is measured on planted ground
+truth.
 
 Outputs under ``--out``: one run folder per variant (checkpoint, ``metrics.csv``, ``loss.png``
 with the learning diagnostics), the embedded screen, the benchmark tables
@@ -30,7 +31,8 @@ VARIANTS = {
     "txfm": [],
     "mse": ["--loss", "mse"],
     "relu": ["--activation", "relu"],
-    "paper_tokens": ["--set", "token_norm=none"],
+    "rms_tokens": ["--set", "token_norm=rms"],
+    "constant_bias": ["--no-init-bias"],
 }
 CHANCE_FACTOR = 5.0
 

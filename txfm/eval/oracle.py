@@ -60,13 +60,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .baselines import LIBRARY_SIZE, PCA_COMPONENTS, as_csr, fit_pca, lib_log
+from .baselines import TARGET_SUM, PCA_COMPONENTS, as_csr, fit_pca, lib_log
 from .embed import KEY_BLOCK, _sample_block
 
 
 def oracle_embedding(counts, k: int, n_components: int = PCA_COMPONENTS, *, seed: int = 0,
                      ridge: float | None = None, observable: np.ndarray | None = None,
-                     library_size: float = LIBRARY_SIZE, device: str = "cpu") -> np.ndarray:
+                     target_sum: float = TARGET_SUM, device: str = "cpu") -> np.ndarray:
     """PCA scores of each cell estimated from ``k`` of its observable genes (see module doc).
 
     Args:
@@ -80,7 +80,7 @@ def oracle_embedding(counts, k: int, n_components: int = PCA_COMPONENTS, *, seed
         observable: ``[G]`` bool, the genes the input profiles (e.g. from
             :func:`txfm.eval.embed.remap_to_vocabulary`); None = all. The PCA is fit on these
             columns, and only these are drawn.
-        library_size: ``L`` of Lib+Log (the model's ``config.library_size``).
+        target_sum: ``L`` of Lib+Log (the model's ``config.target_sum``).
         device: torch device of the sampler and the solves.
     Returns:
         ``[cells, c]`` float32.
@@ -90,12 +90,12 @@ def oracle_embedding(counts, k: int, n_components: int = PCA_COMPONENTS, *, seed
         MemoryError: the dense Lib+Log matrix exceeds the baselines' memory budget.
     """
     return oracle_embeddings(counts, (k,), n_components, seed=seed, ridge=ridge,
-                             observable=observable, library_size=library_size, device=device)[k]
+                             observable=observable, target_sum=target_sum, device=device)[k]
 
 
 def oracle_embeddings(counts, ks, n_components: int = PCA_COMPONENTS, *, seed: int = 0,
                       ridge: float | None = None, observable: np.ndarray | None = None,
-                      library_size: float = LIBRARY_SIZE, device: str = "cpu", log=None
+                      target_sum: float = TARGET_SUM, device: str = "cpu", log=None
                       ) -> dict[int, np.ndarray]:
     """:func:`oracle_embedding` for each K in ``ks``, sharing one PCA fit:
     ``{k: [cells, c] float32}``. ``log(msg)``, if given, is told each K's time."""
@@ -119,7 +119,7 @@ def oracle_embeddings(counts, ks, n_components: int = PCA_COMPONENTS, *, seed: i
         raise ValueError(f"observable must be a [{g}] bool mask with at least one True, got "
                          f"{obs.dtype} {obs.shape}")
     cols = np.flatnonzero(obs)
-    logged = lib_log(m, library_size)[:, cols]
+    logged = lib_log(m, target_sum)[:, cols]
     pca = fit_pca(logged, n_components, seed, what="oracle PCA")
     f64 = dict(dtype=torch.float64, device=device)
     w_obs = torch.as_tensor(pca.components_.T, **f64)  # [G_obs, c]
@@ -142,14 +142,14 @@ def oracle_embeddings(counts, ks, n_components: int = PCA_COMPONENTS, *, seed: i
             result[k] = s.cpu().numpy().astype(np.float32)
         else:
             result[k] = _solve_shown(m, k, w, w_obs, mu, gram, penalty, cols_t, obs_genes,
-                                     seed=seed, library_size=library_size)
+                                     seed=seed, target_sum=target_sum)
         if log is not None:
             log(f"oracle_k{k}: {c} PCA scores from {min(k, len(cols)):,} shown genes of "
                 f"{len(cols):,}, {time.perf_counter() - t0:.1f} s")
     return result
 
 
-def _solve_shown(m, k, w, w_obs, mu, gram, penalty, cols_t, obs_genes, *, seed, library_size):
+def _solve_shown(m, k, w, w_obs, mu, gram, penalty, cols_t, obs_genes, *, seed, target_sum):
     """Per block of ``KEY_BLOCK`` cells: draw ``k`` genes, solve the penalised system."""
     import torch
 
@@ -164,7 +164,7 @@ def _solve_shown(m, k, w, w_obs, mu, gram, penalty, cols_t, obs_genes, *, seed, 
     complement = k > len(cols_t) // 2
     for b0 in range(0, n, KEY_BLOCK):
         b1 = min(b0 + KEY_BLOCK, n)
-        ids, vals, pad = _sample_block(m, b0, b1, obs_genes, k=k, library_size=library_size,
+        ids, vals, pad = _sample_block(m, b0, b1, obs_genes, k=k, target_sum=target_sum,
                                        seed=seed, device=str(w.device))
         ids = ids.long()
         shown = ~pad

@@ -43,12 +43,11 @@ class TxFMConfig:
     sample (arXiv:2605.31562 §2), drawn with weight ``m_i ** tau`` (``tau = 0``: uniform).
 
     Tokens (§3): a shown gene ``g`` with value ``x`` enters as ``[E_g ; x]``. ``token_norm``
-    decides the scale of the embedding part: ``"rms"`` (default, **our choice**) uses
-    ``E_g / rms(E_g)``, so every gene's part has norm ``sqrt(d-1)`` beside ``x`` in
-    ``[0, ~11.5]`` and the first LayerNorm keeps both the gene's identity and its value;
-    ``"none"`` is the paper's literal token with ``E`` initialised at std 0.02, where the value
-    coordinate dominates every expressed token after that LayerNorm (cosine ~0.998 between
-    different genes) and the model learns far less (``docs/learning.md``).
+    sets the scale of the embedding part: ``"none"`` (default) is the paper's literal token,
+    ``E`` initialised at std 0.02; ``"rms"`` feeds ``E_g / rms(E_g)``, so that a gene's
+    identity survives the first LayerNorm beside its value. Measured on the demo corpus the
+    literal token learns far more (masked-gene R² 0.15 vs 0.05, cell-type accuracy 0.96 vs 0.72
+    after 400 steps; ``docs/learning.md``), so it stays the default.
 
     Decoder: ``decoder_depth`` hidden layers of width ``decoder_hidden`` (0: one linear map
     from the CLS embedding to the G logits), then ``activation`` turns logits into predicted
@@ -69,7 +68,7 @@ class TxFMConfig:
     layerscale_init: float = 0.1
     k: int = 128
     tau: float = 0.0
-    token_norm: str = "rms"
+    token_norm: str = "none"
     decoder_depth: int = 4
     decoder_hidden: int = 256
     loss: str = "poisson"
@@ -139,8 +138,6 @@ class TxFMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TxFMConfig":
         d = _renamed(d)
-        if "token_norm" not in d:  # checkpoints from before the field: the literal [E ; x]
-            d["token_norm"] = "none"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no loss plot at the end")
+    g.add_argument("--no-init-bias", action="store_true",
+                   help="start every gene's decoder bias at one constant instead of its "
+                        "per-gene optimum over the corpus (docs/learning.md)")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV metrics only")
     r = p.add_argument_group("recipe (defaults: arXiv:2605.31562, training recipe and the preset)")
     r.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -159,6 +162,8 @@ def build_configs(args):
             changes["progress"] = False
         if args.no_plot:
             changes["plot"] = False
+        if args.no_init_bias:
+            changes["init_bias"] = False
         if args.no_tensorboard:
             changes["tensorboard"] = False
         changes["resume"] = bool(args.resume)
