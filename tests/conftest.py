@@ -68,3 +68,15 @@ def importlib_find(name):
     import importlib.util
 
     return importlib.util.find_spec(name)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads run ~5x slower.
+    Test files that train use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

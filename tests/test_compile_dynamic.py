@@ -132,8 +132,8 @@ def test_poisson_nll_loss_variable_eps():
         (grad,) = torch.autograd.grad(loss, inp)
         i64 = inp.detach().double().requires_grad_(True)
         t64 = tgt.double()
-        stirling = torch.where(t64 > 1, t64 * torch.log(t64) - t64 + 0.5 * torch.log(2 * math.pi * t64),
-                               0.0)
+        stirling = torch.where(
+            t64 > 1, t64 * torch.log(t64) - t64 + 0.5 * torch.log(2 * math.pi * t64), 0.0)
         want = (i64 - t64 * torch.log(i64 + eps) + stirling).mean()
         want.backward()
         torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
@@ -161,7 +161,8 @@ def test_gene_tokens_dynamic_shapes_one_node(backend):
         pad = torch.rand(B, K, generator=gen) < 0.2
         loss = compiled(ids, values, pad)
         grads = torch.autograd.grad(loss, [tok.codebook, tok.cls])
-        E, c = tok.codebook.detach().double().requires_grad_(), tok.cls.detach().double().requires_grad_()
+        E = tok.codebook.detach().double().requires_grad_()
+        c = tok.cls.detach().double().requires_grad_()
         emb = torch.cat([E[ids.masked_fill(pad, 0)], values.double()[..., None]], -1)
         ref = torch.cat([c.expand(B, 1, -1), emb.masked_fill(pad[..., None], 0)], 1)
         want = ref.square().sum()

@@ -15,12 +15,7 @@ from txfm.train.synthetic import RandomCSRSource
 from txfm.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_targets(source, target_sum):
@@ -135,29 +130,43 @@ def test_effective_rank():
     assert effective_rank(iso) > 25
 
 
-def test_diagnostics_tell_learning_from_collapse(tmp_path):
-    """A briefly trained model uses its CLS embedding (gain > 0.05, rank > 1.5); the same model with
-    its decoder cut from the CLS (a shuffled-CLS decoder) is flagged as collapsed."""
+def _train_random(tmp_path, token_norm):
     cfg = TrainConfig.for_preset("tiny", data="random:cells=2048,genes=120,types=8",
-                                 out=str(tmp_path), steps=150, batch_size=32, val_every=150,
-                                 val_batches=8, ckpt_every=None, progress=False, plot=False,
-                                 tensorboard=False)
-    model_config = preset("tiny", dim=32, depth=2, heads=2, decoder_hidden=64, k=48)
-    trainer = Trainer(cfg, model_config)
+                                 out=str(tmp_path / token_norm), steps=150, batch_size=32,
+                                 val_every=150, val_batches=8, ckpt_every=None, progress=False,
+                                 plot=False, tensorboard=False)
+    trainer = Trainer(cfg, preset("tiny", dim=32, depth=2, heads=2, decoder_hidden=64, k=48,
+                                  token_norm=token_norm))
     trainer.fit()
-    learned = dict(trainer.diagnostics)
+    return trainer
+
+
+def test_diagnostics_tell_learning_from_collapse(tmp_path):
+    """On this random corpus (cell types of planted programs) the RMS-scaled token learns to use
+    its CLS within 150 steps and the literal token does not; the diagnostics say which is which,
+    and cutting the learning model's decoder from its CLS is flagged too."""
+    learning = _train_random(tmp_path, "rms")
+    learned = dict(learning.diagnostics)
     assert learned["cls_gain"] > 0.05, learned
     assert learned["erank"] > 1.5, learned
     assert 0.0 < learned["masked_r2"] < 1.0, learned
     assert not is_collapsed(learned)
+    rows = [r for r in _rows(tmp_path / "rms") if r.get("cls_gain") is not None]
+    assert rows and math.isclose(rows[-1]["cls_gain"], learned["cls_gain"], rel_tol=1e-6)
+    assert rows[-1]["collapsed"] == 0
+
+    collapsed = _train_random(tmp_path, "none")
+    flat = collapsed.diagnostics
+    assert flat["cls_gain"] < 0.01 < learned["cls_gain"], (flat, learned)
+    assert is_collapsed(flat)
+    assert [r for r in _rows(tmp_path / "none") if r.get("collapsed") is not None][-1]["collapsed"] == 1
+
     with torch.no_grad():
-        trainer.model.decoder.fc_in.weight.zero_()  # the decoder no longer sees the cell
-    trainer.validate()
-    cut = trainer.diagnostics
+        learning.model.decoder.fc_in.weight.zero_()  # the decoder no longer sees the cell
+    learning.validate()
+    cut = learning.diagnostics
     assert abs(cut["cls_gain"]) < 1e-6, cut
     assert is_collapsed(cut)
-    rows = [r for r in _rows(tmp_path) if r.get("cls_gain") is not None]
-    assert rows and math.isclose(rows[-1]["cls_gain"], learned["cls_gain"], rel_tol=1e-6)
 
 
 def _rows(run_dir):

@@ -26,13 +26,7 @@ SMALL = ["--set", "dim=32", "--set", "depth=2", "--set", "heads=2", "--set", "de
          "--k", "32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box two spinning OpenMP threads run ~5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_model(**over):

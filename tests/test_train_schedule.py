@@ -32,12 +32,7 @@ def _reference(total: int, warmup: float, peak: float) -> np.ndarray:
     return np.concatenate([ramp, decay])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("steps", range(1, 13))

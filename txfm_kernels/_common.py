@@ -277,14 +277,25 @@ def resolve(backend: str, device_type: str, op: str) -> str:
                            os.environ.get("TXFM_DISABLE_NATIVE"))
 
 
-_BACKEND_MODULES = {"triton": "triton", "cuda": "native", "cpu": "native", "torch": "reference"}
+def op_backend(backend: str, device_type: str, op: str) -> str:
+    """The backend an op's body runs: a concrete name as it comes (the public function resolved
+    and checked it), ``"auto"`` resolved (a direct call of the ``torch.library`` op)."""
+    return backend if backend != "auto" else resolve(backend, device_type, op)
+
+
+_BACKEND_FILES = {"triton": "triton", "cuda": "native", "cpu": "native", "torch": "reference"}
+_backend_modules: dict = {}
 
 
 def backend_module(package: str, backend: str):
     """The module of op ``package`` (e.g. ``"txfm_kernels.poisson"``) that holds a concrete
     ``backend``: ``triton.py``, ``native.py`` (cpu and cuda) or ``reference.py``. Imported on
     first use, so that Triton is only imported (and its kernels compiled) when it runs."""
-    return importlib.import_module(f"{package}.{_BACKEND_MODULES[backend]}")
+    module = _backend_modules.get((package, backend))
+    if module is None:
+        module = importlib.import_module(f"{package}.{_BACKEND_FILES[backend]}")
+        _backend_modules[(package, backend)] = module
+    return module
 
 
 def interpreted(device: torch.device) -> bool:
@@ -314,7 +325,8 @@ def check_tensor(t, name: str, op: str, dtypes: tuple | None = None, desc: str =
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         desc = desc or " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must be {desc}, got {t.dtype}" + (f"; {hint}" if hint else ""))
+        raise TypeError(f"{op}: {name} must be {desc}, got {t.dtype}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def check_same_device(op: str, first: str, **others) -> None:

@@ -312,7 +312,8 @@ auto pick(int mode, bool full, int zt, int xt) -> decltype(K<0, false, float, fl
     return nullptr;
   }
   if (mode == MODE_LOG)
-    return full ? pick_same_dtype<K, MODE_LOG, true>(zt, xt) : pick_same_dtype<K, MODE_LOG, false>(zt, xt);
+    return full ? pick_same_dtype<K, MODE_LOG, true>(zt, xt)
+                : pick_same_dtype<K, MODE_LOG, false>(zt, xt);
   if (mode == MODE_LINEAR)
     return full ? pick_same_dtype<K, MODE_LINEAR, true>(zt, xt)
                 : pick_same_dtype<K, MODE_LINEAR, false>(zt, xt);

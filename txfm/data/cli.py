@@ -82,7 +82,7 @@ def register(subparsers) -> None:
     p.add_argument("--shard-mb", type=finite_float(0.0, above=True), default=256.0,
                    help="target uncompressed MiB of counts + indices per shard")
     p.add_argument("--codec", default="none", choices=["none", "lz4", "zstd"],
-                   help="inner-chunk compression (none reads fastest; see the README)")
+                   help="inner-chunk compression (none reads fastest; see docs/data.md)")
     p.add_argument("--counts-dtype", default="auto",
                    choices=["auto", "uint16", "uint32", "float32"],
                    help="stored count dtype (auto: uint16 if all counts fit, else uint32/float32)")

@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
     p = evs.add_parser(
         "relationships", formatter_class=fmt,
-        help="gene-gene relationship recall of gene representations (SPEC §6)",
+        help="gene-gene relationship recall of gene representations (arXiv:2605.31562, evaluation)",
         description="Standardise each gene representation, PCA, cosine similarity; recall of "
                     "each database's pairs beyond the 5th/95th (and 10th/90th) percentiles of "
                     "random gene pairs, 3 null draws (mean ± std), per database and combined. "

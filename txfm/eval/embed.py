@@ -143,7 +143,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             acc = None
             for r in range(draws):
                 parts = [_sample_block(counts, b0, min(b0 + KEY_BLOCK, stop), obs, k=k,
-                                       target_sum=target_sum, seed=seed + r, device=device)
+                                       target_sum=target_sum, seed=seed + r, device=device,
+                                       config=getattr(model, "config", None))
                          for b0 in range(start, stop, KEY_BLOCK)]
                 gene_ids, values, pad = (torch.cat(t) for t in zip(*parts))
                 with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -163,20 +164,25 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
 
 
 def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, target_sum: float,
-                  seed: int, device: str):
-    """Shown genes of cells ``b0:b1`` (one sampler call keyed by block ``b0 // KEY_BLOCK``)."""
+                  seed: int, device: str, config=None):
+    """Shown genes of cells ``b0:b1`` (one sampler call keyed by block ``b0 // KEY_BLOCK``),
+    through the same :func:`txfm.data.inputs.model_inputs` as training."""
+    from types import SimpleNamespace
+
     import torch
 
-    import txfm_kernels
+    from txfm.data.inputs import model_inputs
+    from txfm.model import TxFMConfig
 
+    config = (config or TxFMConfig()).replace(target_sum=target_sum)
     s, e = int(counts.indptr[b0]), int(counts.indptr[b1])
-    indptr = torch.as_tensor((counts.indptr[b0:b1 + 1] - s).astype(np.int64), device=device)
-    indices = torch.as_tensor(counts.indices[s:e].astype(np.int32), device=device)
-    values = torch.as_tensor(counts.data[s:e].astype(np.float32), device=device)
-    ds = torch.zeros(b1 - b0, dtype=torch.int32, device=device)
-    m = txfm_kernels.masked_sample(indptr, indices, values, n_genes=counts.shape[1], k=k,
-                                   observable=obs, dataset_ids=ds, target_sum=target_sum,
-                                   seed=seed, offset=b0 // KEY_BLOCK, return_target=False)
+    batch = SimpleNamespace(
+        indptr=torch.as_tensor((counts.indptr[b0:b1 + 1] - s).astype(np.int64), device=device),
+        indices=torch.as_tensor(counts.indices[s:e].astype(np.int32), device=device),
+        counts=torch.as_tensor(counts.data[s:e].astype(np.float32), device=device),
+        dataset_ids=torch.zeros(b1 - b0, dtype=torch.int32, device=device))
+    m = model_inputs(batch, n_genes=counts.shape[1], config=config, observable=obs, seed=seed,
+                     offset=b0 // KEY_BLOCK, k=k, return_target=False)
     return m.gene_ids, m.values, m.pad_mask
 
 

@@ -50,11 +50,6 @@ except Exception:  # noqa: BLE001
     _fa2_func = None
 
 
-def flash_attn_available() -> dict[str, bool]:
-    """Which optional flash-attn builds import here: ``{"fa3": ..., "fa2": ...}``."""
-    return {"fa3": _fa3_func is not None, "fa2": _fa2_func is not None}
-
-
 def _flash_fn(backend: str, q: torch.Tensor):
     """The flash-attn function to use for ``q`` under ``backend``, or None for SDPA."""
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from txfm.model import TxFM, TxFMConfig, preset
 from txfm.model.losses import optimal_logits
-from txfm_kernels.sample import masked_sample
+from txfm.data.inputs import model_inputs, open_loader, vocabulary
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -72,69 +72,6 @@ class TrainResult:
     @property
     def val_losses(self) -> list[float]:
         return [r["val_loss"] for r in self.history if r.get("val_loss") is not None]
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-def demo_root() -> pathlib.Path:
-    """Where plain ``txfm train`` keeps the synthetic demo shards (git-ignored)."""
-    return pathlib.Path("txfm-demo")
-
-
-def open_loader(data: str | None, split: str, batch_size: int, *, seed: int, rank: int,
-                world_size: int, pin_memory: bool):
-    """The loader of ``data``: a shards folder, None (the demo shards) or ``random[:...]``.
-
-    Training batches are all full (``drop_last``: equal counts on every rank); validation keeps
-    its last, partial batch, so a split smaller than one batch is still used.
-    """
-    shuffle = drop_last = split == "train"
-    if data is not None and str(data).startswith("random"):
-        from .synthetic import RandomCSRSource, parse_random_spec
-
-        kwargs = parse_random_spec(str(data))
-        return RandomCSRSource(batch_size=batch_size, split=split, shuffle=shuffle,
-                               drop_last=drop_last, pin_memory=pin_memory, rank=rank,
-                               world_size=world_size, **kwargs)
-    from txfm.data import ShardLoader  # anndata/zarr: imported only for on-disk shards
-
-    if data is None:
-        from txfm.data.demo import ensure_demo_shards
-
-        data = ensure_demo_shards(demo_root())
-    return ShardLoader(data, batch_size, split=split, shuffle=shuffle, seed=seed,
-                       drop_last=drop_last, pin_memory=pin_memory, rank=rank, world_size=world_size)
-
-
-def _vocabulary(loader) -> dict:
-    manifest = getattr(loader, "manifest", None)
-    genes = getattr(manifest, "genes", None)
-    symbols = getattr(manifest, "symbols", None)
-    if genes is not None and hasattr(genes, "columns"):  # a DataFrame
-        frame = genes
-        id_col = next((c for c in ("gene_id", "id", "ensembl_id") if c in frame.columns), None)
-        sym_col = next((c for c in ("symbol", "gene_symbol", "name") if c in frame.columns), None)
-        genes = list(frame[id_col] if id_col else frame.index)
-        symbols = list(frame[sym_col]) if sym_col else symbols
-    genes = [str(g) for g in genes] if genes is not None else [str(i) for i in range(loader.n_genes)]
-    symbols = [str(s) for s in symbols] if symbols is not None else None
-    return {"genes": genes, "symbols": symbols, "hash": getattr(manifest, "vocab_hash", None)}
-
-
-def sample_batch(batch, *, n_genes: int, config: TxFMConfig, observable, seed: int, offset: int,
-                 gene_weights: torch.Tensor | None = None, out=None):
-    """Encoder inputs + target of a device CSR batch (fused op, or its eager path).
-
-    ``out``: a previous :class:`txfm_kernels.MaskedSample` of the same shape to write into.
-    """
-    kwargs = dict(n_genes=n_genes, k=config.k, observable=observable,
-                  dataset_ids=batch.dataset_ids if observable is not None else None,
-                  target_sum=config.target_sum, seed=seed, offset=offset, tau=config.tau,
-                  gene_weights=gene_weights if config.tau != 0.0 else None, return_target=True,
-                  out=out)
-    return masked_sample(batch.indptr, batch.indices, batch.counts,
-                         backend="auto" if config.use_fused_ops else "torch", **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +117,7 @@ class Trainer:
                              f"{self.micro} cells per rank per epoch, fewer than accum="
                              f"{cfg.accum}: lower batch_size or add cells")
         self.n_genes = int(self.loader.n_genes)
-        self.vocab = _vocabulary(self.loader)
+        self.vocab = vocabulary(self.loader)
         obs = getattr(self.loader, "observable", None)
         if obs is not None and bool(obs.mask.all()):
             obs = None  # every dataset profiles every gene: skip the per-row tables
@@ -284,7 +221,7 @@ class Trainer:
             slots = self._sample_buffers.setdefault(int(batch.indptr.shape[0]) - 1, [None, None, 0])
             slots[2] ^= 1
             out = slots[slots[2]]
-        sample = sample_batch(batch, n_genes=self.n_genes, config=self.model_config,
+        sample = model_inputs(batch, n_genes=self.n_genes, config=self.model_config,
                               observable=self.observable, seed=seed, offset=offset,
                               gene_weights=self.gene_weights, out=out)
         if self.device.type == "cpu":
@@ -584,3 +521,6 @@ def _postfix(row: dict) -> dict:
     if row.get("collapsed"):
         out["COLLAPSED"] = "!"
     return out
+
+
+sample_batch = model_inputs  # the name before txfm.data.inputs; kept for one release

@@ -63,9 +63,11 @@ gradient come out NaN.
 
 torch.compile: the fused forward is the ``torch.library`` custom op ``txfm::poisson_nll``
 (fake and autograd registered), so ``torch.compile(model, fullgraph=True, dynamic=True)``
-keeps it as one node, with ``alpha``/``beta`` passed as plain or symbolic floats. In eager
-mode the same forward and backward run through a plain ``torch.autograd.Function``: the
-custom-op dispatch alone costs ~100 us of CPU per step.
+keeps it as one node; ``alpha``, ``beta`` (and ``eps`` of the drop-in) may be Python variables
+that change between calls: new shapes reuse the compiled graph, a new float value recompiles
+once under inductor (it specialises floats that reach a custom op). In eager mode the same
+forward and backward run through a plain ``torch.autograd.Function``: the custom-op dispatch
+alone costs ~100 us of CPU per step.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._common import (BACKENDS, Number, backend_module, check_choice, check_number,
-                       check_row_ids, check_tensor, resolve, traced)
+                       check_row_ids, check_tensor, op_backend, resolve, traced)
 from ..masks import RowGeneMask
 from . import reference
 from .reference import ALPHA, BETA, LINEAR, LOG, REDUCTIONS, RTANH
@@ -228,7 +230,7 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
     """Fused forward. logits/target [B, G]; mask None, [G], [B, G], or [D, G] with dataset_ids
     [B]. Returns (loss: 0-d, or [B, G] for "none"; fp32, fp64 for fp64 logits,
     grad: weight * dl/dz in the logits' dtype, or an empty tensor when need_grad is False)."""
-    name = resolve(backend, logits.device.type, _OP)
+    name = op_backend(backend, logits.device.type, _OP)
     z = logits.contiguous()
     x = target.to(_supported_target_dtype(z, target, mode)).contiguous()
     _check_ids(mask, dataset_ids)

@@ -74,8 +74,10 @@ builds it consistent). Under ``torch.compile`` the table's pointer check and the
 torch.compile (``fullgraph=True``, ``dynamic=True`` too): a call is one node, the custom op
 ``txfm::masked_sample`` (uniform draw into new outputs) or ``txfm::masked_sample_into``
 (``out=`` or ``tau != 0``); ``seed``, ``offset``, ``k``, ``target_sum`` and ``tau`` may be
-Python variables that change between calls. In eager mode the same code runs without the
-custom-op dispatch.
+Python variables that change between calls. New shapes and ints (``seed``, ``offset``, ``k``)
+reuse the compiled graph; a new value of a float (``target_sum``, ``tau``) recompiles once
+under inductor, which specialises floats that reach a custom op. In eager mode the
+``out=``/``tau`` path runs the same code without the custom-op dispatch.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ import torch
 
 from .. import _pool
 from .._common import (BACKENDS, Number, backend_module, check_choice, check_int, check_number,
-                       check_tensor, resolve, traced)
+                       check_tensor, op_backend, resolve, traced)
 from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
@@ -254,7 +256,7 @@ def _fill(c: Call, backend: str, validate: bool, mask, gene_weights, tau: float,
           pad, target, libsize) -> None:
     """Draw into the outputs: uniformly with ``backend``, or weighted (``tau != 0``, torch)."""
     if tau == 0:
-        name = resolve(backend, c.indptr.device.type, "sample")
+        name = op_backend(backend, c.indptr.device.type, "sample")
         backend_module(__name__, name).fill(c, ids, values, pad, target, libsize, validate, name)
         return
     if validate:

@@ -34,7 +34,6 @@ same kernel, not by a separate zero-fill). Besides the outputs, nothing ``[B, K,
 allocated; the sort needs ``O(N + V)`` integers.
 
 Backends (``backend=``, see :mod:`txfm_kernels.backends`): ``cpu`` (C++/OpenMP, default on CPU
-Backends (``backend=``, see :mod:`txfm_kernels.backends`): ``cpu`` (C++/OpenMP, default on CPU
 tensors), ``cuda`` (C-ABI CUDA library; default on GPU), ``triton``, ``torch`` (eager
 reference, works everywhere) and ``auto``. Files: ``triton.py`` (Triton kernels),
 ``native.py`` (the C++ and CUDA libraries of ``csrc/tokens/``), ``reference.py`` (the eager
