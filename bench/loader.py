@@ -19,9 +19,10 @@ geometric counts; written once as a float32/int32 ``.h5ad`` and cached under
 * ``h5ad backed`` — anndata's backed ``X[sorted random rows]``.
 
 Every number is the median of ``--reps`` fresh processes after a warm-up, with the files in
-the page cache (read once before). Peak RSS is the process' high-water mark (plus its
-DataLoader workers'). Shuffle = distinct 1,024-row stretches of the original input order per
-batch; a perfect shuffle's expectation is printed as ``ideal``.
+the page cache (read once before); the cases take turns (one process of each, then the next
+round), so that load from other jobs falls on all of them alike. Peak RSS is the process'
+high-water mark (plus its DataLoader workers'). Shuffle = distinct 1,024-row stretches of
+the original input order per batch; a perfect shuffle's expectation is printed as ``ideal``.
 """
 from __future__ import annotations
 
@@ -233,19 +234,20 @@ def worker_h5ad(args) -> dict:
             "nnz_per_cell": float(x.nnz / x.shape[0])}
 
 
-def run_case(cmd: list[str], reps: int, in_process: bool = False, timeout: float = 900) -> dict:
-    """Median over ``reps`` fresh processes of the JSON line each prints (``in_process``:
-    run ``bench.loader`` workers in this process instead, for the ``--quick`` smoke test)."""
-    results = []
-    for _ in range(reps):
-        if in_process and cmd[1:3] == ["-m", "bench.loader"]:
-            wargs = parse_args(cmd[3:])
-            results.append(worker_ours(wargs) if wargs.worker == "ours" else worker_h5ad(wargs))
-            continue
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+def run_once(cmd: list[str], in_process: bool = False, timeout: float = 900) -> dict:
+    """The JSON line one fresh process prints (``in_process``: run a ``bench.loader`` worker
+    in this process instead, for the ``--quick`` smoke test)."""
+    if in_process and cmd[1:3] == ["-m", "bench.loader"]:
+        wargs = parse_args(cmd[3:])
+        return worker_ours(wargs) if wargs.worker == "ours" else worker_h5ad(wargs)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    """Medians over a case's processes (peak RSS: the largest)."""
     out = {k: statistics.median(r[k] for r in results) for k in results[0]
            if isinstance(results[0][k], (int, float))}
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
@@ -361,13 +363,17 @@ def main(argv=None) -> int:
         cases.append(("h5ad backed", "h5ad float32/int32", "sorted random rows", src,
                       base + ["--worker", "h5ad", "--path", str(src), "--batches",
                               str(slow_batches)]))
+    for path in dict.fromkeys(c[3] for c in cases):
+        warm(path)
+    # the cases take turns, repetition by repetition: on a shared machine every case then
+    # sees the same mix of quiet and busy moments, and the ratios within the run hold
+    results: list[list[dict]] = [[] for _ in cases]
+    for _ in range(args.reps):
+        for i, case in enumerate(cases):
+            results[i].append(run_once(case[4], in_process=args.quick))
     rows = []
-    warmed = set()
-    for impl, layout, settings, path, cmd in cases:
-        if path not in warmed:
-            warm(path)
-            warmed.add(path)
-        r = run_case(cmd, args.reps, in_process=args.quick)
+    for (impl, layout, settings, path, cmd), res in zip(cases, results):
+        r = summarize(res)
         rows.append({"loader": impl, "layout": layout, "settings": settings,
                      "cells_per_s": round(r["cells_per_s"]), "runs": r["runs"],
                      "cells_per_cpu_s": (round(r["cells_per_cpu_s"]) if "cells_per_cpu_s" in r

@@ -273,6 +273,8 @@ def resolve(backend: str, device_type: str, op: str) -> str:
     """:func:`resolve_backend`, memoised per environment (it probes libraries: tens of us per
     call otherwise). Under torch.compile it runs once at trace time and the graph keeps its
     answer: a later change of ``TXFM_DISABLE_NATIVE`` does not reach a compiled graph."""
+    if backend == "torch":  # runs everywhere: no environment to read
+        return backend
     return _resolve_cached(backend, device_type, op, os.environ.get("TRITON_INTERPRET"),
                            os.environ.get("TXFM_DISABLE_NATIVE"))
 

@@ -18,7 +18,7 @@ from txfm.cli import (
 )
 
 
-EMBED_K_FACTOR = 4  # txfm embed's default K: all observable genes, at most 4x the training K
+EMBED_K_FACTOR = 8  # txfm embed's default K: all observable genes, at most 8x the training K
 
 
 def register(subparsers) -> None:

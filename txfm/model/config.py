@@ -53,9 +53,10 @@ class TxFMConfig:
     from the CLS embedding to the G logits), then ``activation`` turns logits into predicted
     log1p-normalised values and ``loss`` compares them with the sample's target.
 
-    ``use_fused_ops`` runs the tokenizer and the Poisson loss on the fused ``txfm_kernels``
-    ops; ``False`` runs the same model on eager PyTorch reference ops (for comparison and
-    debugging; parameters and results are the same within float tolerance).
+    ``use_fused_ops`` runs the tokenizer, the Poisson loss and the sampler
+    (:func:`txfm.data.inputs.model_inputs`) on the fused ``txfm_kernels`` ops; ``False`` runs
+    each op's one torch reference (``backend="torch"``; for comparison and debugging,
+    parameters and results are the same within float tolerance).
     """
 
     name: str = "custom"

@@ -37,7 +37,6 @@ from torch import nn
 
 from txfm_kernels.tokens import GeneTokenizer, gene_tokens
 
-from . import reference as ref
 from .config import TxFMConfig
 
 try:  # optional: FlashAttention-3, the Hopper build of flash-attn (hopper/ in its repo)
@@ -161,15 +160,15 @@ class Encoder(nn.Module):
         self.apply(_init_linear)
 
     def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
-        """``[B, K+1, d]`` encoder input (fused op or eager reference per ``use_fused_ops``)."""
+        """``[B, K+1, d]`` encoder input: the fused op, or its torch reference (``backend="torch"``)
+        without ``use_fused_ops``."""
         tok, cfg = self.tokenizer, self.config
         codebook = tok.codebook
         if cfg.token_norm == "rms":
             codebook = F.rms_norm(codebook, (codebook.shape[-1],))
-        if cfg.use_fused_ops:
-            return gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
-                               deterministic=tok.deterministic, backend=tok.backend)
-        return ref.gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask)
+        return gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
+                           deterministic=tok.deterministic,
+                           backend=tok.backend if cfg.use_fused_ops else "torch")
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
                 pad_mask: torch.Tensor | None = None,

@@ -43,7 +43,7 @@ from torch import nn
 
 from txfm_kernels.poisson import rectified_tanh_poisson_nll
 
-from . import reference as ref
+from txfm_kernels.poisson.reference import dense_gene_mask, masked_row_mean, rectified_tanh
 from .config import TxFMConfig
 
 _EPS = 1e-8
@@ -65,7 +65,7 @@ class CountLoss(nn.Module):
         self.alpha = config.alpha
         self.beta = config.beta
         self.target_sum = float(config.target_sum)
-        self.use_fused_ops = config.use_fused_ops
+        self.config = config  # the one place use_fused_ops is held (read at each call)
         if self.loss in ("nb", "zinb"):
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
         if self.loss == "zinb":
@@ -75,28 +75,30 @@ class CountLoss(nn.Module):
     @property
     def fused(self) -> bool:
         """Whether this head runs on the fused kernel (poisson + rectified_tanh + fused ops)."""
-        return (self.use_fused_ops and self.loss == "poisson"
+        return (self.config.use_fused_ops and self.loss == "poisson"
                 and self.activation == "rectified_tanh")
 
     def predict(self, logits: torch.Tensor, gene_mask=None) -> torch.Tensor:
         """``x_hat [B, G]`` fp32: predicted log1p-normalised values."""
         z = logits.float()
         if self.activation == "rectified_tanh":
-            return ref.rectified_tanh(z, self.alpha, self.beta)
+            return rectified_tanh(z, self.alpha, self.beta)
         if self.activation == "relu":
             return torch.relu(z)
         if self.activation == "clamped_relu":
             return torch.relu(z).clamp_max(self.alpha)
-        mask = ref.dense_gene_mask(gene_mask, z.shape[0], z.shape[1], z.device)
+        mask = dense_gene_mask(gene_mask, z.shape[0], z.shape[1], z.device)
         if mask is not None:
             z = z.masked_fill(~mask, float("-inf"))
         return torch.log1p(self.target_sum * torch.softmax(z, dim=-1))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, gene_mask=None,
                 library_size: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fused:
-            return rectified_tanh_poisson_nll(logits, target, gene_mask, alpha=self.alpha, beta=self.beta,
-                                    reduction="mean")
+        if self.loss == "poisson" and self.activation == "rectified_tanh":
+            # the op: fused kernels, or (use_fused_ops=False) its one torch reference
+            return rectified_tanh_poisson_nll(logits, target, gene_mask, alpha=self.alpha,
+                                              beta=self.beta, reduction="mean",
+                                              backend="auto" if self.config.use_fused_ops else "torch")
         x_hat = self.predict(logits, gene_mask)
         x = target.float()
         if self.loss == "poisson":
@@ -107,8 +109,10 @@ class CountLoss(nn.Module):
             per_gene = F.smooth_l1_loss(x_hat, x, reduction="none", beta=1.0)
         else:
             per_gene = self._nb_nll(x_hat, x, library_size)
-        mask = ref.dense_gene_mask(gene_mask, x.shape[0], x.shape[1], x.device)
-        return ref.masked_row_mean(per_gene, mask)
+        mask = dense_gene_mask(gene_mask, x.shape[0], x.shape[1], x.device)
+        if mask is not None:  # left-out genes add nothing (a NaN there included)
+            per_gene = per_gene.masked_fill(~mask, 0.0)
+        return masked_row_mean(per_gene, mask)
 
     def _nb_nll(self, x_hat, x, library_size):
         if library_size is None:

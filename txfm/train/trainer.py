@@ -1,6 +1,7 @@
-"""The lean TxFM trainer: CSR shards -> device -> masked sampling -> model -> AdamW (arXiv:2605.31562, training recipe).
+"""The lean TxFM trainer: CSR shards -> device -> masked sampling -> model -> AdamW.
 
-One optimizer step on each of ``W`` ranks (``torchrun``; one process = one device):
+The recipe is the paper's (arXiv:2605.31562, training recipe). One optimizer step on each of
+``W`` ranks (``torchrun``; one process = one device):
 
 1. ``accum`` CSR micro-batches of ``batch_size / (W * accum)`` cells come from the loader
    (pinned when training on CUDA) and are copied with ``non_blocking=True`` while the previous

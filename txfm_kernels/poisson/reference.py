@@ -69,11 +69,13 @@ def keep_mask(mask: torch.Tensor | None, ids: torch.Tensor | None):
     return keep[ids.clamp(0, keep.shape[0] - 1)], bad
 
 
-def dense_gene_mask(gene_mask, batch: int, n_genes: int) -> torch.Tensor | None:
-    """``gene_mask`` (None, bool ``[G]`` or ``[B, G]``, or a ``RowGeneMask``) as ``[B, G]`` bool."""
+def dense_gene_mask(gene_mask, batch: int, n_genes: int, device=None) -> torch.Tensor | None:
+    """``gene_mask`` (None, bool ``[G]`` or ``[B, G]``, or a ``RowGeneMask``) as ``[B, G]`` bool
+    (a view where it can), on ``device`` when it is not a tensor already."""
     if gene_mask is None:
         return None
-    m = gene_mask.dense() if hasattr(gene_mask, "dense") else torch.as_tensor(gene_mask)
+    m = gene_mask.dense() if hasattr(gene_mask, "dense") else torch.as_tensor(gene_mask,
+                                                                            device=device)
     if m.dtype != torch.bool:
         raise TypeError(f"gene_mask must be bool (True = keep the gene), got {m.dtype}")
     return m.expand(batch, n_genes)
