@@ -89,8 +89,10 @@ def test_embed_is_deterministic_per_cell_and_reports_the_mapping(trained, capsys
     for name, extra in (("bs64", ["--batch-size", "64"]), ("bs128", ["--batch-size", "128"]),
                         ("draws2", ["--draws", "2"])):
         out = root / f"emb_{name}.h5ad"
+        # the training K, fewer than the cells' observable genes, so that draws differ
         assert main(["embed", "--checkpoint", str(root / "run"), "--input",
-                     str(synth.datasets[0]), "--out", str(out), "--no-progress"] + extra) == 0
+                     str(synth.datasets[0]), "--out", str(out), "--no-progress",
+                     "--k", "32"] + extra) == 0
         outs[name] = ad.read_h5ad(out)
     printed = capsys.readouterr().out
     screen = ad.read_h5ad(synth.datasets[0])
@@ -214,3 +216,18 @@ def test_embed_warns_on_normalised_input_and_fails_on_unmapped_genes(trained, tm
     assert main(["embed", "--checkpoint", str(root / "run"), "--input",
                  str(tmp_path / "other.h5ad"), "--out", str(tmp_path / "e.h5ad")]) == 2
     assert "--gene-table" in capsys.readouterr().err
+
+
+def test_embed_shows_every_observable_gene_by_default(trained):
+    """Default K: every observable gene, at most EMBED_K_FACTOR x the training K."""
+    import anndata as ad
+
+    from txfm.cli import main
+    from txfm.eval.cli import EMBED_K_FACTOR
+
+    root, synth = trained
+    out = root / "emb_default_k.h5ad"
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
+                 "--out", str(out), "--no-progress"]) == 0
+    screen = ad.read_h5ad(synth.datasets[0])
+    assert ad.read_h5ad(out).uns["txfm_embed"]["k"] == min(screen.n_vars, EMBED_K_FACTOR * 32)

@@ -331,7 +331,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     @property
     def gene_nnz(self) -> torch.Tensor:
-        """int64 ``[G]``: training cells in which each gene is non-zero (m_i of SPEC §2)."""
+        """int64 ``[G]``: training cells in which each gene is non-zero (m_i of the masking ablation, arXiv:2605.31562)."""
         return self._gene_nnz
 
     @property

@@ -30,7 +30,8 @@ _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
     "seed": "seed", "log_every": "log_every", "val_every": "val_every",
     "val_batches": "val_batches", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
 }
-_MODEL_FLAGS = {"k": "k", "tau": "tau", "loss": "loss", "activation": "activation",
+_MODEL_FLAGS = {"k": "k", "tau": "tau", "target_sum": "target_sum", "loss": "loss",
+                "activation": "activation",
                 "decoder_depth": "decoder_depth", "attention": "attention"}
 _FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in _TRAIN_FLAGS.items()}
 _FLAG_OF["preset"] = "--preset"
@@ -84,6 +85,9 @@ def register(subparsers) -> None:
     m.add_argument("--k", type=int, default=None, help="shown genes per sample")
     m.add_argument("--tau", type=finite_float(), default=None,
                    help="frequency weighting of the draw (0)")
+    m.add_argument("--target-sum", type=finite_float(0.0, above=True), default=None,
+                   help="L: counts are normalised to this total before log1p (1e5; scanpy's "
+                        "normalize_total target_sum)")
     m.add_argument("--loss", choices=LOSSES, default=None)
     m.add_argument("--activation", choices=ACTIVATIONS, default=None)
     m.add_argument("--decoder-depth", type=int, default=None, help="0 = linear decoder")
