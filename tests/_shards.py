@@ -16,7 +16,7 @@ def read_shards(out: Path) -> tuple[Manifest, sp.csr_matrix, pd.DataFrame]:
     xs, obs = [], []
     for s in m.shards:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy: "indices array has non-integer dtype (uint16)"
+            warnings.simplefilter("ignore")  # zarr: numcodecs codecs outside the v3 core spec
             a = ad.read_zarr(Path(out) / s.path)
         assert a.n_vars == m.n_genes and list(a.var_names) == m.gene_ids
         xs.append(sp.csr_matrix((a.X.data, a.X.indices.astype(np.int32), a.X.indptr), shape=a.shape))

@@ -46,9 +46,16 @@ def _complete(root: Path) -> bool:
         doc = json.loads(marker.read_text())
     except json.JSONDecodeError:
         return False
-    as_json = json.loads(json.dumps({"synth": DEMO_SYNTH, "convert": DEMO_CONVERT}))
-    return (doc.get("synth") == as_json["synth"] and doc.get("convert") == as_json["convert"]
-            and (root / "shards" / "manifest.json").is_file())
+    return (doc == _marker() and (root / "shards" / "manifest.json").is_file())
+
+
+def _marker() -> dict:
+    """What a complete demo records: its recipe and the shard format it was written in (a
+    demo of an older format is rebuilt)."""
+    from .layout import FORMAT_VERSION
+
+    return json.loads(json.dumps({"synth": DEMO_SYNTH, "convert": DEMO_CONVERT,
+                                  "format": FORMAT_VERSION}))
 
 
 def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
@@ -72,7 +79,7 @@ def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
     try:
         result = generate(tmp / "raw", **DEMO_SYNTH)
         convert(result.datasets, tmp / "shards", progress=progress, log=log, **DEMO_CONVERT)
-        (tmp / MARKER).write_text(json.dumps({"synth": DEMO_SYNTH, "convert": DEMO_CONVERT}))
+        (tmp / MARKER).write_text(json.dumps(_marker()))
         try:
             if root.exists():
                 root.rmdir()  # empty placeholder
