@@ -40,7 +40,7 @@ def _trainer(name: str, genes: int, batch: int, device: str, fused: bool, compil
     cfg = TrainConfig.for_preset(name, data=None, out=out_dir, steps=1000, epochs=None,
                                  batch_size=batch, device=device, progress=False,
                                  tensorboard=False, plot=False, compile=compile_)
-    model_cfg = preset(name, use_fused_ops=fused, **overrides)
+    model_cfg = preset(name, backend="auto" if fused else "torch", **overrides)
     library = 5000.0 if genes > 10_000 else 1500.0  # ~3,000 non-zeros per cell at G = 44,349
 
     def factory(split, bs, rank, world, pin):

@@ -71,8 +71,8 @@ def model_inputs(batch, *, n_genes: int, config, observable, seed: int, offset: 
     Args:
         batch: ``indptr [B+1]`` int64, ``indices [nnz]`` int32, ``counts [nnz]`` and
             ``dataset_ids [B]`` int32 tensors on one device (a loader batch moved there).
-        config: the :class:`txfm.model.TxFMConfig` (``k``, ``target_sum``, ``tau``, and
-            ``use_fused_ops``: the fused sampler, else its torch reference).
+        config: the :class:`txfm.model.TxFMConfig` (``k``, ``target_sum``, ``tau`` and
+            ``backend``).
         observable: :class:`txfm_kernels.ObservableGenes` on that device, or None (every gene).
         seed, offset: the draw's key: row ``b`` draws from ``(seed, offset, b)``.
         k: shown genes (default ``config.k``; ``txfm embed`` shows more).
@@ -87,4 +87,4 @@ def model_inputs(batch, *, n_genes: int, config, observable, seed: int, offset: 
         target_sum=config.target_sum, seed=seed, offset=offset,
         tau=config.tau if weighted else 0.0, gene_weights=gene_weights if weighted else None,
         return_target=return_target, out=out,
-        backend="auto" if config.use_fused_ops else "torch")
+        backend=config.backend)

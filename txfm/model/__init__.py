@@ -3,8 +3,8 @@
 * :class:`TxFMConfig`, :data:`PRESETS` (``tiny``, ``S``, ``B``, ``L``), :func:`preset`
 * :class:`TxFM` — ``forward(sample) -> loss``, ``embed(gene_ids, values, pad_mask) -> [B, d]``,
   ``decoder_gene_weights() -> [G, hidden]``, ``tokenizer.codebook [G, d-1]``
-* ``use_fused_ops=False`` runs every op on its one torch reference (``backend="torch"`` of
-  :mod:`txfm_kernels`), for comparison and debugging
+* ``TxFMConfig.backend`` picks the :mod:`txfm_kernels` backend of every op; ``"torch"`` runs
+  each op's one torch reference, for comparison and debugging
 """
 from .config import ACTIVATIONS, LOSSES, PRESETS, TxFMConfig, preset
 from .losses import CountLoss

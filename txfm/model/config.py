@@ -31,6 +31,7 @@ LOSSES = ("poisson", "nb", "zinb", "mse", "smoothl1")
 ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
 TOKEN_NORMS = ("none", "rms")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
 
 
 @dataclass
@@ -53,10 +54,11 @@ class TxFMConfig:
     from the CLS embedding to the G logits), then ``activation`` turns logits into predicted
     log1p-normalised values and ``loss`` compares them with the sample's target.
 
-    ``use_fused_ops`` runs the tokenizer, the Poisson loss and the sampler
-    (:func:`txfm.data.inputs.model_inputs`) on the fused ``txfm_kernels`` ops; ``False`` runs
-    each op's one torch reference (``backend="torch"``; for comparison and debugging,
-    parameters and results are the same within float tolerance).
+    ``backend`` is the ``txfm_kernels`` backend of the tokenizer, the Poisson loss and the
+    sampler (:func:`txfm.data.inputs.model_inputs`): ``"auto"`` (the fused kernels for the
+    tensors' device), a specific one, or ``"torch"``: each op's one eager reference (for
+    comparison and debugging; parameters and results are the same within float tolerance).
+    ``use_fused_ops`` is its deprecated boolean form (``False`` = ``"torch"``).
     """
 
     name: str = "custom"
@@ -76,7 +78,7 @@ class TxFMConfig:
     activation: str = "rectified_tanh"
     target_sum: float = 1e5  # L: counts are normalised to this total before log1p (§2)
     include_unobserved: bool = False  # arXiv:2605.31562, loss option: unprofiled genes count as zeros
-    use_fused_ops: bool = True
+    backend: str = "auto"  # of every txfm_kernels op the model runs; "torch" = eager reference
     attention: str = "auto"  # auto: FlashAttention-3 on Hopper if installed, else SDPA; see encoder.py
     extra: dict = field(default_factory=dict)  # free-form notes kept in checkpoints
 
@@ -121,6 +123,7 @@ class TxFMConfig:
              f"activation={self.activation!r} is not one of {ACTIVATIONS}")
         need(self.token_norm in TOKEN_NORMS,
              f"token_norm={self.token_norm!r} is not one of {TOKEN_NORMS}")
+        need(self.backend in BACKENDS, f"backend={self.backend!r} is not one of {BACKENDS}")
         need(self.attention in ATTENTION, f"attention={self.attention!r} is not one of {ATTENTION}")
         need(math.isfinite(self.target_sum) and self.target_sum > 0,
              f"target_sum={self.target_sum} must be finite and > 0")
@@ -128,6 +131,11 @@ class TxFMConfig:
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def use_fused_ops(self) -> bool:
+        """Deprecated: ``backend != "torch"``."""
+        return self.backend != "torch"
 
     @property
     def library_size(self) -> float:
@@ -155,13 +163,15 @@ class TxFMConfig:
 
 
 def _renamed(d: dict) -> dict:
-    """Accept the deprecated ``library_size`` for ``target_sum`` (checkpoints before 0.2)."""
-    if "library_size" not in d:
-        return d
+    """Accept the deprecated ``library_size`` (now ``target_sum``) and ``use_fused_ops`` (now
+    ``backend``), as checkpoints before 0.2 hold them."""
     d = dict(d)
-    if "target_sum" not in d:
-        d["target_sum"] = d["library_size"]
-    del d["library_size"]
+    if "library_size" in d:
+        d.setdefault("target_sum", d["library_size"])
+        del d["library_size"]
+    if "use_fused_ops" in d:
+        d.setdefault("backend", "auto" if d["use_fused_ops"] else "torch")
+        del d["use_fused_ops"]
     return d
 
 

@@ -160,15 +160,13 @@ class Encoder(nn.Module):
         self.apply(_init_linear)
 
     def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
-        """``[B, K+1, d]`` encoder input: the fused op, or its torch reference (``backend="torch"``)
-        without ``use_fused_ops``."""
+        """``[B, K+1, d]`` encoder input, on ``config.backend``."""
         tok, cfg = self.tokenizer, self.config
         codebook = tok.codebook
         if cfg.token_norm == "rms":
             codebook = F.rms_norm(codebook, (codebook.shape[-1],))
         return gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
-                           deterministic=tok.deterministic,
-                           backend=tok.backend if cfg.use_fused_ops else "torch")
+                           deterministic=tok.deterministic, backend=cfg.backend)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
                 pad_mask: torch.Tensor | None = None,

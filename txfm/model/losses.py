@@ -30,7 +30,7 @@ smoothl1    ``smooth_l1(x_hat, x)`` (Huber, beta = 1)
 ==========  ==================================================================================
 
 Everything here is eager PyTorch in fp32 except the default pair (poisson + rectified_tanh),
-which with ``use_fused_ops`` runs :func:`txfm_kernels.rectified_tanh_poisson_nll`: one pass
+which unless ``backend="torch"`` runs :func:`txfm_kernels.rectified_tanh_poisson_nll`: one pass
 over the logits, no ``[B, G]`` intermediate, the compact per-dataset gene mask as is.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class CountLoss(nn.Module):
         self.alpha = config.alpha
         self.beta = config.beta
         self.target_sum = float(config.target_sum)
-        self.config = config  # the one place use_fused_ops is held (read at each call)
+        self.config = config  # config.backend is read at each call
         if self.loss in ("nb", "zinb"):
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
         if self.loss == "zinb":
@@ -75,7 +75,7 @@ class CountLoss(nn.Module):
     @property
     def fused(self) -> bool:
         """Whether this head runs on the fused kernel (poisson + rectified_tanh + fused ops)."""
-        return (self.config.use_fused_ops and self.loss == "poisson"
+        return (self.config.backend != "torch" and self.loss == "poisson"
                 and self.activation == "rectified_tanh")
 
     def predict(self, logits: torch.Tensor, gene_mask=None) -> torch.Tensor:
@@ -95,10 +95,10 @@ class CountLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, gene_mask=None,
                 library_size: torch.Tensor | None = None) -> torch.Tensor:
         if self.loss == "poisson" and self.activation == "rectified_tanh":
-            # the op: fused kernels, or (use_fused_ops=False) its one torch reference
+            # the op: fused kernels, or (backend="torch") its one torch reference
             return rectified_tanh_poisson_nll(logits, target, gene_mask, alpha=self.alpha,
                                               beta=self.beta, reduction="mean",
-                                              backend="auto" if self.config.use_fused_ops else "torch")
+                                              backend=self.config.backend)
         x_hat = self.predict(logits, gene_mask)
         x = target.float()
         if self.loss == "poisson":

@@ -53,7 +53,7 @@ class TxFM(nn.Module):
 
     def set_use_fused_ops(self, flag: bool) -> "TxFM":
         """Switch between the fused ``txfm_kernels`` ops and the eager reference ops in place."""
-        self.config.use_fused_ops = bool(flag)  # read by the tokenizer, the loss and the sampler
+        self.config.backend = "auto" if flag else "torch"  # tokenizer, loss and sampler read it
         return self
 
     @torch.no_grad()

@@ -179,7 +179,7 @@ def build_configs(args):
     model_changes = {field: getattr(args, dest) for dest, field in _MODEL_FLAGS.items()
                      if getattr(args, dest) is not None}
     if args.eager:
-        model_changes["use_fused_ops"] = False
+        model_changes["backend"] = "torch"
     fields = ", ".join(f.name for f in dataclasses.fields(TxFMConfig))
     for item in args.set:
         key, sep, value = item.partition("=")
