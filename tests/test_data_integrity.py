@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from txfm.data import Manifest, ShardLoader, ShardReadError
+from _shards import synthetic_shards
 from txfm.data.convert import convert
 from txfm.data.synth import generate
 
@@ -144,12 +145,8 @@ def test_annbatch_batches_are_ordinary(big_counts):
 # ------------------------------------------------------------------------------ corruption
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    raw = generate(tmp_path_factory.mktemp("raw"), cells=1500, genes=300, perturbations=5,
-                   batches=2, seed=3)
-    out = tmp_path_factory.mktemp("shards") / "s"
-    convert(raw.datasets, out, min_cells=1, min_genes=1, val_fraction=0.05, shard_cells=500,
-            seed=1, progress=False, log=lambda s: None)
-    return out
+    return synthetic_shards(tmp_path_factory, cells=1500, genes=300, perturbations=5, seed=3,
+                            shard_cells=500, convert_seed=1, val_fraction=0.05)
 
 
 def _copy(shards, tmp_path, codec_dir=None) -> Path:

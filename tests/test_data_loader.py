@@ -10,23 +10,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from _shards import read_shards
+from _shards import read_shards, synthetic_shards
 from txfm.data import CSRBatch, Manifest, ShardLoader
-from txfm.data.convert import convert
 from txfm.data.loader import _round_robin_consumed
-from txfm.data.synth import generate
 
 KW = dict(chunk_size=64, buffer_size=512)  # small, so windows span several chunks and shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    raw = generate(tmp_path_factory.mktemp("raw"), cells=3000, genes=400, perturbations=10,
-                   batches=2, seed=1)
-    out = tmp_path_factory.mktemp("shards") / "s"
-    convert(raw.datasets, out, min_cells=1, min_genes=1, val_fraction=0.05, shard_cells=700,
-            seed=7, progress=False, log=lambda s: None)
-    return out
+    return synthetic_shards(tmp_path_factory, cells=3000, genes=400, perturbations=10, seed=1,
+                            shard_cells=700, convert_seed=7, val_fraction=0.05)
 
 
 @pytest.fixture(scope="module")

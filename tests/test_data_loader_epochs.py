@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txfm.data import Manifest, ShardLoader
-from txfm.data.convert import convert
+from _shards import synthetic_shards
 from txfm.data.loader import _round_robin_consumed, _round_robin_next
-from txfm.data.synth import generate
 
 # 3 workers on a 2-core machine: torch warns; the tests only need the worker count
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -27,12 +26,8 @@ B = 64
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    raw = generate(tmp_path_factory.mktemp("raw"), cells=1100, genes=200, perturbations=5,
-                   batches=2, seed=4)
-    out = tmp_path_factory.mktemp("shards") / "s"
-    convert(raw.datasets, out, min_cells=1, min_genes=1, val_fraction=0.0, shard_cells=400,
-            seed=2, progress=False, log=lambda s: None)
-    return out
+    return synthetic_shards(tmp_path_factory, cells=1100, genes=200, perturbations=5, seed=4,
+                            shard_cells=400, convert_seed=2, val_fraction=0.0)
 
 
 def ids(batches) -> list[list[int]]:
