@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from txfm.model.losses import inverse_activation
+from txfm_kernels.poisson.reference import dense_gene_mask
 
 COLLAPSE_CLS_GAIN = 0.01  # below: the decoder hardly uses the cell's embedding
 COLLAPSE_ERANK = 1.5  # below: embeddings lie on about one line
@@ -66,9 +67,10 @@ class LearningProbe:
         e = m.encoder(sample.gene_ids, sample.values, pad_mask)
         z = m.decoder(e).float()
         b, g = z.shape
-        observable = _dense(sample.gene_mask, b, g, z.device)
-        if cfg.include_unobserved:
-            observable = torch.ones_like(observable)
+        observable = None if cfg.include_unobserved else dense_gene_mask(
+            sample.gene_mask, b, g, z.device)
+        if observable is None:  # every gene counts
+            observable = torch.ones(b, g, dtype=torch.bool, device=z.device)
         shown = torch.zeros_like(observable)
         ids = sample.gene_ids.long()
         keep = torch.ones_like(ids, dtype=torch.bool) if sample.pad_mask is None else ~sample.pad_mask
@@ -96,10 +98,3 @@ class LearningProbe:
         e = torch.cat(self.embeddings) if self.embeddings else torch.zeros(0, 1)
         return {"masked_r2": masked_r2, "cls_gain": cls_gain, "erank": effective_rank(e)}
 
-
-def _dense(gene_mask, b: int, g: int, device) -> torch.Tensor:
-    if gene_mask is None:
-        return torch.ones(b, g, dtype=torch.bool, device=device)
-    if hasattr(gene_mask, "dense"):
-        return gene_mask.dense().expand(b, g)
-    return torch.as_tensor(gene_mask, device=device).expand(b, g).clone()
