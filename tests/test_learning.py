@@ -142,16 +142,16 @@ def _train_random(tmp_path, token_norm):
 
 
 def test_diagnostics_tell_learning_from_collapse(tmp_path):
-    """On this random corpus (cell types of planted programs) the RMS-scaled token learns to use
-    its CLS within 150 steps and the literal token does not; the diagnostics say which is which,
-    and cutting the learning model's decoder from its CLS is flagged too."""
-    learning = _train_random(tmp_path, "rms")
+    """On this random corpus (cell types of planted programs) the default "split" token learns to
+    use its CLS within 150 steps and the literal token does not; the diagnostics say which is
+    which, and cutting the learning model's decoder from its CLS is flagged too."""
+    learning = _train_random(tmp_path, "split")
     learned = dict(learning.diagnostics)
     assert learned["cls_gain"] > 0.05, learned
     assert learned["erank"] > 1.5, learned
     assert 0.0 < learned["masked_r2"] < 1.0, learned
     assert not is_collapsed(learned)
-    rows = [r for r in _rows(tmp_path / "rms") if r.get("cls_gain") is not None]
+    rows = [r for r in _rows(tmp_path / "split") if r.get("cls_gain") is not None]
     assert rows and math.isclose(rows[-1]["cls_gain"], learned["cls_gain"], rel_tol=1e-6)
     assert rows[-1]["collapsed"] == 0
 
@@ -169,6 +169,53 @@ def test_diagnostics_tell_learning_from_collapse(tmp_path):
     assert is_collapsed(cut)
 
 
+@pytest.mark.parametrize("token_norm", ["split", "none", "rms"])
+def test_token_value_survives_layernorm(token_norm):
+    """The encoder's first operation is a LayerNorm. What a cell's pooled tokens can say about
+    its programs depends on what survives it: "split" keeps the identity and turns each gene
+    in its own direction as its value grows; the literal token loses the value (and the
+    identity); "rms" moves every gene along one shared direction."""
+    torch.manual_seed(0)
+    model = TxFM(preset("tiny", token_norm=token_norm), 20)
+    ln = torch.nn.LayerNorm(model.config.dim, elementwise_affine=False)
+    ids, vals = torch.tensor([[3, 3, 7, 7]]), torch.tensor([[3.0, 9.0, 3.0, 9.0]])
+    with torch.no_grad():
+        t = ln(model.encoder.tokens(ids, vals))[0, 1:]
+    cos = torch.nn.functional.cosine_similarity
+    value_cos = cos(t[0], t[1], dim=0)  # gene 3 at x = 3 vs 9
+    gene_cos = cos(t[1], t[3], dim=0)  # genes 3 and 7 at x = 9
+    shared = cos(t[1] - t[0], t[3] - t[2], dim=0)  # does the value move both genes alike?
+    if token_norm == "split":
+        assert value_cos < 0.95 and gene_cos < 0.5 and shared < 0.5, (value_cos, gene_cos, shared)
+    elif token_norm == "none":
+        assert value_cos > 0.99 and gene_cos > 0.99, (value_cos, gene_cos)
+    else:
+        assert gene_cos < 0.5 and shared > 0.6, (gene_cos, shared)
+
+
+def test_split_tokens_layout():
+    """``[Ê_lo ; (x / SPLIT_VALUE_SCALE) Ê_hi ; x]`` with ``Ê`` the RMS-normalised codebook row;
+    the CLS token is untouched and padded genes are zero."""
+    from txfm.model.encoder import SPLIT_VALUE_SCALE
+
+    model = TxFM(preset("tiny", dim=16, heads=2, decoder_hidden=8), 10)
+    ids, vals = torch.tensor([[2, 5, 0]]), torch.tensor([[0.0, 6.0, 0.0]])
+    pad = torch.tensor([[False, False, True]])
+    with torch.no_grad():
+        t = model.encoder.tokens(ids, vals, pad)[0].double()
+        e = model.encoder.tokenizer.codebook.double()
+    # F.rms_norm's default eps (float32's) is in the reference: E starts at std 0.02
+    e = e / (e.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps).sqrt()
+    h = 15 // 2
+    torch.testing.assert_close(t[0], model.encoder.tokenizer.cls.double().detach())
+    torch.testing.assert_close(t[1], torch.cat([e[2, :h], 0 * e[2, h:], torch.zeros(1, dtype=e.dtype)]),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t[2], torch.cat([e[5, :h], 6.0 / SPLIT_VALUE_SCALE * e[5, h:],
+                                                torch.full((1,), 6.0, dtype=e.dtype)]),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(t[3]) == 0
+
+
 def _rows(run_dir):
     from txfm.train.metrics import read_metrics
 
@@ -181,3 +228,12 @@ def test_gene_stats_json_round_trip():
     assert np.array_equal(t.n_cells, s.n_cells) and np.allclose(t.frac_sum, s.frac_sum)
     assert GeneStats.from_json({}) is None
     np.testing.assert_allclose(s.mean_exp_target(1e5), [1 + 1e5 * 0.5 / 3, 1.0])
+
+
+def test_learning_command_rejects_unknown_variant(capsys):
+    from txfm.eval.learning import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--variants", "mse,bogus", "--root", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert "error: --variants: unknown ['bogus']" in capsys.readouterr().err

@@ -73,6 +73,13 @@ def test_preset_lookup_and_overrides():
     assert TxFMConfig.from_dict(preset("S").to_dict()) == preset("S")
 
 
+def test_config_saved_before_token_norm_keeps_the_literal_token():
+    old = preset("tiny").to_dict()
+    del old["token_norm"]  # checkpoints written before the field existed
+    assert TxFMConfig.from_dict(old).token_norm == "none"
+    assert preset("tiny").token_norm == "split"
+
+
 # -- fused vs eager --------------------------------------------------------------------------------
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_and_eager_paths_give_same_loss_and_grads(padded):

@@ -11,9 +11,10 @@ hand (``docs/learning.md``)::
 and prints the benchmark with the checks that say whether the model learned: its average at
 least PCA's, and linear-probe / kNN top-1 at least 5x chance. ``--ablation`` also trains the
 paper's Table 5 alternatives with the same budget and seeds (MSE instead of the Poisson loss,
-ReLU instead of the rectified tanh) and our two design choices undone (RMS-normalised token
-embeddings, one constant starting bias), so that their effect is measured on planted ground
-truth.
+ReLU instead of the rectified tanh) and our design choices undone (the paper's literal token
+``[E_g ; x]`` or RMS-normalised token embeddings instead of the "split" token, one constant
+starting bias), so that their effect is measured on planted ground truth; ``--variants``
+picks some of them.
 
 Outputs under ``--out``: one run folder per variant (checkpoint, ``metrics.csv``, ``loss.png``
 with the learning diagnostics), the embedded screen, the benchmark tables
@@ -31,6 +32,7 @@ VARIANTS = {
     "txfm": [],
     "mse": ["--loss", "mse"],
     "relu": ["--activation", "relu"],
+    "literal_tokens": ["--set", "token_norm=none"],
     "rms_tokens": ["--set", "token_norm=rms"],
     "constant_bias": ["--no-init-bias"],
 }
@@ -66,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                                                            "tiny recipe's)")
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the Table 5 variants " + str(list(VARIANTS)[1:]))
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of the --ablation variants to train "
+                        "(implies --ablation)")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    names = list(VARIANTS) if args.ablation else ["txfm"]
+    if args.variants:
+        picked = [v.strip() for v in args.variants.split(",") if v.strip()]
+        bad = [v for v in picked if v not in VARIANTS]
+        if bad:
+            p.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+        names = ["txfm"] + [v for v in picked if v != "txfm"]
 
     from txfm.data.demo import ensure_demo
     from txfm.train import load_checkpoint
@@ -81,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     screen = demo.raw / "screen.h5ad"
 
     runs: dict[str, pathlib.Path] = {}
-    names = list(VARIANTS) if args.ablation else ["txfm"]
     for name in names:
         if name == "txfm" and args.checkpoint:
             runs[name] = pathlib.Path(args.checkpoint)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 LOSSES = ("poisson", "nb", "zinb", "mse", "smoothl1")
 ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
-TOKEN_NORMS = ("none", "rms")
+TOKEN_NORMS = ("split", "none", "rms")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
 
 
@@ -43,13 +43,16 @@ class TxFMConfig:
     linearly from 0 at the first block to ``drop_path`` at the last. ``k`` genes are shown per
     sample (arXiv:2605.31562 §2), drawn with weight ``m_i ** tau`` (``tau = 0``: uniform).
 
-    Tokens (§3): a shown gene ``g`` with value ``x`` enters as ``[E_g ; x]``. ``token_norm``
-    sets the scale of the embedding part: ``"none"`` (default) is the paper's literal token,
-    ``E`` initialised at std 0.02; ``"rms"`` feeds ``E_g / rms(E_g)``, so that a gene's
-    identity survives the first LayerNorm beside its value. Measured on the demo corpus the
-    literal token reconstructs far better (masked-gene R² 0.15 vs 0.05 after 400 steps) and
-    scores higher on Papalexi, while the RMS token's embeddings scored higher on the demo
-    screen with every gene shown (``docs/learning.md``); the paper's form stays the default.
+    Tokens (§3): a shown gene ``g`` with value ``x`` enters as ``[E_g ; x]``, ``E_g`` a row of
+    the learnable codebook ``[G, d-1]``. ``token_norm`` sets how the two share the token:
+    ``"split"`` (default, our choice) uses ``Ê_g = E_g / rms(E_g)`` and scales its second half
+    by ``x / 4``: ``[Ê_g[:h] ; (x/4) Ê_g[h:] ; x]``, ``h = (d-1)//2``. The first pre-norm
+    LayerNorm removes each token's scale, so a value survives it only as a direction: here
+    the identity half survives and the value turns each gene in its own direction.
+    ``"none"`` is the paper's literal token (``E`` initialised at std 0.02): the value
+    coordinate dominates, and after the LayerNorm all expressed genes look alike.
+    ``"rms"`` feeds ``[Ê_g ; x]``: identity survives, but the value moves every gene along
+    one shared direction. Measured in ``docs/learning.md``.
 
     Decoder: ``decoder_depth`` hidden layers of width ``decoder_hidden`` (0: one linear map
     from the CLS embedding to the G logits), then ``activation`` turns logits into predicted
@@ -72,7 +75,7 @@ class TxFMConfig:
     layerscale_init: float = 0.1
     k: int = 128
     tau: float = 0.0
-    token_norm: str = "none"
+    token_norm: str = "split"
     decoder_depth: int = 4
     decoder_hidden: int = 256
     loss: str = "poisson"
@@ -147,7 +150,10 @@ class TxFMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TxFMConfig":
+        """A config saved by :meth:`to_dict` (a checkpoint's ``model_config``, a run's
+        ``config.json``). One saved before ``token_norm`` existed used the literal token."""
         d = _renamed(d)
+        d.setdefault("token_norm", "none")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

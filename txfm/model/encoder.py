@@ -49,6 +49,11 @@ except Exception:  # noqa: BLE001
     _fa2_func = None
 
 
+# "split" tokens: the value that leaves a token's value-scaled half at the scale of its identity
+# half; expressed genes' log1p values at target_sum 1e5 lie around 2-9.
+SPLIT_VALUE_SCALE = 4.0
+
+
 def _flash_fn(backend: str, q: torch.Tensor):
     """The flash-attn function to use for ``q`` under ``backend``, or None for SDPA."""
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
@@ -160,13 +165,28 @@ class Encoder(nn.Module):
         self.apply(_init_linear)
 
     def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
-        """``[B, K+1, d]`` encoder input, on ``config.backend``."""
+        """``[B, K+1, d]`` encoder input, on ``config.backend`` (``TxFMConfig.token_norm``).
+
+        ``"split"``: the codebook row is RMS-normalised, and its second half is scaled by
+        ``x / SPLIT_VALUE_SCALE``, so a token's *direction* turns with its value. The pre-norm
+        LayerNorm removes every token's scale, so a value can only survive it as a direction:
+        in the literal token ``[E_g ; x]`` the value coordinate dominates and the gene's
+        identity is left at ``E_g / x`` (docs/learning.md).
+        """
         tok, cfg = self.tokenizer, self.config
         codebook = tok.codebook
-        if cfg.token_norm == "rms":
+        if cfg.token_norm in ("rms", "split"):
             codebook = F.rms_norm(codebook, (codebook.shape[-1],))
-        return gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
-                           deterministic=tok.deterministic, backend=cfg.backend)
+        t = gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
+                        deterministic=tok.deterministic, backend=cfg.backend)
+        if cfg.token_norm == "split":
+            d = t.shape[-1]
+            half = torch.zeros(d, dtype=torch.bool, device=t.device)
+            half[(d - 1) // 2:d - 1] = True
+            # CLS (position 0) keeps its scale; padded genes have value 0 and stay zero
+            scale = F.pad(values.to(t.dtype) / SPLIT_VALUE_SCALE, (1, 0), value=1.0)
+            t = t * torch.where(half, scale[..., None], 1.0)
+        return t
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
                 pad_mask: torch.Tensor | None = None,

@@ -4,8 +4,8 @@ Recipe defaults: AdamW (fused on CUDA), peak lr 1e-3, betas (0.9, 0.999), eps 1e
 weight decay ``1 / (lr * total_steps)``, one-cycle cosine schedule with 10% warm-up
 (:mod:`txfm.train.schedule`),
 bf16 autocast on GPU, gradient clipping at 1.0 **(our choice; the paper does not say)**.
-Global batch 1,536 and 200 epochs for S/B/L (paper Table 6); ``tiny`` trains 600 steps of
-32 on the synthetic demo corpus.
+Global batch 1,536 and 200 epochs for S/B/L (paper Table 6); ``tiny`` trains 3,000 steps of
+32 on the synthetic demo corpus (docs/learning.md chose the length).
 
 ``batch_size`` is the *global* batch of one optimizer step: it is split into
 ``world_size x accum`` micro-batches (one per rank per accumulation step).
@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 RECIPES = {
-    "tiny": dict(batch_size=32, steps=600, epochs=None, ckpt_every=200, val_every=50,
+    "tiny": dict(batch_size=32, steps=3000, epochs=None, ckpt_every=500, val_every=100,
                  log_every=10),
     "S": dict(batch_size=1536, epochs=200.0),
     "B": dict(batch_size=1536, epochs=200.0),
