@@ -22,6 +22,7 @@ import torch
 
 from bench.common import add_common_args, add_ratios, emit, sync
 from txfm.model import preset
+from txfm.model.config import TOKEN_NORMS
 from txfm.train.config import TrainConfig
 from txfm.train.flops import train_flops_per_sample
 from txfm.train.synthetic import RandomCSRSource
@@ -119,7 +120,8 @@ def run_case(name, genes, batch, device, impl, args, overrides) -> tuple[dict, l
         dt = (time.perf_counter() - t0) / reps
         sps = batch / dt
         flops = train_flops_per_sample(tr.model_config, genes)
-        row = {"preset": name, "impl": impl, "genes": genes, "k": tr.model_config.k,
+        row = {"preset": name, "impl": impl, "tokens": tr.model_config.token_norm,
+               "genes": genes, "k": tr.model_config.k,
                "batch": batch, "step_ms": dt * 1e3, "samples_per_s": sps,
                "tflops": sps * flops / 1e12,
                "mfu": (sps * flops / tr.peak) if tr.peak else None,
@@ -142,6 +144,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
     parser.add_argument("--profile", action="store_true", help="where the fused step's time goes")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    parser.add_argument("--tokens", action="append", choices=TOKEN_NORMS,
+                        help="TxFMConfig.token_norm to time (repeatable; default: the preset's)")
     args = parser.parse_args(argv)
     kind = torch.device(args.device).type
     if args.threads:
@@ -156,14 +160,16 @@ def main(argv=None) -> list[dict]:
         if args.quick:
             genes, batch = min(genes, 500), min(args.batch or batch, 8)
         batch = args.batch or batch
-        for impl in impls:
-            row, prof = run_case(name, genes, batch, args.device, impl, args, overrides)
-            rows.append(row)
-            if prof:
-                profiles[f"{name} {impl}"] = prof
-    add_ratios(rows, ["preset", "batch"], time_key="step_ms", refs=("eager",))
+        for tokens in args.tokens or [None]:
+            case = dict(overrides, **({"token_norm": tokens} if tokens else {}))
+            for impl in impls:
+                row, prof = run_case(name, genes, batch, args.device, impl, args, case)
+                rows.append(row)
+                if prof:
+                    profiles[f"{name} {row['tokens']} {impl}"] = prof
+    add_ratios(rows, ["preset", "batch", "tokens"], time_key="step_ms", refs=("eager",))
     emit("train step (sample + forward + backward + AdamW)", rows,
-         ["preset", "impl", "genes", "k", "batch", "step_ms", "samples_per_s", "tflops", "mfu",
+         ["preset", "impl", "tokens", "genes", "k", "batch", "step_ms", "samples_per_s", "tflops", "mfu",
           "peak_mib", "x_eager"], args, args.device, extra={"profiles": profiles})
     for name, prof in profiles.items():
         print(f"\n### where a {name} step's time goes ({kind})\n")

@@ -18,3 +18,17 @@ def test_bench_train_quick(tmp_path):
     assert rows[1]["x_eager"] is not None
     payload = json.loads((tmp_path / "train.json").read_text())
     assert payload["benchmark"].startswith("train step") and len(payload["rows"]) == 2
+
+
+def test_bench_train_times_each_token_form(tmp_path):
+    from bench.train import main
+
+    n = torch.get_num_threads()
+    try:
+        rows = main(["--quick", "--device", "cpu", "--threads", "1", "--tokens", "split",
+                     "--tokens", "none", "--reps", "1"])
+    finally:
+        torch.set_num_threads(n)
+    assert [(r["tokens"], r["impl"]) for r in rows] == [
+        ("split", "eager"), ("split", "fused"), ("none", "eager"), ("none", "fused")]
+    assert all(r["x_eager"] is not None for r in rows)
