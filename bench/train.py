@@ -169,8 +169,8 @@ def main(argv=None) -> list[dict]:
                     profiles[f"{name} {row['tokens']} {impl}"] = prof
     add_ratios(rows, ["preset", "batch", "tokens"], time_key="step_ms", refs=("eager",))
     emit("train step (sample + forward + backward + AdamW)", rows,
-         ["preset", "impl", "tokens", "genes", "k", "batch", "step_ms", "samples_per_s", "tflops", "mfu",
-          "peak_mib", "x_eager"], args, args.device, extra={"profiles": profiles})
+         ["preset", "impl", "tokens", "genes", "k", "batch", "step_ms", "samples_per_s", "tflops",
+          "mfu", "peak_mib", "x_eager"], args, args.device, extra={"profiles": profiles})
     for name, prof in profiles.items():
         print(f"\n### where a {name} step's time goes ({kind})\n")
         for p in prof:

@@ -208,7 +208,8 @@ def test_split_tokens_layout():
     e = e / (e.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps).sqrt()
     h = 15 // 2
     torch.testing.assert_close(t[0], model.encoder.tokenizer.cls.double().detach())
-    torch.testing.assert_close(t[1], torch.cat([e[2, :h], 0 * e[2, h:], torch.zeros(1, dtype=e.dtype)]),
+    zero = torch.zeros(1, dtype=e.dtype)
+    torch.testing.assert_close(t[1], torch.cat([e[2, :h], 0 * e[2, h:], zero]),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(t[2], torch.cat([e[5, :h], 6.0 / SPLIT_VALUE_SCALE * e[5, h:],
                                                 torch.full((1,), 6.0, dtype=e.dtype)]),

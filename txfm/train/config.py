@@ -43,7 +43,7 @@ class TrainConfig:
     out: str = "runs/tiny"
     batch_size: int = 32  # global, per optimizer step
     accum: int = 1  # micro-batches per rank per step
-    steps: int | None = 600  # total optimizer steps; None: epochs x steps per epoch
+    steps: int | None = RECIPES["tiny"]["steps"]  # optimizer steps; None: epochs x steps/epoch
     epochs: float | None = None
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
