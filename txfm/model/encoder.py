@@ -180,12 +180,12 @@ class Encoder(nn.Module):
         t = gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
                         deterministic=tok.deterministic, backend=cfg.backend)
         if cfg.token_norm == "split":
-            d = t.shape[-1]
-            half = torch.zeros(d, dtype=torch.bool, device=t.device)
-            half[(d - 1) // 2:d - 1] = True
-            # CLS (position 0) keeps its scale; padded genes have value 0 and stay zero
-            scale = F.pad(values.to(t.dtype) / SPLIT_VALUE_SCALE, (1, 0), value=1.0)
-            t = t * torch.where(half, scale[..., None], 1.0)
+            h, d = (t.shape[-1] - 1) // 2, t.shape[-1]
+            # CLS (position 0) keeps its scale; padded genes have value 0 and stay zero. Only the
+            # scaled half is multiplied, so backward keeps the [B, K+1, 1] scale, not a
+            # token-sized factor.
+            scale = F.pad(values.to(t.dtype) / SPLIT_VALUE_SCALE, (1, 0), value=1.0)[..., None]
+            t = torch.cat([t[..., :h], t[..., h:d - 1] * scale, t[..., d - 1:]], dim=-1)
         return t
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
