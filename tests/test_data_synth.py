@@ -117,3 +117,24 @@ def test_programs_co_vary(synth):
     np.fill_diagonal(same, False)
     other = ~same & (p[:, None] != p[None, :])
     assert np.nanmean(c[same]) > np.nanmean(c[other]) + 0.1
+
+
+def _batch_spread(result) -> float:
+    """Mean over genes of the sd across batches of the screen's per-batch mean log-expression."""
+    a = load(result.datasets[0])
+    x = _lognorm(a)
+    batches = a.obs["batch"].astype(str).to_numpy()
+    means = np.stack([x[batches == b].mean(0) for b in np.unique(batches)])
+    return float(means.std(0).mean())
+
+
+def test_batch_effect_sets_the_batch_shifts(tmp_path):
+    kw = dict(cells=1500, genes=120, perturbations=4, batches=3, bulk=0, seed=3)
+    default = _batch_spread(generate(tmp_path / "default", **kw))
+    none = _batch_spread(generate(tmp_path / "none", batch_effect=(0.0, 0.0), **kw))
+    strong = _batch_spread(generate(tmp_path / "strong", batch_effect=(0.75, 0.3), **kw))
+    # without batch effects only sampling noise separates batch means
+    assert none < 0.6 * default < 0.6 * strong
+    for bad in [(0.1,), (-0.1, 0.3), (float("nan"), 0.3)]:
+        with pytest.raises(ValueError, match="batch_effect"):
+            generate(tmp_path / "bad", batch_effect=bad, **kw)

@@ -12,9 +12,9 @@ makes the genes of one program co-vary within every cell type), and its expected
 
     mu_cg = L_c * softmax_g(b_g + beta_{batch, g} + w_g * a_{c, p(g)} - kd_c * [g = target_c])
 
-with a log-normal library size ``L_c`` (times a per-batch depth factor) and gene-wise batch
-shifts ``beta ~ N(0, 0.25^2)``. Counts are negative binomial: ``Poisson(mu * Gamma(theta,
-1/theta))``.
+with a log-normal library size ``L_c`` (times a per-batch depth factor ``exp(N(0, 0.3^2))``)
+and gene-wise batch shifts ``beta ~ N(0, 0.25^2)`` (both sds: ``batch_effect``). Counts are
+negative binomial: ``Poisson(mu * Gamma(theta, 1/theta))``.
 
 Datasets (each profiles a different, overlapping gene subset, so observable-gene handling is
 exercised):
@@ -177,11 +177,12 @@ def _write_dataset(path: Path, model: _Model, rng: np.random.Generator, *, obser
                    kd: np.ndarray, shift_prog: np.ndarray, shift: np.ndarray,
                    mix: np.ndarray | None,
                    noise: float, theta_scale: float, name: str, kind: str, chunk: int,
-                   type_names: list[str], batch_names: list[str]) -> None:
+                   type_names: list[str], batch_names: list[str],
+                   batch_effect: tuple[float, float]) -> None:
     n = types.size
     G = model.G
-    batch_shift = rng.normal(0.0, 0.25, (n_batches, G))
-    batch_depth = np.exp(rng.normal(0.0, 0.3, n_batches))
+    batch_shift = rng.normal(0.0, batch_effect[0], (n_batches, G))
+    batch_depth = np.exp(rng.normal(0.0, batch_effect[1], n_batches))
     depth = np.exp(rng.normal(np.log(depth_median), depth_sigma, n)) * batch_depth[batch]
     theta = model.theta * theta_scale
     w = _H5adWriter(path, observed.size)
@@ -213,7 +214,8 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
              batches: int = 3, bulk: int = 0, programs: int | None = None, cell_types: int = 8,
              seed: int = 0, chunk_cells: int | None = None, depth: float = 4000.0,
              program_size: tuple[int, int] = (10, 40), shift: tuple[float, float] = (0.8, 1.6),
-             distinct_programs: bool = False) -> SynthResult:
+             distinct_programs: bool = False,
+             batch_effect: tuple[float, float] = (0.25, 0.3)) -> SynthResult:
     """Write the synthetic datasets and their ground truth into ``out_dir`` (see module doc).
 
     ``cells`` single cells in total (screen + atlas), ``genes`` in the universe,
@@ -225,11 +227,16 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     random). ``distinct_programs``: each perturbation targets a gene of its own program (at
     most one target per program), so every perturbation has a distinguishable signature; by
     default targets are drawn among all program genes and several may share a program.
+    ``batch_effect``: ``(sd of the gene-wise log shifts beta, sd of the log depth factor)`` of
+    each batch of a dataset.
     """
     if cells < 20 or genes < 50:
         raise ValueError(f"need cells >= 20 and genes >= 50, got cells={cells}, genes={genes}")
     if batches < 1 or perturbations < 1 or cell_types < 2 or bulk < 0:
         raise ValueError("batches >= 1, perturbations >= 1, cell_types >= 2, bulk >= 0 required")
+    if len(batch_effect) != 2 or not all(np.isfinite(v) and v >= 0 for v in batch_effect):
+        raise ValueError(f"batch_effect must be two finite standard deviations >= 0 "
+                         f"(gene shift, log depth), got {batch_effect!r}")
     out = Path(out_dir)
     truth = out / "truth"
     truth.mkdir(parents=True, exist_ok=True)
@@ -276,7 +283,8 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
                    n_batches=batches, depth_median=depth, depth_sigma=0.45, perturb_gene=pg,
                    perturb_label=label, kd=kd, shift_prog=sprog, shift=sh, mix=None, noise=0.5,
                    theta_scale=1.0, name="screen", kind="single-cell", chunk=chunk,
-                   type_names=type_names, batch_names=[f"screen_b{b}" for b in range(batches)])
+                   type_names=type_names, batch_names=[f"screen_b{b}" for b in range(batches)],
+                   batch_effect=batch_effect)
     written.append(p)
     datasets_genes = {"screen": obs_screen}
     none = np.full(max(n_atlas, bulk, 1), -1)
@@ -293,7 +301,8 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
                        kd=np.zeros(n_atlas), shift_prog=none[:n_atlas], shift=np.zeros(n_atlas),
                        mix=None, noise=0.5, theta_scale=1.0, name="atlas", kind="single-cell",
                        chunk=chunk, type_names=type_names,
-                       batch_names=[f"atlas_b{b}" for b in range(batches)])
+                       batch_names=[f"atlas_b{b}" for b in range(batches)],
+                       batch_effect=batch_effect)
         written.append(p)
         datasets_genes["atlas"] = obs_atlas
     if bulk > 0:
@@ -307,7 +316,8 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
                        perturb_label=np.full(bulk, "none", dtype=object), kd=np.zeros(bulk),
                        shift_prog=none[:bulk], shift=np.zeros(bulk), mix=mix, noise=0.1,
                        theta_scale=8.0, name="bulk", kind="bulk", chunk=max(8, chunk // 4),
-                       type_names=type_names, batch_names=["bulk_b0", "bulk_b1"])
+                       type_names=type_names, batch_names=["bulk_b0", "bulk_b1"],
+                       batch_effect=batch_effect)
         written.append(p)
         datasets_genes["bulk"] = obs_bulk
 

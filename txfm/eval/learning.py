@@ -14,7 +14,7 @@ paper's Table 5 alternatives with the same budget and seeds (MSE instead of the 
 ReLU instead of the rectified tanh) and our design choices undone (the paper's literal token
 ``[E_g ; x]`` or RMS-normalised token embeddings instead of the "split" token, one constant
 starting bias), so that their effect is measured on planted ground truth; ``--variants``
-picks some of them.
+picks some of them, and ``--seed`` repeats a comparison with another training seed.
 
 Outputs under ``--out``: one run folder per variant (checkpoint, ``metrics.csv``, ``loss.png``
 with the learning diagnostics), the embedded screen, the benchmark tables
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate this run instead of training the default variant")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the "
                                                            "tiny recipe's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed of every variant (default: txfm train's, 0); the data, "
+                        "the embedding draws and the benchmark keep their fixed seeds")
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the Table 5 variants " + str(list(VARIANTS)[1:]))
     p.add_argument("--variants", default=None,
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = ["--no-progress"] if args.no_progress else []
     threads = ["--threads", str(args.threads)] if args.threads else []
+    seed = ["--seed", str(args.seed)] if args.seed is not None else []
     screen = demo.raw / "screen.h5ad"
 
     runs: dict[str, pathlib.Path] = {}
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         run = out / f"run_{name}"
         if not (run / "checkpoints").is_dir():
             steps = ["--steps", str(args.steps)] if args.steps else []
-            _run(["train", "--data", str(demo.shards), "--out", str(run), *steps,
+            _run(["train", "--data", str(demo.shards), "--out", str(run), *steps, *seed,
                   *VARIANTS[name], *quiet])
         runs[name] = run
 
