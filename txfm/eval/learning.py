@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = ["--no-progress"] if args.no_progress else []
     threads = ["--threads", str(args.threads)] if args.threads else []
     seed = ["--seed", str(args.seed)] if args.seed is not None else []
+    steps = ["--steps", str(args.steps)] if args.steps else []
     screen = demo.raw / "screen.h5ad"
 
     runs: dict[str, pathlib.Path] = {}
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run = out / f"run_{name}"
         if not (run / "checkpoints").is_dir():
-            steps = ["--steps", str(args.steps)] if args.steps else []
             _run(["train", "--data", str(demo.shards), "--out", str(run), *steps, *seed,
                   *VARIANTS[name], *quiet])
         runs[name] = run
