@@ -231,3 +231,28 @@ def test_embed_shows_every_observable_gene_by_default(trained):
                  "--out", str(out), "--no-progress"]) == 0
     screen = ad.read_h5ad(synth.datasets[0])
     assert ad.read_h5ad(out).uns["txfm_embed"]["k"] == min(screen.n_vars, EMBED_K_FACTOR * 32)
+
+
+def test_embed_precision_follows_the_training_precision(trained):
+    """The checkpoint records the arithmetic it was trained in; ``auto`` embeds a model trained
+    in fp32 in fp32 on CUDA too, because bf16 rounding erases the low-variance directions such
+    a model can keep cell state in (docs/learning.md)."""
+    import anndata as ad
+
+    from txfm.cli import main
+    from txfm.eval.embed import load_model, resolve_precision
+
+    root, synth = trained
+    _, _, _, info = load_model(str(root / "run"))
+    assert info["precision"] == "fp32"  # trained on the CPU
+    assert resolve_precision("auto", "cuda", info["precision"]) == "fp32"
+    assert resolve_precision("auto", "cuda:1", "bf16") == "bf16"
+    assert resolve_precision("auto", "cuda", None) == "bf16"  # older checkpoints: as before
+    assert resolve_precision("auto", "cpu", "bf16") == "fp32"
+    assert resolve_precision("bf16", "cpu", "fp32") == "bf16"  # an explicit choice stands
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cuda")
+    out = root / "emb_precision.h5ad"
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
+                 "--out", str(out), "--no-progress", "--k", "32"]) == 0
+    assert ad.read_h5ad(out).uns["txfm_embed"]["precision"] == "fp32"

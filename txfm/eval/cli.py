@@ -47,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
+                        "(bf16 when the checkpoint does not say)")
     p.add_argument("--key", default="X_txfm", help="obsm key to write")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
@@ -231,6 +233,7 @@ def cmd_embed(args) -> int:
         map_input_genes,
         remap_to_vocabulary,
         resolve_device,
+        resolve_precision,
     )
     from txfm.cli import check_device
 
@@ -259,16 +262,18 @@ def cmd_embed(args) -> int:
         print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
               "that of an empty profile)", file=sys.stderr)
     target_sum = float(config.target_sum)  # the normalisation the model was trained with
+    precision = resolve_precision(args.precision, device, info.get("precision"))
     emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, device=device, target_sum=target_sum,
-                       precision=args.precision, progress=not args.no_progress)
+                       precision=precision, progress=not args.no_progress)
     adata.obsm[args.key] = emb
     adata.uns["txfm_embed"] = {"checkpoint": str(args.checkpoint), "k": k, "draws": args.draws,
-                               "seed": args.seed, "genes_mapped": match.n_mapped,
+                               "seed": args.seed, "precision": precision,
+                               "genes_mapped": match.n_mapped,
                                "genes_input": len(match.index), "mapping": match.how}
     write_h5ad(adata, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={k}, "
-          f"draws={args.draws}, {device})")
+          f"draws={args.draws}, {device}, {precision})")
     return 0
 
 

@@ -15,7 +15,8 @@
   vocabulary (unmapped genes dropped, genes mapped twice summed).
 
 Cost: one encoder forward per cell and draw, batched (``batch_size`` cells); memory
-``O(batch_size * K * d)`` activations. On CUDA the forward runs under bf16 autocast by default.
+``O(batch_size * K * d)`` activations. On CUDA the forward runs under bf16 autocast by default,
+unless the model was trained in fp32 (:func:`resolve_precision`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,30 @@ def load_model(checkpoint: str, device: str = "cpu"):
     model, config, vocab, info = load_checkpoint(checkpoint, map_location="cpu")
     model = model.to(device).eval()
     return model, config, list(vocab), info
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str, trained: str | None = None) -> str:
+    """``"fp32"`` or ``"bf16"``: the arithmetic of the embedding forward.
+
+    ``"auto"`` is fp32 on the CPU; on CUDA it is the precision the model was trained in
+    (``trained``, from ``load_model``'s ``info["precision"]``), bf16 when that is unknown.
+    A model trained in fp32 can keep part of its cell state in low-variance directions of the
+    CLS embedding that bf16 rounding erases: on the CPU-trained demo model, a bf16 forward
+    lowered the perturbation benchmark's average from 59.8 to 55.8 (``docs/learning.md``).
+
+    Raises:
+        ValueError: ``precision`` not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    return "fp32" if trained == "fp32" else "bf16"
 
 
 def resolve_device(device: str) -> str:
@@ -104,7 +129,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         observable: ``[G]`` bool, the genes this input profiles.
         k: shown genes per cell (the model's ``config.k`` by default in the CLI).
         draws: embeddings of this many independent draws are averaged.
-        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on CPU).
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on CPU; the
+            CLI passes :func:`resolve_precision` of the checkpoint's training precision).
     Returns:
         ``[cells, d]`` float32.
     Raises:
@@ -131,7 +157,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     if observable.shape != (n_genes,):
         raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape}")
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.startswith("cuda"))
+    use_bf16 = resolve_precision(precision, device) == "bf16"
     counts = counts.tocsr()
     counts.sort_indices()
     batch_size = max(KEY_BLOCK, batch_size // KEY_BLOCK * KEY_BLOCK)

@@ -14,8 +14,9 @@ afterwards (truncated copy, full disk) fails to load with :class:`CheckpointErro
 
 Contents (a dict): ``format``, ``step``, ``epoch``, ``samples``, ``model`` (state dict of the
 bare model), ``optimizer``, ``scheduler``, ``loader`` (one state per rank), ``rng`` (one per
-rank: torch CPU/CUDA, numpy, python), ``model_config``, ``train_config``, ``n_genes`` and
-``vocab`` (``genes``: the vocabulary's gene ids in model order, ``symbols``, ``hash``).
+rank: torch CPU/CUDA, numpy, python), ``model_config``, ``train_config``, ``n_genes``,
+``vocab`` (``genes``: the vocabulary's gene ids in model order, ``symbols``, ``hash``) and
+``precision`` (``"bf16"`` or ``"fp32"``: the arithmetic of the training forward).
 Checkpoints are pickles: load only files you trust.
 """
 from __future__ import annotations
@@ -133,7 +134,8 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     on ``map_location``, its :class:`txfm.model.TxFMConfig`, the vocabulary's gene ids (list of
     str, in the model's gene order: row ``i`` of the codebook and of the decoder's gene weights
     is ``vocab_genes[i]``), and ``info`` (``path``, ``step``, ``epoch``, ``samples``,
-    ``symbols``, ``vocab_hash``, ``train_config``).
+    ``symbols``, ``vocab_hash``, ``train_config``, and ``precision``: the arithmetic the model
+    was trained in, ``"bf16"`` or ``"fp32"``, None for checkpoints older than that field).
     """
     from txfm.model import TxFM, TxFMConfig
 
@@ -160,5 +162,6 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     vocab = state.get("vocab") or {}
     info = {"path": str(path), "step": state.get("step"), "epoch": state.get("epoch"),
             "samples": state.get("samples"), "symbols": vocab.get("symbols"),
-            "vocab_hash": vocab.get("hash"), "train_config": state.get("train_config")}
+            "vocab_hash": vocab.get("hash"), "train_config": state.get("train_config"),
+            "precision": state.get("precision")}
     return model, config, list(vocab.get("genes") or []), info

@@ -311,6 +311,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "model_config": self.model_config.to_dict(), "train_config": self.cfg.to_dict(),
                 "n_genes": self.n_genes, "vocab": self.vocab,
+                "precision": "bf16" if self.bf16 else "fp32",  # what `txfm embed` matches
                 "torch": torch.__version__}
 
     def save(self) -> pathlib.Path | None:
