@@ -45,7 +45,8 @@ def resolve_precision(precision: str, device: str, trained: str | None = None) -
     """``"fp32"`` or ``"bf16"``: the arithmetic of the embedding forward.
 
     ``"auto"`` is fp32 on the CPU; on CUDA it is the precision the model was trained in
-    (``trained``, from ``load_model``'s ``info["precision"]``), bf16 when that is unknown.
+    (``trained``: ``model.trained_precision`` or ``load_model``'s ``info["precision"]``), bf16
+    when that is unknown.
     A model trained in fp32 can keep part of its cell state in low-variance directions of the
     CLS embedding that bf16 rounding erases: on the CPU-trained demo model, a bf16 forward
     lowered the perturbation benchmark's average from 59.8 to 55.8 (``docs/learning.md``).
@@ -129,8 +130,9 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         observable: ``[G]`` bool, the genes this input profiles.
         k: shown genes per cell (the model's ``config.k`` by default in the CLI).
         draws: embeddings of this many independent draws are averaged.
-        precision: ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 on CUDA, fp32 on CPU; the
-            CLI passes :func:`resolve_precision` of the checkpoint's training precision).
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto``: fp32 on the CPU; on CUDA the
+            model's ``trained_precision`` (set by :func:`load_model`), bf16 when unknown
+            (:func:`resolve_precision`).
     Returns:
         ``[cells, d]`` float32.
     Raises:
@@ -157,7 +159,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     if observable.shape != (n_genes,):
         raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape}")
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
-    use_bf16 = resolve_precision(precision, device) == "bf16"
+    use_bf16 = resolve_precision(precision, device,
+                                 getattr(model, "trained_precision", None)) == "bf16"
     counts = counts.tocsr()
     counts.sort_indices()
     batch_size = max(KEY_BLOCK, batch_size // KEY_BLOCK * KEY_BLOCK)

@@ -40,6 +40,9 @@ class TxFM(nn.Module):
         self.encoder = Encoder(config, self.n_genes)
         self.decoder = Decoder(config, self.n_genes)
         self.loss = CountLoss(config, self.n_genes)
+        # "bf16" / "fp32" once known (txfm.train.load_checkpoint sets it): embedding with
+        # precision="auto" on CUDA matches it, see txfm.eval.embed.resolve_precision
+        self.trained_precision: str | None = None
 
     # -- the pieces users reach for ---------------------------------------------------------
     @property

@@ -158,6 +158,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     config = TxFMConfig.from_dict(state["model_config"])
     model = TxFM(config, state["n_genes"])
     model.load_state_dict(state["model"])
+    model.trained_precision = state.get("precision")
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
     vocab = state.get("vocab") or {}
     info = {"path": str(path), "step": state.get("step"), "epoch": state.get("epoch"),
