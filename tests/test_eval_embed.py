@@ -243,9 +243,9 @@ def test_embed_precision_follows_the_training_precision(trained):
     from txfm.eval.embed import load_model, resolve_precision
 
     root, synth = trained
-    model, _, _, info = load_model(str(root / "run"))
-    assert info["precision"] == model.trained_precision == "fp32"  # trained on the CPU
-    assert resolve_precision("auto", "cuda", info["precision"]) == "fp32"
+    model, _, _, _ = load_model(str(root / "run"))
+    assert model.trained_precision == "fp32"  # trained on the CPU
+    assert resolve_precision("auto", "cuda", model.trained_precision) == "fp32"
     assert resolve_precision("auto", "cuda:1", "bf16") == "bf16"
     assert resolve_precision("auto", "cuda", None) == "bf16"  # older checkpoints: as before
     assert resolve_precision("auto", "cpu", "bf16") == "fp32"

@@ -262,7 +262,7 @@ def cmd_embed(args) -> int:
         print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
               "that of an empty profile)", file=sys.stderr)
     target_sum = float(config.target_sum)  # the normalisation the model was trained with
-    precision = resolve_precision(args.precision, device, info.get("precision"))
+    precision = resolve_precision(args.precision, device, model.trained_precision)
     emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, device=device, target_sum=target_sum,
                        precision=precision, progress=not args.no_progress)

@@ -45,8 +45,8 @@ def resolve_precision(precision: str, device: str, trained: str | None = None) -
     """``"fp32"`` or ``"bf16"``: the arithmetic of the embedding forward.
 
     ``"auto"`` is fp32 on the CPU; on CUDA it is the precision the model was trained in
-    (``trained``: ``model.trained_precision`` or ``load_model``'s ``info["precision"]``), bf16
-    when that is unknown.
+    (``trained``: the model's ``trained_precision``, set by :func:`load_model`), bf16 when
+    that is unknown.
     A model trained in fp32 can keep part of its cell state in low-variance directions of the
     CLS embedding that bf16 rounding erases: on the CPU-trained demo model, a bf16 forward
     lowered the perturbation benchmark's average from 59.8 to 55.8 (``docs/learning.md``).

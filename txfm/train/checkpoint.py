@@ -134,8 +134,9 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     on ``map_location``, its :class:`txfm.model.TxFMConfig`, the vocabulary's gene ids (list of
     str, in the model's gene order: row ``i`` of the codebook and of the decoder's gene weights
     is ``vocab_genes[i]``), and ``info`` (``path``, ``step``, ``epoch``, ``samples``,
-    ``symbols``, ``vocab_hash``, ``train_config``, and ``precision``: the arithmetic the model
-    was trained in, ``"bf16"`` or ``"fp32"``, None for checkpoints older than that field).
+    ``symbols``, ``vocab_hash``, ``train_config``). The model's ``trained_precision`` is the
+    arithmetic it was trained in, ``"bf16"`` or ``"fp32"`` (None for checkpoints older than
+    that field).
     """
     from txfm.model import TxFM, TxFMConfig
 
@@ -163,6 +164,5 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     vocab = state.get("vocab") or {}
     info = {"path": str(path), "step": state.get("step"), "epoch": state.get("epoch"),
             "samples": state.get("samples"), "symbols": vocab.get("symbols"),
-            "vocab_hash": vocab.get("hash"), "train_config": state.get("train_config"),
-            "precision": state.get("precision")}
+            "vocab_hash": vocab.get("hash"), "train_config": state.get("train_config")}
     return model, config, list(vocab.get("genes") or []), info
