@@ -250,7 +250,7 @@ def test_cli_adds_corpus_and_oracle_rows(corpus, tmp_path, capsys):
                "--perturbation-key", "perturbation", "--batch-key", "batch",
                "--baselines", "pca,liblog_hvg100", "--fit-on", str(shards), "--fit-cells", "300",
                "--oracle-k", "16,1000", "--pca-components", "16", "--metrics", "pcst,lin,knn",
-               "--postprocess", "none,center", "--pcst-null-draws", "50", "--out", str(out),
+               "--postprocess", "none,center", "--pcst-null-draws", "100", "--out", str(out),
                "--no-progress", "--threads", "1"])
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -256,3 +256,81 @@ def test_embed_precision_follows_the_training_precision(trained):
     assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
                  "--out", str(out), "--no-progress", "--k", "32"]) == 0
     assert ad.read_h5ad(out).uns["txfm_embed"]["precision"] == "fp32"
+
+
+def test_embed_api_rejects_bad_arguments_by_name(trained):
+    from txfm.eval.embed import embed_counts, load_model
+
+    root, _ = trained
+    loaded = load_model(str(root / "run"))
+    model = loaded[0]
+    g = model.n_genes
+    counts = sp.random(8, g, density=0.3, format="csr", random_state=0, dtype=np.float32) * 10
+    obs = np.ones(g, bool)
+    with pytest.raises(TypeError, match="first element"):
+        embed_counts(loaded, counts, obs, k=8, progress=False)
+    with pytest.raises(ValueError, match="remap_to_vocabulary"):
+        embed_counts(model, counts[:, :g - 1], obs[:-1], k=8, progress=False)
+    with pytest.raises(ValueError, match="observable marks no gene"):
+        embed_counts(model, counts, np.zeros(g, bool), k=8, progress=False)
+    with pytest.raises(ValueError, match="observable must be"):
+        embed_counts(model, counts, obs.astype(int), k=8, progress=False)
+    for bad in (None, "64", 0, True, 2.5):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            embed_counts(model, counts, obs, k=bad, progress=False)
+    with pytest.raises(ValueError, match="device must be"):
+        embed_counts(model, counts, obs, k=8, device="gpu", progress=False)
+    with pytest.raises(ValueError, match="2-D"):
+        embed_counts(model, np.ones(g), obs, k=8, progress=False)
+    import torch
+
+    from txfm.train import load_checkpoint
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_checkpoint(root / "run", map_location="cuda")
+    # dense arrays and torch tensors are accepted; a K above the observable genes shows them all
+    dense = embed_counts(model, counts.toarray(), obs, k=g, progress=False)
+    np.testing.assert_array_equal(dense, embed_counts(model, counts, obs, k=10 * g,
+                                                      progress=False))
+
+
+def test_remap_to_vocabulary_checks_the_index():
+    counts = sp.csr_matrix(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"outside \[-1, 3\)"):
+        remap_to_vocabulary(counts, np.array([0, 1, 2, 5]), 3)  # reached scipy unchecked
+    with pytest.raises(ValueError, match=r"must be \[4\]"):
+        remap_to_vocabulary(counts, np.array([0, 1]), 3)
+    with pytest.raises(TypeError, match="integer"):
+        remap_to_vocabulary(counts, np.array([0.0, 1, 2, -1]), 3)
+
+
+def test_embed_cli_rejects_bad_keys_paths_and_damaged_matrices(trained, tmp_path, capsys):
+    import anndata as ad
+    import h5py
+
+    from txfm.cli import main
+
+    root, synth = trained
+    screen = ad.read_h5ad(synth.datasets[0])[:64].copy()
+    screen.write_h5ad(tmp_path / "s.h5ad")
+    base = ["embed", "--checkpoint", str(root / "run"), "--no-progress"]
+    for key in ("", "a/b", " X"):
+        assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out",
+                            str(tmp_path / "o.h5ad"), "--key", key]) == 2
+        assert "--key" in capsys.readouterr().err
+    assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out",
+                        str(tmp_path / "s.h5ad" / "x.h5ad")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out", str(tmp_path / "k.h5ad"),
+                        "--k", "100000"]) == 0  # capped at the observable genes
+    assert ad.read_h5ad(tmp_path / "k.h5ad").uns["txfm_embed"]["k"] == screen.n_vars
+    for name, damage in (("ptr", lambda x: x["indptr"].__setitem__(-1, x["indptr"][-1] + 10**5)),
+                         ("idx", lambda x: x["indices"].__setitem__(slice(0, 50), 200_000))):
+        bad = tmp_path / f"bad_{name}.h5ad"
+        screen.write_h5ad(bad)
+        with h5py.File(bad, "r+") as f:
+            damage(f["X"])
+        assert main(base + ["--input", str(bad), "--out", str(tmp_path / "o.h5ad")]) == 2
+        assert "sparse matrix is damaged" in capsys.readouterr().err
+    assert not (tmp_path / "o.h5ad").exists()

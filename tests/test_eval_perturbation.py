@@ -251,3 +251,61 @@ def test_cli_errors_are_clear(shared_data, tmp_path, capsys):
     assert "X_none" in capsys.readouterr().err
     assert main(base + ["--perturbation-key", "top_grna_target", "--baselines", "none"]) == 2
     assert "no embedding to evaluate" in capsys.readouterr().err
+
+
+def test_identical_embeddings_score_chance_not_above():
+    """Ties in the kNN vote or the probe's scores are broken at random (in expectation): cells
+    with one shared embedding (e.g. all cells without counts in the mapped genes) must not
+    score above chance, as they did when every tie counted as a hit."""
+    from txfm.eval.perturbation import _topk_hits
+
+    scores = np.array([[1.0, 1.0, 1.0, 0.0], [2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(_topk_hits(scores, np.array([0, 1, 0]), 1), [1 / 3, 0.0, 0.0])
+    np.testing.assert_allclose(_topk_hits(scores, np.array([1, 1, 1]), 2), [2 / 3, 0.5, 1.0])
+    rng = np.random.default_rng(0)
+    n, p = 3000, 20
+    labels = Labels.build(np.where(rng.random(n) < 0.1, "ctrl",
+                                   rng.integers(0, p, n).astype(str)), "ctrl",
+                          rng.integers(0, 3, n))
+    got = knn_retrieval(np.ones((n, 8)), labels)
+    assert got["knn_top1"] == pytest.approx(100 / p, abs=1.5)
+    assert got["knn_top5"] == pytest.approx(500 / p, abs=3.0)
+
+
+def test_pcst_needs_enough_null_draws_to_reach_alpha():
+    from txfm.eval.perturbation import min_null_draws
+
+    assert min_null_draws(0.01) == 100 and 1 / (1 + 100) < 0.01 <= 1 / (1 + 99)
+    assert min_null_draws(0.05) == 20
+    labels, rng = _labels()
+    x = rng.normal(size=(len(labels.pert), 8))
+    with pytest.raises(ValueError, match="at least 100"):
+        perturbation_consistency(x, labels, n_null=99)
+
+
+def test_cli_rejects_what_would_score_silently_wrong(synth, tmp_path, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+
+    a = ad.read_h5ad(synth.datasets[0])[:600].copy()
+    a.obsm["X_meta"] = pd.DataFrame({"t": ["type_1"] * a.n_obs}, index=a.obs_names)
+    a.obsm["X_ok"] = np.random.default_rng(0).normal(size=(a.n_obs, 4)).astype(np.float32)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    base = ["eval", "perturbation", "--embeddings", str(tmp_path / "in.h5ad"),
+            "--perturbation-key", "perturbation", "--batch-key", "batch", "--baselines", "none",
+            "--no-progress", "--threads", "1"]
+    assert main(base + ["--pcst-null-draws", "99", "--out", str(tmp_path / "a")]) == 2
+    assert "--pcst-null-draws 99" in capsys.readouterr().err
+    assert main(base + ["--max-cells", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "--max-cells 1: the subsample has no" in capsys.readouterr().err
+    assert main(base + ["--obsm-key", "X_meta", "--out", str(tmp_path / "c")]) == 2
+    assert "--obsm-key X_meta: not a numeric" in capsys.readouterr().err
+    assert main(base + ["--metrics", "lin", "--postprocess", "none",
+                        "--out", str(tmp_path / "d")]) == 0  # X_meta skipped, X_ok scored
+    assert "skipping .obsm['X_meta']" in capsys.readouterr().err
+    assert list(pd.read_csv(tmp_path / "d" / "perturbation.csv")["embedding"]) == ["X_ok"]
+    (tmp_path / "db.txt").write_bytes(b"\x89HDF\r\n\x1a\n\x00\xff")
+    assert main(base + ["--db", str(tmp_path / "db.txt"), "--metrics", "bmdb",
+                        "--out", str(tmp_path / "e")]) == 2
+    assert f"--db {tmp_path / 'db.txt'}: not a UTF-8 text file" in capsys.readouterr().err

@@ -215,6 +215,9 @@ def _table(path):
 def _output(path, *, folder: bool) -> pathlib.Path:
     """``--out`` checked before any work: a folder (``folder``) or a file name, not the other."""
     out = pathlib.Path(path)
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder; choose another path")
     if folder and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; give a folder for the results")
     if not folder and out.is_dir():
@@ -241,6 +244,9 @@ def cmd_embed(args) -> int:
 
     device = resolve_device(check_device("--device", args.device))
     out = _output(args.out, folder=False)
+    if not args.key or "/" in args.key or args.key != args.key.strip():
+        return _fail(f"--key {args.key!r}: an .obsm key must be a non-empty name without '/' "
+                     "or surrounding spaces (e.g. X_txfm)")
     table = _table(args.gene_table)
     model, config, vocab, info = load_model(args.checkpoint, device)
     adata = read_cells(args.input, layer=args.layer, option="--input")
@@ -256,7 +262,8 @@ def cmd_embed(args) -> int:
         return _fail(str(err))
     # more shown genes than in training give better embeddings (docs/learning.md); the cap
     # bounds the quadratic attention cost on inputs that profile tens of thousands of genes
-    k = args.k or min(int(observable.sum()), EMBED_K_FACTOR * int(config.k))
+    # a K above the observable genes would only add padding (memory and time, no change)
+    k = min(int(observable.sum()), args.k or EMBED_K_FACTOR * int(config.k))
     empty = int((counts.getnnz(axis=1) == 0).sum())
     if empty:
         print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
@@ -467,16 +474,21 @@ def cmd_perturbation(args) -> int:
     from .io import counts_matrix, read_cells
     from .perturbation import (
         METRICS,
+        PCST_ALPHA,
         POSTPROCESSING,
         BenchmarkOptions,
         Labels,
         best_rows,
         evaluate_embedding,
+        min_null_draws,
     )
     from .plots import markdown_table, plot_perturbation_metrics
     from .relationships import load_databases
 
     out = _output(args.out, folder=True)
+    if "pcst" in args.metrics.split(",") and args.pcst_null_draws < min_null_draws():
+        return _fail(f"--pcst-null-draws {args.pcst_null_draws}: p.cst needs at least "
+                     f"{min_null_draws()} null draws to reach p < {PCST_ALPHA}")
     table = _table(args.gene_table)
     adata = read_cells(args.embeddings, layer=args.layer, option="--embeddings")
     for key, what in ((args.perturbation_key, "--perturbation-key"),
@@ -499,10 +511,15 @@ def cmd_perturbation(args) -> int:
     if adata.n_obs == 0:
         return _fail(f"{args.embeddings}: no cells to evaluate")
     if args.max_cells and adata.n_obs > args.max_cells:
+        had_control = (adata.obs[args.perturbation_key].astype(str) == args.control).any()
         rows = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.max_cells,
                                                                 replace=False))
         adata = adata[rows].copy()
         print(f"subsampled {args.max_cells:,} cells")
+        if had_control and not (adata.obs[args.perturbation_key].astype(str)
+                                == args.control).any():
+            return _fail(f"--max-cells {args.max_cells}: the subsample has no {args.control!r} "
+                         "control cell; raise --max-cells")
     pert = adata.obs[args.perturbation_key].astype(str).to_numpy()
     counts = pd.Series(pert).value_counts()
     small = counts[(counts < args.min_cells) & (counts.index != args.control)]
@@ -529,7 +546,20 @@ def cmd_perturbation(args) -> int:
     missing = [k for k in keys if k not in adata.obsm]
     if missing:
         return _fail(f"obsm keys {missing} not found (has {list(adata.obsm.keys())})")
-    embeddings = {k: np.asarray(adata.obsm[k], dtype=np.float32) for k in keys}
+    embeddings = {}
+    for k in list(keys):
+        try:
+            x = np.asarray(adata.obsm[k], dtype=np.float32)
+        except (TypeError, ValueError):
+            x = None
+        if x is None or x.ndim != 2:
+            if args.obsm_key:  # asked for by name
+                return _fail(f"--obsm-key {k}: not a numeric [cells, dims] embedding")
+            print(f"warning: skipping .obsm[{k!r}]: not a numeric [cells, dims] embedding",
+                  file=sys.stderr)
+            keys.remove(k)
+            continue
+        embeddings[k] = x
     base_names = () if args.baselines.strip() == "none" else \
         tuple(s for s in args.baselines.split(",") if s)
     if base_names:

@@ -94,11 +94,28 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
     """Move the columns of ``counts [cells, genes_in]`` onto the vocabulary.
 
     Args:
-        index: ``[genes_in]`` vocabulary position of each input gene, -1 = not in vocabulary.
+        counts: ``[cells, genes_in]`` scipy sparse matrix or 2-D array of raw counts.
+        index: ``[genes_in]`` integer vocabulary position of each input gene, -1 = not in
+            vocabulary (:func:`map_input_genes` ``.index``).
     Returns:
         ``(csr [cells, n_genes] float32 with sorted indices, observable [n_genes] bool)``.
+    Raises:
+        TypeError: ``counts`` not a matrix, ``index`` not integer.
+        ValueError: ``index`` of the wrong length or out of ``[-1, n_genes)``; no gene mapped.
     """
+    counts = _as_csr(counts, "counts")
     index = np.asarray(index)
+    if index.ndim != 1 or index.shape[0] != counts.shape[1]:
+        raise ValueError(f"index must be [{counts.shape[1]}] (one entry per input gene, "
+                         f"counts' columns), got shape {index.shape}")
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        raise TypeError(f"index must hold integer vocabulary positions (-1: unmapped), got "
+                        f"{index.dtype}")
+    bad = (index < -1) | (index >= n_genes)
+    if bad.any():
+        raise ValueError(f"index holds {int(bad.sum())} positions outside [-1, {n_genes}) (first: "
+                         f"{int(index[bad][0])} for input gene {int(np.flatnonzero(bad)[0])}); "
+                         f"n_genes={n_genes} is the vocabulary size")
     if (index >= 0).sum() == 0:
         raise ValueError("no input gene maps onto the model's vocabulary: check the gene "
                          "names (var_names / var['gene_ids'] / var['symbol']) or pass "
@@ -117,6 +134,24 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
     return out, observable
 
 
+def _as_csr(counts, name: str) -> sp.csr_matrix:
+    """``counts`` (scipy sparse or 2-D array-like) as CSR; TypeError/ValueError naming it."""
+    if sp.issparse(counts):
+        if counts.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [cells, genes], got shape {counts.shape}")
+        return counts.tocsr()
+    if hasattr(counts, "detach"):  # a torch tensor
+        counts = counts.detach().cpu().numpy()
+    try:
+        arr = np.asarray(counts, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a scipy sparse matrix or a 2-D numeric array of raw "
+                        f"counts, got {type(counts).__name__}") from exc
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [cells, genes], got shape {arr.shape}")
+    return sp.csr_matrix(arr)
+
+
 def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int,
                  draws: int = 1, seed: int = 0, batch_size: int = 256, device: str = "cpu",
                  target_sum: float = 1e5, precision: str = "auto",
@@ -126,7 +161,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     Args:
         model: a TxFM model with ``embed(gene_ids [B,K] int32, values [B,K] fp32,
             pad_mask [B,K] bool) -> [B, d]``.
-        counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`).
+        counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`):
+            a scipy sparse matrix (CSR preferred) or a 2-D array.
         observable: ``[G]`` bool, the genes this input profiles.
         k: shown genes per cell (the model's ``config.k`` by default in the CLI).
         draws: embeddings of this many independent draws are averaged.
@@ -134,9 +170,13 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             model's ``trained_precision`` (set by :func:`load_model`), bf16 when unknown
             (:func:`resolve_precision`).
     Returns:
-        ``[cells, d]`` float32.
+        ``[cells, d]`` float32. ``k`` above the number of observable genes shows them all.
     Raises:
-        ValueError: no cells; ``draws``, ``k`` or ``batch_size`` < 1; ``observable`` not ``[G]``.
+        TypeError: ``model`` not a TxFM model; ``counts`` not a matrix.
+        ValueError: no cells; ``draws``, ``k`` or ``batch_size`` not an integer >= 1;
+            ``counts`` not ``[cells, G]`` of the model's vocabulary; ``observable`` not ``[G]``
+            bool or all False; ``device`` unknown.
+        RuntimeError: ``device`` is CUDA and none is available.
     """
     import torch
     from tqdm.auto import tqdm
@@ -149,15 +189,36 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         warnings.warn("embed_counts(library_size=) is deprecated: pass target_sum=",
                       DeprecationWarning, stacklevel=2)
         target_sum = library_size
+    if isinstance(model, tuple):
+        raise TypeError("model must be the TxFM module: load_model(...) returns "
+                        "(model, config, vocab, info); pass its first element")
+    if not hasattr(model, "embed"):
+        raise TypeError(f"model must be a TxFM model (load_model(...)[0]), got "
+                        f"{type(model).__name__}")
+    counts = _as_csr(counts, "counts")
     if counts.shape[0] == 0:
         raise ValueError("no cells to embed")
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k={k} and batch_size={batch_size} must be >= 1")
+    for name, v in (("k", k), ("draws", draws), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     n_genes = counts.shape[1]
-    if observable.shape != (n_genes,):
-        raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape}")
+    vocab_size = getattr(model, "n_genes", n_genes)
+    if n_genes != vocab_size:
+        raise ValueError(f"counts has {n_genes} columns but the model's vocabulary {vocab_size} "
+                         "genes; move the columns onto it with remap_to_vocabulary")
+    observable = np.asarray(observable)
+    if observable.shape != (n_genes,) or observable.dtype != bool:
+        raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape} "
+                         f"{observable.dtype}")
+    if not observable.any():
+        raise ValueError("observable marks no gene: the input profiles none of the model's "
+                         "genes (see remap_to_vocabulary)")
+    k = min(int(k), int(observable.sum()))  # more would only add padding
+    device = str(device)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r}: CUDA is not available here; use device='cpu'")
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
     use_bf16 = resolve_precision(precision, device,
                                  getattr(model, "trained_precision", None)) == "bf16"

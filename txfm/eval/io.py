@@ -10,6 +10,7 @@ as an AnnData with cells as rows. Every problem with an input or output file rai
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import warnings
@@ -86,7 +87,8 @@ def write_h5ad(adata, out: str | pathlib.Path, option: str = "--out") -> pathlib
     except OSError as exc:
         raise UsageError(f"{option} {out}: cannot be written ({exc})") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the real error (above) must not be hidden
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -152,12 +154,20 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -
     """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts.
 
     Raises:
-        UsageError: no ``.X``, or any value NaN, infinite or negative (names ``source``, the
-            first bad cell, and ``layer_option`` to pick the raw counts).
+        UsageError: no ``.X``, a damaged sparse structure (``indptr``/``indices`` out of
+            range), or any value NaN, infinite or negative (names ``source``, the first bad
+            cell, and ``layer_option`` to pick the raw counts).
     """
     x = a.X
     if x is None:
         raise UsageError(f"{source} has no .X; choose the counts with {layer_option}")
+    if sp.issparse(x) and x.format in ("csr", "csc"):
+        # a damaged indptr/indices would make scipy read out of bounds further on
+        try:
+            x.check_format(full_check=True)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise UsageError(f"{source}: its sparse matrix is damaged ({exc}); re-create or "
+                             "re-download the file") from exc
     x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else \
         x.tocsr().astype(np.float32)
     for bad, what in ((~np.isfinite(x.data), "NaN or infinite"), (x.data < 0, "negative")):

@@ -11,13 +11,16 @@ Metrics, all in percent except ``ilisi``:
             ``t = 1/n sum_i cos(x_i, sum_{j != i} x_j)``. Null: the same statistic for
             ``n_null`` random sets of ``n`` cells drawn from a pool of up to 10,000 random cells
             (any label). ``p = (1 + #{null >= t}) / (1 + n_null)``; consistent if ``p < alpha``
-            (0.01). Score = share of perturbations (with ``>= min_cells`` cells) consistent.
+            (0.01), so ``n_null`` must be at least ``1 / alpha`` (100). Score = share of
+            perturbations (with ``>= min_cells`` cells) consistent.
 * ``lin_top1``, ``lin_top5``  logistic-regression probe of the perturbation labels
             (controls excluded), trained on all batches but one and tested on the held-out one,
             each batch in turn (pooled over folds).
 * ``knn_top1``, ``knn_top5``  weighted k-NN retrieval across batches: each cell's ``k``
             nearest (cosine) cells in *other* batches vote ``exp(cos / T)`` for their label
-            (k=20, T=0.07, as Tx-Evaluation's ``WeightedKNNClassifier``).
+            (k=20, T=0.07, as Tx-Evaluation's ``WeightedKNNClassifier``). In both, a true
+            label tied with others counts as the expected hit of a random tie-break, so
+            identical embeddings score chance.
 * ``bmdb``  relationship recall of perturbation embeddings: per-perturbation mean embedding,
             cosine similarity of all perturbation pairs as the null, recall of the annotated
             pairs of the databases (combined) beyond the 5th/95th percentiles.
@@ -155,11 +158,26 @@ def _loo_cosine(dots: np.ndarray, sq: np.ndarray, total_sq: np.ndarray) -> np.nd
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).mean(axis=-1)
 
 
+def min_null_draws(alpha: float = PCST_ALPHA) -> int:
+    """Fewest p.cst null draws with which ``p = 1 / (1 + n_null)`` can fall below ``alpha``."""
+    return int(np.floor(1.0 / alpha))
+
+
 def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST_PCS,
                              null_cells: int = PCST_NULL_CELLS, n_null: int = PCST_NULL_DRAWS,
                              alpha: float = PCST_ALPHA, min_cells: int = MIN_CELLS,
                              seed: int = 0) -> tuple[float, pd.DataFrame]:
-    """p.cst (see module docstring). Returns ``(score %, per-perturbation table)``."""
+    """p.cst (see module docstring). Returns ``(score %, per-perturbation table)``.
+
+    Raises:
+        ValueError: ``n_null`` too small for any p-value to fall below ``alpha`` (the smallest
+            is ``1 / (1 + n_null)``), or fewer than 3 control cells.
+    """
+    min_null = min_null_draws(alpha)
+    if n_null < min_null:
+        raise ValueError(f"p.cst: {n_null} null draws cannot give a p-value below "
+                         f"alpha={alpha} (the smallest is 1/(1+{n_null})); use at least "
+                         f"{min_null} (--pcst-null-draws)")
     x = np.asarray(x, dtype=np.float64)
     ctrl = labels.pert == labels.control
     if ctrl.sum() < 3:
@@ -246,10 +264,13 @@ def _folds(labels: Labels, keep: np.ndarray, seed: int) -> list[tuple[np.ndarray
 
 
 def _topk_hits(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
-    """``[n]`` bool: true class among the ``k`` highest (positive) scores."""
+    """``[n]`` float in [0, 1]: the chance that the true class is among the ``k`` highest
+    (positive) scores when ties are broken at random. Counting every tie as a hit would
+    score identical embeddings above chance."""
     true_score = scores[np.arange(len(truth)), truth]
     higher = (scores > true_score[:, None]).sum(axis=1)
-    return (higher < k) & (true_score > 0)
+    tied = (scores == true_score[:, None]).sum(axis=1)  # >= 1: the true class itself
+    return np.where(true_score > 0, np.clip((k - higher) / tied, 0.0, 1.0), 0.0)
 
 
 def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False,
@@ -280,8 +301,8 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
         proba = clf.predict_proba(scaler.transform(x[test]).astype(np.float32))
         truth = np.searchsorted(clf.classes_, labels.pert[test])
         proba = proba + 1e-12  # a true class with probability 0 still ranks
-        hit1 += int(_topk_hits(proba, truth, 1).sum())
-        hit5 += int(_topk_hits(proba, truth, 5).sum())
+        hit1 += float(_topk_hits(proba, truth, 1).sum())
+        hit5 += float(_topk_hits(proba, truth, 5).sum())
         total += len(test)
     if total == 0:
         raise ValueError("linear probe: no test cell whose perturbation also occurs in the "
@@ -312,8 +333,8 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
         scores = np.bincount(flat, weights=w.ravel(), minlength=len(query) * n_classes) \
             .reshape(len(query), n_classes)
         truth = labels.pert[query]
-        hit1 += int(_topk_hits(scores, truth, 1).sum())
-        hit5 += int(_topk_hits(scores, truth, 5).sum())
+        hit1 += float(_topk_hits(scores, truth, 1).sum())
+        hit5 += float(_topk_hits(scores, truth, 5).sum())
         total += len(query)
     if total == 0:
         raise ValueError("knn: nothing to retrieve (no non-control cells in two batches)")

@@ -168,16 +168,22 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
         for f in files:
             if sources is not None and f.stem not in sources:
                 continue
-            if f.suffix.lower() == ".gmt" or f.suffix.lower() == ".tsv":
-                dbs.append(read_gene_sets(f, max_size=gmt_max_size))
-            else:
+            try:
+                if f.suffix.lower() == ".gmt" or f.suffix.lower() == ".tsv":
+                    dbs.append(read_gene_sets(f, max_size=gmt_max_size))
+                    continue
                 with open(f) as fh:
                     header = fh.readline().strip().lower()
                 if header.replace(" ", "") != "entity1,entity2":
                     if p.is_dir():
                         continue  # a folder may hold other text files (licences, notes)
-                    raise ValueError(f"{f}: expected header 'entity1,entity2', got {header!r}")
+                    raise ValueError(f"--db {f}: expected header 'entity1,entity2', got "
+                                     f"{header[:80]!r}")
                 dbs.append(read_pairs(f))
+            except UnicodeDecodeError as exc:  # a binary file named as a database
+                raise ValueError(f"--db {f}: not a UTF-8 text file ({exc.reason} at byte "
+                                 f"{exc.start}); give EFAAR pair files (CSV with header "
+                                 f"'entity1,entity2') or .gmt gene sets") from exc
     if not dbs:
         raise ValueError(f"no relationship database found in {[str(p) for p in paths]}"
                          + (f" with names {list(sources)}" if sources else ""))

@@ -90,6 +90,11 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder (the --out "
                               "of `txfm train`) or one of its checkpoints/step_*.pt files")
+    loc = str(map_location) if isinstance(map_location, (str, torch.device)) else ""
+    if loc.startswith("cuda") and not torch.cuda.is_available():
+        # torch.load's own error here reads like a damaged file
+        raise ValueError(f"map_location={loc!r}: CUDA is not available here (torch "
+                         f"{torch.__version__}); load on 'cpu' and move the model")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
@@ -137,6 +142,10 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     ``symbols``, ``vocab_hash``, ``train_config``). The model's ``trained_precision`` is the
     arithmetic it was trained in, ``"bf16"`` or ``"fp32"`` (None for checkpoints older than
     that field).
+
+    Raises:
+        CheckpointError: no checkpoint there, or none readable (names each file and why).
+        ValueError: ``map_location`` is CUDA on a machine without it.
     """
     from txfm.model import TxFM, TxFMConfig
 
