@@ -175,8 +175,8 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         TypeError: ``model`` not a TxFM model; ``counts`` not a matrix.
         ValueError: no cells; ``draws``, ``k`` or ``batch_size`` not an integer >= 1;
             ``counts`` not ``[cells, G]`` of the model's vocabulary; ``observable`` not ``[G]``
-            bool or all False; ``device`` unknown.
-        RuntimeError: ``device`` is CUDA and none is available.
+            bool or all False; ``device`` not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, or
+            CUDA where there is none.
     """
     import torch
     from tqdm.auto import tqdm
@@ -214,11 +214,9 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         raise ValueError("observable marks no gene: the input profiles none of the model's "
                          "genes (see remap_to_vocabulary)")
     k = min(int(k), int(observable.sum()))  # more would only add padding
-    device = str(device)
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r}: CUDA is not available here; use device='cpu'")
+    from txfm.cli import check_device
+
+    device = resolve_device(check_device("device", str(device)))
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
     use_bf16 = resolve_precision(precision, device,
                                  getattr(model, "trained_precision", None)) == "bf16"
