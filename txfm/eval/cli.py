@@ -22,6 +22,8 @@ EMBED_K_FACTOR = 8  # txfm embed's default K: all observable genes, at most 8x t
 
 
 def register(subparsers) -> None:
+    from txfm.model.config import PRECISIONS  # the train subparser imports it (and torch) too
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = subparsers.add_parser(
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
                         "(bf16 when the checkpoint does not say)")
     p.add_argument("--key", default="X_txfm", help="obsm key to write")

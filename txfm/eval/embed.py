@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from txfm.model.config import PRECISIONS
+
 from .genemap import GeneMatch, GeneTable, match_genes
 
 KEY_BLOCK = 64
@@ -36,9 +38,6 @@ def load_model(checkpoint: str, device: str = "cpu"):
     model, config, vocab, info = load_checkpoint(checkpoint, map_location="cpu")
     model = model.to(device).eval()
     return model, config, list(vocab), info
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: str, trained: str | None = None) -> str:

@@ -32,6 +32,9 @@ ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
 TOKEN_NORMS = ("split", "none", "rms")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
+# arithmetic of a training run or an embedding forward; auto: bf16 autocast on CUDA, fp32 on
+# the CPU (txfm embed: the precision the model was trained in)
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass

@@ -38,7 +38,7 @@ _FLAG_OF["preset"] = "--preset"
 
 
 def register(subparsers) -> None:
-    from txfm.model.config import ACTIVATIONS, ATTENTION, LOSSES
+    from txfm.model.config import ACTIVATIONS, ATTENTION, LOSSES, PRECISIONS
 
     p = subparsers.add_parser("train", help="train TxFM (plain `txfm train`: the CPU demo)",
                               description=__doc__,
@@ -73,7 +73,7 @@ def register(subparsers) -> None:
                    help="warm-up share of steps (0.1), rounded to whole steps")
     r.add_argument("--grad-clip", type=finite_float(), default=None,
                    help="max gradient norm (1.0; 0: off)")
-    r.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None)
+    r.add_argument("--precision", choices=PRECISIONS, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--log-every", type=int, default=None)
     r.add_argument("--val-every", type=int, default=None, help="steps (0: only at the end)")

@@ -17,6 +17,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from txfm.model.config import PRECISIONS
+
 RECIPES = {
     "tiny": dict(batch_size=32, steps=3000, epochs=None, ckpt_every=500, val_every=100,
                  log_every=10),
@@ -98,7 +100,7 @@ class TrainConfig:
         need(finite(self.warmup) and 0.0 <= self.warmup < 1.0, "warmup", "must be in [0, 1)")
         need(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
              "grad_clip", "must be a finite number > 0 (0 on the command line: no clipping)")
-        need(self.precision in ("auto", "bf16", "fp32"), "precision", "use auto, bf16 or fp32")
+        need(self.precision in PRECISIONS, "precision", f"use one of {PRECISIONS}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "use auto, cpu, cuda or cuda:N")
         need(self.seed >= 0, "seed", "must be >= 0")
