@@ -47,6 +47,26 @@ def test_files_and_format(synth):
     assert load(synth.datasets[2]).X.max() > 65535  # deep bulk samples
 
 
+def test_sparse_index_dtypes_agree_so_scipy_can_use_the_matrix(synth, tmp_path, monkeypatch):
+    """A CSR whose indptr and indices differ in dtype fails in scipy's tocoo/multiply (and so
+    in scanpy's normalize_total); past 2^31 - 1 non-zeros both must be int64."""
+    import txfm.data.synth as synth_mod
+
+    for p in synth.datasets:
+        x = load(p).X
+        assert x.indptr.dtype == x.indices.dtype == np.int32
+        scaled = x.multiply(1.0 / np.asarray(x.sum(axis=1)).clip(1)).tocsr()  # normalize_total
+        assert scaled.tocoo().nnz == x.nnz
+    small = dict(cells=60, genes=120, perturbations=2, batches=2, bulk=0, seed=3)
+    narrow = [load(p).X for p in generate(tmp_path / "narrow", **small).datasets]
+    monkeypatch.setattr(synth_mod, "_INT32_MAX", 100)  # the int64 path, on a small file
+    wide = [load(p).X for p in generate(tmp_path / "wide", **small).datasets]
+    for n, w in zip(narrow, wide):
+        assert w.nnz > 100 and w.indptr.dtype == w.indices.dtype == np.int64
+        assert n.indptr.dtype == n.indices.dtype == np.int32
+        assert w.tocoo().nnz == w.nnz and (n != w).nnz == 0  # the same counts either way
+
+
 def test_deterministic(synth, tmp_path):
     again = generate(tmp_path / "again", cells=2400, genes=500, perturbations=12, batches=2,
                      bulk=10, seed=11)

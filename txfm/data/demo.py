@@ -52,12 +52,13 @@ def _complete(root: Path) -> bool:
 
 
 def _marker() -> dict:
-    """What a complete demo records: its recipe and the shard format it was written in (a
-    demo of an older format is rebuilt)."""
+    """What a complete demo records: its recipe, the shard format and the ``.h5ad`` layout it
+    was written in (a demo of an older format or layout is rebuilt)."""
     from .layout import FORMAT_VERSION
+    from .synth import H5AD_LAYOUT
 
     return json.loads(json.dumps({"synth": DEMO_SYNTH, "convert": DEMO_CONVERT,
-                                  "format": FORMAT_VERSION}))
+                                  "format": FORMAT_VERSION, "raw": H5AD_LAYOUT}))
 
 
 def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:

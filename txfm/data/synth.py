@@ -117,8 +117,19 @@ def _nb(rng: np.random.Generator, mu: np.ndarray, theta: np.ndarray) -> np.ndarr
     return rng.poisson(lam)
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+# What the written .h5ad files look like; 2: indptr and indices share one dtype (1 mixed
+# int64 indptr with int32 indices). txfm.data.demo rebuilds a demo written in another.
+H5AD_LAYOUT = 2
+
+
 class _H5adWriter:
-    """Writes an ``.h5ad`` with CSR ``X`` appended chunk by chunk (bounded memory)."""
+    """Writes an ``.h5ad`` with CSR ``X`` appended chunk by chunk (bounded memory).
+
+    ``indptr`` and ``indices`` get one dtype: int32 while the non-zeros fit, else both int64.
+    scipy keeps the dtypes anndata reads, and a CSR with mixed ones fails in ``tocoo``,
+    ``multiply`` and so in scanpy's ``normalize_total``.
+    """
 
     def __init__(self, path: Path, n_cols: int, data_dtype=np.int32):
         import h5py
@@ -154,10 +165,24 @@ class _H5adWriter:
         self.indptr.append(np.asarray(indptr[1:], dtype=np.int64) + self.nnz)
         self.nnz += n
 
+    def _widen_indices(self, chunk: int = 1 << 24) -> None:
+        """Rewrite ``indices`` as int64, a chunk at a time (more than 2^31 - 1 non-zeros)."""
+        wide = self.x.create_dataset("indices_int64", shape=(self.nnz,), maxshape=(None,),
+                                     dtype=np.int64, chunks=(1 << 16,))
+        for a in range(0, self.nnz, chunk):
+            wide[a:a + chunk] = self.indices[a:a + chunk]
+        del self.x["indices"]
+        self.x.move("indices_int64", "indices")
+        self.indices = wide
+
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict) -> None:
         import anndata as ad
 
         indptr = np.concatenate(self.indptr)
+        if self.nnz <= _INT32_MAX:
+            indptr = indptr.astype(np.int32)
+        else:
+            self._widen_indices()
         self.x.create_dataset("indptr", data=indptr)
         self.x.attrs["shape"] = np.array([indptr.size - 1, self.n_cols], dtype=np.int64)
         with warnings.catch_warnings():
