@@ -287,16 +287,23 @@ def test_user_mistake_gives_one_error_line_and_exit_2(case, files, capsys, monke
     assert named.format(**files) in errors[0], errors[0]
 
 
-def test_console_entry_exits_2_without_traceback(tmp_path):
-    """The same through a real process (``python -m txfm``, as the ``txfm`` script runs main)."""
+@pytest.mark.parametrize("module", ["txfm", "txfm.cli"])
+def test_console_entry_exits_2_without_traceback(tmp_path, module):
+    """The same through a real process (``python -m txfm``, as the ``txfm`` script runs main;
+    ``python -m txfm.cli``, where the file runs as a second module, ``__main__``). The second
+    error is raised by the trainer, after the parser, as a UsageError."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "txfm", "train", "--data", DATA, "--out",
-                           str(tmp_path / "run"), "--preset", "XL"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.splitlines() == [
-        "error: --preset XL: is not a preset; use one of ['tiny', 'S', 'B', 'L']"]
+    for extra, line in (
+            (["--preset", "XL"], "error: --preset XL: is not a preset; use one of ['tiny', 'S', "
+                                 "'B', 'L']"),
+            (["--steps", "2", "--set", "k=100000"], "error: --set k=100000: more than the "
+                                                     "corpus's ")):
+        done = subprocess.run([sys.executable, "-m", module, "train", "--data", DATA, "--out",
+                               str(tmp_path / "run"), *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(line), done.stderr

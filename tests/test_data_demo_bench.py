@@ -45,14 +45,20 @@ def test_demo_is_built_once_and_atomically(tmp_path, small_demo, monkeypatch):
     assert not other.exists() and not list(tmp_path.glob(".other.tmp-*"))
     monkeypatch.undo()
 
-    # a demo folder without its completion marker is rebuilt, not used
-    monkeypatch.setattr(demo, "DEMO_SYNTH", SMALL)
+    # a demo of another recipe (its marker says so) is rebuilt, not used
+    monkeypatch.setattr(demo, "DEMO_SYNTH", dict(SMALL, seed=1))
     monkeypatch.setattr(demo, "DEMO_CONVERT", dict(min_cells=3, min_genes=10, val_fraction=0.05,
                                                    seed=0))
-    (root / demo.MARKER).unlink()
     assert not demo._complete(root)
     demo.ensure_demo_shards(root)
     assert demo._complete(root)
+
+    # without the marker the folder may be the user's: refused, nothing deleted
+    (root / demo.MARKER).unlink()
+    assert not demo._complete(root)
+    with pytest.raises(demo.DemoFolderError, match="not a txfm demo folder"):
+        demo.ensure_demo_shards(root)
+    assert (shards / "manifest.json").is_file()
 
 
 def test_bench_loader_quick(tmp_path):

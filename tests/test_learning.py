@@ -238,30 +238,3 @@ def test_learning_command_rejects_unknown_variant(capsys):
         main(["--variants", "mse,bogus", "--root", "/nonexistent"])
     assert exit_info.value.code == 2
     assert "error: --variants: unknown ['bogus']" in capsys.readouterr().err
-
-
-def test_learning_command_passes_the_seed_to_every_training(tmp_path, monkeypatch):
-    """--seed reaches each variant's `txfm train`; a run folder that exists is reused."""
-    from txfm.data import demo
-    from txfm.eval import learning
-
-    calls = []
-
-    def fake_run(argv):
-        calls.append(argv)
-        if argv[0] == "train":
-            raise SystemExit(0)  # stop before embedding: only the training calls matter here
-
-    monkeypatch.setattr(learning, "_run", fake_run)
-    monkeypatch.setattr(demo, "ensure_demo", lambda root, **kw: demo._paths(tmp_path / "demo"))
-    with pytest.raises(SystemExit):
-        learning.main(["--variants", "relu", "--seed", "7", "--out", str(tmp_path / "out"),
-                       "--no-progress"])
-    assert calls[0][0] == "train" and calls[0][calls[0].index("--seed") + 1] == "7"
-    (tmp_path / "out" / "run_txfm" / "checkpoints").mkdir(parents=True)
-    calls.clear()
-    with pytest.raises(SystemExit):
-        learning.main(["--variants", "relu", "--seed", "7", "--out", str(tmp_path / "out")])
-    train = calls[0]
-    assert "run_relu" in train[train.index("--out") + 1]
-    assert train[train.index("--seed") + 1] == "7" and "--activation" in train

@@ -132,4 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as ``python -m txfm.cli``: this file is then ``__main__``, a second copy whose
+    # UsageError the commands (which import ``txfm.cli``) do not raise; use the module's main
+    from txfm.cli import main as _main
+
+    sys.exit(_main())

@@ -5,6 +5,10 @@
 sibling directory and renames it to ``root`` only when both are complete, so a half-made demo
 is never taken for a finished one; concurrent callers (e.g. DDP ranks) each build and the
 first rename wins. Takes ~10-20 s on a 2-core CPU.
+
+A finished demo carries the marker file ``txfm-demo.json`` (its recipe and the list of its
+files). Only a folder with that marker is ever deleted and rebuilt (an older recipe, or a file
+of it missing); any other non-empty folder is refused with :class:`DemoFolderError`.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from txfm.cli import UsageError
 
 # Sized so that learning can be seen on a CPU (docs/learning.md): 250 genes (~210 per
 # dataset) at ~8,000 UMIs per cell, so the K = 128 genes shown in training are more than half
@@ -28,6 +34,12 @@ DEMO_CONVERT = dict(min_cells=20, min_genes=100, val_fraction=0.02, seed=0)
 MARKER = "txfm-demo.json"
 
 
+class DemoFolderError(UsageError, FileExistsError):
+    """``root`` cannot hold the demo: a file, under a file, not creatable, or a non-empty folder
+    that is not a txfm demo. The message starts with the path and says what to do; a
+    :class:`~txfm.cli.UsageError` (and, as before, a ``FileExistsError``)."""
+
+
 @dataclass(frozen=True)
 class DemoData:
     root: Path
@@ -40,15 +52,47 @@ def _paths(root: Path) -> DemoData:
     return DemoData(root, root / "shards", root / "raw", root / "raw" / "truth")
 
 
-def _complete(root: Path) -> bool:
-    marker = root / MARKER
-    if not marker.is_file():
-        return False
+def _read_marker(root: Path) -> dict | None:
+    """The marker's content if ``root`` carries a marker of ours, else None."""
     try:
-        doc = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+        doc = json.loads((root / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and "synth" in doc else None
+
+
+def _complete(root: Path) -> bool:
+    """Whether ``root`` is a finished demo of this recipe with every one of its files present
+    (a demo missing a file would otherwise fail only when a command reads that file)."""
+    doc = _read_marker(root)
+    if doc is None:
         return False
-    return (doc == _marker() and (root / "shards" / "manifest.json").is_file())
+    files = doc.pop("files", None)
+    if doc != _marker() or not isinstance(files, list) or "shards/manifest.json" not in files:
+        return False
+    return all(isinstance(f, str) and (root / f).is_file() for f in files)
+
+
+def _files(root: Path) -> list[str]:
+    """Every file of the demo under ``root``, relative to it (what the marker lists)."""
+    return sorted(p.relative_to(root).as_posix() for sub in ("raw", "shards")
+                  for p in (root / sub).rglob("*") if p.is_file())
+
+
+def check_root(root) -> None:
+    """Raise :class:`DemoFolderError` unless ``root`` can hold the demo: absent, an empty
+    folder, or a folder carrying the demo marker (which :func:`ensure_demo` may rebuild)."""
+    root = Path(root)
+    blocking = next((a for a in root.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise DemoFolderError(f"{root}: {blocking} is a file, not a folder; choose another "
+                              "location")
+    if root.exists() and not root.is_dir():
+        raise DemoFolderError(f"{root}: is a file, not a folder; remove it or choose another "
+                              "location")
+    if root.is_dir() and _read_marker(root) is None and any(root.iterdir()):
+        raise DemoFolderError(f"{root} exists and is not a txfm demo folder; remove it or "
+                              f"choose another location")
 
 
 def _marker() -> dict:
@@ -62,27 +106,34 @@ def _marker() -> dict:
 
 
 def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
-    """The demo data under ``root``, generated and converted first if not already complete."""
+    """The demo data under ``root``, generated and converted first if not already complete.
+
+    Raises:
+        DemoFolderError: ``root`` is a file or under one, cannot be created, or is a non-empty
+            folder without the demo marker (its files are left untouched).
+    """
     from .convert import convert
     from .synth import generate
 
     root = Path(root)
     if _complete(root):
         return _paths(root)
-    if root.exists() and any(root.iterdir()):
-        if (root / MARKER).exists() or (root / "shards").exists() or (root / "raw").exists():
-            shutil.rmtree(root)  # an older or damaged demo of ours: rebuild it
-        else:
-            raise FileExistsError(f"{root} exists and is not a txfm demo folder; remove it or "
-                                  f"choose another location")
+    check_root(root)
     log = log or (lambda msg: None)
+    if root.is_dir() and any(root.iterdir()):  # check_root: it carries our marker
+        log(f"{root}: an older or incomplete txfm demo; rebuilding it")
+        shutil.rmtree(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise DemoFolderError(f"{root}: cannot be created ({exc.strerror or exc}); choose "
+                              "another location") from exc
     try:
         result = generate(tmp / "raw", **DEMO_SYNTH)
         convert(result.datasets, tmp / "shards", progress=progress, log=log, **DEMO_CONVERT)
-        (tmp / MARKER).write_text(json.dumps(_marker()))
+        (tmp / MARKER).write_text(json.dumps({**_marker(), "files": _files(tmp)}))
         try:
             if root.exists():
                 root.rmdir()  # empty placeholder

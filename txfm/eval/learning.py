@@ -16,16 +16,36 @@ ReLU instead of the rectified tanh) and our design choices undone (the paper's l
 starting bias), so that their effect is measured on planted ground truth; ``--variants``
 picks some of them, and ``--seed`` repeats a comparison with another training seed.
 
-Outputs under ``--out``: one run folder per variant (checkpoint, ``metrics.csv``, ``loss.png``
-with the learning diagnostics), the embedded screen, the benchmark tables
-(``perturbation_all.csv``, ``perturbation.md``) and ``learning.json`` with the headline numbers.
+Outputs under ``--out``: one run folder per variant (``run_<variant>``: checkpoints,
+``metrics.csv``, ``loss.png`` with the learning diagnostics), the embedded screen
+(``screen_emb_<variant>.h5ad``), the benchmark tables (``perturbation/perturbation.csv``, the
+best post-processing per embedding, ``perturbation_all.csv`` and ``perturbation.png``) and
+``learning.json`` with the headline numbers (strict JSON: a metric that was not computed is
+``null``).
+
+A run folder that exists is reused when its newest checkpoint finished the requested
+``--steps`` with the requested ``--seed``, resumed (``txfm train --resume``) when it stopped
+early, and refused when it was trained with other ``--steps`` or ``--seed``.
+
+Exit status: 0 when every check passes, 1 when a finished run's checks fail, 2 for a usage
+error (a bad argument, an unusable ``--out``/``--root``/``--checkpoint``, a run folder trained
+with other settings, or a step that rejected its input; one ``error:`` line), 130 when
+interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import pathlib
 import sys
+
+from txfm.cli import UsageError, error_message, int_at_least, nonnegative_int
+from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
+
+from .cli import _output
 
 # The Table 5 variants: name -> extra `txfm train` arguments (same data, budget and seeds).
 VARIANTS = {
@@ -37,6 +57,9 @@ VARIANTS = {
     "constant_bias": ["--no-init-bias"],
 }
 CHANCE_FACTOR = 5.0
+# train and embed run in this process: torch's and the BLAS libraries' pools, and these for
+# anything they start
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _run(argv: list[str]) -> None:
@@ -56,17 +79,22 @@ def _best(table_csv: pathlib.Path):
     return best_rows(pd.read_csv(table_csv)).set_index("embedding")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m txfm.eval.learning",
                                 description=__doc__.split("\n\n")[0],
+                                epilog=next(t for t in __doc__.split("\n\n")
+                                            if t.startswith("Exit status")).replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--root", default="txfm-demo", help="demo data folder (made if absent)")
+    p.add_argument("--root", default="txfm-demo",
+                   help="demo data folder (made if absent; a non-empty folder that is not a "
+                        "txfm demo is refused)")
     p.add_argument("--out", default="runs/learning", help="output folder")
     p.add_argument("--checkpoint", default=None,
-                   help="evaluate this run instead of training the default variant")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the "
-                                                           "tiny recipe's)")
-    p.add_argument("--seed", type=int, default=None,
+                   help="evaluate this run instead of training the default variant (not with "
+                        "--steps or --seed)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="training steps (default: the tiny recipe's)")
+    p.add_argument("--seed", type=nonnegative_int, default=None,
                    help="training seed of every variant (default: txfm train's, 0); the data, "
                         "the embedding draws and the benchmark keep their fixed seeds")
     p.add_argument("--ablation", action="store_true",
@@ -74,58 +102,251 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the --ablation variants to train "
                         "(implies --ablation)")
-    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="BLAS/OpenMP threads of training, embedding and the benchmark "
+                        "(default: the libraries')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _names(p: argparse.ArgumentParser, args) -> list[str]:
+    """The variants to train, ``txfm`` first; exits through ``p.error`` on a bad ``--variants``."""
+    if args.variants is None:
+        return list(VARIANTS) if args.ablation else ["txfm"]
+    picked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not picked:
+        p.error(f"--variants {args.variants!r}: no variant named; choose from {list(VARIANTS)} "
+                "(or leave --variants out)")
+    bad = [v for v in picked if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    return ["txfm"] + [v for v in dict.fromkeys(picked) if v != "txfm"]
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """At most ``n`` threads in torch, the BLAS libraries and their subprocesses (restored
+    after: the command may run inside another program, e.g. a test)."""
+    if n is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(n) for k in THREAD_VARS})  # before torch's first import, if any
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _writable(path: pathlib.Path, option: str) -> None:
+    """UsageError unless a folder can be made at ``path`` (probed, nothing left behind)."""
+    from txfm.model.config import ConfigError
+    from txfm.train.checkpoint import check_run_dir
+
+    try:
+        check_run_dir(path)
+    except ConfigError as exc:
+        raise UsageError(f"{option} {path}: {exc.rule}") from exc
+
+
+def _check_root(root: pathlib.Path) -> None:
+    from txfm.data.demo import DemoFolderError, check_root
+
+    try:
+        check_root(root)
+    except DemoFolderError as exc:
+        raise UsageError(f"--root {exc}") from exc
+    _writable(root, "--root")
+
+
+def _state(path: pathlib.Path) -> dict:
+    """The newest readable checkpoint of a run folder, or the checkpoint file ``path``."""
+    from txfm.train.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+
+    if not path.is_dir():
+        return read_checkpoint(path)
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path} has no checkpoints; train with `txfm train --out {path}` "
+                              "or pass a .pt file")
+    return found[1]
+
+
+def _plan(run: pathlib.Path, steps: int, seed: int, out: pathlib.Path) -> tuple[str, str]:
+    """``("train" | "resume" | "reuse", what to tell the user)`` for the run folder ``run``.
+
+    Raises UsageError when ``run`` was trained with other steps or seed, or none of its
+    checkpoints can be read: using it would benchmark another model than the one asked for.
+    """
+    from txfm.train.checkpoint import CheckpointError, list_checkpoints
+
+    if not list_checkpoints(run):
+        return "train", ""
+    try:
+        state = _state(run)
+    except CheckpointError as exc:
+        raise UsageError(f"--out {out}: {error_message(exc)}; delete {run} to train it again, "
+                         "or choose another --out") from exc
+    cfg = state.get("train_config") or {}
+    had = (cfg.get("steps"), cfg.get("seed"))
+    if had != (steps, seed):
+        raise UsageError(f"--out {out}: {run} was trained with --steps {had[0]} --seed {had[1]}, "
+                         f"not --steps {steps} --seed {seed}; choose another --out or delete "
+                         f"{run}")
+    done = int(state.get("step") or 0)
+    if done >= steps:
+        return "reuse", f"reusing {run}: finished ({done} of {steps} steps, seed {seed})"
+    return "resume", f"resuming {run}: stopped at step {done} of {steps} (seed {seed})"
+
+
+def _perturbations(demo, root: pathlib.Path) -> int:
+    """The demo screen's perturbation count, after checking that the demo files this command
+    reads open; UsageError naming the file otherwise (before hours of training, not after)."""
+    import h5py
+
+    params = demo.truth / "params.json"
+    current = params
+    try:
+        n = int(json.loads(params.read_text())["perturbations"])
+        current = demo.truth / "relationships.txt"
+        current.read_text()
+        current = demo.raw / "screen.h5ad"
+        with h5py.File(current, "r") as f:
+            if "X" not in f or "obs" not in f:
+                raise ValueError("no X or obs: not an AnnData file")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--root {root}: demo file {current} cannot be read "
+                         f"({type(exc).__name__}: {error_message(exc)}); delete {root} (or that "
+                         "file) and run again to rebuild the demo") from exc
+    return n
+
+
+def _plain(value):
+    """``value`` with numpy scalars as Python numbers and NaN/inf as None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json(path: pathlib.Path, doc) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # no half-written file on Ctrl-C
+    try:
+        tmp.write_text(json.dumps(_plain(doc), indent=1, allow_nan=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns its exit status (see the module docstring).
+
+    Argument errors exit through argparse (``SystemExit(2)``); an unusable ``--out``,
+    ``--root`` or ``--checkpoint``, a run folder trained with other settings and any step's
+    input error are one ``error:`` line on stderr and status 2; Ctrl-C prints
+    ``interrupted``, status 130.
+    """
+    p = _parser()
     args = p.parse_args(argv)
-    names = list(VARIANTS) if args.ablation else ["txfm"]
-    if args.variants:
-        picked = [v.strip() for v in args.variants.split(",") if v.strip()]
-        bad = [v for v in picked if v not in VARIANTS]
-        if bad:
-            p.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
-        names = ["txfm"] + [v for v in picked if v != "txfm"]
+    if args.checkpoint and (args.steps is not None or args.seed is not None):
+        p.error("--checkpoint: --steps and --seed would not apply to it (it is trained "
+                "already); leave them out, or leave out --checkpoint to train")
+    names = _names(p, args)
+    try:
+        with _threads(args.threads):
+            return _learn(args, names)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # a step failed (it printed why) or was interrupted: its status
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
+        if not _is_user_error(exc):
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def _learn(args, names: list[str]) -> int:
+    from txfm.train import TrainConfig
+    from txfm.train.checkpoint import CheckpointError
+
+    # every check before the demo is built or anything trains
+    out = _output(args.out, folder=True)
+    _writable(out, "--out")
+    root = pathlib.Path(args.root)
+    _check_root(root)
+    ks: set[int] = set()
+    runs: dict[str, pathlib.Path] = {}
+    todo: dict[str, str] = {}
+    if args.checkpoint:
+        runs["txfm"] = pathlib.Path(args.checkpoint)
+        try:
+            ks.add(int(_state(runs["txfm"])["model_config"]["k"]))
+        except CheckpointError as exc:
+            raise UsageError(f"--checkpoint: {error_message(exc)}") from exc
+    asked = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    try:  # the recipe's own limits (e.g. the seed's range), before hours of work
+        recipe = TrainConfig.for_preset("tiny", **asked)
+    except ValueError as exc:
+        field = getattr(exc, "field", None)
+        raise UsageError(f"--{field} {getattr(exc, 'value', '')}: {getattr(exc, 'rule', '')}"
+                         if field in asked else error_message(exc)) from exc
+    steps, seed = recipe.steps, recipe.seed
+    for name in names:
+        if name not in runs:
+            runs[name] = out / f"run_{name}"
+            todo[name], note = _plan(runs[name], steps, seed, out)
+            if note:
+                print(note)
 
     from txfm.data.demo import ensure_demo
-    from txfm.train import load_checkpoint
 
-    demo = ensure_demo(args.root, progress=not args.no_progress, log=print)
-    out = pathlib.Path(args.out)
+    demo = ensure_demo(root, progress=not args.no_progress, log=print)
+    n_perts = _perturbations(demo, root)
     out.mkdir(parents=True, exist_ok=True)
     quiet = ["--no-progress"] if args.no_progress else []
     threads = ["--threads", str(args.threads)] if args.threads else []
-    seed = ["--seed", str(args.seed)] if args.seed is not None else []
-    steps = ["--steps", str(args.steps)] if args.steps else []
-    screen = demo.raw / "screen.h5ad"
-
-    runs: dict[str, pathlib.Path] = {}
-    for name in names:
-        if name == "txfm" and args.checkpoint:
-            runs[name] = pathlib.Path(args.checkpoint)
-            continue
-        run = out / f"run_{name}"
-        if not (run / "checkpoints").is_dir():
-            _run(["train", "--data", str(demo.shards), "--out", str(run), *steps, *seed,
+    train_args = [*(["--steps", str(args.steps)] if args.steps is not None else []),
+                  *(["--seed", str(args.seed)] if args.seed is not None else [])]
+    for name, action in todo.items():
+        if action != "reuse":
+            _run(["train", *(["--resume"] if action == "resume" else []),
+                  "--data", str(demo.shards), "--out", str(runs[name]), *train_args,
                   *VARIANTS[name], *quiet])
-        runs[name] = run
 
-    emb = screen
-    ks = set()
+    emb = demo.raw / "screen.h5ad"
     for name, run in runs.items():  # each variant adds its key to a copy of the screen
         key = "X_txfm" if name == "txfm" else f"X_{name}"
         src, emb = emb, out / f"screen_emb_{name}.h5ad"
         _run(["embed", "--checkpoint", str(run), "--input", str(src), "--out", str(emb),
               "--key", key, *quiet])
-        _, config, _, _ = load_checkpoint(run, map_location="cpu")
-        ks.add(int(config.k))
+        if name in todo:
+            ks.add(int(_state(run)["model_config"]["k"]))
     table_dir = out / "perturbation"
     _run(["eval", "perturbation", "--embeddings", str(emb), "--perturbation-key", "perturbation",
           "--control", "non-targeting", "--batch-key", "batch",
           "--db", str(demo.truth / "relationships.txt"), "--baselines", "liblog,pca",
           "--fit-on", str(demo.shards), "--oracle-k", ",".join(map(str, sorted(ks))),
-          "--out", str(table_dir), *threads])
+          "--out", str(table_dir), *threads, *quiet])
 
     best = _best(table_dir / "perturbation_all.csv")
-    n_perts = int(json.loads((demo.truth / "params.json").read_text())["perturbations"])
     chance = 100.0 / n_perts
     model, pca = best.loc["X_txfm"], best.loc["pca"]
     checks = {
@@ -140,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  X_txfm {what}: {'yes' if ok else 'NO'}")
     summary = {"chance_top1": chance, "checks": checks,
                "best": best.reset_index().to_dict(orient="records")}
-    (out / "learning.json").write_text(json.dumps(summary, indent=1, default=float))
+    _write_json(out / "learning.json", summary)
     print(f"wrote {out / 'learning.json'}")
     return 0 if all(checks.values()) else 1
 

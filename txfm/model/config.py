@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,6 +36,25 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
 # arithmetic of a training run or an embedding forward; auto: bf16 autocast on CUDA, fp32 on
 # the CPU (txfm embed: the precision the model was trained in)
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config value out of range: ``field``, ``value`` and ``rule`` (what is valid).
+
+    The message reads ``"<owner>: field=value: rule"``; front ends such as ``txfm train`` build
+    their own from the attributes, naming the flag the value came from.
+    """
+
+    def __init__(self, field: str, value, rule: str, owner: str = "TrainConfig"):
+        super().__init__(f"{owner}: {field}={value!r}: {rule}")
+        self.field, self.value, self.rule, self.owner = field, value, rule, owner
+
+
+# The annotations (strings under `from __future__ import annotations`) of TxFMConfig's fields,
+# as what validate() accepts: a JSON file or the Python API can hand in any type.
+_FIELD_TYPES = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"),
+                "bool": (bool, "true or false"), "str": (str, "a string"),
+                "dict": (dict, "a dict (a JSON object)")}
 
 
 @dataclass
@@ -112,28 +132,48 @@ class TxFMConfig:
         return int(round(self.dim * self.mlp_ratio))
 
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(f"TxFMConfig({self.name}): {msg}")
+        """Raise :class:`ConfigError` (a ValueError naming the field) for a value of the wrong
+        type or out of range."""
+        owner = f"TxFMConfig({self.name})"
 
-        need(self.depth >= 1, f"depth={self.depth} must be >= 1")
-        need(self.heads >= 1 and self.dim % self.heads == 0,
-             f"dim={self.dim} must be a multiple of heads={self.heads}")
-        need(self.dim >= 2, f"dim={self.dim} must be >= 2 (d-1 embedding coordinates + the value)")
-        need(self.mlp_ratio > 0, f"mlp_ratio={self.mlp_ratio} must be > 0")
-        need(0.0 <= self.drop_path < 1.0, f"drop_path={self.drop_path} must be in [0, 1)")
-        need(self.k >= 1, f"k={self.k} must be >= 1")
-        need(self.decoder_depth >= 0, f"decoder_depth={self.decoder_depth} must be >= 0")
-        need(self.decoder_hidden >= 1, f"decoder_hidden={self.decoder_hidden} must be >= 1")
-        need(self.loss in LOSSES, f"loss={self.loss!r} is not one of {LOSSES}")
-        need(self.activation in ACTIVATIONS,
-             f"activation={self.activation!r} is not one of {ACTIVATIONS}")
-        need(self.token_norm in TOKEN_NORMS,
-             f"token_norm={self.token_norm!r} is not one of {TOKEN_NORMS}")
-        need(self.backend in BACKENDS, f"backend={self.backend!r} is not one of {BACKENDS}")
-        need(self.attention in ATTENTION, f"attention={self.attention!r} is not one of {ATTENTION}")
-        need(math.isfinite(self.target_sum) and self.target_sum > 0,
-             f"target_sum={self.target_sum} must be finite and > 0")
+        def need(cond, name, rule):
+            if not cond:
+                raise ConfigError(name, getattr(self, name), rule, owner)
+
+        for f in dataclasses.fields(self):
+            kind, what = _FIELD_TYPES[f.type]
+            value = getattr(self, f.name)
+            # bool is an Integral: True must not pass as k=1
+            need(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+                 f.name, f"must be {what}, got {type(value).__name__}")
+            if kind is numbers.Real:
+                need(math.isfinite(value), f.name, "must be a finite number")
+        need(self.depth >= 1, "depth", "must be >= 1")
+        need(self.heads >= 1, "heads", "must be >= 1")
+        need(self.dim % self.heads == 0, "heads",
+             f"must divide dim={self.dim} (dim must be a multiple of heads)")
+        need(self.dim >= 2, "dim", "must be >= 2 (d-1 embedding coordinates + the value)")
+        need(self.mlp_ratio > 0, "mlp_ratio", "must be > 0")
+        need(self.mlp_hidden >= 1, "mlp_ratio",
+             f"gives no MLP unit (dim x mlp_ratio = {self.dim * self.mlp_ratio:.3g} rounds to 0)")
+        need(0.0 <= self.drop_path < 1.0, "drop_path", "must be in [0, 1)")
+        need(self.k >= 1, "k", "must be >= 1")
+        need(self.decoder_depth >= 0, "decoder_depth", "must be >= 0")
+        need(self.decoder_hidden >= 1, "decoder_hidden", "must be >= 1")
+        need(self.loss in LOSSES, "loss", f"is not one of {LOSSES}")
+        need(self.activation in ACTIVATIONS, "activation", f"is not one of {ACTIVATIONS}")
+        need(self.token_norm in TOKEN_NORMS, "token_norm", f"is not one of {TOKEN_NORMS}")
+        need(self.backend in BACKENDS, "backend", f"is not one of {BACKENDS}")
+        need(self.attention in ATTENTION, "attention", f"is not one of {ATTENTION}")
+        need(self.target_sum > 0, "target_sum", "must be > 0")
+
+    def check_genes(self, n_genes: int) -> None:
+        """ConfigError unless ``k`` fits a vocabulary of ``n_genes`` genes: more shown genes
+        than the corpus has would only be padding (K tokens per cell, all but G of them
+        masked), at the memory and time of K."""
+        if self.k > n_genes:
+            raise ConfigError("k", self.k, f"more than the corpus's {n_genes} genes; use "
+                              f"k <= {n_genes}", f"TxFMConfig({self.name})")
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:

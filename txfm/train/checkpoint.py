@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import tempfile
 import warnings
 from typing import Any
 
@@ -39,6 +40,30 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(run_dir) / "checkpoints"
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`txfm.model.config.ConfigError` (field ``out``) unless ``run_dir`` is, or
+    can be made, a folder this process can write in. Leaves nothing behind.
+
+    Permission bits do not answer it (root passes ``os.access`` on ``/proc``, which takes no new
+    folders), so a scratch folder is made in the nearest existing ancestor and removed again.
+    """
+    from txfm.model.config import ConfigError
+
+    path = base = pathlib.Path(run_dir)
+    try:
+        while not base.exists() and base.parent != base:
+            base = base.parent
+        if not base.is_dir():
+            what = "is" if base == path else f"lies under {base}, which is"
+            raise ConfigError("out", str(path), f"{what} a file, not a folder; give another "
+                              "folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
+    except OSError as exc:
+        where = "" if base == path else f" (in {base})"
+        raise ConfigError("out", str(path), f"cannot write there{where}: {exc.strerror}; give "
+                          "a folder you can write to") from exc
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> pathlib.Path:

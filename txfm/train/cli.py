@@ -106,6 +106,15 @@ def _convert(value: str, current):
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, dict):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("this field is a dict; give a JSON object, e.g. "
+                             """'extra={"note": "run 3"}'""")
+        return parsed
     if isinstance(current, int):
         try:
             return int(value)
@@ -124,18 +133,17 @@ def build_configs(args):
     """(TrainConfig, TxFMConfig) from parsed arguments (and RUN/config.json on --resume).
 
     Raises :class:`txfm.cli.UsageError` naming the option for any value out of range, a
-    ``--resume`` without a checkpoint, or an ``--out`` that is not a folder.
+    ``--resume`` without a checkpoint, or an ``--out`` that is not a folder one can write in.
     """
     from txfm.model import TxFMConfig, preset
-    from txfm.train.checkpoint import checkpoint_dir, list_checkpoints
+    from txfm.train.checkpoint import check_run_dir, checkpoint_dir, list_checkpoints
     from txfm.train.config import ConfigError, TrainConfig
 
     name = args.preset or "tiny"
     out = pathlib.Path(args.out or f"runs/{name}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file; give a folder for the run")
     saved = out / "config.json"
     try:
+        check_run_dir(out)
         if args.resume:
             if not list_checkpoints(out):
                 raise UsageError(f"--resume: {out} has no checkpoint yet (nothing in "
@@ -145,7 +153,7 @@ def build_configs(args):
                     stored = json.loads(saved.read_text())
                     train_cfg = TrainConfig.from_dict(stored["train"])
                     model_cfg = TxFMConfig.from_dict(stored["model"])
-                except (ValueError, KeyError, TypeError) as exc:
+                except (OSError, ValueError, KeyError, TypeError) as exc:
                     raise UsageError(f"{saved}: cannot be read ({error_message(exc)}); restore "
                                      "it or start a new run in another --out") from exc
         if not (args.resume and saved.exists()):
@@ -174,8 +182,7 @@ def build_configs(args):
         changes["out"] = str(out)
         train_cfg = dataclasses.replace(train_cfg, **changes)
     except ConfigError as exc:
-        flag = _FLAG_OF.get(exc.field, exc.field)
-        raise UsageError(f"{flag} {exc.value}: {exc.rule}") from exc
+        raise _config_error(exc, args) from exc
     model_changes = {field: getattr(args, dest) for dest, field in _MODEL_FLAGS.items()
                      if getattr(args, dest) is not None}
     if args.eager:
@@ -191,8 +198,30 @@ def build_configs(args):
             raise UsageError(f"--set {item}: {exc}") from exc
     try:
         return train_cfg, model_cfg.replace(**model_changes)
-    except ValueError as exc:  # TxFMConfig names the field: --k, --tau, ... or --set FIELD=
-        raise UsageError(f"model option: {exc}") from exc
+    except ConfigError as exc:
+        raise _config_error(exc, args) from exc
+
+
+def _config_error(exc, args) -> UsageError:
+    """A :class:`~txfm.model.config.ConfigError` as the user's mistake, named by the flag that
+    gave the value: ``--k 5000``, ``--set k=5000``, or the preset / saved run it came from."""
+    field, rule = exc.field, exc.rule
+    if not exc.owner.startswith("TxFMConfig"):
+        return UsageError(f"{_FLAG_OF.get(field, field)} {exc.value}: {rule}")
+    given = [item for item in args.set if item.partition("=")[0] == field]
+    dest = next((d for d, f in _MODEL_FLAGS.items() if f == field and getattr(args, d) is not None),
+                None)
+    if given:  # --set is applied after the flags: it wins
+        where = f"--set {given[-1]}"
+    elif dest is not None:
+        where = f"--{dest.replace('_', '-')} {getattr(args, dest)} ({field}={exc.value!r})"
+    else:
+        out = pathlib.Path(args.out or f"runs/{args.preset or 'tiny'}")
+        saved = out / "config.json"
+        source = (f"the run's {saved}" if args.resume and saved.exists()
+                  else f"--preset {args.preset or 'tiny'}")
+        where = f"{field}={exc.value!r} (from {source})"
+    return UsageError(f"{where}: {rule}")
 
 
 def _check_data(data: str | None) -> None:
@@ -215,6 +244,7 @@ def _check_data(data: str | None) -> None:
 def run(args) -> int:
     from txfm.cli import check_device
     from txfm.train import distributed as dist
+    from txfm.train.config import ConfigError
     from txfm.train.trainer import Trainer
 
     train_cfg, model_cfg = build_configs(args)
@@ -223,6 +253,8 @@ def run(args) -> int:
     try:
         try:
             trainer = Trainer(train_cfg, model_cfg)
+        except ConfigError as exc:  # what only the data or this machine tell: k, backend, ...
+            raise _config_error(exc, args) from exc
         except (ValueError, OSError) as exc:  # setting up: the data, --out, --resume, sizes
             raise UsageError(error_message(exc)) from exc
         result = trainer.fit()

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from txfm.model.config import PRECISIONS
+from txfm.model.config import PRECISIONS, ConfigError  # noqa: F401 - also raised for TrainConfig
 
 RECIPES = {
     "tiny": dict(batch_size=32, steps=3000, epochs=None, ckpt_every=500, val_every=100,
@@ -26,14 +26,6 @@ RECIPES = {
     "B": dict(batch_size=1536, epochs=200.0),
     "L": dict(batch_size=1536, epochs=200.0),
 }
-
-
-class ConfigError(ValueError):
-    """A :class:`TrainConfig` value out of range: ``field``, ``value``, ``rule`` (what is valid)."""
-
-    def __init__(self, field: str, value, rule: str):
-        super().__init__(f"TrainConfig: {field}={value!r} {rule}")
-        self.field, self.value, self.rule = field, value, rule
 
 
 @dataclass
@@ -103,7 +95,8 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"use one of {PRECISIONS}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
              "use auto, cpu, cuda or cuda:N")
-        need(self.seed >= 0, "seed", "must be >= 0")
+        # the samplers key their draws by a signed 64-bit seed
+        need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.val_every is None or self.val_every >= 1, "val_every",
              "must be >= 1 (0 on the command line: only at the end)")

@@ -17,9 +17,11 @@ embedding does exactly that (``docs/learning.md``). These diagnostics separate t
   to one line (typically library size).
 
 :func:`is_collapsed` flags a run whose CLS gain or rank says that the embeddings carry no
-cell state.
+cell state, once the validation has :data:`MIN_CELLS` cells to tell it from.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,6 +30,10 @@ from txfm_kernels.poisson.reference import dense_gene_mask
 
 COLLAPSE_CLS_GAIN = 0.01  # below: the decoder hardly uses the cell's embedding
 COLLAPSE_ERANK = 1.5  # below: embeddings lie on about one line
+# The effective rank of n (centred) cells is at most n - 1: two cells always give 1.0, "collapsed"
+# whatever the model. Only with that bound well above the threshold (10x) does a low rank say
+# something about the model, not the sample: 16 cells.
+MIN_CELLS = 1 + math.ceil(10 * COLLAPSE_ERANK)
 
 
 def effective_rank(e: torch.Tensor) -> float:
@@ -45,7 +51,11 @@ def effective_rank(e: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def is_collapsed(row: dict) -> bool:
+def is_collapsed(row: dict) -> bool | None:
+    """Whether the diagnostics ``row`` say collapse; None when its ``cells`` (if given) are
+    fewer than :data:`MIN_CELLS`, too few to tell."""
+    if row.get("cells") is not None and row["cells"] < MIN_CELLS:
+        return None
     gain, rank = row.get("cls_gain"), row.get("erank")
     return ((gain is not None and gain < COLLAPSE_CLS_GAIN)
             or (rank is not None and rank < COLLAPSE_ERANK))
@@ -59,6 +69,7 @@ class LearningProbe:
         self.mean_logits = mean_logits  # [G] logits of the per-gene-mean predictor
         self.sums = torch.zeros(6, dtype=torch.float64, device=mean_logits.device)
         self.embeddings: list[torch.Tensor] = []
+        self.cells = 0
 
     @torch.no_grad()
     def add(self, sample, pad_mask) -> torch.Tensor:
@@ -80,7 +91,11 @@ class LearningProbe:
         loss = m.loss
         perfect = inverse_activation(sample.target, cfg)
         mean = self.mean_logits.to(z.dtype).expand(b, g)
-        shuffled = m.decoder(e.roll(1, 0)).float() if b > 1 else z
+        # a cell's CLS swapped for another cell's: within the batch, or a batch of one takes
+        # the previous batch's last cell (else there is nobody to swap with: no gain measured)
+        other = e.roll(1, 0) if b > 1 else (self.embeddings[-1][-1:].to(e.dtype)
+                                             if self.embeddings else None)
+        shuffled = m.decoder(other).float() if other is not None else z
         vals = torch.stack([
             loss(z, sample.target, masked, lib), loss(mean, sample.target, masked, lib),
             loss(perfect, sample.target, masked, lib),
@@ -89,6 +104,7 @@ class LearningProbe:
         ]).double()
         self.sums += vals * b
         self.embeddings.append(e.float())
+        self.cells += b
         return vals[3].float()
 
     def result(self) -> dict:
@@ -96,5 +112,6 @@ class LearningProbe:
         masked_r2 = float((s[1] - s[0]) / (s[1] - s[2]).clamp_min(1e-12))
         cls_gain = float((s[4] - s[3]) / s[5].clamp_min(1e-12))
         e = torch.cat(self.embeddings) if self.embeddings else torch.zeros(0, 1)
-        return {"masked_r2": masked_r2, "cls_gain": cls_gain, "erank": effective_rank(e)}
+        return {"masked_r2": masked_r2, "cls_gain": cls_gain, "erank": effective_rank(e),
+                "cells": self.cells}
 

@@ -9,39 +9,92 @@ rows past the resumed step are dropped, so the file always tells one consistent 
 from __future__ import annotations
 
 import csv
+import os
 import pathlib
 
 COLUMNS = ["step", "epoch", "samples", "train_loss", "val_loss", "lr", "grad_norm",
            "samples_per_s", "step_ms", "mfu", "elapsed_s", "masked_r2", "cls_gain", "erank",
            "collapsed"]
+INT_COLUMNS = ("step", "epoch", "samples", "collapsed")  # read back as int, so rewritten as such
+
+
+class MetricsError(ValueError):
+    """A metrics CSV that cannot be read back; the message names the file, the line and the fix."""
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
-    """Rows of a metrics CSV with numbers parsed (None where empty)."""
+    """Rows of a metrics CSV with numbers parsed (None where empty; :data:`INT_COLUMNS` as int).
+
+    Raises :class:`MetricsError` for a file that is not one (no ``step`` column, a line with
+    more fields than the header, a value that is not a number).
+    """
+    path = pathlib.Path(path)
+    fix = (f"repair it or delete {path} (a resumed run then logs from its checkpoint's "
+           "step on)")
     rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
-    for r in rows:
-        for key in ("step", "epoch", "samples"):
-            if r.get(key) is not None:
-                r[key] = int(r[key])
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "step" not in header:
+                raise MetricsError(f"{path}: line 1 has no 'step' column (header {header}): not "
+                                   f"a txfm metrics file; {fix}")
+            for r in reader:
+                line = reader.line_num
+                if None in r:  # DictReader's key for the fields beyond the header
+                    raise MetricsError(f"{path}: line {line} has {len(header) + len(r[None])} "
+                                       f"fields, its header {len(header)}; {fix}")
+                row = {}
+                for key, text in r.items():
+                    integer = key in INT_COLUMNS
+                    row[key] = None if text in ("", None) else _number(text, integer)
+                    if row[key] is None and text not in ("", None):
+                        raise MetricsError(f"{path}: line {line}: {key}={text!r} is not "
+                                           f"{'an integer' if integer else 'a number'}; {fix}")
+                if row["step"] is None:
+                    raise MetricsError(f"{path}: line {line} has no step; {fix}")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MetricsError(f"{path}: cannot be read ({exc}); {fix}") from exc
     return rows
 
 
+def _number(text: str, integer: bool) -> float | int | None:
+    """``text`` as a float (an int for an integer column, also from ``"1.0"``); None if neither."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if integer:
+        return int(value) if value.is_integer() else None
+    return value
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: pathlib.Path, resume_step: int | None, tensorboard: bool):
+    """Writes ``RUN/metrics.csv``; on resume (``resume_step``) it keeps the rows up to that step.
+
+    ``rows``: the file's rows as :func:`read_metrics` read them (read here when not given).
+    """
+
+    def __init__(self, run_dir: pathlib.Path, resume_step: int | None, tensorboard: bool,
+                 rows: list[dict] | None = None):
         self.path = pathlib.Path(run_dir) / "metrics.csv"
         kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        if resume_step is not None:
+            if rows is None and self.path.exists():
+                rows = read_metrics(self.path)
+            kept = [r for r in rows or () if r["step"] <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="")
+        # The kept history goes to a new file that replaces the old one whole: a crash here
+        # leaves the old file, not a truncated one. The open handle follows the rename.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(tmp, "w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._csv.writeheader()
         for r in kept:
             self._csv.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
         self._file.flush()
+        os.replace(tmp, self.path)
         self._tb = None
         if tensorboard:
             try:

@@ -43,13 +43,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from txfm.model import TxFM, TxFMConfig, preset
+from txfm.model.config import ConfigError
 from txfm.model.losses import optimal_logits
 from txfm.data.inputs import model_inputs, open_loader, vocabulary
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import TrainConfig
-from .diagnostics import LearningProbe, is_collapsed
+from .diagnostics import MIN_CELLS, LearningProbe, is_collapsed
 from .flops import mfu, peak_flops, train_flops_per_sample
 from .metrics import MetricsLogger, read_metrics
 from .schedule import OneCycleSchedule
@@ -89,8 +90,14 @@ class Trainer:
                  loader_factory=None):
         self.cfg = cfg
         self.model_config = model_config or preset(cfg.preset)
+        # what can be checked without the data is checked before it is read (or made: the demo)
+        ckpt.check_run_dir(cfg.out)
         self.dist = dist.init(cfg.device)
         self.device = self.dist.device
+        check_runtime(self.model_config, self.device)
+        metrics = pathlib.Path(cfg.out) / "metrics.csv"
+        self._metrics_rows = (read_metrics(metrics) if cfg.resume and self.dist.is_main
+                              and metrics.exists() else None)
         self.is_cuda = self.device.type == "cuda"
         self.run_dir = pathlib.Path(cfg.out)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.is_cuda)
@@ -102,6 +109,8 @@ class Trainer:
         factory = loader_factory or (lambda split, bs, r, w, p: open_loader(
             cfg.data, split, bs, seed=cfg.seed, rank=r, world_size=w, pin_memory=p))
         self.loader = factory("train", self.micro, rank, world, pin)
+        self.n_genes = int(self.loader.n_genes)
+        self.model_config.check_genes(self.n_genes)
         try:
             self.val_loader = factory("val", self.micro, rank, world, pin)
             why = "its 'val' split has no cells"
@@ -117,7 +126,6 @@ class Trainer:
             raise ValueError(f"the training data yields {len(self.loader)} micro-batches of "
                              f"{self.micro} cells per rank per epoch, fewer than accum="
                              f"{cfg.accum}: lower batch_size or add cells")
-        self.n_genes = int(self.loader.n_genes)
         self.vocab = vocabulary(self.loader)
         obs = getattr(self.loader, "observable", None)
         if obs is not None and bool(obs.mask.all()):
@@ -130,7 +138,9 @@ class Trainer:
         if self.model_config.tau != 0.0:
             if nnz is None:
                 raise ValueError("tau != 0 needs per-gene non-zero counts (loader.gene_nnz)")
-            self.gene_weights = torch.as_tensor(nnz).to(self.device, torch.float32)
+            # m ** tau needs m > 0: a gene no training cell expresses (common in a corpus of
+            # several datasets) is weighted like one expressed once, instead of failing the draw
+            self.gene_weights = torch.as_tensor(nnz).to(self.device, torch.float32).clamp_min(1.0)
 
         self.model = TxFM(self.model_config, self.n_genes)
         stats = self._gene_stats(factory)
@@ -140,7 +150,7 @@ class Trainer:
         # the per-gene-mean predictor, the yardstick of the learning diagnostics
         self._mean_logits = optimal_logits(stats, self.model_config).to(self.device)
         self.diagnostics: dict = {}
-        self._warned_collapse = False
+        self._warned_collapse = self._warned_few_cells = False
         steps_per_epoch = len(self.loader) // cfg.accum
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = int(cfg.steps) if cfg.steps is not None else max(
@@ -272,10 +282,13 @@ class Trainer:
         return total / cfg.accum, norm
 
     @torch.no_grad()
-    def validate(self) -> float | None:
+    def validate(self, progress=None) -> float | None:
         """Mean loss per cell over the first ``val_batches`` micro-batches of the validation
         split (all ranks together; the last batch may be partial), with fixed draws:
-        comparable across steps, resumes and world sizes."""
+        comparable across steps, resumes and world sizes.
+
+        ``progress(done, total)`` is called after each of this rank's batches.
+        """
         if self.val_loader is None:
             return None
         self.model.eval()
@@ -283,6 +296,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = 0  # cells
         per_rank = max(1, self.cfg.val_batches // self.dist.world_size)
+        planned = min(per_rank, len(self.val_loader))
         self.val_loader.set_epoch(0)
         for i, cpu in enumerate(self.val_loader):
             if i >= per_rank:
@@ -293,6 +307,8 @@ class Trainer:
             with self._autocast():  # the loss is a mean over rows: weight it by the rows
                 total += probe.add(sample, pad) * len(cpu)
             n += len(cpu)
+            if progress is not None:
+                progress(i + 1, planned)
         self.model.train()
         dist.all_reduce_mean(probe.sums, self.dist)
         self.diagnostics = probe.result() if n else {}
@@ -333,7 +349,16 @@ class Trainer:
             raise ValueError(f"--resume: {path} was trained on another gene vocabulary "
                              f"({state['n_genes']} genes, hash {state['vocab'].get('hash')}) than "
                              f"the data ({self.n_genes} genes, hash {self.vocab.get('hash')})")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another shape: the run asks for another model
+            saved = state.get("model_config") or {}
+            now = self.model_config.to_dict()
+            diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+                             if k in saved and k != "name" and saved[k] != now[k])
+            raise ValueError(f"--resume: {path} holds another model ({diff or 'other shapes'}); "
+                             "resume with the run's own model settings, or start a new run in "
+                             "another --out") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         saved_total = state["scheduler"].get("total_steps")
@@ -364,6 +389,31 @@ class Trainer:
         self._resumed_from = path
         self._say(f"resumed from {path} (step {self.step})")
 
+    def _judge(self, row: dict, bar) -> None:
+        """Sets ``row["collapsed"]`` from the diagnostics in ``row``; warns once of a collapse,
+        or that the validation has too few cells to tell one."""
+        if not self.diagnostics:
+            return
+        verdict = is_collapsed(self.diagnostics)
+        if verdict is None:
+            if not self._warned_few_cells and self.dist.is_main:
+                self._warned_few_cells = True
+                bar.write(f"warning: the learning diagnostics need at least {MIN_CELLS} "
+                          f"validation cells to tell a collapse, this validation has "
+                          f"{self.diagnostics['cells']}: raise --val-batches "
+                          f"({self.cfg.val_batches}) or --batch-size ({self.cfg.batch_size}); "
+                          "until then 'collapsed' stays empty")
+            return
+        # early on a model may still ignore its CLS; judge after a quarter of the run
+        if row["step"] < 0.25 * self.total_steps:
+            return
+        row["collapsed"] = int(verdict)
+        if verdict and not self._warned_collapse and self.dist.is_main:
+            self._warned_collapse = True
+            bar.write(f"warning: step {row['step']}: the CLS embeddings carry no cell state "
+                      f"(cls_gain={row['cls_gain']:.3g}, erank={row['erank']:.2f}): the model is "
+                      "collapsing; see docs/learning.md")
+
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
@@ -375,8 +425,9 @@ class Trainer:
                  "weight_decay": self.weight_decay, "world_size": self.dist.world_size,
                  "parameters": sum(p.numel() for p in self.model.parameters())}, indent=2))
         logger = MetricsLogger(self.run_dir, self.step if self._resumed_from else None,
-                               cfg.tensorboard) if main else None
+                               cfg.tensorboard, self._metrics_rows) if main else None
         bar = _progress(self.total_steps, self.step, enabled=main and cfg.progress)
+        shown = {}  # the last validation's part of the bar, kept until the next validation
         self.model.train()
         stream = self._stream()
         pending = self._fetch(stream) if self.step < self.total_steps else None
@@ -410,20 +461,15 @@ class Trainer:
                        "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
                        "elapsed_s": now - t0}
                 if val_now:
-                    row["val_loss"] = self.validate()
+                    live = {**_postfix(row), **shown}
+                    row["val_loss"] = self.validate(None if bar.disable else (
+                        lambda i, n: bar.set_postfix({**live, "val": f"{i}/{n}"})))
                     row.update(self.diagnostics)
-                    # early on a model may still ignore its CLS; judge after a quarter of the run
-                    if self.diagnostics and step >= 0.25 * self.total_steps:
-                        row["collapsed"] = int(is_collapsed(self.diagnostics))
-                        if row["collapsed"] and not self._warned_collapse:
-                            self._warned_collapse = True
-                            bar.write(f"warning: step {step}: the CLS embeddings carry no cell "
-                                      f"state (cls_gain={row['cls_gain']:.3g}, erank="
-                                      f"{row['erank']:.2f}): the model is collapsing; see "
-                                      f"docs/learning.md") if main else None
+                    self._judge(row, bar)
+                    shown = _val_postfix(row)
                 if logger is not None:
                     logger.log(row)
-                bar.set_postfix(_postfix(row), refresh=False)
+                bar.set_postfix({**_postfix(row), **shown}, refresh=False)
                 loss_sum.zero_(), norm_sum.zero_()
                 n_since, t_last = 0, time.perf_counter()
             bar.update(1)
@@ -459,6 +505,26 @@ def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
 
 
 # ------------------------------------------------------------------------------------------------
+def check_runtime(config: TxFMConfig, device: torch.device) -> None:
+    """ConfigError unless the model's ``backend`` and ``attention`` can run on ``device`` here:
+    the ops would only fail at the first step, after the data are set up."""
+    from txfm_kernels.backends import OPS, resolve_backend
+
+    from txfm.model import encoder
+
+    owner = f"TxFMConfig({config.name})"
+    try:
+        for op in OPS:
+            resolve_backend(config.backend, device, op)
+    except RuntimeError as exc:
+        raise ConfigError("backend", config.backend, f"cannot run on {device.type} here ({exc}); "
+                          "use auto (the fused kernels for the device) or torch (the eager "
+                          "reference)", owner) from exc
+    if config.attention == "flash" and encoder._fa3_func is None and encoder._fa2_func is None:
+        raise ConfigError("attention", "flash", "needs flash-attn, which is not installed here: "
+                          "pip install flash-attn (a CUDA build), or use auto", owner)
+
+
 def _adamw(model: torch.nn.Module, cfg: TrainConfig, weight_decay: float):
     """Fused AdamW (one kernel for all parameters, CUDA and CPU); weight decay on matrices only
     **(our choice)**: biases, norms, LayerScale, CLS and per-gene NB/ZINB parameters (1-D) are
@@ -511,11 +577,18 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def _postfix(row: dict) -> dict:
+    """The bar's training part, from a metrics row."""
     out = {"loss": f"{row['train_loss']:.4g}", "samples/s": f"{row['samples_per_s']:.0f}"}
-    if row.get("val_loss") is not None:
-        out["val"] = f"{row['val_loss']:.4g}"
     if row.get("mfu") is not None:
         out["MFU"] = f"{100 * row['mfu']:.1f}%"
+    return out
+
+
+def _val_postfix(row: dict) -> dict:
+    """The bar's validation part, from a validation step's metrics row."""
+    out = {}
+    if row.get("val_loss") is not None:
+        out["val"] = f"{row['val_loss']:.4g}"
     if row.get("cls_gain") is not None:
         out["R2"] = f"{row['masked_r2']:.3f}"
         out["cls"] = f"{row['cls_gain']:.3f}"

@@ -1,0 +1,352 @@
+"""``python -m txfm.eval.learning`` and the demo folder it builds: bad input is one ``error:``
+line and exit 2 before any work, Ctrl-C is exit 130, a folder that is not ours is never
+deleted, and a run folder is reused only when it is the run that was asked for.
+
+The train / embed / eval steps are replaced by a fake ``_run`` that writes what they would
+(checkpoints with the fields the command reads, the benchmark table), so nothing trains here.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("anndata",
+                    reason="txfm.data / txfm.eval need anndata: pip install anndata zarr")
+pytest.importorskip("zarr", reason="txfm.data / txfm.eval need zarr: pip install anndata zarr")
+
+import txfm.data.demo as demo
+from txfm.eval import learning
+
+RECIPE_STEPS = 3000  # the tiny recipe's, what the command asks for without --steps
+SMALL = dict(cells=600, genes=150, perturbations=5, batches=2, bulk=5, seed=0)
+
+
+def _checkpoint(run, step, steps, seed, k=16):
+    """A checkpoint file with the fields the command reads (not a loadable model)."""
+    import torch
+
+    from txfm.train.checkpoint import FORMAT, checkpoint_path
+
+    path = checkpoint_path(run, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "step": step, "train_config": {"steps": steps, "seed": seed},
+                "model_config": {"k": k}}, path)
+
+
+def _fake_demo(root):
+    """The demo files the command reads, without generating the demo."""
+    import h5py
+
+    d = demo._paths(root)
+    d.truth.mkdir(parents=True)
+    (root / demo.MARKER).write_text(json.dumps({"synth": {}}))  # ours, as far as --root goes
+    d.shards.mkdir()
+    (d.truth / "params.json").write_text(json.dumps({"perturbations": 20}))
+    (d.truth / "relationships.txt").write_text("entity1,entity2\nA,B\n")
+    with h5py.File(d.raw / "screen.h5ad", "w") as f:
+        f.create_group("X"), f.create_group("obs")
+    return d
+
+
+class Pipeline:
+    """Fake train/embed/eval steps: records each call (with the thread settings it ran under)
+    and writes their outputs."""
+
+    def __init__(self, average=70.0, bmdb=float("nan")):
+        self.calls, self.threads, self.average, self.bmdb = [], [], average, bmdb
+
+    def __call__(self, argv):
+        import torch
+
+        self.calls.append(argv)
+        self.threads.append((argv[0], torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
+        arg = dict(zip(argv, argv[1:]))
+        if argv[0] == "train":
+            steps = int(arg.get("--steps", RECIPE_STEPS))
+            _checkpoint(arg["--out"], steps, steps, int(arg.get("--seed", 0)))
+        elif argv[0] == "embed":
+            open(arg["--out"], "w").close()
+        elif argv[0] == "eval":
+            import pandas as pd
+
+            os.makedirs(arg["--out"], exist_ok=True)
+            rows = [dict(embedding=e, postprocess="none", pcst=100.0, lin_top1=40.0,
+                         knn_top1=30.0, bmdb=self.bmdb, average=a)
+                    for e, a in (("X_txfm", self.average), ("pca", 65.0))]
+            pd.DataFrame(rows).to_csv(os.path.join(arg["--out"], "perturbation_all.csv"),
+                                      index=False)
+
+    def commands(self):
+        return [c[0] for c in self.calls]
+
+
+@pytest.fixture()
+def fake(tmp_path, monkeypatch):
+    """A fake demo under tmp/demo and a fake pipeline; ``fake.built`` lists ensure_demo calls."""
+    d = _fake_demo(tmp_path / "demo")
+    pipe = Pipeline()
+    pipe.built = []
+
+    def ensure(root, **kw):
+        pipe.built.append(root)
+        return d
+
+    monkeypatch.setattr(demo, "ensure_demo", ensure)
+    monkeypatch.setattr(learning, "_run", pipe)
+    monkeypatch.chdir(tmp_path)
+    return pipe
+
+
+def _main(capsys, *argv):
+    """(exit status, stdout, stderr) of the command; argparse's exits count as statuses."""
+    try:
+        code = learning.main(["--root", "demo", "--no-progress", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(("error:", "python -m txfm.eval.learning: error:")), err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+# -- 1. a folder that is not ours is never deleted ---------------------------------------------
+
+@pytest.mark.parametrize("sub", ["raw", "shards"])
+def test_foreign_root_is_refused_not_deleted(tmp_path, capsys, monkeypatch, sub):
+    root = tmp_path / "mine"
+    (root / sub).mkdir(parents=True)
+    (root / "notes.txt").write_text("my notes")
+    (root / sub / "my_counts.h5ad").write_text("precious")
+    with pytest.raises(demo.DemoFolderError, match="is not a txfm demo folder"):
+        demo.ensure_demo(root)
+    monkeypatch.setattr(learning, "_run", Pipeline())
+    code, _, err = _main(capsys, "--root", str(root), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert _error_line(err) == (f"error: --root {root} exists and is not a txfm demo folder; "
+                                "remove it or choose another location")
+    assert (root / "notes.txt").read_text() == "my notes"
+    assert (root / sub / "my_counts.h5ad").read_text() == "precious"
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_a_foreign_demo_folder(tmp_path, capsys, monkeypatch):
+    """Plain `txfm train` builds ./txfm-demo: the same refusal, as an error line."""
+    from txfm.cli import main
+
+    (tmp_path / "txfm-demo" / "raw").mkdir(parents=True)
+    (tmp_path / "txfm-demo" / "raw" / "mine.h5ad").write_text("precious")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--steps", "1", "--no-progress", "--out", "run"]) == 2
+    assert _error_line(capsys.readouterr().err).endswith(
+        "txfm-demo exists and is not a txfm demo folder; remove it or choose another location")
+    assert (tmp_path / "txfm-demo" / "raw" / "mine.h5ad").read_text() == "precious"
+
+
+@pytest.fixture()
+def small_demo(monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_SYNTH", SMALL)
+    monkeypatch.setattr(demo, "DEMO_CONVERT", dict(min_cells=3, min_genes=10, val_fraction=0.05,
+                                                   seed=0))
+
+
+@pytest.mark.parametrize("lost", ["raw/truth/params.json", "raw/screen.h5ad",
+                                  "raw/truth/relationships.txt", "shards/manifest.json"])
+def test_demo_missing_a_file_is_rebuilt(tmp_path, small_demo, lost):
+    """A demo of ours (it carries the marker) that lost a file is incomplete, and rebuilt."""
+    root = tmp_path / "demo"
+    demo.ensure_demo(root)
+    assert demo._complete(root)
+    (root / lost).unlink()
+    (root / "extra.txt").write_text("inside our demo folder")
+    assert not demo._complete(root)
+    demo.ensure_demo(root)
+    assert demo._complete(root) and (root / lost).is_file()
+
+
+# -- 2. a run folder is reused only when it is the run asked for -------------------------------
+
+def test_finished_run_is_reused_and_said(fake, tmp_path, capsys):
+    _checkpoint(tmp_path / "out" / "run_txfm", 20, 20, 0)
+    code, out, _ = _main(capsys, "--out", "out", "--steps", "20")
+    assert code == 0
+    assert "train" not in fake.commands()
+    assert "reusing out/run_txfm: finished (20 of 20 steps, seed 0)" in out
+
+
+def test_interrupted_run_is_resumed(fake, tmp_path, capsys):
+    _checkpoint(tmp_path / "out" / "run_txfm", 40, 60, 3)
+    code, out, _ = _main(capsys, "--out", "out", "--steps", "60", "--seed", "3")
+    assert code == 0
+    train = fake.calls[0]
+    assert train[:2] == ["train", "--resume"] and train[train.index("--out") + 1] == "out/run_txfm"
+    assert train[train.index("--steps") + 1] == "60" and train[train.index("--seed") + 1] == "3"
+    assert "resuming out/run_txfm: stopped at step 40 of 60 (seed 3)" in out
+
+
+@pytest.mark.parametrize("argv,variant", [(["--steps", "20"], "txfm"),
+                                          (["--seed", "1"], "txfm"),
+                                          ([], "txfm"),
+                                          (["--variants", "relu"], "relu")])
+def test_run_trained_with_other_settings_is_refused(fake, tmp_path, capsys, argv, variant):
+    # without --steps the recipe's length is asked for; a 20-step run is not that
+    done = 20 if argv == [] else RECIPE_STEPS
+    _checkpoint(tmp_path / "out" / "run_txfm", done, done, 0)
+    if variant != "txfm":
+        _checkpoint(tmp_path / "out" / f"run_{variant}", 20, 20, 0)
+    code, _, err = _main(capsys, "--out", "out", *argv)
+    assert code == 2
+    line = _error_line(err)
+    assert line.startswith(f"error: --out out: out/run_{variant} was trained with --steps")
+    assert "choose another --out or delete" in line
+    assert fake.calls == [] and fake.built == []  # checked before the demo is built
+
+
+def test_seed_reaches_every_training(fake, capsys):
+    code, _, _ = _main(capsys, "--variants", "relu", "--seed", "7", "--steps", "5",
+                       "--out", "out")
+    assert code == 0
+    trains = [c for c in fake.calls if c[0] == "train"]
+    assert [t[t.index("--out") + 1] for t in trains] == ["out/run_txfm", "out/run_relu"]
+    assert all(t[t.index("--seed") + 1] == "7" for t in trains)
+    assert "--activation" in trains[1]
+    # run again: both runs are complete for these settings, so nothing trains
+    fake.calls.clear()
+    assert _main(capsys, "--variants", "relu", "--seed", "7", "--steps", "5",
+                 "--out", "out")[0] == 0
+    assert "train" not in fake.commands()
+
+
+def test_checkpoint_with_steps_or_seed_is_refused(fake, capsys):
+    for extra in (["--steps", "5"], ["--seed", "1"]):
+        code, _, err = _main(capsys, "--checkpoint", "somewhere", *extra)
+        assert code == 2 and "--checkpoint: --steps and --seed would not apply" in \
+            _error_line(err)
+    code, _, err = _main(capsys, "--checkpoint", "nowhere", "--out", "out")
+    assert code == 2 and _error_line(err).startswith("error: --checkpoint: checkpoint nowhere")
+    assert fake.calls == [] and fake.built == []
+
+
+# -- 3. numeric options are checked by the parser, before the demo ----------------------------
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--seed", "-1"],
+                                  ["--threads", "0"], ["--threads", "-2"],
+                                  ["--variants", ","], ["--variants", ""]])
+def test_bad_numbers_and_empty_variants_are_refused(fake, capsys, argv):
+    code, _, err = _main(capsys, "--out", "out", *argv)
+    assert code == 2
+    assert argv[0] in _error_line(err)
+    assert fake.calls == [] and fake.built == []
+
+
+# -- 4. unusable paths, Ctrl-C, damaged demo --------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "afile"], "error: --out afile: is a file"),
+    (["--out", "afile/sub"], "error: --out afile/sub: afile is a file"),
+    (["--out", "/proc/txfm-x"], "error: --out /proc/txfm-x: cannot write there (in /proc)"),
+    (["--out", "out", "--root", "afile"], "error: --root afile: is a file"),
+    (["--out", "out", "--root", "afile/sub"], "error: --root afile/sub: afile is a file"),
+])
+def test_unusable_out_or_root_is_an_error_line(fake, tmp_path, capsys, argv, message):
+    if argv[1].startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    (tmp_path / "afile").write_text("")
+    code, _, err = _main(capsys, *argv)
+    assert code == 2
+    assert _error_line(err).startswith(message)
+    assert fake.calls == [] and fake.built == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("txfm.data.synth.generate", interrupted)
+    monkeypatch.setattr(learning, "_run", Pipeline())
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, "--out", "out")
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
+
+
+def test_unreadable_demo_file_is_named_before_training(fake, tmp_path, capsys):
+    (tmp_path / "demo" / "raw" / "truth" / "params.json").write_text("{trunc")
+    code, _, err = _main(capsys, "--out", "out")
+    assert code == 2
+    line = _error_line(err)
+    assert "demo/raw/truth/params.json cannot be read" in line and "delete demo" in line
+    assert "--input" not in line
+    assert fake.calls == []
+
+
+# -- 5. --threads and --no-progress reach every step ------------------------------------------
+
+def test_threads_and_no_progress_reach_every_step(fake, capsys):
+    import torch
+
+    before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    want = 1 if before[0] != 1 else 2
+    assert _main(capsys, "--out", "out", "--steps", "5", "--threads", str(want))[0] == 0
+    for command, threads, env in fake.threads[:-1]:  # train and embed run in this process
+        assert (threads, env) == (want, str(want)), command
+    evaluation = fake.calls[-1]
+    assert evaluation[:2] == ["eval", "perturbation"]
+    assert evaluation[evaluation.index("--threads") + 1] == str(want)
+    assert all("--no-progress" in c for c in fake.calls)
+    assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == before
+
+
+# -- 6. strict JSON ---------------------------------------------------------------------------
+
+def test_learning_json_is_strict(fake, tmp_path, capsys):
+    assert _main(capsys, "--out", "out", "--steps", "5")[0] == 0
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    doc = json.loads((tmp_path / "out" / "learning.json").read_text(),
+                     parse_constant=no_constants)
+    assert doc["best"][0]["bmdb"] is None
+    assert not list((tmp_path / "out").glob(".learning.json.tmp*"))
+
+
+# -- 7, 8. what the docs promise; exit statuses -----------------------------------------------
+
+def test_docstring_names_the_files_written():
+    doc = learning.__doc__
+    assert "perturbation.md" not in doc
+    for name in ("perturbation.csv", "perturbation_all.csv", "perturbation.png",
+                 "learning.json"):
+        assert name in doc
+
+
+def test_exit_status_is_documented_and_returned(fake, capsys):
+    code, help_text, _ = _main(capsys, "--help")
+    assert code == 0
+    help_text = " ".join(help_text.split())
+    for status in ("0 when every check passes", "1 when a finished run's checks fail",
+                   "2", "130"):
+        assert status in help_text
+    assert _main(capsys, "--out", "ok", "--steps", "5")[0] == 0
+    fake.average = 10.0  # below PCA's: a check fails
+    code, out, _ = _main(capsys, "--out", "failing", "--steps", "5")
+    assert code == 1 and "average >= PCA's: NO" in out
+
+
+def test_failed_step_status_is_returned(fake, capsys, monkeypatch):
+    def embed_fails(argv):
+        fake(argv)
+        if argv[0] == "embed":
+            raise SystemExit(2)  # what _run does after the step printed its error line
+
+    monkeypatch.setattr(learning, "_run", embed_fails)
+    assert learning.main(["--root", "demo", "--out", "out", "--steps", "5"]) == 2
+    assert not (fake.calls and (fake.calls[-1][0] == "eval"))

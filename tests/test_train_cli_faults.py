@@ -1,0 +1,264 @@
+"""Faults a new user met in ``txfm train``: each mistake is one ``error:`` line and exit 2,
+checked before the data are set up and leaving nothing on disk; the learning diagnostics do
+not call a collapse on a handful of validation cells; the progress bar shows validation and
+keeps its diagnostics; ``metrics.csv`` keeps its formatting across ``--resume``.
+
+Corpora are in-memory (``random:``), models tiny, runs a few steps.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from txfm.cli import main
+from txfm.model import preset
+from txfm.train import TrainConfig, train
+from txfm.train.diagnostics import MIN_CELLS, effective_rank, is_collapsed
+from txfm.train.metrics import read_metrics
+from txfm.train.trainer import Trainer
+
+GENES = 50
+DATA = f"random:cells=64,genes={GENES}"
+NO_K = ["--set", "dim=16", "--set", "depth=1", "--set", "heads=2", "--set", "decoder_hidden=16",
+        "--eager", "--no-progress", "--no-plot", "--no-tensorboard"]
+TINY = [*NO_K, "--k", "8"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(**over):
+    return preset("tiny", **{**dict(dim=16, depth=1, heads=2, decoder_hidden=16, k=8,
+                                    backend="torch"), **over})
+
+
+def _cfg(out, **over):
+    base = dict(data=DATA, out=str(out), steps=4, batch_size=8, log_every=1, val_every=2,
+                val_batches=2, ckpt_every=None, progress=False, plot=False, tensorboard=False)
+    return TrainConfig.for_preset("tiny", **{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> pathlib.Path:
+    """A finished 4-step run (16 validation cells: its rows have ``collapsed``)."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_cfg(out), _model())
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> pathlib.Path:
+    """A copy of the trained run, to damage."""
+    return pathlib.Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails the test if the data are set up (checks must come first)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data were set up before the check")
+
+    monkeypatch.setattr("txfm.train.trainer.open_loader", refuse)
+
+
+def _error(argv, capsys, monkeypatch, tmp_path) -> str:
+    """Runs ``txfm train ARGV``; asserts exit 2, one ``error:`` line, no traceback; returns it."""
+    monkeypatch.chdir(tmp_path)
+    status = main(["train", *argv])
+    out, err = capsys.readouterr()
+    assert status == 2, f"exit {status}\n{out}\n{err}"
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0][len("error: "):]
+
+
+# -- 1. K above the vocabulary ---------------------------------------------------------------------
+# K stays small enough that a regression fails fast instead of padding to 100,000 tokens
+@pytest.mark.parametrize("flag,named", [
+    (["--set", "k=300"], "--set k=300"),
+    (["--k", "300"], "--k 300 (k=300)"),
+    (["--preset", "S", "--steps", "1", "--batch-size", "2"], "k=2048 (from --preset S)"),
+])
+def test_k_above_the_vocabulary_is_refused_before_training(flag, named, capsys, monkeypatch,
+                                                           tmp_path):
+    out = tmp_path / "new"
+    msg = _error(["--data", DATA, "--out", str(out), *NO_K, *flag], capsys, monkeypatch, tmp_path)
+    assert msg == (f"{named}: more than the corpus's {GENES} genes; use k <= {GENES}"), msg
+    assert not out.exists()  # nothing written
+
+
+def test_k_above_the_vocabulary_on_resume_and_in_python(run, capsys, monkeypatch, tmp_path):
+    msg = _error(["--out", str(run), "--resume", "--steps", "6", *TINY, "--k", "500"], capsys,
+                 monkeypatch, tmp_path)
+    assert msg == f"--k 500 (k=500): more than the corpus's {GENES} genes; use k <= {GENES}"
+    expected = f"k=500: more than the corpus's {GENES} genes; use k <= {GENES}"
+    with pytest.raises(ValueError, match=expected):
+        Trainer(_cfg(tmp_path / "api"), _model(k=500))
+    with pytest.raises(ValueError, match=expected):
+        train(_cfg(run, resume=True, steps=6), _model(k=500))
+    assert not (tmp_path / "api").exists()
+
+
+# -- 2. what crashed later now fails up front --------------------------------------------------------
+@pytest.mark.parametrize("out,named", [("afile/sub", "--out afile/sub: lies under afile, which "
+                                        "is a file"),
+                                       ("/proc/x", "--out /proc/x: cannot write there")])
+def test_out_that_cannot_be_made(out, named, capsys, monkeypatch, tmp_path, no_data):
+    if out.startswith("/proc") and not pathlib.Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    (tmp_path / "afile").write_text("x\n")
+    msg = _error(["--data", DATA, "--out", out, *TINY], capsys, monkeypatch, tmp_path)
+    assert msg.startswith(named), msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no scratch folder left
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="backend=cuda runs here")
+def test_backend_that_cannot_run_here(capsys, monkeypatch, tmp_path, no_data):
+    msg = _error(["--data", DATA, "--out", "run", *TINY, "--set", "backend=cuda"], capsys,
+                 monkeypatch, tmp_path)
+    assert msg.startswith("--set backend=cuda: cannot run on cpu here") and "use auto" in msg
+
+
+def test_flash_attention_without_flash_attn(capsys, monkeypatch, tmp_path, no_data):
+    from txfm.model import encoder
+
+    if encoder._fa3_func is not None or encoder._fa2_func is not None:
+        pytest.skip("flash-attn is installed here")
+    msg = _error(["--data", DATA, "--out", "run", *TINY, "--set", "attention=flash"], capsys,
+                 monkeypatch, tmp_path)
+    assert msg.startswith("--set attention=flash: needs flash-attn") and "use auto" in msg
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda text: text + "garbage,line\n", "step='garbage' is not an integer"),
+    (lambda text: "\n".join(",".join(line.split(",")[1:]) for line in text.splitlines()),
+     "no 'step' column"),
+])
+def test_resume_with_a_damaged_metrics_csv(run, damage, named, capsys, monkeypatch, tmp_path,
+                                           no_data):
+    metrics = run / "metrics.csv"
+    metrics.write_text(damage(metrics.read_text()))
+    before = metrics.read_text()
+    msg = _error(["--out", str(run), "--resume", "--steps", "6", *TINY], capsys, monkeypatch,
+                 tmp_path)
+    assert msg.startswith(f"{metrics}: ") and named in msg and "delete" in msg, msg
+    assert metrics.read_text() == before
+
+
+def test_resume_with_another_model_shape(run, capsys, monkeypatch, tmp_path):
+    msg = _error(["--out", str(run), "--resume", "--steps", "6", *TINY, "--set", "dim=32"],
+                 capsys, monkeypatch, tmp_path)
+    assert msg.startswith("--resume: ") and "dim=16 (now 32)" in msg, msg
+
+
+# -- 3. messages that name the argument and the fix ------------------------------------------------
+@pytest.mark.parametrize("flag,expected", [
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be in [0, 2**63)"),
+    (["--set", "heads=0"], "--set heads=0: must be >= 1"),
+    (["--set", "extra=abc"], "--set extra=abc: this field is a dict; give a JSON object"),
+    (["--set", "mlp_ratio=0.001"], "--set mlp_ratio=0.001: gives no MLP unit"),
+])
+def test_messages_name_the_argument(flag, expected, capsys, monkeypatch, tmp_path, no_data):
+    msg = _error(["--data", DATA, "--out", "run", *TINY, *flag], capsys, monkeypatch, tmp_path)
+    assert msg.startswith(expected), msg
+
+
+def test_config_types_are_checked_in_python():
+    with pytest.raises(ValueError, match=r"extra='abc': must be a dict"):
+        _model(extra="abc")
+    with pytest.raises(ValueError, match=r"k=True: must be an integer"):
+        _model(k=True)
+    with pytest.raises(ValueError, match=r"seed=.*must be in \[0, 2\*\*63\)"):
+        _cfg("x", seed=2**63)
+    assert _model(extra={"note": "x"}).extra == {"note": "x"}
+
+
+def test_tau_with_genes_no_cell_expresses(tmp_path):
+    """Most of 3,000 genes of 16 random cells are never expressed: m ** tau needs m > 0."""
+    cfg = _cfg(tmp_path, data="random:cells=16,genes=3000", steps=1, val_every=None)
+    assert train(cfg, _model(tau=0.5)).step == 1
+
+
+# -- 4. diagnostics on a handful of validation cells -------------------------------------------------
+def test_min_cells_can_reach_the_rank_threshold_by_far():
+    g = torch.Generator().manual_seed(0)
+    assert effective_rank(torch.randn(2, 16, generator=g)) == pytest.approx(1.0)  # any 2 cells
+    assert effective_rank(torch.randn(MIN_CELLS, 16, generator=g)) > 5 * 1.5
+    row = {"cls_gain": 0.0, "erank": 1.0}
+    assert is_collapsed({**row, "cells": MIN_CELLS - 1}) is None
+    assert is_collapsed({**row, "cells": MIN_CELLS}) is True
+    assert is_collapsed(row) is True  # no count given: judged as before
+
+
+def test_tiny_validation_set_is_not_called_collapsed(tmp_path, capsys):
+    cfg = _cfg(tmp_path, steps=4, batch_size=2, val_every=1, val_batches=1)
+    result = train(cfg, _model())
+    rows = [r for r in result.history if r.get("erank") is not None]
+    assert len(rows) == 4 and all(r["collapsed"] is None for r in rows), rows
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1, out
+    assert f"at least {MIN_CELLS} validation cells" in out and "--val-batches" in out
+    assert "--batch-size" in out and "collapsing" not in out
+
+
+def test_enough_validation_cells_are_judged(trained):
+    rows = [r for r in read_metrics(trained / "metrics.csv") if r.get("erank") is not None]
+    assert rows and all(r["collapsed"] in (0, 1) for r in rows), rows
+
+
+# -- 5. the progress bar ---------------------------------------------------------------------------
+class _Bar:
+    """Records what the trainer shows in its bar."""
+
+    def __init__(self, disable=False):
+        self.disable = disable
+        self.postfixes: list[dict] = []
+        self.lines: list[str] = []
+
+    def set_postfix(self, postfix, refresh=True):
+        self.postfixes.append(dict(postfix))
+
+    def update(self, n=1):
+        pass
+
+    def write(self, line):
+        self.lines.append(line)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bar_shows_validation_and_keeps_the_diagnostics(tmp_path, monkeypatch, enabled):
+    bar = _Bar(disable=not enabled)
+    monkeypatch.setattr("txfm.train.trainer._progress", lambda total, initial, enabled: bar)
+    train(_cfg(tmp_path, steps=4, val_every=2, val_batches=3, progress=enabled), _model())
+    during = [p["val"] for p in bar.postfixes if "/" in p.get("val", "")]
+    if not enabled:  # --no-progress: no per-batch work for a bar nobody sees
+        assert during == []
+        return
+    assert during == ["1/3", "2/3", "3/3"] * 2
+    logged = [p for p in bar.postfixes if "/" not in p.get("val", "")]
+    assert len(logged) == 4 and all(k in logged[2] for k in ("R2", "cls", "rank")), logged
+    assert logged[2]["R2"] == logged[1]["R2"]  # step 3 keeps step 2's diagnostics
+    assert "R2" not in logged[0]  # none before the first validation
+
+
+# -- 6. metrics.csv on resume ----------------------------------------------------------------------
+def test_resume_keeps_the_rows_as_they_were_written(run):
+    metrics = run / "metrics.csv"
+    before = metrics.read_text().splitlines()
+    assert any(line.endswith((",0", ",1")) for line in before), before
+    train(_cfg(run, steps=6, resume=True), _model())
+    after = metrics.read_text().splitlines()
+    assert after[:len(before)] == before  # kept rows byte for byte: collapsed stays 0/1
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3, 4, 5, 6]
+    assert not (run / "metrics.csv.tmp").exists()
