@@ -530,7 +530,7 @@ def test_bad_inputs_raise_clear_errors():
         f(z, x, backend="fast")
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         f(z, x, backend="cuda")
-    with pytest.raises(ValueError, match="beta must be a finite positive"):
+    with pytest.raises(ValueError, match="beta must be finite and >= 0.001"):
         f(z, x, beta=0.0)
     with pytest.raises(ValueError, match="alpha must be finite"):
         f(z, x, alpha=1e3)
@@ -570,3 +570,82 @@ def test_torch_reference_gives_nan_rows_for_unchecked_bad_ids_like_the_gpu_kerne
     good = RowGeneMask(table, torch.tensor([0, 1]))
     want, _ = reference(z[[0, 2]], x[[0, 2]], good, "none")
     torch.testing.assert_close(loss[[0, 2]].double(), want, rtol=1e-5, atol=1e-4)
+
+
+# -- faults a user found reusing the op in their own model ---------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_returned_gradient_is_never_rescaled_by_a_later_backward(backend):
+    """retain_graph=True: the first backward (grad_output 1) hands out the saved buffer; a
+    second one with another grad_output must not scale that buffer, i.e. the caller's tensor."""
+    z, x = _inputs(2, 9)
+    zr = z.clone().requires_grad_(True)
+    loss = rectified_tanh_poisson_nll(zr, x, backend=backend)
+    g1, = torch.autograd.grad(loss, zr, retain_graph=True)
+    kept = g1.clone()
+    g2, = torch.autograd.grad(loss, zr, torch.tensor(-2.0), retain_graph=True)
+    torch.testing.assert_close(g1, kept, rtol=0, atol=0)
+    torch.testing.assert_close(g2, -2.0 * kept, rtol=0, atol=0)
+    g3, = torch.autograd.grad(loss, zr)
+    torch.testing.assert_close(g3, kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_below_its_bound_is_refused_and_at_it_the_gradient_is_exact(backend):
+    z = torch.tensor([[0.5, 2.0, 10.0, -1.0]], dtype=torch.float64)
+    x = torch.tensor([[0.0, 0.0, 3.0, 0.0]], dtype=torch.float64)
+    for beta in (1e-4, 1e-30, 0.0, -1.0):
+        with pytest.raises(ValueError, match="beta must be finite and >= 0.001"):
+            rectified_tanh_poisson_nll(z, x, beta=beta, backend=backend)
+    zr = z.clone().requires_grad_(True)  # z / beta >= 500: tanh is 1, its slope 0 in fp64
+    rectified_tanh_poisson_nll(zr, x, beta=1e-3, alpha=ALPHA, reduction="sum",
+                               backend=backend).backward()
+    assert zr.grad.abs().max().item() < 1e-20
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(2.0, requires_grad=True), torch.tensor(2.0), "2"])
+def test_alpha_and_beta_must_be_python_numbers(bad):
+    z, x = _inputs(2, 5)
+    from txfm_kernels.poisson import RectifiedTanh, RectifiedTanhPoissonNLLLoss, rectified_tanh
+
+    for call in (lambda: rectified_tanh_poisson_nll(z, x, alpha=bad),
+                 lambda: rectified_tanh_poisson_nll(z, x, beta=bad),
+                 lambda: rectified_tanh(z, alpha=bad), lambda: RectifiedTanh(beta=bad),
+                 lambda: RectifiedTanhPoissonNLLLoss(alpha=bad)):
+        with pytest.raises(TypeError, match="must be a number"):
+            call()
+
+
+def test_rectified_tanh_checks_its_constants_like_the_fused_op():
+    from txfm_kernels.poisson import RectifiedTanh, rectified_tanh
+
+    z = torch.linspace(-3, 3, 7)
+    for kw in (dict(beta=0.0), dict(beta=-1.0), dict(alpha=1000.0), dict(alpha=math.nan)):
+        with pytest.raises(ValueError, match="alpha|beta"):
+            rectified_tanh(z, **kw)
+        with pytest.raises(ValueError, match="alpha|beta"):
+            RectifiedTanh(**kw)
+
+
+def test_sparse_inputs_are_refused_by_name():
+    z, x = _inputs(2, 5)
+    with pytest.raises(TypeError, match=r"logits must be a dense tensor.*to_dense"):
+        rectified_tanh_poisson_nll(z.to_sparse(), x)
+    with pytest.raises(TypeError, match=r"target must be a dense tensor.*to_dense"):
+        rectified_tanh_poisson_nll(z, x.to_sparse())
+
+
+def test_unavailable_backend_names_the_alternatives(monkeypatch):
+    import txfm_kernels._common as common
+
+    monkeypatch.setattr(common, "_TRITON_INTERPRET_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    z, x = _inputs(2, 5)
+    common._resolve_cached.cache_clear()  # memoised per environment, not per import state
+    try:
+        with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1 was set after txfm_kernels "
+                                               r"was imported.*use backend='auto'"):
+            rectified_tanh_poisson_nll(z, x, backend="triton")
+    finally:
+        common._resolve_cached.cache_clear()

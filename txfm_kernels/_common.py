@@ -28,6 +28,7 @@ import glob
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Union
@@ -195,14 +196,23 @@ class BackendInfo:
     detail: str
 
 
+# Triton picks its interpreter when @triton.jit functions are defined, at txfm_kernels' import:
+# setting TRITON_INTERPRET=1 afterwards leaves compiled-mode kernels that fail on CPU tensors.
+_TRITON_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_status() -> tuple[bool, tuple[str, ...], str]:
     if importlib.util.find_spec("triton") is None:
         return False, (), "triton is not installed: `pip install triton` (or txfm[triton])"
     devices = []
     if torch.cuda.is_available():
         devices.append("cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _TRITON_INTERPRET_AT_IMPORT:
         devices.append("cpu")
+    elif not devices and os.environ.get("TRITON_INTERPRET") == "1":
+        return False, (), ("TRITON_INTERPRET=1 was set after txfm_kernels was imported; set it "
+                           "before the import (triton chooses its interpreter when the kernels "
+                           "are defined)")
     if not devices:
         return False, (), ("triton is installed but there is no CUDA GPU; on CPU tensors it only "
                            "runs under TRITON_INTERPRET=1 (set before importing txfm_kernels)")
@@ -255,7 +265,9 @@ def resolve_backend(backend: str, device: torch.device, op: str,
         return "torch"
     info = infos[backend]
     if not info.available:
-        raise RuntimeError(f"{op}: backend={backend!r} is not available: {info.detail}")
+        detail = info.detail.removeprefix(f"{op}: ")  # the op is named once
+        raise RuntimeError(f"{op}: backend={backend!r} is not available ({detail}); use "
+                           f"backend='auto' (the fastest one available) or 'torch' (eager)")
     if kind not in info.devices:
         raise RuntimeError(f"{op}: backend={backend!r} runs on {', '.join(info.devices)} tensors, "
                            f"got tensors on {kind}; move them or use backend='auto'")
@@ -325,6 +337,9 @@ def check_tensor(t, name: str, op: str, dtypes: tuple | None = None, desc: str =
     words the allowed dtypes, ``hint`` says how to fix it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense tensor, got layout {t.layout}; convert it "
+                        "with .to_dense()")
     if dtypes is not None and t.dtype not in dtypes:
         desc = desc or " or ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must be {desc}, got {t.dtype}"
@@ -369,12 +384,13 @@ def check_number(value, name: str, op: str, what: str, *, low: float = -math.inf
         torch._check(v <= high, lambda: msg)
         torch._check(v == v, lambda: msg)  # NaN
         return v
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = None
-    if v is None or isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    # float() would take a one-element tensor (dropping its autograd: a silent constant) or a
+    # numeric string; both are a caller's mistake here
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        hint = (" (a Python float: it is a constant of the op, not a learnable parameter; use "
+                ".item() to pass a tensor's value)" if isinstance(value, torch.Tensor) else "")
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}{hint}")
+    v = float(value)
     if not ((v > low if low_open else v >= low) and v <= high):  # False for NaN
         raise ValueError(f"{op}: {name} must be {what}, got {value}")
     return v

@@ -3,7 +3,7 @@ loss (arXiv:2605.31562 §4).
 
 For decoder logits ``z [B, G]`` and log1p-normalised targets ``x [B, G]``::
 
-    phi(z)   = alpha * relu(tanh(z / beta))             alpha = log(1e5 + 1), beta = 4e
+    phi(z)   = alpha * relu(tanh(z / beta))             alpha = log(1e5 + 1), beta = 4 * e
     l[b, g]  = exp(phi) - phi * exp(x)                  Poisson NLL, log-rate phi, count exp(x)
     dl/dz    = (alpha / beta) * sech^2(z / beta) * (exp(phi) - exp(x))   for z > 0, 0 for z <= 0
 
@@ -120,13 +120,17 @@ class Launch(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 _ALPHA_WHAT = (f"finite with |alpha| <= {_ALPHA_LIMIT:g} (exp(alpha) must stay finite in "
                f"fp32)")
+# The kernels clamp |z / beta| at 40 before tanh, where sech^2 is ~7e-35 instead of 0; times
+# alpha / beta that leak stays below 1e-29 for beta >= 1e-3 and grows without bound below it
+# (beta = 1e-30 gave gradient 83 where the true one is 0). The paper's beta is 4 * e (~10.87).
+BETA_MIN = 1e-3
+_BETA_WHAT = f"finite and >= {BETA_MIN:g} (below, the kernels' clamp of z / beta leaks gradient)"
 _FP64_MAX = float(torch.finfo(torch.float64).max)
 
 
 def _check_alpha_beta(alpha, beta, op: str) -> tuple[float, float]:
     alpha = check_number(alpha, "alpha", op, _ALPHA_WHAT, low=-_ALPHA_LIMIT, high=_ALPHA_LIMIT)
-    beta = check_number(beta, "beta", op, "a finite positive number", low=0.0, low_open=True,
-                        high=_FP64_MAX)
+    beta = check_number(beta, "beta", op, _BETA_WHAT, low=BETA_MIN, high=_FP64_MAX)
     return alpha, beta
 
 
@@ -318,9 +322,13 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
                            "gradients")
     if ctx.reduction == "none":
         dz = (grad * grad_loss).to(grad.dtype)
-    elif traced(grad_loss):
+    elif traced(grad_loss) or getattr(ctx, "handed_out", False):
+        # handed_out: an earlier backward of this graph (retain_graph=True) returned the saved
+        # buffer itself, which is now the caller's gradient: scaling it in place would change
+        # that gradient under them
         dz = grad * grad_loss.to(grad.dtype)
     else:
+        ctx.handed_out = True
         dz = _scale_grad_in_place(grad, grad_loss, ctx.backend)
     return (dz,) + (None,) * 11
 
@@ -366,26 +374,36 @@ def rectified_tanh(z: torch.Tensor, alpha: float = ALPHA, beta: float = BETA) ->
     which torch.compile fuses into one kernel).
     """
     check_tensor(z, "z", "rectified_tanh", _FLOATS, desc="a floating tensor")
+    alpha, beta = _check_alpha_beta(alpha, beta, "rectified_tanh")
     return reference.rectified_tanh(z, alpha, beta)
 
 
 def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_mask=None, *,
                                alpha: float = ALPHA, beta: float = BETA, reduction: str = "mean",
                                backend: str = "auto") -> torch.Tensor:
-    """Poisson NLL of ``phi(logits)`` against ``exp(target)``, fused (see the module docstring).
+    """Poisson NLL of ``phi(logits)`` against ``exp(target)``, fused (arXiv:2605.31562, loss;
+    the formula and the traffic it saves: the module docstring).
+
+    Per gene ``exp(x_hat) - x_hat * exp(x)`` with ``x_hat = alpha * relu(tanh(z / beta))``,
+    in nats, on the log1p-normalised scale of ``target``.
 
     Args:
-        logits: ``[B, G]`` (or ``[G]``) fp32 / bf16 / fp16 decoder logits ``z``.
+        logits: ``[B, G]`` (or ``[G]``) fp32 / bf16 / fp16 decoder logits ``z``; dense
+            (``.to_dense()`` a sparse tensor).
         target: same shape, fp32 / bf16, log1p-normalised expression ``x`` (the loss uses
-            ``exp(x)``); must not require grad.
+            ``exp(x)``: NaN, or ``x`` above ~88.7 where ``exp`` overflows fp32, gives a NaN or
+            infinite loss, as the eager formula does); must not require grad.
         gene_mask: None, bool ``[G]`` or ``[B, G]`` (True = keep), or
             :class:`~txfm_kernels.RowGeneMask` ``(mask [D, G], dataset_ids [B])``.
-        alpha, beta: rectified-tanh constants (``|alpha| <= 80``, ``beta > 0``); Python or
-            symbolic (torch.compile) floats.
+        alpha, beta: rectified-tanh constants (defaults :data:`ALPHA` = ``log(1e5 + 1)``,
+            :data:`BETA` = ``4 * e``; ``|alpha| <= 80``, ``beta >= 1e-3``); Python or
+            symbolic (torch.compile) floats, never tensors: they are constants of the op,
+            not learnable.
         reduction: ``"mean"`` (mean over rows of per-row means over kept genes; rows keeping
             no gene contribute 0), ``"sum"`` or ``"none"`` (``[B, G]``, 0 where left out).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"`` (eager
-            autograd reference, also the ``auto`` fallback; the only one with double backward).
+            autograd reference, also the ``auto`` fallback; the only one with double backward,
+            forward-mode AD and ``torch.func`` transforms such as ``grad`` and ``vmap``).
 
     Returns:
         fp32 loss (0-d, or ``[B, G]`` / ``[G]`` for ``"none"``; fp64 for fp64 logits); its
@@ -467,7 +485,7 @@ class RectifiedTanh(nn.Module):
 
     def __init__(self, alpha: float = ALPHA, beta: float = BETA):
         super().__init__()
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.alpha, self.beta = _check_alpha_beta(alpha, beta, type(self).__name__)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return rectified_tanh(z, self.alpha, self.beta)
