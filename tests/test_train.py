@@ -104,8 +104,17 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port", str(29500 + os.getpid() % 1000), "-m", "txfm.cli", "train",
            "--no-progress", "--no-plot", *common, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    # its own process group: on a timeout every rank is killed, so a hung rank (holding the
+    # output pipes) fails the test instead of hanging the suite
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the two-process run did not finish in 300 s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:

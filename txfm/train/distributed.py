@@ -7,7 +7,9 @@ and pins each rank to ``cuda:LOCAL_RANK``. Without those variables it is a singl
 """
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,13 @@ def init(device: str = "auto") -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # gloo's worker thread takes the GIL to free the tensors of a finished collective, and
+        # the group's destructor (here, or in DDP's reducer at exit) joins that thread while
+        # holding the GIL: a deadlock at exit if a free is still pending (seen once in the
+        # two-process test on a loaded machine). Let it finish first, with the GIL released
+        # (no barrier: after an error on one rank the others may never reach it).
+        gc.collect()
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
