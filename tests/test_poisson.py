@@ -649,3 +649,15 @@ def test_unavailable_backend_names_the_alternatives(monkeypatch):
             rectified_tanh_poisson_nll(z, x, backend="triton")
     finally:
         common._resolve_cached.cache_clear()
+
+
+@pytest.mark.skipif(not _available("cpu"), reason="cpu backend not built")
+def test_forward_mode_ad_and_func_grad_name_the_backend_that_has_them():
+    z, x = _inputs(2, 5, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward-mode AD.*backend='torch'"):
+        torch.func.jvp(lambda t: rectified_tanh_poisson_nll(t, x, backend="cpu"), (z,),
+                       (torch.ones_like(z),))
+    with pytest.raises(NotImplementedError, match="gradient transforms.*backend='torch'"):
+        torch.func.grad(lambda t: rectified_tanh_poisson_nll(t, x, backend="cpu"))(z)
+    g = torch.func.grad(lambda t: rectified_tanh_poisson_nll(t, x, backend="torch"))(z)
+    assert torch.isfinite(g).all()

@@ -622,3 +622,37 @@ def test_gpu_validate_true_raises_and_weighted_draw_runs():
     assert s.gene_ids.is_cuda and not s.pad_mask.any()
     for row in s.gene_ids.cpu():
         assert len(set(row.tolist())) == 4
+
+
+# -- faults a user found reusing the op ----------------------------------------------------------
+
+@needs_cpu
+@pytest.mark.parametrize("indptr,indices", [
+    ([0, 3, 9], [1, 2, 3]),             # last pointer past the data
+    ([0, -100, 3], [1, 2, 3]),          # decreasing
+    ([0, 2, 3], [1, 100000, 3]),        # gene index out of range
+    ([0, 2, 3], [-1, 2, 3]),
+])
+def test_unvalidated_cpu_input_is_still_memory_safe(indptr, indices):
+    """validate=False trusts values, but a damaged CSR must not crash the process (the cpu
+    kernel writes dense[index] unclamped): the structure is checked anyway, with the kernel's
+    messages."""
+    p = torch.tensor(indptr, dtype=torch.int64)
+    i = torch.tensor(indices, dtype=torch.int32)
+    c = torch.ones(len(indices))
+    with pytest.raises(ValueError, match="indptr|indices"):
+        masked_sample(p, i, c, n_genes=10, k=3, seed=0, backend="cpu", validate=False)
+
+
+@pytest.mark.parametrize("tau", [float("inf"), 1e37, -1e3, 100.5])
+def test_tau_beyond_what_fp32_keys_hold_is_refused(tau):
+    p, i, c = _good()
+    with pytest.raises(ValueError, match=r"tau must be finite with \|tau\| <= 100"):
+        masked_sample(p, i, c, n_genes=6, k=2, seed=0, tau=tau,
+                      gene_weights=torch.ones(6))
+
+
+def test_target_sum_that_rounds_to_zero_in_fp32_is_refused():
+    p, i, c = _good()
+    with pytest.raises(ValueError, match="target_sum must be finite and > 0"):
+        masked_sample(p, i, c, n_genes=6, k=2, seed=0, target_sum=1e-46)

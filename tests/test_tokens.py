@@ -386,3 +386,22 @@ def test_gpu_wide_rows_fall_back_from_cuda():
     cpu = [None if t is None else t.cpu() for t in args]
     got = [None if t is None else t.cpu() for t in got]
     assert_matches(got, run_reference(*cpu), torch.float32)
+
+
+def test_forward_mode_ad_and_func_grad_are_refused_not_silently_zero():
+    """A torch.library op with only a backward formula dropped jvp tangents (zeros) and failed
+    inside PyTorch under torch.func.grad; vmap and reverse mode work."""
+    import torch.autograd.forward_ad as fwAD
+
+    E = torch.randn(10, 7, dtype=torch.float64)
+    ids = torch.randint(0, 10, (2, 3))
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda v: gene_tokens(E, ids, v), (x,), (torch.ones_like(x),))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            gene_tokens(E, ids, fwAD.make_dual(x, torch.ones_like(x)))
+    with pytest.raises(NotImplementedError, match="torch.func gradient transforms"):
+        torch.func.grad(lambda e: gene_tokens(e, ids, x).sum())(E)
+    batched = torch.vmap(lambda v: gene_tokens(E, ids, v))(x[None].expand(3, 2, 3))
+    assert torch.equal(batched[1], gene_tokens(E, ids, x))

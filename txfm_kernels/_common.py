@@ -346,6 +346,29 @@ def check_tensor(t, name: str, op: str, dtypes: tuple | None = None, desc: str =
                         + (f"; {hint}" if hint else ""))
 
 
+def check_reverse_mode_only(op: str, hint: str = "", **tensors) -> None:
+    """``NotImplementedError`` for forward-mode AD (``torch.func.jvp``, ``forward_ad`` dual
+    tensors) and ``torch.func`` gradient transforms on ``tensors`` (None skipped): a
+    ``torch.library`` op with only a backward formula would drop the tangent silently (zeros)
+    or fail inside PyTorch. ``vmap`` and ordinary autograd pass."""
+    if torch.compiler.is_compiling():
+        return
+    from torch._C import _functorch
+    from torch.autograd import forward_ad
+
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, forward_ad) is not "
+                                      f"supported ({name} carries a tangent); use reverse mode: "
+                                      f".backward() or torch.autograd.grad{hint}")
+        if _functorch.is_gradtrackingtensor(t):
+            raise NotImplementedError(f"{op}: torch.func gradient transforms (grad, jacrev, "
+                                      f"jacfwd) are not supported; use .backward() or "
+                                      f"torch.autograd.grad{hint}")
+
+
 def check_same_device(op: str, first: str, **others) -> None:
     """Every tensor of ``others`` (None skipped) is on the device of tensor ``first``."""
     named = {k: v for k, v in others.items() if v is not None}

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._common import (BACKENDS, Number, backend_module, check_choice, check_number,
+                       check_reverse_mode_only,
                        check_row_ids, check_tensor, op_backend, resolve, traced)
 from ..masks import RowGeneMask
 from . import reference
@@ -424,6 +425,8 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     z, x, was_1d = _rows(logits, target, op)
     mask, ids = _check_gene_mask(gene_mask, z.shape[0], z.shape[1], z.device, op)
     name = resolve(backend, z.device.type, _OP)
+    if name != "torch":
+        check_reverse_mode_only(op, ", or backend='torch' (eager autograd)", logits=z)
     if name == "torch":
         _check_ids(mask, ids)
         loss = reference.poisson_nll(z, x, mask, ids, mode=RTANH, alpha=alpha, beta=beta,

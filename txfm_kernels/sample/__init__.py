@@ -62,7 +62,10 @@ the function and :class:`MaskedSample`.
 
 Validation: ``validate=None`` checks CPU inputs (O(nnz), fused into the cpu kernel's pass over
 each row) and trusts GPU inputs (a check would sync); ``True`` checks GPU inputs too (torch
-ops, one sync) and the observable lists against their mask; ``False`` trusts everything.
+ops, one sync) and the observable lists against their mask; ``False`` trusts the values (counts,
+dataset ids: clamped) but on the cpu backend still checks the row pointers and gene indices
+(torch ops), since its kernel writes ``dense[index]`` unclamped and a damaged CSR would crash
+the process.
 Checked: indptr starts at 0, is non-decreasing and ends at nnz; indices in ``[0, n_genes)``
 and strictly increasing per row; counts finite and >= 0; dataset ids in range; the observable
 table's CSR pointers. Unvalidated input never makes the GPU kernels read or write outside
@@ -99,6 +102,10 @@ __all__ = ["MaskedSample", "masked_sample", "call_key", "TARGET_SUM"]
 _OP = "masked_sample"
 TARGET_SUM = 1e5  # default L of log1p(L * c / S)
 _FP32_MAX = float(torch.finfo(torch.float32).max)
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)  # a smaller target_sum rounds to 0 in fp32
+_TAU_LIMIT = 100.0  # |tau| * log(cells) stays far inside fp32 for any corpus
+# built here: under torch.compile a module float is symbolic, and an f-string of it breaks the graph
+_TAU_WHAT = f"finite with |tau| <= {_TAU_LIMIT:g}"
 _M64 = (1 << 64) - 1
 _COUNT_DTYPES = (torch.float32, torch.int32, torch.int16, torch.uint16, torch.uint8)  # read as is
 
@@ -257,6 +264,8 @@ def _fill(c: Call, backend: str, validate: bool, mask, gene_weights, tau: float,
     """Draw into the outputs: uniformly with ``backend``, or weighted (``tau != 0``, torch)."""
     if tau == 0:
         name = op_backend(backend, c.indptr.device.type, "sample")
+        if name == "cpu" and not validate and not traced(c.indptr):
+            reference.check_structure(c)  # validate=False trusts values, never memory safety
         backend_module(__name__, name).fill(c, ids, values, pad, target, libsize, validate, name)
         return
     if validate:
@@ -360,7 +369,7 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         gene_weights: ``[G]`` positive float weights (tau != 0 only).
         return_target: also write the dense ``[B, G]`` target.
         validate: None = check CPU inputs, trust GPU inputs; True = check both (syncs on GPU);
-            False = trust both.
+            False = trust the values (the cpu backend still checks the CSR's structure).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
         out: optional preallocated :class:`MaskedSample` to write into (e.g. two alternated by
             a loader): saves the allocation and first-touch page faults of the target.
@@ -390,13 +399,15 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
             raise TypeError(f"{_OP}: pass target_sum only (library_size is its deprecated alias)")
         target_sum, name_L = library_size, "library_size"
     target_sum = check_number(TARGET_SUM if target_sum is None else target_sum, name_L, _OP,
-                              "finite and > 0 (an fp32 number)", low=0.0, low_open=True,
+                              "finite and > 0 (an fp32 number)", low=_FP32_TINY,
                               high=_FP32_MAX)
     for name, v in (("seed", seed), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{_OP}: {name} must be an int{' (keyword)' if name == 'seed' else ''}"
                             f", got {v!r}")
-    tau = check_number(tau, "tau", _OP, "finite")
+    # tau * log(m) must stay finite in fp32 for every gene's m, or the keys tie at inf and
+    # unobservable genes rank among the drawn ones
+    tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-_TAU_LIMIT, high=_TAU_LIMIT)
     check_choice(backend, "backend", BACKENDS, _OP)
     indptr, indices, counts, dataset_ids, gene_weights = _check_inputs(
         indptr, indices, counts, n_genes, k, observable, dataset_ids, gene_weights, tau)

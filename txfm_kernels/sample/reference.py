@@ -200,10 +200,18 @@ def error_message(code: int, where: int, c: Call) -> str:
     return f"{_OP}: {msgs[code]}"
 
 
-def check_input(c: Call) -> None:
-    """The cpu kernel's checks as torch ops (one sync); raises the same messages."""
+def check_structure(c: Call) -> None:
+    """What keeps the cpu kernel inside its buffers (it writes ``dense[index]`` unclamped): the
+    row pointers and the gene index range, as torch ops; the cpu kernel's messages."""
+    _check_indptr(c)
+    bad = ((c.indices < 0) | (c.indices >= c.n_genes)).nonzero()
+    if bad.numel():
+        row = int(torch.searchsorted(c.indptr, bad[0, 0], right=True)) - 1
+        raise ValueError(error_message(13, row, c))
+
+
+def _check_indptr(c: Call) -> None:
     B, nnz = c.indptr.numel() - 1, c.indices.numel()
-    dev = c.indptr.device
     if int(c.indptr[0]) != 0:
         raise ValueError(error_message(10, 0, c))
     step_bad = (c.indptr[1:] < c.indptr[:-1]).nonzero()
@@ -211,6 +219,13 @@ def check_input(c: Call) -> None:
         raise ValueError(error_message(11, int(step_bad[0, 0]), c))
     if int(c.indptr[-1]) != nnz:
         raise ValueError(error_message(12, B, c))
+
+
+def check_input(c: Call) -> None:
+    """The cpu kernel's checks as torch ops (one sync); raises the same messages."""
+    B, nnz = c.indptr.numel() - 1, c.indices.numel()
+    dev = c.indptr.device
+    _check_indptr(c)
     row = torch.repeat_interleave(torch.arange(B, device=dev), c.indptr[1:] - c.indptr[:-1],
                                   output_size=nnz)
     idx = c.indices

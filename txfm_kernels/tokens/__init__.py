@@ -54,7 +54,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._common import BACKENDS, backend_module, check_choice, check_tensor, resolve
+from .._common import (BACKENDS, backend_module, check_choice, check_reverse_mode_only,
+                       check_tensor, resolve)
 from . import reference
 
 __all__ = ["gene_tokens", "GeneTokenizer"]
@@ -229,11 +230,21 @@ def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Te
     Returns:
         ``[B, K + 1, d]`` with ``cls`` (``[B, K, d]`` without), in the codebook's dtype.
 
+    Raises:
+        TypeError / ValueError naming the argument (dtype, shape, device, backend);
+        ``IndexError`` for an id outside ``[0, V)`` (CPU tensors, or ``check_ids``);
+        ``NotImplementedError`` under forward-mode AD or ``torch.func.grad`` (``vmap`` works);
+        ``RuntimeError`` for a backend that cannot run here.
+
+    Source: the token ``[E_g ; x_g]`` of arXiv:2605.31562 (model).
+
     >>> E = torch.randn(100, 7); ids = torch.randint(0, 100, (2, 5)); x = torch.rand(2, 5)
     >>> gene_tokens(E, ids, x, cls=torch.zeros(8)).shape
     torch.Size([2, 6, 8])
     """
     _check_args(codebook, gene_ids, values, cls, pad_mask, backend)
+    check_reverse_mode_only("gene_tokens", " (vmap works)", codebook=codebook, values=values,
+                            cls=cls)
     if values.dtype != codebook.dtype:
         values = values.to(codebook.dtype)
     return _gene_tokens_op(codebook, gene_ids, values, cls, pad_mask, backend, deterministic,
