@@ -656,3 +656,11 @@ def test_target_sum_that_rounds_to_zero_in_fp32_is_refused():
     p, i, c = _good()
     with pytest.raises(ValueError, match="target_sum must be finite and > 0"):
         masked_sample(p, i, c, n_genes=6, k=2, seed=0, target_sum=1e-46)
+
+
+def test_counts_that_require_grad_are_refused_up_front():
+    p, i, c = _good()
+    with pytest.raises(ValueError, match="counts must not require grad"):
+        masked_sample(p, i, c.clone().requires_grad_(True), n_genes=6, k=2, seed=0)
+    with torch.no_grad():  # nothing to differentiate there
+        masked_sample(p, i, c.clone().requires_grad_(True), n_genes=6, k=2, seed=0)

@@ -320,7 +320,7 @@ def test_gene_tokenizer_module():
     assert no_cls.cls is None
     assert no_cls(gene_ids % 10, values).shape == (2, 7, 4)
     assert no_cls(gene_ids % 10, values).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="d >= 2"):
+    with pytest.raises(ValueError, match="d must be an int >= 2"):
         GeneTokenizer(10, 1)
 
 
@@ -405,3 +405,14 @@ def test_forward_mode_ad_and_func_grad_are_refused_not_silently_zero():
         torch.func.grad(lambda e: gene_tokens(e, ids, x).sum())(E)
     batched = torch.vmap(lambda v: gene_tokens(E, ids, v))(x[None].expand(3, 2, 3))
     assert torch.equal(batched[1], gene_tokens(E, ids, x))
+
+
+@pytest.mark.parametrize("args,kw,exc,match", [
+    ((10, 8.5), {}, ValueError, "d must be an int"),
+    ((10.0, 8), {}, ValueError, "n_genes must be an int"),
+    ((0, 8), {}, ValueError, "n_genes must be an int >= 1"),
+    ((10, 8), {"dtype": torch.float16}, TypeError, "dtype must be float32 or bfloat16"),
+])
+def test_tokenizer_arguments_are_checked_by_name(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        GeneTokenizer(*args, **kw)

@@ -164,6 +164,9 @@ def _check_inputs(indptr, indices, counts, n_genes, k, observable, dataset_ids, 
     if indptr.numel() < 1:
         raise ValueError(f"{_OP}: indptr must have B + 1 >= 1 entries, got none")
     check_tensor(indices, "indices", _OP, (torch.int32,), hint="pass indices.to(torch.int32)")
+    if counts.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_OP}: counts must not require grad (the draw is not differentiable); "
+                         "pass counts.detach()")
     if counts.numel() != indices.numel():
         raise ValueError(f"{_OP}: counts has {counts.numel()} entries but indices has "
                          f"{indices.numel()}; they must be the CSR data and indices of one matrix")

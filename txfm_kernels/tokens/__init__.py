@@ -54,8 +54,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._common import (BACKENDS, backend_module, check_choice, check_reverse_mode_only,
-                       check_tensor, resolve)
+from .._common import (BACKENDS, backend_module, check_choice, check_int,
+                       check_reverse_mode_only, check_tensor, resolve)
 from . import reference
 
 __all__ = ["gene_tokens", "GeneTokenizer"]
@@ -267,8 +267,11 @@ class GeneTokenizer(nn.Module):
     def __init__(self, n_genes: int, d: int, cls: bool = True, backend: str = "auto",
                  deterministic: bool = True, device=None, dtype=None):
         super().__init__()
-        if n_genes < 1 or d < 2:
-            raise ValueError(f"GeneTokenizer: need n_genes >= 1 and d >= 2, got {n_genes}, {d}")
+        check_int(n_genes, "n_genes", "GeneTokenizer", 1)
+        check_int(d, "d", "GeneTokenizer", 2)
+        if dtype is not None and dtype not in _DTYPES:
+            raise TypeError(f"GeneTokenizer: dtype must be float32 or bfloat16 (float64 on CPU), "
+                            f"got {dtype}")
         check_choice(backend, "backend", BACKENDS, "GeneTokenizer")
         factory = {"device": device, "dtype": dtype}
         self.n_genes, self.d = n_genes, d
