@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+from torch._C import _functorch
+from torch.autograd import forward_ad
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -353,13 +355,11 @@ def check_reverse_mode_only(op: str, hint: str = "", **tensors) -> None:
     or fail inside PyTorch. ``vmap`` and ordinary autograd pass."""
     if torch.compiler.is_compiling():
         return
-    from torch._C import _functorch
-    from torch.autograd import forward_ad
-
+    dual = forward_ad._current_level >= 0  # inside a dual level (torch.func.jvp opens one too)
     for name, t in tensors.items():
         if t is None:
             continue
-        if forward_ad.unpack_dual(t).tangent is not None:
+        if dual and forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, forward_ad) is not "
                                       f"supported ({name} carries a tangent); use reverse mode: "
                                       f".backward() or torch.autograd.grad{hint}")
