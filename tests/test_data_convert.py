@@ -436,3 +436,49 @@ def test_cli_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "txfm.cli", "data", "info", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "not a complete txfm shard collection" in r.stderr
+
+
+# -- faults a new user found ---------------------------------------------------------------------
+
+def test_a_users_folder_named_like_a_shard_is_never_deleted(tmp_path):
+    src = write_h5ad(tmp_path / "a.h5ad", np.eye(4) * 3 + 1, range(4))
+    out = tmp_path / "out"
+    (out / "dataset_0").mkdir(parents=True)
+    (out / "dataset_0" / "data.bin").write_text("precious")
+    with pytest.raises(FileExistsError, match="not txfm shards"):
+        convert([src], out, min_cells=0, min_genes=0, val_fraction=0.0, progress=False)
+    assert (out / "dataset_0" / "data.bin").read_text() == "precious"
+
+
+def test_unnamed_or_blank_genes_are_refused_not_matched_by_position(tmp_path):
+    x = sp.csr_matrix(np.ones((3, 4), dtype=np.float32))
+    default = tmp_path / "default.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(X=x).write_h5ad(default)  # var index '0'..'3'
+    with pytest.raises(InputError, match="genes have no names"):
+        convert([default], tmp_path / "o1", min_cells=0, min_genes=0, val_fraction=0.0,
+                progress=False)
+    blank = tmp_path / "blank.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(X=x, var=pd.DataFrame(index=["A", "B", "nan", "D"])).write_h5ad(blank)
+    with pytest.raises(InputError, match="empty or 'nan' name"):
+        convert([blank], tmp_path / "o2", min_cells=0, min_genes=0, val_fraction=0.0,
+                progress=False)
+
+
+def test_non_integer_counts_point_to_raw_and_layer_first(tmp_path):
+    src = write_h5ad(tmp_path / "log.h5ad", np.log1p(np.eye(3) * 5 + 1), range(3))
+    with pytest.raises(InputError, match=r"non-integer counts \(e\.g\. [0-9.]+ at cell.*--raw or "
+                                         r"--layer NAME"):
+        convert([src], tmp_path / "o", min_cells=0, min_genes=0, val_fraction=0.0,
+                progress=False)
+
+
+def test_out_that_cannot_be_created_names_out(tmp_path):
+    src = write_h5ad(tmp_path / "a.h5ad", np.eye(4) * 3 + 1, range(4))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match=r"--out .*afile/sub: cannot be created"):
+        convert([src], tmp_path / "afile" / "sub", min_cells=0, min_genes=0, val_fraction=0.0,
+                progress=False)

@@ -94,6 +94,9 @@ def _fingerprint(inputs: Sequence[Path], params: dict) -> str:
 
 def _ours(entry: Path) -> bool:
     n = entry.name
+    if entry.is_dir() and (n.startswith(SHARD_PREFIX) or n == VAL_GROUP):
+        # ours is a zarr group; a user's folder of that name is foreign, never deleted
+        return (entry / "zarr.json").is_file()
     return (n.startswith(SHARD_PREFIX) or n.startswith(".tmp-") or n in
             (VAL_GROUP, VOCAB_FILE, MANIFEST, "zarr.json", WORK, LOCK) or n.startswith(MANIFEST))
 
@@ -149,7 +152,7 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
         row = int(np.searchsorted(m.indptr, k, side="right") - 1)
         col = int(m.indices[k])
         keys = ds.reader.gene_symbols if ds.reader.gene_symbols is not None else ds.reader.gene_ids
-        return f"(e.g. {d[k]!r} at cell {first_row + row}, gene {keys[col]})"
+        return f"(e.g. {float(d[k]):g} at cell {first_row + row}, gene {keys[col]})"
 
     if kind == "f":
         bad = ~np.isfinite(d)
@@ -166,8 +169,10 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
         if bad.any():
             if not allow_non_integer:
                 raise InputError(f"{ds.reader.path}: non-integer counts {where(bad)}; raw integer "
-                                 f"counts expected. For TPM-like bulk data pass "
-                                 f"--allow-non-integer (counts are then stored as float32)")
+                                 f"counts expected, not normalised or log data. If the file keeps "
+                                 f"its raw counts in .raw or a layer, pass --raw or --layer NAME; "
+                                 f"only for TPM-like bulk data pass --allow-non-integer (stored "
+                                 f"as float32)")
             return False
     return True
 
@@ -278,7 +283,11 @@ def _locked(out: Path):
     the end (a waiter that locked the removed file notices the swap and retries)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, or where one cannot write
+        raise FileExistsError(f"--out {out}: cannot be created ({exc.strerror or exc}); "
+                              "choose another location") from exc
     path = out / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

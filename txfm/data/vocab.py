@@ -124,10 +124,27 @@ def symbol_to_id_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {s: next(iter(ids)) for s, ids in seen.items() if len(ids) == 1}
 
 
+def _check_names(reader: InputReader, names) -> None:
+    """InputError for gene names that cannot key a vocabulary: AnnData's default index
+    ``0..n-1`` (the genes would be matched across inputs by position), or empty / 'nan'."""
+    if names is None or len(names) == 0:
+        return
+    text = np.asarray([str(v) for v in names], dtype=object)
+    if len(text) > 1 and np.array_equal(text, np.arange(len(text)).astype(str).astype(object)):
+        raise InputError(f"{reader.path}: its genes have no names (var's index is 0..{len(text) - 1}"
+                         f", AnnData's default): store Ensembl ids or symbols as var_names (or a "
+                         f"gene_ids / symbol column)")
+    blank = np.flatnonzero(np.isin(np.char.strip(text.astype(str)), ["", "nan", "None"]))
+    if blank.size:
+        raise InputError(f"{reader.path}: {blank.size} gene(s) have an empty or 'nan' name (e.g. "
+                         f"column {int(blank[0])}); name every gene, or drop those columns")
+
+
 def dataset_keys(reader: InputReader, mode: str,
                  sym2id: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """Key and symbol of every feature column of ``reader`` (object arrays)."""
     ids, syms = reader.gene_ids, reader.gene_symbols
+    _check_names(reader, ids if ids is not None else syms)
     if mode not in GENE_KEY_MODES:
         raise ValueError(f"gene_key must be one of {GENE_KEY_MODES}, got {mode!r}")
     if mode == "symbol":
