@@ -482,3 +482,75 @@ def test_out_that_cannot_be_created_names_out(tmp_path):
     with pytest.raises(FileExistsError, match=r"--out .*afile/sub: cannot be created"):
         convert([src], tmp_path / "afile" / "sub", min_cells=0, min_genes=0, val_fraction=0.0,
                 progress=False)
+
+
+@pytest.mark.parametrize("top, dtype, warned", [(5e9, "auto", "seldom raw sequencing counts"),
+                                                (2**24 + 1, "float32", "uint32 holds them"),
+                                                (2**24, "float32", None),
+                                                (3e9, "auto", None)])
+def test_counts_that_float32_would_round_are_reported(tmp_path, top, dtype, warned):
+    """Integer counts above 2^24 lose digits in float32 (auto picks it only past uint32)."""
+    x = np.eye(4, dtype=np.float64) * 3 + 1
+    x[0, 0] = top
+    src = write_h5ad(tmp_path / "a.h5ad", x, range(4), dtype=np.float64)
+    lines = []
+    m = convert([src], tmp_path / "o", min_cells=0, min_genes=0, val_fraction=0.0,
+                counts_dtype=dtype, progress=False, log=lines.append)
+    warnings_ = [ln for ln in lines if ln.startswith("warning:")]
+    if warned is None:
+        assert warnings_ == [], warnings_
+    else:
+        assert len(warnings_) == 1 and "float32" in warnings_[0] and warned in warnings_[0]
+        assert f"{top:,.0f}" in warnings_[0]
+    assert m.max_count == top
+
+
+def test_an_input_given_twice_or_names_that_clash_are_refused(tmp_path, capsys):
+    from txfm.cli import main
+
+    a = write_h5ad(tmp_path / "a.h5ad", np.eye(4) * 3 + 1, range(4))
+    b = write_h5ad(tmp_path / "b.h5ad", np.eye(4) * 2 + 1, range(4))
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "alias.h5ad"
+    link.symlink_to(a)
+    kw = dict(min_cells=0, min_genes=0, val_fraction=0.0, progress=False)
+    for inputs in ([a, a], [a, tmp_path / "sub" / ".." / "a.h5ad"], [a, link]):
+        with pytest.raises(InputError, match=r"are the same input; give each dataset once"):
+            convert(inputs, tmp_path / "o", **kw)
+    for names, msg in ((["x", "x"], r"--names: 'x' given twice"),
+                       (["x", " "], r"--names: name 2 is empty"),
+                       (["x"], r"--names: 1 names for 2 inputs")):
+        with pytest.raises(ValueError, match=msg):
+            convert([a, b], tmp_path / "o", names=names, **kw)
+    assert not (tmp_path / "o").exists()
+    capsys.readouterr()
+    rc = main(["data", "convert", str(a), str(b), "--names", "x,x", "--out", str(tmp_path / "o"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --names: 'x' given twice"), err
+    m = convert([a, b], tmp_path / "o", names=["x", "y"], **kw)  # distinct names: fine
+    assert [d.name for d in m.datasets] == ["x", "y"]
+
+
+def test_names_mixing_ids_and_symbols_merge_by_id_and_are_reported(tmp_path):
+    """An input whose gene names are mostly, but not all, Ensembl ids (with versions) is keyed
+    by symbol; its id-named genes must still meet the same genes of an input keyed by id."""
+    ids = [f"ENSG{g:011d}" for g in range(10)]
+    mixed = [f"{i}.{g % 3 + 1}" for g, i in enumerate(ids[:7])] + ["GFP", "Cas9", "SYM9"]
+    x = np.arange(1, 31, dtype=np.float32).reshape(3, 10)
+    a = ad.AnnData(X=sp.csr_matrix(x), var=pd.DataFrame(index=mixed),
+                   obs=pd.DataFrame(index=[f"a{i}" for i in range(3)]))
+    b = ad.AnnData(X=sp.csr_matrix(x[:, :7] + 1),
+                   var=pd.DataFrame({"symbol": [f"S{g}" for g in range(7)]}, index=ids[:7]),
+                   obs=pd.DataFrame(index=[f"b{i}" for i in range(3)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.write_h5ad(tmp_path / "a.h5ad")
+        b.write_h5ad(tmp_path / "b.h5ad")
+    lines = []
+    m = convert([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "o", min_cells=0,
+                min_genes=0, val_fraction=0.0, progress=False, log=lines.append)
+    assert m.gene_ids == ids[:7] + ["GFP", "Cas9", "SYM9"]  # the 7 ids merged, unversioned
+    assert any(ln.startswith("a: 7 genes keyed by Ensembl id, 3 by symbol") for ln in lines), lines
+    assert not any(ln.startswith("b:") and "keyed" in ln for ln in lines)
+    assert m.datasets[0].report["genes_keyed_by_id"] == 7

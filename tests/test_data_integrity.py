@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,56 @@ def test_corrupt_obs_and_indptr_are_named(shards, tmp_path):
         ShardLoader(bad, 16, split="val")
     _assert_cli_names(_verify_cli(bad), "val/dataset_0", "X/indptr")
 
+
+
+@pytest.mark.parametrize("meta", ["zarr.json", "val/zarr.json", "dataset_1/zarr.json",
+                                  "dataset_1/X/data/zarr.json", "dataset_1/X/indptr/zarr.json",
+                                  "dataset_1/obs/dataset/codes/zarr.json"])
+def test_damaged_zarr_json_is_named(shards, tmp_path, meta):
+    """A truncated metadata file: `txfm data verify` names it; the loader either does not need
+    it (zarr reads the shard's consolidated metadata) or names it in its error."""
+    bad = _copy(shards, tmp_path)
+    f = bad / meta
+    f.write_text(f.read_text()[:30])
+    _assert_cli_names(_verify_cli(bad), re.escape(str(f)), "metadata cannot be read",
+                      "convert the inputs again")
+    try:
+        for split in ("train", "val"):
+            list(ShardLoader(bad, 64, split=split))
+    except ShardReadError as err:
+        assert str(f) in str(err) and "convert the inputs again" in str(err), err
+
+
+def test_every_chunk_is_written(tmp_path):
+    """zarr skips chunks of fill values only by default, and reads an absent one as fill
+    values; txfm writes them all, so that an absent chunk file can be called damage. A
+    single-dataset corpus has obs/dataset codes that are all 0, the fill value."""
+    from txfm.data.layout import missing_chunks
+
+    gen = generate(tmp_path / "raw", cells=300, genes=60, perturbations=2, batches=1, seed=4)
+    out = tmp_path / "one"
+    convert(gen.datasets[:1], out, min_cells=1, min_genes=1, val_fraction=0.1, shard_cells=100,
+            progress=False, log=lambda s: None)
+    assert Manifest.load(out).every_chunk_written
+    arrays = [f.parent for f in out.rglob("zarr.json")
+              if json.loads(f.read_text()).get("node_type") == "array"]
+    assert any(a.as_posix().endswith("obs/dataset/codes") for a in arrays)
+    assert [m for a in arrays for m in missing_chunks(a)] == []
+
+
+@pytest.mark.parametrize("chunk", ["obs/dataset/codes/c/0", "obs/cell_type/categories/c/0",
+                                   "var/symbol/c/0", "X/indptr/c/0", "X/indices/c/0"])
+def test_deleted_chunk_file_is_named(shards, tmp_path, chunk):
+    """zarr (and so anndata.read_zarr) reads a deleted chunk as fill values: cells of dataset
+    0, cell type 0, count 0. The loader and `txfm data verify` name the file instead."""
+    bad = _copy(shards, tmp_path)
+    f = bad / "dataset_1" / chunk
+    f.unlink()
+    _assert_cli_names(_verify_cli(bad), "dataset_1", re.escape(str(f)), "missing")
+    if chunk.startswith("var/"):  # the loader reads no var
+        return
+    with pytest.raises(ShardReadError, match=rf"dataset_1.*{re.escape(str(f))}|dataset_1.*X/"):
+        list(ShardLoader(bad, 64, obs_columns=("cell_type",)))
 
 def test_verify_cli_errors_without_traceback(tmp_path):
     _assert_cli_names(_verify_cli(tmp_path / "nope"), "not a complete txfm shard collection")

@@ -268,3 +268,15 @@ def test_pinned_batches_copy_to_cuda(shards):
         assert torch.equal(d.to_dense().cpu(), b.to_dense())
     pinned = list(loader.dataloader(num_workers=1, pin_memory=True))[0]
     assert pinned.indices.is_pinned()
+
+
+def test_a_split_smaller_than_a_batch_is_refused_not_silently_empty(shards):
+    n_val = Manifest.load(shards).n_split_cells("val")
+    with pytest.raises(ValueError, match=rf"'val' split has {n_val} cells, fewer than "
+                                         rf"batch_size={n_val + 1}.*drop_last=False"):
+        ShardLoader(shards, n_val + 1, split="val")
+    with pytest.raises(ValueError, match=r"per rank of 2\), fewer than batch_size"):
+        ShardLoader(shards, n_val // 2 + 1, split="val", rank=0, world_size=2)
+    (b,) = list(ShardLoader(shards, n_val + 1, split="val", drop_last=False))
+    assert b.batch_size == n_val
+    assert len(ShardLoader(shards, n_val, split="val")) == 1

@@ -501,6 +501,54 @@ def test_obs_columns_missing_from_a_dataset_become_missing_values(tmp_path):
     assert obs["stage"].cat.ordered
 
 
+
+def test_loader_returns_every_numeric_obs_value_exactly(tmp_path):
+    """ShardLoader's obs tensors hold the values anndata reads: large ids in nullable Int64
+    (with <NA>) and in float64 are not rounded through float32, and a missing value is NaN."""
+    import torch
+
+    from txfm.data import ShardLoader
+
+    n = 40
+    ids = [2**40 + 7 * i + 1 for i in range(n)]
+    obs = pd.DataFrame({
+        "id_na": pd.array([None if i % 5 == 0 else v for i, v in enumerate(ids)], dtype="Int64"),
+        "id_full": pd.array(ids, dtype="Int64"),
+        "umi_f64": np.array([2.0**30 + i + 0.5 for i in range(n)]),
+        "score_f32": np.arange(n, dtype=np.float32) / 3,
+        "count": np.arange(n, dtype=np.int64) * 3,
+        "ok": np.arange(n) % 2 == 0,
+    }, index=[f"c{i}" for i in range(n)])
+    path = write_h5ad(tmp_path / "a.h5ad", np.random.default_rng(0).poisson(2, (n, 5)), obs=obs)
+    convert([path], tmp_path / "out", val_fraction=0.0, shard_cells=16, **QUIET)
+    cols = tuple(obs.columns)
+    loader = ShardLoader(tmp_path / "out", n, drop_last=False, shuffle=False,
+                         obs_columns=cols + ("source_row",))
+    (b,) = list(loader)
+    rows = b.obs["source_row"].numpy()
+    want = {"id_na": torch.float64, "id_full": torch.int64, "umi_f64": torch.float64,
+            "score_f32": torch.float32, "count": torch.int64, "ok": torch.bool}
+    for c in cols:
+        got = b.obs[c]
+        assert got.dtype == want[c], c
+        expected = obs[c].iloc[rows].to_numpy(dtype=got.numpy().dtype, na_value=np.nan) \
+            if c == "id_na" else obs[c].iloc[rows].to_numpy()
+        np.testing.assert_array_equal(got.numpy(), expected, err_msg=c)
+    assert torch.isnan(b.obs["id_na"]).sum() == obs["id_na"].isna().sum()
+
+
+def test_loader_refuses_an_obs_column_it_cannot_hold_exactly(tmp_path):
+    from txfm.data import ShardLoader
+    from txfm.data.layout import ShardReadError
+
+    obs = pd.DataFrame({"big": pd.array([2**60, None, 3, 4], dtype="Int64")},
+                       index=list("abcd"))
+    path = write_h5ad(tmp_path / "a.h5ad", np.ones((4, 3)), obs=obs)
+    convert([path], tmp_path / "out", val_fraction=0.0, **QUIET)
+    with pytest.raises(ShardReadError, match=r"obs column 'big'.*2\^53.*categorical"):
+        ShardLoader(tmp_path / "out", 2, obs_columns=("big",))
+    ShardLoader(tmp_path / "out", 2)  # without the column, the loader works
+
 def test_ordered_categories_that_differ_name_the_files_and_column(tmp_path, capsys):
     rng = np.random.default_rng(1)
     a = write_h5ad(tmp_path / "a.h5ad", rng.poisson(2, (10, 5)), obs=pd.DataFrame(

@@ -139,7 +139,7 @@ def cmd_convert(args) -> int:
     from .convert import convert
     from .readers import InputError
 
-    names = args.names.split(",") if args.names else None
+    names = [n.strip() for n in args.names.split(",")] if args.names is not None else None
     types = tuple(t for t in args.feature_types.split(",") if t)
     try:
         m = convert(args.inputs, args.out, vocab=args.vocab, gene_key=args.gene_key,

@@ -49,7 +49,7 @@ from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, MANI
 from .manifest import Manifest
 from .obs import ObsTables
 from .stats import GeneStats
-from .readers import InputError, InputReader, open_input
+from .readers import ENSEMBL_RE, InputError, InputReader, open_input
 from .vocab import (Vocabulary, dataset_keys, read_gene_table, symbol_to_id_map,
                     union_vocabulary)
 
@@ -177,6 +177,8 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
     return True
 
 
+_FLOAT32_EXACT = 2**24  # float32 holds every integer up to this, not all above
+
 def _to_local(m: sp.csr_matrix, col_map: np.ndarray, n_out: int) -> sp.csr_matrix:
     """Columns remapped by ``col_map`` (-1 drops), duplicates summed, zeros removed, sorted."""
     new = col_map[m.indices]
@@ -232,6 +234,7 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
     for p in (vocab, gene_table):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{p}: file does not exist")
+    _check_distinct(inputs, names)
     out = Path(out)
     readers: list[InputReader] = []
     try:
@@ -316,6 +319,30 @@ def _locked(out: Path):
         os.close(fd)
 
 
+def _check_distinct(inputs: list[Path], names: Sequence[str] | None) -> None:
+    """Each input once and, when given, one distinct non-empty name per input: the same file
+    twice would put its cells in the corpus twice, and a name given twice would be renamed."""
+    seen: dict[Path, Path] = {}
+    for p in inputs:
+        key = p.resolve()
+        if key in seen:
+            raise InputError(f"{seen[key]} and {p} are the same input; give each dataset once "
+                             f"(it would be in the corpus twice)")
+        seen[key] = p
+    if names is None:
+        return
+    names = [str(n) for n in names]
+    if len(names) != len(inputs):
+        raise ValueError(f"--names: {len(names)} names for {len(inputs)} inputs; give one per "
+                         f"input, in order")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"--names: name {blank[0] + 1} is empty; give every input a name")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--names: {', '.join(map(repr, dup))} given twice; each dataset needs "
+                         f"its own name")
+
 def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, min_cells,
              min_genes, allow_non_integer, feature_types, seed, val_fraction, shard_cells,
              shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, layer, use_raw,
@@ -373,6 +400,11 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
     datasets: list[_Dataset] = []
     for r, name, kind in zip(readers, ds_names, kinds):
         keys, syms = dataset_keys(r, gene_key, sym2id)
+        by_id = int(sum(bool(ENSEMBL_RE.match(str(k))) for k in keys))
+        if gene_key == "auto" and 0 < by_id < len(keys):  # say so: genes merge by key
+            log(f"{name}: {by_id:,} genes keyed by Ensembl id, {len(keys) - by_id:,} by symbol "
+                f"(no id known for them" + ("" if gene_table else
+                                            "; --gene-table maps symbols to ids") + ")")
         valid = np.ones(len(keys), dtype=bool)
         if r.feature_types is not None and feature_types:
             valid = np.isin(r.feature_types.astype(str), list(feature_types))
@@ -389,6 +421,7 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
                                          "cells_input": int(r.n_cells),
                                          "features_input": int(r.n_features),
                                          "features_other_type": int((~valid).sum()),
+                                         "genes_keyed_by_id": by_id,
                                          "duplicate_features_merged":
                                              int(valid.sum() - len(local_keys)),
                                          "genes_outside_vocab": int((~in_vocab).sum())}))
@@ -439,6 +472,12 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
         if cnt_dtype.kind == "u" and (not integral or max_count > np.iinfo(cnt_dtype).max):
             raise ValueError(f"counts_dtype={counts_dtype} cannot hold these counts (max "
                              f"{max_count}, integer={integral}); use auto")
+    if cnt_dtype == np.float32 and integral and max_count > _FLOAT32_EXACT:
+        log(f"warning: counts up to {max_count:,.0f} are stored as float32, which holds integers "
+            f"exactly only up to {_FLOAT32_EXACT:,} (larger ones are rounded, relative error "
+            f"< 6e-8)" + (f"; uint32 holds them up to {2**32 - 1:,}" if max_count < 2**32
+                          else "; counts this large are seldom raw sequencing counts: check "
+                               "the input"))
 
     # ---- layout
     offset = 0
@@ -544,7 +583,7 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "vocab": {"file": VOCAB_FILE, "hash": vocab_obj.hash, "n_genes": n_genes},
         "counts_dtype": cnt_dtype.name, "indices_dtype": idx_dtype.name, "codec": codec,
-        "max_count": max_count, "integer_counts": integral,
+        "max_count": max_count, "integer_counts": integral, "every_chunk_written": True,
         "n_cells": n_total, "n_train": n_train, "n_val": n_val, "seed": seed,
         "shuffle": ("numpy.random.default_rng(seed).permutation(n_cells) over kept cells in "
                     "input order; position p < n_train goes to training shard p // shard_cells; "

@@ -82,6 +82,61 @@ class ShardReadError(RuntimeError):
     """A shard file is missing, truncated or corrupt; the message names the shard and cells."""
 
 
+def read_metadata(path: Path) -> dict:
+    """A ``zarr.json`` (or other JSON metadata file) as a dict.
+
+    Raises:
+        ShardReadError: the file is missing or not a JSON object; the message names the file.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardReadError(f"{path}: metadata cannot be read ({type(exc).__name__}: {exc}); "
+                             f"the file is damaged: convert the inputs again (txfm data verify "
+                             f"lists every damaged file)") from exc
+    if not isinstance(doc, dict):
+        raise ShardReadError(f"{path}: metadata is not a JSON object; the file is damaged: "
+                             f"convert the inputs again")
+    return doc
+
+
+def missing_chunks(array_dir: Path, meta: dict | None = None) -> list[str]:
+    """The chunk (or zarr shard) files of the zarr v3 array in ``array_dir`` that are absent.
+
+    zarr reads an absent chunk as the array's fill value without a word, which is right only
+    where the writer skipped chunks that held nothing else; txfm writes every chunk (the
+    manifest's ``every_chunk_written``), so for its collections an absent file is damage.
+    Arrays of another chunk grid or key encoding give ``[]`` (not checked).
+    """
+    array_dir = Path(array_dir)
+    meta = read_metadata(array_dir / "zarr.json") if meta is None else meta
+    grid, keys = meta.get("chunk_grid", {}), meta.get("chunk_key_encoding", {})
+    if grid.get("name") != "regular" or keys.get("name") != "default":
+        return []
+    shape, chunk = meta.get("shape", []), grid.get("configuration", {}).get("chunk_shape", [])
+    if len(shape) != len(chunk) or not all(int(c) > 0 for c in chunk):
+        return []
+    sep = keys.get("configuration", {}).get("separator", "/")
+    counts = [-(-int(n) // int(c)) for n, c in zip(shape, chunk)]
+    missing = []
+    for index in np.ndindex(*counts) if all(counts) else ():
+        key = sep.join(["c", *map(str, index)]) if index else "c"
+        if not (array_dir / key).is_file():
+            missing.append(str(array_dir / key))
+    return missing
+
+
+def damaged_metadata(folder: Path) -> list[str]:
+    """The messages of every ``zarr.json`` under ``folder`` that :func:`read_metadata` refuses."""
+    found = []
+    for meta_file in sorted(Path(folder).rglob("zarr.json")):
+        try:
+            read_metadata(meta_file)
+        except ShardReadError as err:
+            found.append(str(err))
+    return found
+
+
 def _crc32c(buf) -> int:
     """crc32c of a contiguous buffer (bytes or ndarray; no copy): zarr's ``crc32c`` codec."""
     import google_crc32c  # a zarr dependency
@@ -314,7 +369,7 @@ class ShardedArrayReader:
         meta_path = self.dir / "zarr.json"
         if not meta_path.is_file():
             raise ShardReadError(f"{where(0, -1)}: array metadata {meta_path} is missing")
-        meta = json.loads(meta_path.read_text())
+        meta = read_metadata(meta_path)
         self.read_dtype = np.dtype(meta["data_type"])
         self.dtype = self.read_dtype.newbyteorder("<")
         self.length = int(meta["shape"][0])
@@ -691,7 +746,10 @@ def _elements_to_files(path: Path, elems: dict, cache: dict | None) -> None:
         store = MemoryStore()
         group = zarr.open_group(store, mode="w", zarr_format=3)
         kwargs = {"compressors": [ZstdCodec(), Crc32cCodec()]}
-        with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+        # every chunk, even one of fill values only: an absent chunk file is then damage
+        # (missing_chunks), not a chunk zarr skipped
+        with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3), \
+                zarr.config.set({"array.write_empty_chunks": True}):
             warnings.simplefilter("ignore")
             for key, value in todo.items():
                 ad.io.write_elem(group, key, value, dataset_kwargs=kwargs)

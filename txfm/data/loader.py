@@ -57,12 +57,70 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .layout import ShardedArrayReader, ShardReadError
+from .layout import (ShardedArrayReader, ShardReadError, damaged_metadata, missing_chunks,
+                     read_metadata)
 from .manifest import Manifest, ShardInfo
 
 STATE_VERSION = 1
 _MAX_WORKERS = 64  # DataLoader workers whose epochs the shared state can count
 _NP_DTYPE = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+
+
+_EXACT_FLOAT64 = 2**53  # integers of larger magnitude are not all representable in float64
+
+
+def _numeric_obs(raw):
+    """``(values, missing)`` of a numeric obs column (numpy bool/int/float, or pandas nullable
+    ``Int*``/``UInt*``), ``missing`` a bool mask or None; None when the column is not numeric
+    (categorical, strings, nullable ``boolean``: coded as categories)."""
+    import pandas as pd
+
+    if isinstance(raw, pd.Categorical):
+        return None
+    if isinstance(raw, pd.api.extensions.ExtensionArray):
+        dtype = raw.dtype
+        if not (isinstance(dtype, pd.api.extensions.ExtensionDtype)
+                and getattr(dtype, "numpy_dtype", np.dtype(object)).kind in "iuf"):
+            return None
+        missing = np.asarray(raw.isna(), dtype=bool)
+        fill = 0 if dtype.numpy_dtype.kind in "iu" else np.nan
+        return raw.to_numpy(dtype=dtype.numpy_dtype, na_value=fill), missing
+    a = np.asarray(raw)
+    return (a, None) if a.dtype.kind in "biuf" else None
+
+
+def _common_numeric(col: str, parts: list, root) -> list[np.ndarray]:
+    """The shards' values of numeric column ``col`` in one dtype that holds every value exactly:
+    bool; int64 for integers without missing values; float64 + NaN for integers with missing
+    values (refused past 2^53, where float64 would round them); the widest float for floats."""
+    kinds = {v.dtype.kind for v, _ in parts}
+    if kinds == {"b"}:
+        return [v for v, _ in parts]
+    if kinds <= {"b", "i", "u"}:
+        for v, _ in parts:
+            if v.dtype == np.uint64 and v.size and v.max() > np.iinfo(np.int64).max:
+                raise ShardReadError(f"{root}: obs column {col!r} has values above 2^63 - 1, "
+                                     f"which int64 tensors cannot hold; store it as strings "
+                                     f"(a categorical) or leave it out of obs_columns")
+        if not any(m is not None and m.any() for _, m in parts):
+            return [v.astype(np.int64) for v, _ in parts]
+        if any(v.size and np.abs(v.astype(np.int64)).max() > _EXACT_FLOAT64 for v, _ in parts):
+            raise ShardReadError(f"{root}: obs column {col!r} has missing values and integers "
+                                 f"beyond 2^53, so it has no exact tensor form (int64 cannot "
+                                 f"mark a missing value, float64 rounds); store it as strings "
+                                 f"(a categorical) or fill the missing values")
+        dtype = np.dtype(np.float64)
+    elif kinds == {"f"}:
+        dtype = np.result_type(*[v.dtype for v, _ in parts])
+    else:  # ints beside floats: float64 keeps integers up to 2^53 exactly
+        dtype = np.dtype(np.float64)
+    out = []
+    for v, m in parts:
+        f = v.astype(dtype)
+        if m is not None:
+            f[m] = np.nan
+        out.append(f)
+    return out
 
 
 @dataclass
@@ -72,8 +130,11 @@ class CSRBatch:
     ``indptr [B+1]`` int64; ``indices [nnz]`` int32 vocabulary ids, sorted within each row;
     ``counts [nnz]`` int32 raw counts (float32 when the corpus has non-integer counts);
     ``dataset_ids [B]`` int32 (rows of ``loader.observable``); ``cell_ids [B]`` int64
-    global corpus positions; ``obs`` the requested ``obs`` columns as ``[B]`` tensors
-    (categoricals as int64 codes into ``loader.obs_categories[col]``, -1 = missing).
+    global corpus positions; ``obs`` the requested ``obs`` columns as ``[B]`` tensors, each
+    value exact: categoricals, strings and nullable booleans as int64 codes into
+    ``loader.obs_categories[col]`` (-1 = missing); bool as bool; integers as int64, or as
+    float64 with NaN for missing values when the column has any (pandas ``Int64`` and
+    kin); floats in their own precision (float64 stays float64), NaN = missing.
     """
 
     indptr: torch.Tensor
@@ -120,15 +181,18 @@ class _Shard:
         self.info = info
         self.path = root / info.path
         self.name = info.path
+        self.every_chunk_written = manifest.every_chunk_written
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec
                 group = zarr.open_group(self.path, mode="r")
             self.indptr = np.asarray(group["X/indptr"][:], dtype=np.int64)
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable shard
+            damaged = damaged_metadata(self.path)  # zarr's own message names no file
             raise ShardReadError(f"shard {self.name} (corpus cells {info.cell_offset}.."
                                  f"{info.cell_offset + info.n_cells}): cannot open X/indptr "
-                                 f"({type(exc).__name__}: {exc})") from exc
+                                 f"({damaged[0] if damaged else f'{type(exc).__name__}: {exc}'})"
+                                 ) from exc
         n = info.n_cells
         ip = self.indptr
         if (ip.size != n + 1 or ip[0] != 0 or np.any(np.diff(ip) < 0)) or int(ip[-1]) != info.nnz:
@@ -164,6 +228,16 @@ class _Shard:
     def _read_obs(self, obs, col: str):
         import anndata as ad
 
+        if self.every_chunk_written:  # else zarr reads an absent chunk as codes/values of 0
+            for meta_file in sorted((self.path / "obs" / col).rglob("zarr.json")):
+                meta = read_metadata(meta_file)
+                gone = missing_chunks(meta_file.parent, meta) \
+                    if meta.get("node_type") == "array" else []
+                if gone:
+                    raise ShardReadError(f"{self.where(0, -1)}: obs/{col}: chunk file "
+                                         f"{gone[0]} is missing; the shard is damaged: convert "
+                                         f"the inputs again (txfm data verify lists every "
+                                         f"damaged file)")
         try:  # zarr checks each chunk's crc32c as it reads
             return ad.io.read_elem(obs[col])
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable column
@@ -247,6 +321,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
         release_pages: unmap a window's pages once its batches are built (RSS stays at ~2
             windows). False keeps them mapped: ~10% faster from the second epoch, but RSS
             grows to the corpus size (page cache the kernel can reclaim, not heap).
+
+    Raises:
+        ValueError: a bad argument; a split without shards; a split (per rank) smaller than
+            one batch with ``drop_last`` (it would yield no batch), or with fewer cells than
+            ranks.
+        ShardReadError: a shard is missing, damaged, or has an obs column that no tensor holds
+            exactly (the message names the shard and file).
+        KeyError: an ``obs_columns`` name the shards do not have.
     """
 
     def __init__(self, shards_dir, batch_size: int, *, split: str = "train", shuffle: bool = True,
@@ -304,6 +386,14 @@ class ShardLoader(torch.utils.data.IterableDataset):
                           RuntimeWarning, stacklevel=2)
         self._unify_obs()
         self._n_cells = sum(s.info.n_cells for s in self._shards)
+        per_rank = self._n_cells // self.world_size
+        if per_rank == 0 or (self.drop_last and per_rank < self.batch_size):
+            ranks = f" ({per_rank:,} per rank of {self.world_size})" if self.world_size > 1 else ""
+            raise ValueError(f"{self.root}: the {split!r} split has {self._n_cells:,} cells"
+                             f"{ranks}, " + (f"fewer than batch_size={self.batch_size}, so "
+                                             f"drop_last=True leaves no batch; lower batch_size "
+                                             f"or pass drop_last=False" if per_rank else
+                                             "so some rank gets none; use fewer ranks"))
         sizes = np.array([s.info.n_cells for s in self._shards], dtype=np.int64)
         per = -(-sizes // self.chunk_size)
         self._chunk_shard = np.repeat(np.arange(sizes.size), per)
@@ -356,20 +446,18 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     # -------------------------------------------------------------------------- obs
     def _unify_obs(self) -> None:
+        """Per shard, each requested column as one numpy array of a dtype common to all shards
+        (see :class:`CSRBatch`): no value is rounded, and a missing one is never a number."""
         import pandas as pd
 
         self.obs_categories: dict[str, list] = {}
         self._obs_values: list[dict[str, np.ndarray]] = [dict() for _ in self._shards]
         for col in self.obs_columns:
             raws = [s.obs_raw[col] for s in self._shards]
-            numeric = all(not isinstance(r, pd.Categorical) and np.asarray(r).dtype.kind in "biuf"
-                          for r in raws)
-            if numeric:
-                for i, r in enumerate(raws):
-                    a = np.asarray(r)
-                    kind = a.dtype.kind
-                    self._obs_values[i][col] = (a.astype(np.float32) if kind == "f" else
-                                                a.astype(np.int64) if kind in "iu" else a)
+            numeric = [_numeric_obs(r) for r in raws]
+            if all(v is not None for v in numeric):
+                for i, v in enumerate(_common_numeric(col, numeric, self.root)):
+                    self._obs_values[i][col] = v
                 continue
             cols = [r if isinstance(r, pd.Categorical)
                     else pd.Categorical(np.asarray(r, dtype=object)) for r in raws]

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from .layout import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, VOCAB_FILE, ShardedArrayReader,
-                     ShardReadError, read_dtype)
+                     ShardReadError, missing_chunks, read_dtype,
+                     read_metadata)
 from .vocab import Vocabulary
 
 
@@ -169,6 +170,13 @@ class Manifest:
                    fingerprint=doc["fingerprint"], raw=doc)
 
     @property
+    def every_chunk_written(self) -> bool:
+        """Whether every chunk of every array was written, so that an absent chunk file is
+        damage (zarr would read it as fill values); False for collections converted before
+        txfm recorded it, whose obs/var arrays may omit chunks of fill values only."""
+        return bool(self.raw.get("every_chunk_written", False))
+
+    @property
     def version(self) -> int:
         return int(self.raw.get("version", 1))
 
@@ -214,6 +222,14 @@ class Manifest:
                     if f.is_file())
         bar = tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=not progress,
                    file=sys.stderr, leave=False)
+        groups = [self.root / "zarr.json"]  # the collections anndata/annbatch open
+        if any(s.split == "val" for s in self.shards):
+            groups.append(self.root / "val" / "zarr.json")
+        for meta_file in groups:
+            try:
+                read_metadata(meta_file)
+            except ShardReadError as err:
+                report.add(str(err))
         try:
             for info in self.shards:
                 _verify_shard(self, info, report, bar.update)
@@ -240,9 +256,19 @@ def _verify_shard(m: "Manifest", info: ShardInfo, report: VerifyReport, update) 
     # X/indptr and every anndata element: through zarr, which checks each chunk's crc32c
     indptr = None
     for meta_file in sorted(path.rglob("zarr.json")):
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = read_metadata(meta_file)
+        except ShardReadError as err:
+            report.add(f"{where_shard}: {err}")
+            continue
         rel = meta_file.parent.relative_to(path).as_posix()
-        if meta.get("node_type") != "array" or rel in ("X/data", "X/indices"):
+        if meta.get("node_type") != "array":
+            continue
+        if m.every_chunk_written or rel.startswith("X/"):  # txfm always wrote X whole
+            for f in missing_chunks(meta_file.parent, meta):
+                report.add(f"{where_shard}: array {rel}: chunk file {f} is missing (zarr would "
+                           f"read it as {meta.get('fill_value')!r}s)")
+        if rel in ("X/data", "X/indices"):
             continue
         if not _has_crc(meta):
             report.add(f"{where_shard}: array {rel} has no per-chunk checksums (not written "

@@ -152,7 +152,9 @@ def dataset_keys(reader: InputReader, mode: str,
         return keys.copy(), keys.copy()
     if ids is not None:
         return ids.copy(), (syms if syms is not None else ids).copy()
-    keys = np.array([sym2id.get(s, s) for s in syms], dtype=object)
+    # a name that is an Ensembl id (a gene without a symbol, or names mixing both) is keyed
+    # as one, without its version, like the ids of other inputs
+    keys = strip_version(np.array([sym2id.get(s, s) for s in syms], dtype=object))
     if mode == "id":
         unmapped = int(sum(1 for s in syms if s not in sym2id))
         if unmapped:
