@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from txfm.cli import ArgumentParser
+
 BENCHES = {
     "poisson": [],
     "tokens": [],
@@ -34,8 +36,8 @@ def run(cmd: list[str], log) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/out/gpu"))
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", default=",".join(BENCHES),

@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from bench.common import add_common_args, emit
+from txfm.cli import ArgumentParser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / ".cache" / "bench_loader"
@@ -257,8 +258,8 @@ def summarize(results: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m bench.loader", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--cells", type=int, default=200_000)
     p.add_argument("--genes", type=int, default=44_349)

@@ -28,6 +28,7 @@ import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
                           emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
+from txfm.cli import ArgumentParser
 
 G_FULL = 44_349
 BATCHES = (64, 256, 1024)
@@ -106,8 +107,8 @@ def run_case(B, G, dtype_name, device, impls, reps, max_seconds):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.poisson", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.poisson", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="comma-separated batch sizes B (default 64,256,1024)")

@@ -32,6 +32,7 @@ import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, emit,
                           gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
+from txfm.cli import ArgumentParser
 
 G_FULL = 44_349
 K_DEFAULT = 2048
@@ -200,8 +201,8 @@ def parse_cases(text: str | None) -> list[tuple[int, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.sample", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--cases", help="B:kind cases, e.g. 256:sc,1536:bulk (kinds: sc, bulk)")
     parser.add_argument("--K", type=int, default=K_DEFAULT)

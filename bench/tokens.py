@@ -26,6 +26,7 @@ import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
                           emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
+from txfm.cli import ArgumentParser
 
 V_FULL = 44_349
 K_DEFAULT = 2048
@@ -128,8 +129,8 @@ def parse_sizes(text: str | None, device: torch.device) -> list[tuple[int, int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tokens", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.tokens", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--sizes", help="BxD cases, e.g. 32x384,192x768, or 'all'")
     parser.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16")

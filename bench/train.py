@@ -21,6 +21,7 @@ import time
 import torch
 
 from bench.common import add_common_args, add_ratios, emit, sync
+from txfm.cli import ArgumentParser
 from txfm.model import preset
 from txfm.model.config import TOKEN_NORMS
 from txfm.train.config import TrainConfig
@@ -135,8 +136,8 @@ def run_case(name, genes, batch, device, impl, args, overrides) -> tuple[dict, l
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--preset", action="append", help="tiny, S, B, L (repeatable)")
     parser.add_argument("--batch", type=int, help="micro-batch (default per preset and device)")

@@ -275,14 +275,18 @@ def test_user_mistake_gives_one_error_line_and_exit_2(case, files, capsys, monke
     argv = [a.format(**files) for a in argv]
     monkeypatch.chdir(files["root"])  # nothing lands in the repository if a case goes wrong
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    parser_refused = False
     try:
         status = main(argv)
     except SystemExit as exc:  # argparse rejected the option
-        status = exc.code
+        status, parser_refused = exc.code, True
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if "error:" in line]
     assert status == 2, f"exit {status}\nstdout:\n{out}\nstderr:\n{err}"
     assert len(errors) == 1, err
+    if parser_refused:  # the error line alone, not argparse's usage block before it
+        assert err.splitlines() == errors and errors[0].startswith("error: argument "), err
+        assert errors[0].endswith(" --help)"), err
     assert "Traceback" not in out + err
     assert named.format(**files) in errors[0], errors[0]
 

@@ -46,6 +46,23 @@ def error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals (an unknown option, a bad value) are one ``error:``
+    line naming the option and exit status 2, like every other mistake: argparse's own print
+    the whole usage first, which buries the line that matters. ``--help`` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def file_in_path(path) -> "pathlib.Path | None":
+    """The existing *file* among ``path``'s parent folders, which stops ``path`` from ever being
+    made (``out/sub`` where ``out`` is a file), or None. ``path`` itself is not looked at."""
+    import pathlib
+
+    return next((a for a in pathlib.Path(path).parents if a.exists() and not a.is_dir()), None)
+
+
 # -- argparse types for numeric options: the option is named by argparse in its error --------
 def int_at_least(low: int):
     """argparse ``type``: an integer >= ``low``."""
@@ -106,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     from txfm.eval.cli import register as register_eval
     from txfm.train.cli import register as register_train
 
-    parser = argparse.ArgumentParser(prog="txfm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="txfm", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_data(sub)
     register_train(sub)

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from txfm.cli import UsageError
+from txfm.cli import UsageError, file_in_path
 
 # Sized so that learning can be seen on a CPU (docs/learning.md): 250 genes (~210 per
 # dataset) at ~8,000 UMIs per cell, so the K = 128 genes shown in training are more than half
@@ -83,7 +83,7 @@ def check_root(root) -> None:
     """Raise :class:`DemoFolderError` unless ``root`` can hold the demo: absent, an empty
     folder, or a folder carrying the demo marker (which :func:`ensure_demo` may rebuild)."""
     root = Path(root)
-    blocking = next((a for a in root.parents if a.exists() and not a.is_dir()), None)
+    blocking = file_in_path(root)
     if blocking is not None:
         raise DemoFolderError(f"{root}: {blocking} is a file, not a folder; choose another "
                               "location")

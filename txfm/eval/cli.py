@@ -11,6 +11,7 @@ import sys
 from txfm.cli import (
     UsageError,
     error_message,
+    file_in_path,
     finite_float,
     int_at_least,
     nonnegative_int,
@@ -217,7 +218,7 @@ def _table(path):
 def _output(path, *, folder: bool) -> pathlib.Path:
     """``--out`` checked before any work: a folder (``folder``) or a file name, not the other."""
     out = pathlib.Path(path)
-    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    blocking = file_in_path(out)
     if blocking is not None:
         raise UsageError(f"--out {out}: {blocking} is a file, not a folder; choose another path")
     if folder and out.exists() and not out.is_dir():

@@ -42,7 +42,7 @@ import os
 import pathlib
 import sys
 
-from txfm.cli import UsageError, error_message, int_at_least, nonnegative_int
+from txfm.cli import ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int
 from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
 
 from .cli import _output
@@ -80,11 +80,11 @@ def _best(table_csv: pathlib.Path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m txfm.eval.learning",
-                                description=__doc__.split("\n\n")[0],
-                                epilog=next(t for t in __doc__.split("\n\n")
-                                            if t.startswith("Exit status")).replace("``", ""),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m txfm.eval.learning",
+                       description=__doc__.split("\n\n")[0],
+                       epilog=next(t for t in __doc__.split("\n\n")
+                                   if t.startswith("Exit status")).replace("``", ""),
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root", default="txfm-demo",
                    help="demo data folder (made if absent; a non-empty folder that is not a "
                         "txfm demo is refused)")
@@ -183,8 +183,10 @@ def _state(path: pathlib.Path) -> dict:
     return found[1]
 
 
-def _plan(run: pathlib.Path, steps: int, seed: int, out: pathlib.Path) -> tuple[str, str]:
-    """``("train" | "resume" | "reuse", what to tell the user)`` for the run folder ``run``.
+def _plan(run: pathlib.Path, steps: int, seed: int, out: pathlib.Path
+          ) -> tuple[str, str, int | None]:
+    """``("train" | "resume" | "reuse", what to tell the user, the run's K or None)`` for the
+    run folder ``run`` (K is known once a checkpoint exists; resuming keeps it).
 
     Raises UsageError when ``run`` was trained with other steps or seed, or none of its
     checkpoints can be read: using it would benchmark another model than the one asked for.
@@ -192,7 +194,7 @@ def _plan(run: pathlib.Path, steps: int, seed: int, out: pathlib.Path) -> tuple[
     from txfm.train.checkpoint import CheckpointError, list_checkpoints
 
     if not list_checkpoints(run):
-        return "train", ""
+        return "train", "", None
     try:
         state = _state(run)
     except CheckpointError as exc:
@@ -204,10 +206,10 @@ def _plan(run: pathlib.Path, steps: int, seed: int, out: pathlib.Path) -> tuple[
         raise UsageError(f"--out {out}: {run} was trained with --steps {had[0]} --seed {had[1]}, "
                          f"not --steps {steps} --seed {seed}; choose another --out or delete "
                          f"{run}")
-    done = int(state.get("step") or 0)
+    done, k = int(state.get("step") or 0), int(state["model_config"]["k"])
     if done >= steps:
-        return "reuse", f"reusing {run}: finished ({done} of {steps} steps, seed {seed})"
-    return "resume", f"resuming {run}: stopped at step {done} of {steps} (seed {seed})"
+        return "reuse", f"reusing {run}: finished ({done} of {steps} steps, seed {seed})", k
+    return "resume", f"resuming {run}: stopped at step {done} of {steps} (seed {seed})", k
 
 
 def _perturbations(demo, root: pathlib.Path) -> int:
@@ -295,6 +297,7 @@ def _learn(args, names: list[str]) -> int:
     ks: set[int] = set()
     runs: dict[str, pathlib.Path] = {}
     todo: dict[str, str] = {}
+    run_k: dict[str, int | None] = {}  # each run's K, read from its checkpoint once
     if args.checkpoint:
         runs["txfm"] = pathlib.Path(args.checkpoint)
         try:
@@ -312,7 +315,7 @@ def _learn(args, names: list[str]) -> int:
     for name in names:
         if name not in runs:
             runs[name] = out / f"run_{name}"
-            todo[name], note = _plan(runs[name], steps, seed, out)
+            todo[name], note, run_k[name] = _plan(runs[name], steps, seed, out)
             if note:
                 print(note)
 
@@ -338,7 +341,8 @@ def _learn(args, names: list[str]) -> int:
         _run(["embed", "--checkpoint", str(run), "--input", str(src), "--out", str(emb),
               "--key", key, *quiet])
         if name in todo:
-            ks.add(int(_state(run)["model_config"]["k"]))
+            ks.add(run_k[name] if run_k[name] is not None
+                   else int(_state(run)["model_config"]["k"]))
     table_dir = out / "perturbation"
     _run(["eval", "perturbation", "--embeddings", str(emb), "--perturbation-key", "perturbation",
           "--control", "non-targeting", "--batch-key", "batch",

@@ -27,6 +27,8 @@ import tempfile
 import numpy as np
 import pandas as pd
 
+from txfm.cli import ArgumentParser
+
 
 def truth_gene_representation(programs: pd.DataFrame, noise: float, rng: np.random.Generator,
                               singleton_dims: int = 32) -> np.ndarray:
@@ -108,8 +110,8 @@ def run(out: pathlib.Path, *, cells: int, genes: int, perturbations: int, seed: 
 def main(argv: list[str] | None = None) -> int:
     from .plots import markdown_table
 
-    p = argparse.ArgumentParser(prog="python -m txfm.eval.sanity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m txfm.eval.sanity", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="where to write the synthetic data (default: a "
                                                "temporary folder)")
     p.add_argument("--cells", type=int, default=8000)

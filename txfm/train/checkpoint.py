@@ -49,16 +49,17 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
     Permission bits do not answer it (root passes ``os.access`` on ``/proc``, which takes no new
     folders), so a scratch folder is made in the nearest existing ancestor and removed again.
     """
+    from txfm.cli import file_in_path
     from txfm.model.config import ConfigError
 
     path = base = pathlib.Path(run_dir)
+    blocking = path if path.exists() and not path.is_dir() else file_in_path(path)
+    if blocking is not None:
+        what = "is" if blocking == path else f"lies under {blocking}, which is"
+        raise ConfigError("out", str(path), f"{what} a file, not a folder; give another folder")
     try:
         while not base.exists() and base.parent != base:
             base = base.parent
-        if not base.is_dir():
-            what = "is" if base == path else f"lies under {base}, which is"
-            raise ConfigError("out", str(path), f"{what} a file, not a folder; give another "
-                              "folder")
         os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
     except OSError as exc:
         where = "" if base == path else f" (in {base})"

@@ -204,10 +204,16 @@ def check_structure(c: Call) -> None:
     """What keeps the cpu kernel inside its buffers (it writes ``dense[index]`` unclamped): the
     row pointers and the gene index range, as torch ops; the cpu kernel's messages."""
     _check_indptr(c)
-    bad = ((c.indices < 0) | (c.indices >= c.n_genes)).nonzero()
+    bad = _out_of_range(c).nonzero()
     if bad.numel():
         row = int(torch.searchsorted(c.indptr, bad[0, 0], right=True)) - 1
         raise ValueError(error_message(13, row, c))
+
+
+def _out_of_range(c: Call) -> torch.Tensor:
+    """``[nnz]`` bool: gene indices outside ``[0, n_genes)``, which the cpu kernel would write
+    past its row."""
+    return (c.indices < 0) | (c.indices >= c.n_genes)
 
 
 def _check_indptr(c: Call) -> None:
@@ -238,7 +244,7 @@ def check_input(c: Call) -> None:
     if c.dataset_ids is not None:
         n_ds = c.obs_indptr.numel() - 1
         ds_bad = (c.dataset_ids < 0) | (c.dataset_ids >= n_ds)
-    range_bad = rows_with((idx < 0) | (idx >= c.n_genes), row)
+    range_bad = rows_with(_out_of_range(c), row)
     same_row = row[1:] == row[:-1]
     order_bad = rows_with(same_row & (idx[1:] <= idx[:-1]), row[1:])
     counts = c.counts
