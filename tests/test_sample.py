@@ -324,6 +324,12 @@ def test_weighted_draw_values_and_padding(backend):
     check_sample(s, *batch[:3], G, k, obs=batch[3], ds=batch[4])
     again = run(batch, backend, n_genes=G, k=k, seed=2, tau=0.5, gene_weights=weights)
     assert torch.equal(s.gene_ids, again.gene_ids)
+    # integer counts (loader.gene_nnz, the m_i) draw as the same weights in float32
+    counts = torch.randint(1, 5000, (G,), generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.int64, torch.int32):
+        a = run(batch, backend, n_genes=G, k=k, seed=2, tau=0.5, gene_weights=counts.to(dtype))
+        b = run(batch, backend, n_genes=G, k=k, seed=2, tau=0.5, gene_weights=counts.float())
+        assert torch.equal(a.gene_ids, b.gene_ids) and torch.equal(a.values, b.values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,8 +480,13 @@ def test_bad_arguments():
         (ValueError, "library_size must be finite and > 0", dict(library_size=0.0)),
         (TypeError, "seed must be an int", dict(seed=1.5)),
         (ValueError, "tau=0.5 needs gene_weights", dict(tau=0.5)),
-        (ValueError, "gene_weights must be a float tensor of n_genes=6",
+        (ValueError, "gene_weights must be a float or integer tensor of n_genes=6",
          dict(tau=0.5, gene_weights=torch.ones(5))),
+        (ValueError, "gene_weights must be 1-D", dict(tau=0.5, gene_weights=torch.ones(6, 1))),
+        (ValueError, "gene_weights must be a float or integer tensor of n_genes=6",
+         dict(tau=0.5, gene_weights=torch.ones(6, dtype=torch.bool))),
+        (ValueError, "gene_weights must be finite and > 0",
+         dict(tau=0.5, gene_weights=torch.tensor([1, 0, 1, 1, 1, 1]))),
         (ValueError, "gene_weights must be finite and > 0",
          dict(tau=0.5, gene_weights=torch.tensor([1.0, 0, 1, 1, 1, 1]))),
         (ValueError, "backend='fast'", dict(backend="fast")),

@@ -152,6 +152,9 @@ def _check_counts(counts: torch.Tensor) -> torch.Tensor:
     return counts.to(torch.float32)  # float64/float16/bfloat16/int64/int8: one conversion copy
 
 
+_INT_WEIGHTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_inputs(indptr, indices, counts, n_genes, k, observable, dataset_ids, gene_weights,
                   tau):
     """-> (indptr int64, indices, counts, dataset_ids or None), contiguous, on one device."""
@@ -205,10 +208,12 @@ def _check_inputs(indptr, indices, counts, n_genes, k, observable, dataset_ids, 
             raise ValueError(f"{_OP}: tau={tau} needs gene_weights [n_genes] (e.g. the number "
                              f"of training samples expressing each gene)")
         gene_weights = _tensor("gene_weights", gene_weights)
+        if gene_weights.dtype in _INT_WEIGHTS:  # counts such as loader.gene_nnz (m_i)
+            gene_weights = gene_weights.to(torch.float32)
         if gene_weights.shape[0] != n_genes or not gene_weights.is_floating_point() \
                 or gene_weights.device != device:
-            raise ValueError(f"{_OP}: gene_weights must be a float tensor of n_genes={n_genes} "
-                             f"entries on {device}, got {gene_weights.dtype} "
+            raise ValueError(f"{_OP}: gene_weights must be a float or integer tensor of "
+                             f"n_genes={n_genes} entries on {device}, got {gene_weights.dtype} "
                              f"{tuple(gene_weights.shape)} on {gene_weights.device}")
     return indptr, indices, counts, dataset_ids, gene_weights
 
@@ -369,7 +374,8 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
             row ``b`` is keyed by ``(seed, offset, b)``.
         tau: 0 = uniform draw (bit-identical on every backend); otherwise genes are drawn
             with probability proportional to ``gene_weights ** tau`` (torch ops, see module doc).
-        gene_weights: ``[G]`` positive float weights (tau != 0 only).
+        gene_weights: ``[G]`` positive weights (tau != 0 only): float, or integer counts such
+            as ``loader.gene_nnz`` (m_i), converted to float32.
         return_target: also write the dense ``[B, G]`` target.
         validate: None = check CPU inputs, trust GPU inputs; True = check both (syncs on GPU);
             False = trust the values (the cpu backend still checks the CSR's structure).
