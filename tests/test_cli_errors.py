@@ -177,6 +177,7 @@ CASES = {
     "embed-checkpoint-missing": (_embed(checkpoint="{root}/nowhere.pt"), "nowhere.pt"),
     "embed-checkpoint-not-a-checkpoint": (_embed(checkpoint="{not_ckpt}"), "not_a_checkpoint"),
     "embed-checkpoint-folder-without-run": (_embed(checkpoint="{empty_dir}"), "empty_dir"),
+    "embed-gene-table-folder": (_embed("--gene-table", "{empty_dir}"), "is a folder"),
     "embed-input-missing": (_embed(input="{root}/nowhere.h5ad"), "--input"),
     "embed-input-truncated": (_embed(input="{truncated}"), "truncated.h5ad"),
     "embed-input-unknown-type": (_embed(input="{a_file}"), "--input"),
@@ -311,3 +312,25 @@ def test_console_entry_exits_2_without_traceback(tmp_path, module):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stdout + done.stderr
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(line), done.stderr
+
+
+def test_sigterm_ends_a_command_like_ctrl_c_with_its_own_status(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's time limit) runs the same cleanup as Ctrl-C: exit 143, one line,
+    the handler put back afterwards."""
+    import os
+    import signal
+
+    import txfm.eval.embed
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(txfm.eval.embed, "load_model", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert main(["genes", "--checkpoint", str(tmp_path / "x.pt"), "--out",
+                 str(tmp_path / "g.h5ad")]) == 143
+    assert capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert list(tmp_path.iterdir()) == []

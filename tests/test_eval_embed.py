@@ -103,7 +103,7 @@ def test_embed_is_deterministic_per_cell_and_reports_the_mapping(trained, capsys
     e2 = outs["draws2"].obsm["X_txfm"]
     assert not np.allclose(e2, e64, atol=1e-4)  # a second draw changes the mean ...
     assert np.corrcoef(e2.ravel(), e64.ravel())[0, 1] > 0.5  # ... but not beyond recognition
-    uns = outs["draws2"].uns["txfm_embed"]
+    uns = outs["draws2"].uns["txfm_embed"]["X_txfm"]
     assert uns["draws"] == 2 and uns["genes_mapped"] == screen.n_vars
     assert (outs["bs64"].obs.perturbation == screen.obs.perturbation).all()  # input kept
     assert outs["bs64"].X.sum() == screen.X.sum()
@@ -230,7 +230,8 @@ def test_embed_shows_every_observable_gene_by_default(trained):
     assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
                  "--out", str(out), "--no-progress"]) == 0
     screen = ad.read_h5ad(synth.datasets[0])
-    assert ad.read_h5ad(out).uns["txfm_embed"]["k"] == min(screen.n_vars, EMBED_K_FACTOR * 32)
+    assert ad.read_h5ad(out).uns["txfm_embed"]["X_txfm"]["k"] == min(screen.n_vars,
+                                                                      EMBED_K_FACTOR * 32)
 
 
 def test_embed_precision_follows_the_training_precision(trained):
@@ -255,7 +256,7 @@ def test_embed_precision_follows_the_training_precision(trained):
     out = root / "emb_precision.h5ad"
     assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
                  "--out", str(out), "--no-progress", "--k", "32"]) == 0
-    assert ad.read_h5ad(out).uns["txfm_embed"]["precision"] == "fp32"
+    assert ad.read_h5ad(out).uns["txfm_embed"]["X_txfm"]["precision"] == "fp32"
 
 
 def test_embed_api_rejects_bad_arguments_by_name(trained):
@@ -324,7 +325,7 @@ def test_embed_cli_rejects_bad_keys_paths_and_damaged_matrices(trained, tmp_path
     assert "is a file, not a folder" in capsys.readouterr().err
     assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out", str(tmp_path / "k.h5ad"),
                         "--k", "100000"]) == 0  # capped at the observable genes
-    assert ad.read_h5ad(tmp_path / "k.h5ad").uns["txfm_embed"]["k"] == screen.n_vars
+    assert ad.read_h5ad(tmp_path / "k.h5ad").uns["txfm_embed"]["X_txfm"]["k"] == screen.n_vars
     for name, damage in (("ptr", lambda x: x["indptr"].__setitem__(-1, x["indptr"][-1] + 10**5)),
                          ("idx", lambda x: x["indices"].__setitem__(slice(0, 50), 200_000))):
         bad = tmp_path / f"bad_{name}.h5ad"
@@ -334,3 +335,177 @@ def test_embed_cli_rejects_bad_keys_paths_and_damaged_matrices(trained, tmp_path
         assert main(base + ["--input", str(bad), "--out", str(tmp_path / "o.h5ad")]) == 2
         assert "sparse matrix is damaged" in capsys.readouterr().err
     assert not (tmp_path / "o.h5ad").exists()
+
+
+# ----------------------------------------------------------------------------- faults of a new user
+
+def _embed_cli(trained, capsys, *args):
+    from txfm.cli import main
+
+    root, _ = trained
+    capsys.readouterr()
+    rc = main(["embed", "--checkpoint", str(root / "run"), "--no-progress", "--k", "32",
+               *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+def test_embed_writes_the_input_back_whole_whatever_layer_it_reads(trained, tmp_path, capsys):
+    """--layer only picks the counts: .X, .raw, layers, varm, obsp and obsm of the input are
+    kept, also when --out is --input; an existing key needs --overwrite; uns per key."""
+    import anndata as ad
+
+    root, synth = trained
+    src = ad.read_h5ad(synth.datasets[0])[:64].copy()
+    counts = src.X.copy()
+    a = src.copy()
+    a.X = counts.astype(np.float32)
+    a.X.data = np.log1p(a.X.data)  # what a scanpy user keeps in .X
+    a.raw = ad.AnnData(X=counts, var=src.var)
+    a.layers["spliced"] = counts
+    a.varm["PCs"] = np.ones((a.n_vars, 2))
+    a.obsp["connectivities"] = sp.identity(a.n_obs, format="csr")
+    a.obsm["X_pca"] = np.zeros((a.n_obs, 3))
+    path = tmp_path / "mine.h5ad"
+    a.write_h5ad(path)
+    rc, err = _embed_cli(trained, capsys, "--input", path, "--out", path, "--layer", "raw")
+    assert rc == 0, err
+    b = ad.read_h5ad(path)
+    np.testing.assert_array_equal(b.X.toarray(), a.X.toarray())  # log data kept in .X
+    assert b.raw is not None and "spliced" in b.layers and "PCs" in b.varm
+    assert "connectivities" in b.obsp and "X_pca" in b.obsm and b.obsm["X_txfm"].shape[0] == 64
+    meta = b.uns["txfm_embed"]["X_txfm"]
+    assert meta["layer"] == "raw" and meta["checkpoint"].endswith(".pt") and meta["step"] > 0
+    rc, err = _embed_cli(trained, capsys, "--input", path, "--out", path, "--layer", "spliced")
+    assert rc == 2 and "already has .obsm['X_txfm']" in err and "--overwrite" in err
+    rc, err = _embed_cli(trained, capsys, "--input", path, "--out", path, "--layer", "spliced",
+                         "--key", "X_spliced")
+    assert rc == 0, err
+    b2 = ad.read_h5ad(path)
+    np.testing.assert_allclose(b2.obsm["X_spliced"], b.obsm["X_txfm"], atol=1e-5)
+    assert set(b2.uns["txfm_embed"]) == {"X_txfm", "X_spliced"}
+    a.layers["raw"] = counts  # 'raw' now names both .raw and a layer
+    a.write_h5ad(tmp_path / "both.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "both.h5ad", "--out",
+                         tmp_path / "o.h5ad", "--layer", "raw")
+    assert rc == 2 and "names both .raw and layers['raw']" in err
+
+
+def test_embed_maps_only_rna_features_and_prefers_distinct_genes(trained, tmp_path, capsys):
+    import anndata as ad
+
+    root, synth = trained
+    a = ad.read_h5ad(synth.datasets[0])[:64].copy()
+    a.write_h5ad(tmp_path / "rna.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "rna.h5ad", "--out",
+                         tmp_path / "rna_e.h5ad")
+    assert rc == 0, err
+    want = ad.read_h5ad(tmp_path / "rna_e.h5ad").obsm["X_txfm"]
+    # an antibody capture named like one of the genes must not be added to it
+    ab = ad.AnnData(X=sp.csr_matrix(np.full((64, 1), 5000.0, np.float32)), obs=a.obs,
+                    var=pd.DataFrame({"symbol": [a.var["symbol"].iloc[4]]},
+                                     index=[a.var_names[4]]))
+    both = ad.concat([a, ab], axis=1, merge="first")
+    both.var["feature_types"] = ["Gene Expression"] * a.n_vars + ["Antibody Capture"]
+    both.var_names_make_unique()
+    both.write_h5ad(tmp_path / "cite.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "cite.h5ad", "--out",
+                         tmp_path / "cite_e.h5ad")
+    assert rc == 0, err
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "cite_e.h5ad").obsm["X_txfm"], want,
+                               atol=1e-5)
+    # two var_names made equal, symbols intact: the symbol route reaches every gene
+    dup = a.copy()
+    names = list(dup.var_names)
+    names[1] = names[0]
+    dup.var_names = names
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "dup.h5ad", "--out",
+                         tmp_path / "dup_e.h5ad")
+    assert rc == 0 and "summed" not in err, err
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "dup_e.h5ad").obsm["X_txfm"], want,
+                               atol=1e-5)
+
+
+def test_embed_flags_inputs_the_model_was_not_made_for(trained, tmp_path, capsys):
+    import anndata as ad
+
+    root, synth = trained
+    a = ad.read_h5ad(synth.datasets[0])[:64].copy()
+    few = a[:, :5].copy()
+    few.write_h5ad(tmp_path / "few.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "few.h5ad", "--out",
+                         tmp_path / "few_e.h5ad")
+    assert rc == 0 and "fewer than the K=32 it was shown" in err, err
+    binary = a.copy()
+    binary.X = (binary.X > 0).astype(np.float32)
+    binary.write_h5ad(tmp_path / "bin.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "bin.h5ad", "--out",
+                         tmp_path / "bin_e.h5ad")
+    assert rc == 0 and "every count is 0 or 1" in err, err
+    lower = a.copy()
+    lower.var_names = [v.lower() for v in lower.var_names]
+    lower.var = lower.var.drop(columns="symbol")
+    lower.write_h5ad(tmp_path / "lower.h5ad")
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "lower.h5ad", "--out",
+                         tmp_path / "lower_e.h5ad")
+    assert rc == 0 and "only ignoring upper/lower case" in err, err
+    for out, what in (("x.csv", "name it *.h5ad"), ("/proc/x.h5ad", "cannot write there")):
+        rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "few.h5ad", "--out", out)
+        assert rc == 2 and what in err, err
+    rc, err = _embed_cli(trained, capsys, "--input", tmp_path / "few.h5ad", "--out",
+                         tmp_path / "s.h5ad", "--seed", 2**64)
+    assert rc == 2 and err.startswith("error: --seed"), err
+
+
+def test_embed_refuses_checkpoints_without_genes_or_with_nan_weights(trained, tmp_path, capsys):
+    import torch
+
+    from txfm.cli import main
+    from txfm.train.checkpoint import latest_checkpoint
+
+    root, synth = trained
+    path, state = latest_checkpoint(root / "run")
+    bad = dict(state, vocab={})
+    torch.save(bad, tmp_path / "novocab.pt")
+    nan = dict(state, model={k: v.clone() for k, v in state["model"].items()})
+    key = next(k for k, v in nan["model"].items() if v.is_floating_point())
+    nan["model"][key].view(-1)[0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    for ckpt, what in (("novocab.pt", "vocabulary genes"), ("nan.pt", "NaN or inf")):
+        for cmd in (["genes"], ["embed", "--input", str(synth.datasets[0])]):
+            capsys.readouterr()
+            rc = main([*cmd, "--checkpoint", str(tmp_path / ckpt), "--out",
+                       str(tmp_path / "o.h5ad"), *(["--no-progress"] if cmd[0] == "embed" else [])])
+            err = capsys.readouterr().err
+            assert rc == 2 and what in err and ckpt in err, err
+
+
+def test_embed_api_defaults_and_inputs(trained):
+    from txfm.eval.embed import embed_counts, load_model, map_input_genes
+
+    root, synth = trained
+    model, config, vocab, _ = load_model(str(root / "run"))
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(1.0, (8, len(vocab))).astype(np.float32)
+    obs = np.ones(len(vocab), bool)
+    base = embed_counts(model, sp.csr_matrix(dense), obs, k=16, progress=False)
+    same = embed_counts(model, sp.csr_matrix(dense), obs, k=16, progress=False,
+                        target_sum=float(config.target_sum))
+    np.testing.assert_array_equal(base, same)  # default: the model's own target_sum
+    coo = sp.coo_matrix(dense)  # the same counts as duplicate entries (valid in scipy)
+    twice = sp.coo_matrix((np.concatenate([coo.data / 2, coo.data / 2]),
+                           (np.concatenate([coo.row, coo.row]), np.concatenate([coo.col,
+                                                                                coo.col]))),
+                          shape=coo.shape).tocsr()
+    np.testing.assert_allclose(embed_counts(model, twice, obs, k=16, progress=False), base,
+                               atol=1e-5)
+    for seed in (-1, 2**63, 2**70):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            embed_counts(model, sp.csr_matrix(dense), obs, k=16, seed=seed, progress=False)
+    nan = dense.copy()
+    nan[2, 3] = np.nan
+    with pytest.raises(ValueError, match="counts: 1 values are NaN, infinite or negative"):
+        embed_counts(model, sp.csr_matrix(nan), obs, k=16, progress=False)
+    m = map_input_genes(list(vocab[:5]), vocab)
+    assert m.index.tolist() == [0, 1, 2, 3, 4]
+    assert len(load_model(str(root / "run" / "checkpoints"))[2]) == len(vocab)  # RUN meant

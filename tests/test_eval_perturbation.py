@@ -300,7 +300,7 @@ def test_cli_rejects_what_would_score_silently_wrong(synth, tmp_path, capsys):
     assert main(base + ["--max-cells", "1", "--out", str(tmp_path / "b")]) == 2
     assert "--max-cells 1: the subsample has no" in capsys.readouterr().err
     assert main(base + ["--obsm-key", "X_meta", "--out", str(tmp_path / "c")]) == 2
-    assert "--obsm-key X_meta: not a numeric" in capsys.readouterr().err
+    assert "--obsm-key X_meta: is not a numeric" in capsys.readouterr().err
     assert main(base + ["--metrics", "lin", "--postprocess", "none",
                         "--out", str(tmp_path / "d")]) == 0  # X_meta skipped, X_ok scored
     assert "skipping .obsm['X_meta']" in capsys.readouterr().err
@@ -309,3 +309,116 @@ def test_cli_rejects_what_would_score_silently_wrong(synth, tmp_path, capsys):
     assert main(base + ["--db", str(tmp_path / "db.txt"), "--metrics", "bmdb",
                         "--out", str(tmp_path / "e")]) == 2
     assert f"--db {tmp_path / 'db.txt'}: not a UTF-8 text file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- faults of a new user
+
+def test_labels_refuse_missing_labels_and_compare_the_control_as_text():
+    with pytest.raises(ValueError, match="2 cells have no perturbation label"):
+        Labels.build(np.array(["a", "a", "b", np.nan, "NT", None], dtype=object), "NT")
+    with pytest.raises(ValueError, match="1 cells have no batch label"):
+        Labels.build(["a", "NT", "b"], "NT", ["x", None, "y"])
+    labels = Labels.build(np.array([0, 1, 2, 0]), 0)
+    assert labels.pert_names[labels.control] == "0"
+
+
+def test_a_batch_without_controls_is_normalised_on_its_own_cells_not_skipped():
+    labels, rng = _labels(n_perts=4, cells=30, batches=3, ctrl_cells=90)
+    batch = labels.batch.copy()
+    batch[labels.pert == labels.control] = np.where(batch[labels.pert == labels.control] == 2, 0,
+                                                    batch[labels.pert == labels.control])
+    labels = Labels.build(labels.pert_names[labels.pert], "non-targeting",
+                          np.array(["b0", "b1", "lonely"])[batch])
+    x = rng.normal(size=(len(labels.pert), 5)) + 3.0 * (batch == 2)[:, None]
+    for method in ("center", "standardize", "tvn"):
+        with pytest.warns(UserWarning, match="batch 'lonely' has 0 control cell"):
+            y = postprocess(x, labels, method)
+        np.testing.assert_allclose(y[batch == 2].mean(0), 0, atol=1e-9) if method != "tvn" \
+            else None
+    t = evaluate_embedding(x, labels, options=BenchmarkOptions(pcst_null_draws=100))
+    assert list(t.postprocess) == ["none", "center", "standardize", "tvn"]
+
+
+def test_knn_leaves_out_cells_it_cannot_retrieve_as_the_probe_does():
+    """A perturbation profiled in one batch only has nothing to be retrieved from in the
+    others: its cells are left out as queries (still voting as references), as the probe
+    leaves them out, instead of counting as certain misses."""
+    labels, rng = _labels(n_perts=5, cells=12, batches=3)
+    labels = labels.subset(np.flatnonzero(~((labels.pert == 0) & (labels.batch != 0))))
+    x = rng.normal(size=(len(labels.pert), 6))
+    got = knn_retrieval(x, labels, k=7)
+    keep = labels.pert != labels.control
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    hit1 = n = 0
+    for i in np.flatnonzero(keep):
+        ref = np.flatnonzero(keep & (labels.batch != labels.batch[i]))
+        if labels.pert[i] not in labels.pert[ref]:
+            continue
+        top = ref[np.argsort(-(xn[ref] @ xn[i]))[:7]]
+        votes = np.zeros(len(labels.pert_names))
+        for j in top:
+            votes[labels.pert[j]] += np.exp((xn[j] @ xn[i]) / 0.07)
+        true = votes[labels.pert[i]]
+        hit1 += true > 0 and (votes > true).sum() == 0
+        n += 1
+    assert n < keep.sum() and got["knn_top1"] == pytest.approx(100 * hit1 / n)
+
+
+def test_a_collapsed_embedding_has_no_batch_mixing_score():
+    labels, _ = _labels(n_perts=4, cells=30, batches=3)
+    with pytest.warns(UserWarning, match="collapsed embedding"):
+        r = ilisi(np.ones((len(labels.pert), 4)), labels)
+    assert np.isnan(r["ilisi"]) and np.isnan(r["ilisi_norm"])
+    t = evaluate_embedding(np.ones((len(labels.pert), 4)), labels,
+                           options=BenchmarkOptions(metrics=("ilisi",), postprocessing=("none",)))
+    from txfm.eval.perturbation import best_rows
+
+    t.insert(0, "embedding", "flat")
+    assert len(best_rows(t)) == 1 and np.isnan(best_rows(t)["average"].iloc[0])
+
+
+def test_cli_outputs_are_whole_and_metrics_checked_before_work(synth, tmp_path, capsys):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from txfm.cli import main
+
+    a = ad.read_h5ad(synth.datasets[0])[:600].copy()
+    rng = np.random.default_rng(0)
+    a.obsm["X_$\\badcmd$"] = rng.normal(size=(a.n_obs, 4)).astype(np.float32)
+    a.obsm["X_sparse"] = sp.csr_matrix(rng.normal(size=(a.n_obs, 3)).astype(np.float32))
+    a.obsm["X_empty"] = np.zeros((a.n_obs, 0), np.float32)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    base = ["eval", "perturbation", "--embeddings", str(tmp_path / "in.h5ad"),
+            "--perturbation-key", "perturbation", "--baselines", "none", "--no-progress",
+            "--threads", "1", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(base + ["--metrics", "ilisi"]) == 2  # no --batch-key: nothing to compute
+    assert "nothing to compute (ilisi needs --batch-key" in capsys.readouterr().err
+    assert main(base + ["--baselines", ","]) == 2
+    assert main(base + ["--metrics", "lin,knn", "--postprocess", "none,none",
+                        "--batch-key", "batch"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping .obsm['X_empty']: it has no columns" in err
+    table = pd.read_csv(tmp_path / "o" / "perturbation_all.csv")
+    assert sorted(table.embedding) == ["X_$\\badcmd$", "X_sparse"]  # once each, none,none
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "perturbation.csv", "perturbation.png", "perturbation_all.csv"]  # no scratch left
+
+
+def test_cli_warns_on_normalised_counts_once_as_one_line(synth, tmp_path, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+
+    a = ad.read_h5ad(synth.datasets[0])[:400].copy()
+    a.X = a.X.astype(np.float32)
+    a.X.data = np.log1p(a.X.data)
+    a.write_h5ad(tmp_path / "log.h5ad")
+    capsys.readouterr()
+    assert main(["eval", "perturbation", "--embeddings", str(tmp_path / "log.h5ad"),
+                 "--perturbation-key", "perturbation", "--batch-key", "batch", "--baselines",
+                 "liblog", "--metrics", "lin", "--postprocess", "none", "--no-progress",
+                 "--threads", "1", "--out", str(tmp_path / "o")]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "not integers" in ln]
+    assert len(err) == 1 and err[0].startswith("warning: --embeddings"), err

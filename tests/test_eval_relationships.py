@@ -179,6 +179,11 @@ def test_cli_relationships_with_pca_loadings_baseline(synth, tmp_path, capsys):
     recall = t.set_index("representation").recall_5_95_mean
     assert recall["truth"] > 0.9 and recall["random"] < 0.2
     assert recall["pca_loadings"] > recall["random"]  # expression co-variation carries programs
+    summary = pd.read_csv(out / "relationships_summary.csv").set_index("representation")
+    db = synth.relationships.stem  # numeric percent columns that pandas reads back
+    assert summary[f"{db}_mean"]["truth"] == pytest.approx(100 * recall["truth"])
+    assert summary[f"{db}_std"].dtype.kind == "f" and "combined_10_90_mean" in summary
+    assert not any(p.name.startswith(".partial") for p in out.iterdir())
 
     rc = main(["eval", "relationships", "--genes", str(path), "--db", str(synth.relationships),
                "--key", "nope", "--out", str(out)])
@@ -188,3 +193,39 @@ def test_cli_relationships_with_pca_loadings_baseline(synth, tmp_path, capsys):
     rc = main(["eval", "relationships", "--genes", str(path), "--db", str(other), "--out",
                str(out), "--no-progress"])
     assert rc == 2 and "pairs up" in capsys.readouterr().err
+
+
+
+def test_databases_and_representations_that_cannot_score_are_named(synth, tmp_path, capsys):
+    import anndata as ad
+
+    from txfm.cli import main
+
+    folder = tmp_path / "dbs"
+    folder.mkdir()
+    (folder / "good.txt").write_text(synth.relationships.read_text())
+    (folder / "CORUM.csv").write_text("GENE1,GENE2\nA,B\n")  # no entity1,entity2 header
+    (folder / "LICENSE.txt").write_text("free for all\n")
+    with pytest.warns(UserWarning, match=r"CORUM.csv: skipped, its header is 'gene1,gene2'"):
+        dbs = load_databases([folder])
+    assert [d.name for d in dbs] == ["good"]
+    (tmp_path / "empty.txt").write_text("entity1,entity2\nA,A\n")
+    with pytest.raises(ValueError, match="holds no gene pair"):
+        read_pairs(tmp_path / "empty.txt")
+    one_d = GeneRepresentation("one", np.ones((50, 1)), np.array([f"G{i}" for i in range(50)],
+                                                                 dtype=object), 8)
+    with pytest.raises(ValueError, match="one: a gene representation needs at least 2 dim"):
+        recall_table(one_d, dbs)
+    programs = pd.read_csv(synth.programs, sep="\t", keep_default_na=False)
+    genes = ad.AnnData(obs=pd.DataFrame({"symbol": programs.symbol.to_numpy()},
+                                        index=programs.gene_id.astype(str).to_numpy()),
+                       obsm={"r": np.random.default_rng(0).normal(size=(len(programs), 8))})
+    genes.write_h5ad(tmp_path / "g.h5ad")
+    base = ["eval", "relationships", "--genes", str(tmp_path / "g.h5ad"), "--db",
+            str(synth.relationships), "--out", str(tmp_path / "o"), "--no-progress"]
+    capsys.readouterr()
+    assert main(base + ["--null-pairs", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --null-pairs 5: need an integer >= 100")
+    assert main(base + ["--n-components", "cdbook=8"]) == 2
+    assert "--n-components cdbook=...: no representation of that name" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

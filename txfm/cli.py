@@ -63,6 +63,32 @@ def file_in_path(path) -> "pathlib.Path | None":
     return next((a for a in pathlib.Path(path).parents if a.exists() and not a.is_dir()), None)
 
 
+def folder_problem(path) -> str | None:
+    """Why a folder cannot be made (or written) at ``path``, or None when it can. Leaves
+    nothing behind.
+
+    Permission bits do not answer it (root passes ``os.access`` on ``/proc``, which takes no new
+    folders), so a scratch folder is made in the nearest existing ancestor and removed again.
+    """
+    import os
+    import pathlib
+    import tempfile
+
+    path = base = pathlib.Path(path)
+    blocking = path if path.exists() and not path.is_dir() else file_in_path(path)
+    if blocking is not None:
+        what = "is" if blocking == path else f"lies under {blocking}, which is"
+        return f"{what} a file, not a folder; give another folder"
+    try:
+        while not base.exists() and base.parent != base:
+            base = base.parent
+        os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
+    except OSError as exc:
+        where = "" if base == path else f" (in {base})"
+        return f"cannot write there{where}: {exc.strerror}; give a folder you can write to"
+    return None
+
+
 # -- argparse types for numeric options: the option is named by argparse in its error --------
 def int_at_least(low: int):
     """argparse ``type``: an integer >= ``low``."""
@@ -132,12 +158,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_lines():
+    """A ``warnings.showwarning`` that prints each distinct warning once, as one ``warning:``
+    line (Python's own format adds the file, line and source of whoever raised it)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    return show
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``timeout``, ``kill``) raised as an interrupt, so that
+    the commands' cleanup (temporary files, partial outputs) runs as it does on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``txfm ARGV``; returns the exit status (2: a user mistake, reported on stderr)."""
+    """Run ``txfm ARGV``; returns the exit status (2: a user mistake, reported on stderr;
+    130 after Ctrl-C, 143 after SIGTERM, with temporary files removed)."""
+    import signal
+    import threading
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_lines()
+            return int(args.func(args) or 0)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -146,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from txfm.cli import (
     UsageError,
     error_message,
     file_in_path,
+    folder_problem,
     finite_float,
     int_at_least,
     nonnegative_int,
@@ -33,7 +34,9 @@ def register(subparsers) -> None:
         description="Embed cells with a trained checkpoint: the input's genes are mapped onto "
                     "the model's vocabulary (reported), K of them are shown per cell (drawn with "
                     "a fixed seed, or the mean over --draws draws), and the CLS outputs are "
-                    "written to .obsm[--key] of a copy of the input.")
+                    "written to .obsm[--key] of a copy of the input (the input whole, with its "
+                    ".X, .raw and layers; uns['txfm_embed'][KEY] records the checkpoint file, "
+                    "step and settings).")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--input", required=True, help=".h5ad, 10x matrix folder, or 10x .h5")
     p.add_argument("--out", required=True, help="output .h5ad")
@@ -43,12 +46,20 @@ def register(subparsers) -> None:
                         "genes_grch38_sceptre.tsv) when input and vocabulary name genes "
                         "differently")
     p.add_argument("--k", type=positive_int, default=None,
-                   help="shown genes per cell (default: every observable gene, at most "
-                        f"{EMBED_K_FACTOR} x the model's training K; docs/learning.md)")
+                   help="shown genes per cell%(default).0s (default: every observable gene, at "
+                        f"most {EMBED_K_FACTOR} x the model's training K; docs/learning.md)")
     p.add_argument("--draws", type=positive_int, default=1,
-                   help="average the embeddings of this many draws of shown genes")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+                   help="average the embeddings of this many draws of shown genes (draw r "
+                        "uses seed --seed + r)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the draws of shown genes; when K is below a cell's "
+                        "observable genes, cell i's draw is keyed by (seed, i), its row "
+                        "position: reordering or subsetting the cells changes which genes "
+                        "each is shown")
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="cells per forward pass (memory, not results)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing .obsm[--key] of the input")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
@@ -215,8 +226,16 @@ def _table(path):
                          ) from exc
 
 
+def _writable(path: pathlib.Path, option: str) -> None:
+    """UsageError unless a folder can be made (or written) at ``path``."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise UsageError(f"{option} {path}: {problem}")
+
+
 def _output(path, *, folder: bool) -> pathlib.Path:
-    """``--out`` checked before any work: a folder (``folder``) or a file name, not the other."""
+    """``--out`` checked before any work: a folder (``folder``) or an ``.h5ad`` file name, not
+    the other, where this process can write."""
     out = pathlib.Path(path)
     blocking = file_in_path(out)
     if blocking is not None:
@@ -225,6 +244,9 @@ def _output(path, *, folder: bool) -> pathlib.Path:
         raise UsageError(f"--out {out}: is a file; give a folder for the results")
     if not folder and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give an .h5ad file name")
+    if not folder and out.suffix.lower() != ".h5ad":
+        raise UsageError(f"--out {out}: the output is an .h5ad file; name it *.h5ad")
+    _writable(out if folder else out.parent, "--out")
     return out
 
 
@@ -243,26 +265,46 @@ def cmd_embed(args) -> int:
     )
     from txfm.cli import check_device
 
-    from .io import counts_matrix, read_cells, write_h5ad
+    from .io import counts_matrix, read_input, with_counts, write_h5ad
 
     device = resolve_device(check_device("--device", args.device))
     out = _output(args.out, folder=False)
     if not args.key or "/" in args.key or args.key != args.key.strip():
         return _fail(f"--key {args.key!r}: an .obsm key must be a non-empty name without '/' "
                      "or surrounding spaces (e.g. X_txfm)")
+    if args.seed > 2**63 - 1 - args.draws:
+        return _fail(f"--seed {args.seed}: must be below 2^63 - --draws")
     table = _table(args.gene_table)
     model, config, vocab, info = load_model(args.checkpoint, device)
-    adata = read_cells(args.input, layer=args.layer, option="--input")
+    original = read_input(args.input, "--input")  # written back whole, plus .obsm[--key]
+    adata = with_counts(original, args.layer, args.input, "--input")
     raw = counts_matrix(adata, f"--input {args.input}")
+    if args.key in original.obsm and not args.overwrite:
+        return _fail(f"--key {args.key}: {args.input} already has .obsm[{args.key!r}]; choose "
+                     f"another --key or pass --overwrite to replace it")
     match = map_input_genes(adata.var, vocab, table, info.get("symbols"))
     print(f"{args.input}: {adata.n_obs:,} cells; {match.summary(len(vocab))}")
-    if not np.array_equal(raw.data, np.round(raw.data)):
-        print("warning: the counts are not integers: the model expects raw counts (normalised "
-              "data in .X? pass --layer counts or --layer raw)", file=sys.stderr)
+    clash = match.collisions()
+    if clash.size:
+        names = [str(adata.var_names[i]) for i in clash[:6]]
+        print(f"warning: {clash.size:,} input genes share a vocabulary gene with another and "
+              f"are summed ({', '.join(names)}{' ...' if clash.size > 6 else ''})",
+              file=sys.stderr)
+    if match.n_case > match.n_mapped // 2:
+        print(f"warning: {match.n_case:,} of the {match.n_mapped:,} mapped genes match only "
+              f"ignoring upper/lower case: another species' genes (Cd4 for CD4)? check that the "
+              f"model was trained on this organism", file=sys.stderr)
     try:
         counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
     except ValueError as err:
         return _fail(str(err))
+    if int(observable.sum()) < int(config.k):
+        print(f"warning: the input profiles {int(observable.sum()):,} of the model's genes, "
+              f"fewer than the K={config.k} it was shown per cell in training: the embeddings "
+              f"see less of each cell than the model expects", file=sys.stderr)
+    if counts.nnz and float(counts.data.max()) <= 1.0:
+        print("warning: every count is 0 or 1 (binarised data?): the model expects raw UMI "
+              "counts", file=sys.stderr)
     # more shown genes than in training give better embeddings (docs/learning.md); the cap
     # bounds the quadratic attention cost on inputs that profile tens of thousands of genes
     # a K above the observable genes would only add padding (memory and time, no change)
@@ -276,12 +318,17 @@ def cmd_embed(args) -> int:
     emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, device=device, target_sum=target_sum,
                        precision=precision, progress=not args.no_progress)
-    adata.obsm[args.key] = emb
-    adata.uns["txfm_embed"] = {"checkpoint": str(args.checkpoint), "k": k, "draws": args.draws,
-                               "seed": args.seed, "precision": precision,
-                               "genes_mapped": match.n_mapped,
-                               "genes_input": len(match.index), "mapping": match.how}
-    write_h5ad(adata, out)
+    original.obsm[args.key] = emb
+    runs = dict(original.uns.get("txfm_embed", {})) if \
+        isinstance(original.uns.get("txfm_embed"), dict) and \
+        "checkpoint" not in original.uns["txfm_embed"] else {}  # a run of before: replaced
+    runs[args.key] = {"checkpoint": str(info.get("path", args.checkpoint)),
+                      "step": int(info.get("step") or 0), "k": k, "draws": args.draws,
+                      "seed": args.seed, "precision": precision,
+                      "layer": args.layer or "X", "genes_mapped": match.n_mapped,
+                      "genes_input": len(match.index), "mapping": match.how}
+    original.uns["txfm_embed"] = runs
+    write_h5ad(original, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={k}, "
           f"draws={args.draws}, {device}, {precision})")
     return 0
@@ -329,7 +376,8 @@ def _components_map(values) -> tuple[dict, int | None]:
 
 
 def _recall_summary(table):
-    """Wide table: one row per representation, recall 5/95 per database (mean ± std, %)."""
+    """One row per representation: recall 5/95 per database and 10/90 combined, in percent,
+    mean and std over the null draws (numeric ``<db>_mean`` / ``<db>_std`` columns)."""
     import pandas as pd
 
     prim = table[table.primary]
@@ -341,13 +389,28 @@ def _recall_summary(table):
         for _, r in g.iterrows():
             if single_db and r.database == "combined":
                 continue
-            row[r.database] = (f"{100 * r.recall_5_95_mean:.1f} ± {100 * r.recall_5_95_std:.1f}"
-                               if r.n_pairs else "–")
+            has = r.n_pairs > 0
+            row[f"{r.database}_mean"] = 100 * r.recall_5_95_mean if has else float("nan")
+            row[f"{r.database}_std"] = 100 * r.recall_5_95_std if has else float("nan")
         comb = g[g.database == "combined"].iloc[0]
-        row["10/90 combined"] = f"{100 * comb.recall_10_90_mean:.1f} ± " \
-                                f"{100 * comb.recall_10_90_std:.1f}"
+        row["combined_10_90_mean"] = 100 * comb.recall_10_90_mean
+        row["combined_10_90_std"] = 100 * comb.recall_10_90_std
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _with_spread(summary):
+    """The summary for printing: each ``X_mean``/``X_std`` pair as one ``mean ± std`` column."""
+    import math
+
+    out = summary[["representation", "genes", "PCs"]].copy()
+    for col in summary.columns:
+        if col.endswith("_mean"):
+            base = col[:-len("_mean")]
+            out[base.replace("combined_10_90", "10/90 combined")] = [
+                "–" if math.isnan(m) else f"{m:.1f} ± {sd:.1f}"
+                for m, sd in zip(summary[col], summary[f"{base}_std"])]
+    return out
 
 
 def cmd_relationships(args) -> int:
@@ -355,12 +418,14 @@ def cmd_relationships(args) -> int:
 
     from .baselines import pca_gene_loadings
     from .genemap import gene_symbols
-    from .io import counts_matrix, read_cells, read_h5ad
+    from .io import counts_matrix, read_cells, read_h5ad, staged_outputs
     from .plots import markdown_table, plot_recall_by_database, plot_recall_vs_components
     from .relationships import (
         BASELINE_COMPONENTS,
+        DEFAULT_COMPONENTS,
         SWEEP_COMPONENTS,
         GeneRepresentation,
+        check_null,
         common_genes,
         evaluate_representations,
         load_databases,
@@ -368,6 +433,10 @@ def cmd_relationships(args) -> int:
 
     if args.genes is None and args.counts is None:
         return _fail("nothing to evaluate: pass --genes genes.h5ad and/or --counts X.h5ad")
+    try:
+        check_null(args.null_pairs, args.draws)
+    except ValueError as err:
+        return _fail(str(err))
     out = _output(args.out, folder=True)
     table = _table(args.gene_table)
     sources = args.sources.split(",") if args.sources else None
@@ -407,8 +476,17 @@ def cmd_relationships(args) -> int:
         print(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
               f"{loadings.shape[1]} components")
         reps.append(GeneRepresentation("pca_loadings", loadings, syms, n))
+    named = {r.name for r in reps} | {"pca_loadings"}
+    unknown = sorted(set(comps) - set(DEFAULT_COMPONENTS) - named)
+    if unknown:
+        return _fail(f"--n-components {unknown[0]}=...: no representation of that name "
+                     f"(evaluating {sorted(r.name for r in reps)})")
     if len(reps) > 1 and not args.all_genes:
         reps = common_genes(reps)
+        if len(reps[0].symbols) == 0:
+            return _fail(f"the representations share no gene ({', '.join(r.name for r in reps)}"
+                         f"); check that --genes and --counts name genes the same way "
+                         f"(--gene-table maps ids to symbols), or pass --all-genes")
         print(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
               "(--all-genes to use each one's own)")
     try:
@@ -418,14 +496,14 @@ def cmd_relationships(args) -> int:
                                        progress=not args.no_progress)
     except ValueError as err:
         return _fail(str(err))
-    out.mkdir(parents=True, exist_ok=True)
-    res.to_csv(out / "relationships.csv", index=False)
     summary = _recall_summary(res)
-    summary.to_csv(out / "relationships_summary.csv", index=False)
-    plot_recall_by_database(res, out / "recall_by_database.png")
-    plot_recall_vs_components(res, out / "recall_vs_components.png")
+    with staged_outputs(out) as tmp:  # all four files, or none, replace the last run's
+        res.to_csv(tmp / "relationships.csv", index=False)
+        summary.to_csv(tmp / "relationships_summary.csv", index=False)
+        plot_recall_by_database(res, tmp / "recall_by_database.png")
+        plot_recall_vs_components(res, tmp / "recall_vs_components.png")
     print("\nRecall 5/95 (%) per database, mean ± std over null draws (random: 10.0):\n")
-    print(markdown_table(summary))
+    print(markdown_table(_with_spread(summary)))
     print(f"\nwrote {out}/relationships.csv, relationships_summary.csv, recall_by_database.png, "
           "recall_vs_components.png")
     return 0
@@ -470,11 +548,12 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
 def cmd_perturbation(args) -> int:
     import numpy as np
     import pandas as pd
+    import scipy.sparse as sp
     from tqdm.auto import tqdm
 
     from .baselines import expression_baselines
     from .genemap import gene_symbols
-    from .io import counts_matrix, read_cells
+    from .io import counts_matrix, read_cells, staged_outputs
     from .perturbation import (
         METRICS,
         PCST_ALPHA,
@@ -499,12 +578,28 @@ def cmd_perturbation(args) -> int:
         if key is not None and key not in adata.obs:
             return _fail(f"{what} {key!r} is not an obs column of {args.embeddings} (columns: "
                          f"{list(adata.obs.columns)})")
-    post = tuple(s for s in args.postprocess.split(",") if s)
-    metrics = tuple(s for s in args.metrics.split(",") if s)
+    post = tuple(dict.fromkeys(s.strip() for s in args.postprocess.split(",") if s.strip()))
+    metrics = tuple(dict.fromkeys(s.strip() for s in args.metrics.split(",") if s.strip()))
     bad = [p for p in post if p not in POSTPROCESSING] + [m for m in metrics if m not in METRICS]
     if bad or not post or not metrics:
         return _fail(f"unknown or empty --postprocess/--metrics {bad}; choose from "
                      f"{POSTPROCESSING} and {METRICS}")
+    computable = [m for m in metrics if not (m == "ilisi" and not args.batch_key)
+                  and not (m == "bmdb" and not args.db)]
+    if not computable:
+        return _fail(f"--metrics {','.join(metrics)}: nothing to compute (ilisi needs "
+                     f"--batch-key, bmdb needs --db); add those or other metrics")
+    base_names = () if args.baselines.strip() == "none" else \
+        tuple(dict.fromkeys(s.strip() for s in args.baselines.split(",") if s.strip()))
+    if args.baselines.strip() != "none" and not base_names:
+        return _fail(f"--baselines {args.baselines!r}: name baselines (e.g. liblog,pca) or "
+                     "'none'")
+    dbs = []
+    if "bmdb" in metrics and args.db:  # read before the long work: a typo costs nothing
+        try:
+            dbs = load_databases(args.db)
+        except (FileNotFoundError, ValueError) as err:
+            return _fail(str(err))
     unlabelled = adata.obs[args.perturbation_key].isna().to_numpy()
     if args.batch_key:
         unlabelled |= adata.obs[args.batch_key].isna().to_numpy()
@@ -538,8 +633,10 @@ def cmd_perturbation(args) -> int:
         return _fail(str(err))
     n_perts = len(labels.pert_names) - 1
     if n_perts < 2:
-        return _fail(f"need >= 2 perturbations with >= {args.min_cells} cells besides the "
-                     f"control, found {n_perts}")
+        sub = f" in the --max-cells {args.max_cells} subsample" if args.max_cells else ""
+        return _fail(f"need >= 2 perturbations with >= {args.min_cells} cells (--min-cells) "
+                     f"besides the control{sub}, found {n_perts}; lower --min-cells"
+                     + (" or raise --max-cells" if args.max_cells else ""))
     if args.batch_key is None:
         print("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
     print(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
@@ -551,20 +648,20 @@ def cmd_perturbation(args) -> int:
         return _fail(f"obsm keys {missing} not found (has {list(adata.obsm.keys())})")
     embeddings = {}
     for k in list(keys):
+        value = adata.obsm[k]
         try:
-            x = np.asarray(adata.obsm[k], dtype=np.float32)
+            x = np.asarray(value.toarray() if sp.issparse(value) else value, dtype=np.float32)
         except (TypeError, ValueError):
             x = None
-        if x is None or x.ndim != 2:
+        if x is None or x.ndim != 2 or x.shape[1] == 0:
+            what = "has no columns" if x is not None and x.ndim == 2 else \
+                "is not a numeric [cells, dims] embedding"
             if args.obsm_key:  # asked for by name
-                return _fail(f"--obsm-key {k}: not a numeric [cells, dims] embedding")
-            print(f"warning: skipping .obsm[{k!r}]: not a numeric [cells, dims] embedding",
-                  file=sys.stderr)
+                return _fail(f"--obsm-key {k}: {what}")
+            print(f"warning: skipping .obsm[{k!r}]: it {what}", file=sys.stderr)
             keys.remove(k)
             continue
         embeddings[k] = x
-    base_names = () if args.baselines.strip() == "none" else \
-        tuple(s for s in args.baselines.split(",") if s)
     if base_names:
         raw = counts_matrix(adata, f"--embeddings {args.embeddings}")
         try:
@@ -589,15 +686,8 @@ def cmd_perturbation(args) -> int:
                      "--baselines none")
     if not keys:
         print("no embedding in .obsm: evaluating the baselines alone")
-    dbs = []
-    if "bmdb" in metrics:
-        if args.db:
-            try:
-                dbs = load_databases(args.db)
-            except (FileNotFoundError, ValueError) as err:
-                return _fail(str(err))
-        else:
-            print("no --db: bmdb not computed")
+    if "bmdb" in metrics and not args.db:
+        print("no --db: bmdb not computed")
     symbols = gene_symbols(labels.pert_names, table=table)
     options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
                                pcst_null_draws=args.pcst_null_draws, seed=args.seed)
@@ -613,10 +703,14 @@ def cmd_perturbation(args) -> int:
         tables.append(t)
     full = pd.concat(tables, ignore_index=True)
     best = best_rows(full)
-    out.mkdir(parents=True, exist_ok=True)
-    full.to_csv(out / "perturbation_all.csv", index=False)
-    best.to_csv(out / "perturbation.csv", index=False)
-    plot_perturbation_metrics(best, out / "perturbation.png")
+    if dbs and "bmdb_pairs" in full and not (full["bmdb_pairs"] > 0).any():
+        print(f"warning: bmdb undefined: no annotated pair of --db joins two of the "
+              f"{n_perts} perturbation targets (are the labels gene symbols? --gene-table maps "
+              f"Ensembl ids to symbols)", file=sys.stderr)
+    with staged_outputs(out) as tmp:  # all three files, or none, replace the last run's
+        full.to_csv(tmp / "perturbation_all.csv", index=False)
+        best.to_csv(tmp / "perturbation.csv", index=False)
+        plot_perturbation_metrics(best, tmp / "perturbation.png")
     shown = [c for c in ("embedding", "dims", "postprocess", "pcst", "lin_top1", "lin_top5",
                          "knn_top1", "knn_top5", "bmdb", "ilisi", "average") if c in best.columns]
     print("\nPerturbation benchmark (%; ilisi in [1, #batches]); best post-processing per "

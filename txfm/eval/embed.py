@@ -21,6 +21,7 @@ unless the model was trained in fp32 (:func:`resolve_precision`).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from txfm.model.config import PRECISIONS
@@ -32,12 +33,33 @@ KEY_BLOCK = 64
 
 def load_model(checkpoint: str, device: str = "cpu"):
     """``(model, config, vocab_genes, info)`` from a run folder or checkpoint file (issue 6),
-    the model in eval mode on ``device``."""
+    the model in eval mode on ``device``; ``info["path"]`` and ``info["step"]`` name the
+    checkpoint file actually read.
+
+    Raises:
+        CheckpointError: unreadable; no gene vocabulary of the model's size; a parameter
+            that is NaN or infinite (a diverged run: use an earlier checkpoint).
+    """
+    import torch
+
     from txfm.train import load_checkpoint
+    from txfm.train.checkpoint import CheckpointError
 
     model, config, vocab, info = load_checkpoint(checkpoint, map_location="cpu")
+    where = info.get("path", checkpoint)
+    vocab = list(vocab or [])
+    if len(vocab) != getattr(model, "n_genes", len(vocab)):
+        raise CheckpointError(f"{where}: holds {len(vocab)} vocabulary genes for a model of "
+                              f"{model.n_genes}; it was not written by txfm train (or is "
+                              f"damaged), so its genes cannot be named")
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} parameter(s) hold NaN or inf ({bad[0]}"
+                              f"{', ...' if len(bad) > 1 else ''}): the run diverged before "
+                              f"this step; use an earlier checkpoint (RUN/checkpoints/)")
     model = model.to(device).eval()
-    return model, config, list(vocab), info
+    return model, config, vocab, info
 
 
 def resolve_precision(precision: str, device: str, trained: str | None = None) -> str:
@@ -76,15 +98,32 @@ def resolve_device(device: str) -> str:
 def map_input_genes(var, vocab: list[str], table: GeneTable | None = None,
                     vocab_symbols: list[str] | None = None) -> GeneMatch:
     """Match an AnnData's genes (``var_names`` and any id/symbol column) onto ``vocab`` (the
-    checkpoint's gene ids), or onto its symbols when that matches more genes."""
+    checkpoint's gene ids), or onto its symbols when that reaches more distinct genes.
+
+    Args:
+        var: the AnnData's ``var`` (a DataFrame indexed by gene name), or a list of names.
+    Features whose ``var["feature_types"]`` is not ``Gene Expression`` (10x antibody or CRISPR
+    guide captures) are never mapped, even when named like a gene.
+    """
     from .io import gene_name_columns
 
+    if not isinstance(var, pd.DataFrame):
+        var = pd.DataFrame(index=pd.Index([str(v) for v in var]))
     alts, names = gene_name_columns(var)
     best = match_genes(alts, vocab, table, query_names=names)
     if vocab_symbols is not None and len(vocab_symbols) == len(vocab):
         by_symbol = match_genes(alts, [str(s) for s in vocab_symbols], table, query_names=names)
-        if by_symbol.n_mapped > best.n_mapped:
-            best = GeneMatch(by_symbol.index, by_symbol.how + ", onto vocabulary symbols")
+        if by_symbol.better_than(best):
+            best = GeneMatch(by_symbol.index, by_symbol.how + ", onto vocabulary symbols",
+                             by_symbol.n_case)
+    ftype = next((c for c in ("feature_types", "feature_type") if c in var.columns), None)
+    if ftype is not None:
+        other = (var[ftype].astype(str) != "Gene Expression").to_numpy()
+        if other.any():
+            index = np.where(other, -1, best.index)
+            best = GeneMatch(index, f"{best.how}; {int(other.sum()):,} features of other types "
+                                    f"({', '.join(sorted(set(var[ftype][other].astype(str))))}) "
+                                    f"left out", best.n_case)
     return best
 
 
@@ -134,26 +173,36 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
 
 
 def _as_csr(counts, name: str) -> sp.csr_matrix:
-    """``counts`` (scipy sparse or 2-D array-like) as CSR; TypeError/ValueError naming it."""
+    """``counts`` (scipy sparse or 2-D array-like) as CSR with one entry per (cell, gene)
+    (scipy's duplicate entries summed, as scipy reads them), checked to be finite and >= 0;
+    TypeError/ValueError naming it."""
     if sp.issparse(counts):
         if counts.ndim != 2:
             raise ValueError(f"{name} must be 2-D [cells, genes], got shape {counts.shape}")
-        return counts.tocsr()
-    if hasattr(counts, "detach"):  # a torch tensor
-        counts = counts.detach().cpu().numpy()
-    try:
-        arr = np.asarray(counts, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a scipy sparse matrix or a 2-D numeric array of raw "
-                        f"counts, got {type(counts).__name__}") from exc
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [cells, genes], got shape {arr.shape}")
-    return sp.csr_matrix(arr)
+        out = counts.tocsr(copy=True)
+        out.sum_duplicates()
+    else:
+        if hasattr(counts, "detach"):  # a torch tensor
+            counts = counts.detach().cpu().numpy()
+        try:
+            arr = np.asarray(counts, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be a scipy sparse matrix or a 2-D numeric array of "
+                            f"raw counts, got {type(counts).__name__}") from exc
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [cells, genes], got shape {arr.shape}")
+        out = sp.csr_matrix(arr)
+    bad = ~np.isfinite(out.data) | (out.data < 0)
+    if bad.any():
+        cell = int(np.searchsorted(out.indptr, np.flatnonzero(bad)[0], side="right")) - 1
+        raise ValueError(f"{name}: {int(bad.sum()):,} values are NaN, infinite or negative "
+                         f"(first in cell {cell}); raw counts expected")
+    return out
 
 
 def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int,
                  draws: int = 1, seed: int = 0, batch_size: int = 256, device: str = "cpu",
-                 target_sum: float = 1e5, precision: str = "auto",
+                 target_sum: float | None = None, precision: str = "auto",
                  progress: bool = True, library_size: float | None = None) -> np.ndarray:
     """CLS embeddings of cells.
 
@@ -164,7 +213,13 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             a scipy sparse matrix (CSR preferred) or a 2-D array.
         observable: ``[G]`` bool, the genes this input profiles.
         k: shown genes per cell (the model's ``config.k`` by default in the CLI).
-        draws: embeddings of this many independent draws are averaged.
+        draws: embeddings of this many independent draws are averaged (draw ``r`` uses seed
+            ``seed + r``).
+        seed: in ``[0, 2^63)``. When ``k`` is below the observable genes, cell ``i``'s draw
+            is keyed by ``(seed, i)``: its row position, so reordering or subsetting the
+            cells changes which genes each is shown.
+        target_sum: the library-size normalisation; default the model's own
+            (``model.config.target_sum``, what it was trained with).
         precision: ``fp32``, ``bf16`` (autocast) or ``auto``: fp32 on the CPU; on CUDA the
             model's ``trained_precision`` (set by :func:`load_model`), bf16 when unknown
             (:func:`resolve_precision`).
@@ -173,6 +228,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     Raises:
         TypeError: ``model`` not a TxFM model; ``counts`` not a matrix.
         ValueError: no cells; ``draws``, ``k`` or ``batch_size`` not an integer >= 1;
+            ``seed`` outside ``[0, 2^63)``;
             ``counts`` not ``[cells, G]`` of the model's vocabulary; ``observable`` not ``[G]``
             bool or all False; ``device`` not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, or
             CUDA where there is none.
@@ -200,6 +256,11 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     for name, v in (("k", k), ("draws", draws), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed < 2**63 - draws:
+        raise ValueError(f"seed must be an integer in [0, 2^63 - draws), got {seed!r}")
+    if target_sum is None:
+        target_sum = float(getattr(getattr(model, "config", None), "target_sum", 1e5))
     n_genes = counts.shape[1]
     vocab_size = getattr(model, "n_genes", n_genes)
     if n_genes != vocab_size:

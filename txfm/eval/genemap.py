@@ -57,6 +57,9 @@ class GeneTable:
         ``symbol`` or ``name``); a headerless two-column file is read as (ensembl, symbol).
         """
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise FileNotFoundError(f"--gene-table {path}: is a folder; give the table file "
+                                    "(e.g. shared/data/gene_tables/genes_grch38_sceptre.tsv)")
         if not path.is_file():
             raise FileNotFoundError(f"--gene-table {path}: no such file (expected a TSV/CSV with "
                                     "Ensembl id and gene symbol columns, e.g. "
@@ -107,8 +110,9 @@ class GeneTable:
         return out
 
 
-def _lookup(query: np.ndarray, target: Sequence[str]) -> np.ndarray:
-    """Index of each query name in ``target`` (first occurrence) or -1; exact, then upper-case."""
+def _lookup(query: np.ndarray, target: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Index of each query name in ``target`` (first occurrence) or -1, exact, then ignoring
+    case; and how many matched only ignoring case."""
     target = normalise_ids(target)
     pos = pd.Series(np.arange(len(target)), index=target)
     pos = pos[~pos.index.duplicated()]
@@ -120,8 +124,9 @@ def _lookup(query: np.ndarray, target: Sequence[str]) -> np.ndarray:
         upper = upper[~upper.index.duplicated()]
         idx[missing] = upper.reindex(q[missing].str.upper()).to_numpy()
     out = np.where(np.isnan(idx), -1, idx).astype(np.int64)
-    out[[v is None or v == "" for v in query]] = -1
-    return out
+    blank = np.array([v is None or v == "" for v in query], dtype=bool)
+    out[blank] = -1
+    return out, int((missing & (out >= 0)).sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,18 +135,39 @@ class GeneMatch:
 
     index: np.ndarray  # [n_query] int64
     how: str
+    n_case: int = 0  # of the mapped, how many only ignoring upper/lower case
 
     @property
     def n_mapped(self) -> int:
         return int((self.index >= 0).sum())
 
+    @property
+    def n_targets(self) -> int:
+        """Distinct target genes reached (below ``n_mapped`` when query genes collide)."""
+        return len(np.unique(self.index[self.index >= 0]))
+
+    def collisions(self) -> np.ndarray:
+        """Positions of query genes that share their target with another query gene."""
+        mapped = self.index >= 0
+        _, inverse, counts = np.unique(self.index[mapped], return_inverse=True,
+                                       return_counts=True)
+        return np.flatnonzero(mapped)[counts[inverse] > 1]
+
     def summary(self, n_target: int | None = None) -> str:
         n = len(self.index)
         s = f"{self.n_mapped:,} of {n:,} genes mapped ({100.0 * self.n_mapped / max(n, 1):.1f}%, " \
-            f"{self.how})"
+            f"{self.how}{f'; {self.n_case:,} only ignoring case' if self.n_case else ''})"
         if n_target is not None:
-            s += f" onto {len(np.unique(self.index[self.index >= 0])):,} of {n_target:,}"
+            s += f" onto {self.n_targets:,} of {n_target:,}"
         return s
+
+    def better_than(self, other: "GeneMatch | None") -> bool:
+        """More distinct targets (genes summed together count once), then more genes mapped,
+        then fewer matched only ignoring case."""
+        if other is None:
+            return True
+        return (self.n_targets, self.n_mapped, -self.n_case) > \
+            (other.n_targets, other.n_mapped, -other.n_case)
 
 
 def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence[str],
@@ -170,8 +196,9 @@ def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence
             routes.append((f"{name} Ensembl->symbol via gene table", table.ensembl_to_symbol(alt)))
             routes.append((f"{name} symbol->Ensembl via gene table", table.symbol_to_ensembl(alt)))
         for how, q in routes:
-            m = GeneMatch(_lookup(np.asarray(q, dtype=object), target), how)
-            if best is None or m.n_mapped > best.n_mapped:
+            index, n_case = _lookup(np.asarray(q, dtype=object), target)
+            m = GeneMatch(index, how, n_case)
+            if m.better_than(best):
                 best = m
     if best is None:
         raise ValueError("match_genes: empty query")

@@ -68,9 +68,23 @@ def read_h5ad(path: str | pathlib.Path, option: str):
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for a bad file
+        if _is_10x_h5(path):
+            raise UsageError(f"{option} {path}: is a 10x Cell Ranger .h5 file, not an .h5ad; "
+                             f"give it its .h5 name") from exc
         raise UsageError(f"{option} {path}: cannot be read as .h5ad ({type(exc).__name__}: "
                          f"{error_message(exc)}); is the file complete (an interrupted copy?)"
                          ) from exc
+
+
+def _is_10x_h5(path: pathlib.Path) -> bool:
+    """Whether ``path`` is an HDF5 file laid out as Cell Ranger writes (a ``matrix`` group)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "matrix" in f and "obs" not in f
+    except Exception:  # noqa: BLE001 - not HDF5 at all
+        return False
 
 
 def write_h5ad(adata, out: str | pathlib.Path, option: str = "--out") -> pathlib.Path:
@@ -92,24 +106,19 @@ def write_h5ad(adata, out: str | pathlib.Path, option: str = "--out") -> pathlib
     return out
 
 
-def read_cells(path: str | pathlib.Path, *, layer: str | None = None, option: str = "input"):
-    """AnnData (cells x genes) from ``.h5ad``, a 10x folder or a 10x ``.h5``.
+def read_input(path: str | pathlib.Path, option: str = "input"):
+    """The AnnData (cells x genes) of an ``.h5ad``, a 10x folder or a 10x ``.h5``, as stored.
 
-    Args:
-        layer: take the counts from ``.layers[layer]`` (``"raw"`` for ``.raw.X``) instead of
-            ``.X``; the chosen matrix becomes ``.X`` of the returned object.
-        option: the command-line option that named ``path`` (for error messages).
     Raises:
-        UsageError: ``path`` is missing, unreadable, empty, or lacks ``layer``.
+        UsageError: ``path`` is missing, unreadable, of an unknown type, or empty.
     """
-    import anndata as ad
-
     from txfm.data.readers import InputError
 
     path = pathlib.Path(path)
     if not path.exists():
         raise UsageError(f"{option} {path}: no such file or folder")
-    if path.is_dir() or path.suffix in (".h5", ".hdf5"):
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".h5", ".hdf5"):
         try:
             a = read_10x(path)
         except InputError as exc:  # names the file and what is wrong already
@@ -117,26 +126,52 @@ def read_cells(path: str | pathlib.Path, *, layer: str | None = None, option: st
         except Exception as exc:  # noqa: BLE001 - h5py/scipy/gzip errors of a damaged input
             raise UsageError(f"{option} {path}: cannot be read as a 10x matrix "
                              f"({type(exc).__name__}: {error_message(exc)})") from exc
-    elif path.suffix == ".h5ad":
+    elif suffix == ".h5ad":
         a = read_h5ad(path, option)
     else:
         raise UsageError(f"{option} {path}: unknown input type; give an .h5ad file, a 10x matrix "
                          "folder or a 10x .h5 file")
     if a.n_obs == 0 or a.n_vars == 0:
         raise UsageError(f"{option} {path}: empty input ({a.n_obs} cells x {a.n_vars} genes)")
-    if layer is not None:
-        if layer == "raw":
-            if a.raw is None:
-                raise UsageError(f"{option} {path}: layer 'raw' asked for, but the file has no "
-                                 ".raw; leave the layer option out to use .X")
-            a = ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=a.obsm, uns=a.uns)
-        else:
-            if layer not in a.layers:
-                raise UsageError(f"{option} {path}: no layer {layer!r} (layers: "
-                                 f"{list(a.layers.keys())}; use 'raw' for .raw.X, or leave the "
-                                 "layer option out for .X)")
-            a.X = a.layers[layer]
     return a
+
+
+def with_counts(a, layer: str | None, path, option: str = "input"):
+    """An AnnData whose ``.X`` is ``a``'s counts: ``.X``, ``.layers[layer]`` or, for
+    ``layer="raw"``, ``.raw.X`` (with ``.raw.var``'s genes). ``a`` itself is left as it is, so
+    a command can write it back whole.
+
+    Raises:
+        UsageError: no such layer, or ``"raw"`` naming both ``.raw`` and a layer ``raw``.
+    """
+    import anndata as ad
+
+    if layer is None:
+        return a
+    if layer == "raw" and a.raw is not None and "raw" in a.layers:
+        raise UsageError(f"{option} {path}: 'raw' names both .raw and layers['raw']; rename the "
+                         "layer (or drop .raw) so that the counts are unambiguous")
+    if layer in a.layers:
+        return ad.AnnData(X=a.layers[layer], obs=a.obs, var=a.var, obsm=dict(a.obsm))
+    if layer == "raw" and a.raw is not None:
+        return ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=dict(a.obsm))
+    raise UsageError(f"{option} {path}: no layer {layer!r} (layers: {list(a.layers.keys())}"
+                     f"{', and .raw' if a.raw is not None else ''}; 'raw' names .raw.X, or "
+                     f"leave the layer option out for .X)")
+
+
+def read_cells(path: str | pathlib.Path, *, layer: str | None = None, option: str = "input"):
+    """AnnData (cells x genes) from ``.h5ad``, a 10x folder or a 10x ``.h5``, with the counts
+    of ``layer`` as ``.X`` (:func:`read_input`, then :func:`with_counts`).
+
+    Args:
+        layer: take the counts from ``.layers[layer]`` (``"raw"`` for ``.raw.X``) instead of
+            ``.X``.
+        option: the command-line option that named ``path`` (for error messages).
+    Raises:
+        UsageError: ``path`` is missing, unreadable, empty, or lacks ``layer``.
+    """
+    return with_counts(read_input(path, option), layer, path, option)
 
 
 def gene_name_columns(var: pd.DataFrame) -> tuple[list[np.ndarray], list[str]]:
@@ -150,8 +185,29 @@ def gene_name_columns(var: pd.DataFrame) -> tuple[list[np.ndarray], list[str]]:
     return alts, names
 
 
+@contextlib.contextmanager
+def staged_outputs(out: str | pathlib.Path):
+    """A scratch folder beside ``out`` to write a command's result files into; on success
+    each is moved into ``out`` (``os.replace``), on any failure (a plot error, Ctrl-C) none is
+    and ``out`` keeps what it held, never a mix of two runs' files."""
+    import shutil
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -> sp.csr_matrix:
-    """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts.
+    """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts
+    (a ``UserWarning`` when they are not integers).
 
     Raises:
         UsageError: no ``.X``, a damaged sparse structure (``indptr``/``indices`` out of
@@ -177,4 +233,8 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -
             raise UsageError(f"{source}: {where.size:,} {what} values in the counts (first in "
                              f"cell {cell}, {a.obs_names[cell]!r}); TxFM needs raw counts: pass "
                              f"them with {layer_option} or clean the input")
+    if not np.array_equal(x.data, np.round(x.data)):
+        warnings.warn(f"{source}: the counts are not integers, but raw counts are expected "
+                      f"(normalised or log data in .X? pass the raw counts with {layer_option})",
+                      stacklevel=2)
     return x

@@ -45,7 +45,7 @@ import sys
 from txfm.cli import ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int
 from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
 
-from .cli import _output
+from .cli import _output, _writable
 
 # The Table 5 variants: name -> extra `txfm train` arguments (same data, budget and seeds).
 VARIANTS = {
@@ -147,17 +147,6 @@ def _threads(n: int | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _writable(path: pathlib.Path, option: str) -> None:
-    """UsageError unless a folder can be made at ``path`` (probed, nothing left behind)."""
-    from txfm.model.config import ConfigError
-    from txfm.train.checkpoint import check_run_dir
-
-    try:
-        check_run_dir(path)
-    except ConfigError as exc:
-        raise UsageError(f"{option} {path}: {exc.rule}") from exc
 
 
 def _check_root(root: pathlib.Path) -> None:
@@ -291,7 +280,6 @@ def _learn(args, names: list[str]) -> int:
 
     # every check before the demo is built or anything trains
     out = _output(args.out, folder=True)
-    _writable(out, "--out")
     root = pathlib.Path(args.root)
     _check_root(root)
     ks: set[int] = set()

@@ -20,19 +20,23 @@ Metrics, all in percent except ``ilisi``:
             nearest (cosine) cells in *other* batches vote ``exp(cos / T)`` for their label
             (k=20, T=0.07, as Tx-Evaluation's ``WeightedKNNClassifier``). In both, a true
             label tied with others counts as the expected hit of a random tie-break, so
-            identical embeddings score chance.
+            identical embeddings score chance. A cell whose perturbation has no cell in the
+            other batches is left out of both (it cannot be predicted or retrieved).
 * ``bmdb``  relationship recall of perturbation embeddings: per-perturbation mean embedding,
             cosine similarity of all perturbation pairs as the null, recall of the annotated
             pairs of the databases (combined) beyond the 5th/95th percentiles.
 * ``ilisi`` batch mixing: mean inverse Simpson index of batch labels in each cell's kNN
             neighbourhood (k = 3 x perplexity, Gaussian kernel calibrated to the perplexity
             by bisection, vectorised over cells); 1 = no mixing, #batches = perfect.
-            ``ilisi_norm = 100 (ilisi - 1) / (#batches - 1)``.
-* ``average`` mean of the percent metrics computed (``ilisi_norm`` included).
+            ``ilisi_norm = 100 (ilisi - 1) / (#batches - 1)``. A cell whose neighbours all
+            sit at its own position (a collapsed embedding) has no neighbourhood to mix:
+            it is left out, and an embedding with no such cell left scores NaN.
+* ``average`` mean of the percent metrics computed (``pcst``, ``lin_top1``, ``lin_top5``,
+            ``knn_top1``, ``knn_top5``, ``bmdb``, ``ilisi_norm``: up to seven numbers).
 
 Post-processing before the metrics (each tried; the best ``average`` is reported):
 ``none``; ``center`` (subtract the batch's control mean); ``standardize`` (centre and scale on
-the batch's controls); ``tvn`` (typical variation normalisation as in EFAAR/Tx-Evaluation:
+the batch's controls; a batch with fewer than 2 controls uses all its cells, with a warning); ``tvn`` (typical variation normalisation as in EFAAR/Tx-Evaluation:
 standardise on controls, PCA fitted on controls, standardise again, then per batch
 ``x (C_b + 0.5 I)^(-1/2)`` with ``C_b`` the batch controls' covariance).
 
@@ -77,6 +81,20 @@ class Labels:
     @classmethod
     def build(cls, perturbation: Sequence, control: str, batch: Sequence | None = None
               ) -> "Labels":
+        """Codes of ``[n]`` perturbation labels (any type; compared as text, as is
+        ``control``) and optional ``[n]`` batch labels.
+
+        Raises:
+            ValueError: a missing label (None, NaN, pd.NA) in either, which would become a
+                class of its own (drop those cells first), or ``control`` not among the labels.
+        """
+        control = str(control)
+        for what, values in (("perturbation", perturbation), ("batch", batch)):
+            if values is not None:
+                missing = int(pd.isna(pd.Series(np.asarray(values, dtype=object))).sum())
+                if missing:
+                    raise ValueError(f"{missing:,} cells have no {what} label (None/NaN); drop "
+                                     f"them first (the CLI leaves them out)")
         pert = pd.Categorical(np.asarray(perturbation).astype(str))
         names = np.asarray(pert.categories, dtype=object)
         if control not in set(names):
@@ -109,10 +127,21 @@ class Labels:
 def _control_stats(x: np.ndarray, ctrl: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     if ctrl.sum() < 2:
         raise ValueError(f"{where}: fewer than 2 control cells; centring/scaling on controls needs "
-                         "controls in every batch (or choose --postprocess none)")
+                         "controls (or choose --postprocess none)")
     mu = x[ctrl].mean(axis=0)
     sd = x[ctrl].std(axis=0)
     return mu, np.where(sd > 1e-8, sd, 1.0)
+
+
+def _batch_reference(ctrl_rows: np.ndarray, labels: Labels, b: int, method: str) -> np.ndarray:
+    """The rows a batch's statistics come from: its controls, or (as p.cst does) all its cells
+    when it has fewer than 2 controls, with a warning naming the batch."""
+    if ctrl_rows.sum() >= 2:
+        return ctrl_rows
+    name = labels.batch_names[b] if labels.batch_names is not None else b
+    warnings.warn(f"{method}: batch {name!r} has {int(ctrl_rows.sum())} control cell(s); it is "
+                  f"normalised on all its cells instead of its controls", stacklevel=3)
+    return np.ones_like(ctrl_rows)
 
 
 def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
@@ -126,7 +155,8 @@ def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
     if method in ("center", "standardize"):
         out = np.empty_like(x)
         for b, rows in enumerate(labels.batch_groups()):
-            mu, sd = _control_stats(x[rows], ctrl[rows], f"batch {b}")
+            ref = _batch_reference(ctrl[rows], labels, b, method)
+            mu, sd = _control_stats(x[rows], ref, f"batch {b}")
             out[rows] = (x[rows] - mu) if method == "center" else (x[rows] - mu) / sd
         return out
     # TVN
@@ -138,9 +168,7 @@ def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
     y = (y - mu) / sd
     out = np.empty_like(y)
     for b, rows in enumerate(labels.batch_groups()):
-        yc = y[rows][ctrl[rows]]
-        if len(yc) < 2:
-            raise ValueError(f"tvn: batch {b} has fewer than 2 control cells")
+        yc = y[rows][_batch_reference(ctrl[rows], labels, b, method)]
         cov = np.cov(yc, rowvar=False, ddof=1).reshape(y.shape[1], y.shape[1]) \
             + 0.5 * np.eye(y.shape[1])
         w, v = np.linalg.eigh(cov)
@@ -181,7 +209,8 @@ def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST
     x = np.asarray(x, dtype=np.float64)
     ctrl = labels.pert == labels.control
     if ctrl.sum() < 3:
-        raise ValueError("p.cst needs at least 3 control cells to fit its PCA")
+        raise ValueError(f"p.cst needs at least 3 control cells to fit its PCA, found "
+                         f"{int(ctrl.sum())}; leave pcst out of --metrics")
     c = int(min(n_pcs, x.shape[1], ctrl.sum() - 1))
     y = make_pca(c, (int(ctrl.sum()), x.shape[1]), seed).fit(x[ctrl]).transform(x)
     for rows in labels.batch_groups():
@@ -323,6 +352,9 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
     unit = (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
     hit1 = hit5 = total = 0
     for ref, query in _folds(labels, keep, seed):
+        # as the probe: a cell whose perturbation has no cell in the other batches cannot be
+        # retrieved, so it is left out rather than counted as a miss
+        query = query[np.isin(labels.pert[query], labels.pert[ref])]
         if len(ref) == 0 or len(query) == 0:
             continue
         kk = min(k, len(ref))
@@ -396,7 +428,8 @@ def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXI
 
     kNN graph with ``k = 3 perplexity`` Euclidean neighbours (self excluded); weights
     ``exp(-beta_i d_ij)`` with ``beta_i`` found by bisection so that the neighbourhood's
-    entropy equals ``log(perplexity)`` (all cells at once); LISI = ``1 / sum_c p_c^2``.
+    entropy equals ``log(perplexity)`` (all cells at once); LISI = ``1 / sum_c p_c^2``; NaN for
+    a cell whose ``k`` neighbours all lie at distance 0.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -432,7 +465,10 @@ def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXI
     n_groups = int(groups.max()) + 1
     flat = (np.arange(n)[:, None] * n_groups + groups[idx]).ravel()
     per_group = np.bincount(flat, weights=p.ravel(), minlength=n * n_groups).reshape(n, n_groups)
-    return 1.0 / (per_group**2).sum(axis=1)
+    out = 1.0 / (per_group**2).sum(axis=1)
+    # every neighbour at distance 0: which ones the search returned is arbitrary, so their
+    # labels say nothing about mixing
+    return np.where(dist[:, -1] > 0, out, np.nan)
 
 
 def ilisi(x: np.ndarray, labels: Labels, *, perplexity: float = LISI_PERPLEXITY,
@@ -446,7 +482,13 @@ def ilisi(x: np.ndarray, labels: Labels, *, perplexity: float = LISI_PERPLEXITY,
     xs = np.asarray(x[rows], dtype=np.float64)
     if xs.shape[1] > n_pcs:
         xs = make_pca(n_pcs, xs.shape, seed).fit_transform(xs)
-    score = float(lisi(xs, labels.batch[rows], perplexity=perplexity).mean())
+    per_cell = lisi(xs, labels.batch[rows], perplexity=perplexity)
+    defined = np.isfinite(per_cell)
+    if not defined.any():
+        warnings.warn("ilisi: every cell's neighbours sit at its own position (a collapsed "
+                      "embedding): batch mixing is undefined", stacklevel=2)
+        return {"ilisi": np.nan, "ilisi_norm": np.nan}
+    score = float(per_cell[defined].mean())
     return {"ilisi": score, "ilisi_norm": 100.0 * (score - 1.0) / (labels.n_batches - 1)}
 
 
@@ -509,6 +551,8 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
 
 
 def best_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """Per embedding, the post-processing with the highest ``average``."""
-    best = table.loc[table.groupby("embedding", sort=False)["average"].idxmax()]
+    """Per embedding, the post-processing with the highest ``average`` (the first one where
+    no average could be computed)."""
+    score = table["average"].astype(float).fillna(-np.inf)
+    best = table.loc[score.groupby(table["embedding"], sort=False).idxmax()]
     return best.reset_index(drop=True)

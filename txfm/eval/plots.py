@@ -39,6 +39,12 @@ def _save(plt, fig, path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
+def _text(name) -> str:
+    """A user's name (an .obsm key, a database) as plain text: matplotlib would read ``$...$``
+    as mathtext, and fail on what it cannot parse."""
+    return str(name).replace("$", r"\$")
+
+
 def plot_recall_vs_components(table: pd.DataFrame, path: str | pathlib.Path,
                               database: str = "combined", metric: str = "recall_5_95"
                               ) -> pathlib.Path:
@@ -50,7 +56,7 @@ def plot_recall_vs_components(table: pd.DataFrame, path: str | pathlib.Path,
     for name, g in sub.groupby("representation", sort=False):
         g = g.sort_values("n_components")
         ax.errorbar(g.n_components, 100 * g[f"{metric}_mean"], yerr=100 * g[f"{metric}_std"],
-                    marker="o", capsize=2, label=name)
+                    marker="o", capsize=2, label=_text(name))
         prim = g[g.primary]
         ax.scatter(prim.n_components, 100 * prim[f"{metric}_mean"], s=120, facecolors="none",
                    edgecolors="k", zorder=3)
@@ -58,7 +64,7 @@ def plot_recall_vs_components(table: pd.DataFrame, path: str | pathlib.Path,
     ax.axhline(int(lo) + 100 - int(hi), color="grey", ls="--", lw=1, label="random (null rate)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("PCA components")
-    ax.set_ylabel(f"recall {lo}/{hi} (%), {database}")
+    ax.set_ylabel(f"recall {lo}/{hi} (%), {_text(database)}")
     ax.set_title("Gene-gene relationship recall (circled: reported)")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -76,10 +82,11 @@ def plot_recall_by_database(table: pd.DataFrame, path: str | pathlib.Path,
     for r, name in enumerate(reps):
         g = prim[prim.representation == name].set_index("database").reindex(dbs)
         ax.bar(np.arange(len(dbs)) + r * w, 100 * g[f"{metric}_mean"], w,
-               yerr=100 * g[f"{metric}_std"], label=name, capsize=2)
+               yerr=100 * g[f"{metric}_std"], label=_text(name), capsize=2)
     lo, hi = metric.split("_")[1:3]
     ax.axhline(int(lo) + 100 - int(hi), color="grey", ls="--", lw=1)
-    ax.set_xticks(np.arange(len(dbs)) + w * (len(reps) - 1) / 2, dbs, rotation=30)
+    ax.set_xticks(np.arange(len(dbs)) + w * (len(reps) - 1) / 2, [_text(d) for d in dbs],
+                  rotation=30)
     ax.set_ylabel(f"recall {lo}/{hi} (%)")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
@@ -88,16 +95,21 @@ def plot_recall_by_database(table: pd.DataFrame, path: str | pathlib.Path,
 def plot_perturbation_metrics(best: pd.DataFrame, path: str | pathlib.Path,
                               metrics=("pcst", "lin_top1", "lin_top5", "knn_top1", "knn_top5",
                                        "bmdb", "ilisi_norm", "average")) -> pathlib.Path:
-    """One panel per metric, one bar per embedding (best post-processing, named on the bar)."""
+    """One panel per metric, one bar per embedding, labelled with the embedding and its best
+    post-processing; a metric no embedding has reads "–" in its panel."""
     plt = _plt()
     metrics = [m for m in metrics if m in best.columns]
     cols = 4
     rows = int(np.ceil(len(metrics) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    names = list(best.embedding)
+    names = [_text(n) + (f" ({p})" if "postprocess" in best.columns else "")
+             for n, p in zip(best.embedding, best.get("postprocess", best.embedding))]
     colors = plt.cm.tab10(np.arange(len(names)) % 10)
     for ax, m in zip(axes.ravel(), metrics):
-        ax.bar(np.arange(len(names)), best[m].to_numpy(dtype=float), color=colors)
+        values = best[m].to_numpy(dtype=float)
+        ax.bar(np.arange(len(names)), values, color=colors)
+        if not np.isfinite(values).any():
+            ax.text(0.5, 0.5, "–", transform=ax.transAxes, ha="center", va="center", fontsize=20)
         ax.set_title(m)
         ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=7)
     for ax in axes.ravel()[len(metrics):]:

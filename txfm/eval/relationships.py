@@ -110,7 +110,11 @@ def read_pairs(path: str | pathlib.Path, name: str | None = None) -> Database:
         raise ValueError(f"{path}: expected a CSV with columns 'entity1,entity2' (EFAAR format), "
                          f"got {list(df.columns)}")
     df = df.dropna(subset=["entity1", "entity2"])
-    return Database(name or path.stem, pairs=filter_relationships(df.entity1, df.entity2))
+    db = Database(name or path.stem, pairs=filter_relationships(df.entity1, df.entity2))
+    if len(db.pairs) == 0:
+        raise ValueError(f"--db {path}: holds no gene pair (header only, or only self-pairs); "
+                         f"give a file with rows 'GENE1,GENE2'")
+    return db
 
 
 def read_gene_sets(path: str | pathlib.Path, name: str | None = None, *, min_size: int = 2,
@@ -175,8 +179,11 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
                 with open(f) as fh:
                     header = fh.readline().strip().lower()
                 if header.replace(" ", "") != "entity1,entity2":
-                    if p.is_dir():
-                        continue  # a folder may hold other text files (licences, notes)
+                    if p.is_dir():  # a folder may hold other text files (licences, notes)
+                        if f.suffix.lower() == ".csv":  # but a .csv is most likely a database
+                            warnings.warn(f"--db {f}: skipped, its header is {header[:40]!r}, "
+                                          f"not 'entity1,entity2'", stacklevel=2)
+                        continue
                     raise ValueError(f"--db {f}: expected header 'entity1,entity2', got "
                                      f"{header[:80]!r}")
                 dbs.append(read_pairs(f))
@@ -279,6 +286,16 @@ class GeneRepresentation:
         return np.flatnonzero(keep), pd.Index(sym[keep].astype(str).to_numpy())
 
 
+def check_null(n_null: int, draws: int) -> None:
+    """ValueError naming the options unless ``n_null >= 100`` random pairs and ``draws >= 1``
+    (fewer pairs make the 5th/95th percentiles of the null meaningless)."""
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise ValueError(f"--draws {draws}: need an integer >= 1")
+    if isinstance(n_null, bool) or not isinstance(n_null, (int, np.integer)) or n_null < 100:
+        raise ValueError(f"--null-pairs {n_null}: need an integer >= 100 (random gene pairs of "
+                         f"each null draw)")
+
+
 def recall_table(rep: GeneRepresentation, databases: Sequence[Database], *,
                  n_null: int = N_NULL, draws: int = N_DRAWS, seed: int = RANDOM_SEED,
                  thresholds: Sequence[tuple[float, float]] = RECALL_THRESHOLDS,
@@ -293,12 +310,14 @@ def recall_table(rep: GeneRepresentation, databases: Sequence[Database], *,
         n_genes, n_pairs, recall_5_95_mean, recall_5_95_std, recall_10_90_mean, ...``;
         ``primary`` is True on the rows at ``rep.n_components`` (capped).
     """
+    check_null(n_null, draws)
+    if rep.matrix.ndim != 2 or rep.matrix.shape[1] < 2:
+        raise ValueError(f"{rep.name}: a gene representation needs at least 2 dimensions, got "
+                         f"shape {rep.matrix.shape} (in 1 dimension every cosine is +-1)")
     rows_idx, genes = rep.unique_genes()
     if len(genes) < 3:
         raise ValueError(f"{rep.name}: only {len(genes)} genes with a known symbol; map gene ids "
                          "to symbols with --gene-table")
-    if draws < 1 or n_null < 100:
-        raise ValueError(f"need draws >= 1 and n_null >= 100, got {draws}, {n_null}")
     pairs = {db.name: db.index_pairs(genes) for db in databases}
     nonempty = [p for p in pairs.values() if len(p)]
     if not nonempty:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import tempfile
 import warnings
 from typing import Any
 
@@ -44,27 +43,14 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
 
 def check_run_dir(run_dir: str | os.PathLike) -> None:
     """Raise :class:`txfm.model.config.ConfigError` (field ``out``) unless ``run_dir`` is, or
-    can be made, a folder this process can write in. Leaves nothing behind.
-
-    Permission bits do not answer it (root passes ``os.access`` on ``/proc``, which takes no new
-    folders), so a scratch folder is made in the nearest existing ancestor and removed again.
-    """
-    from txfm.cli import file_in_path
+    can be made, a folder this process can write in (:func:`txfm.cli.folder_problem`).
+    Leaves nothing behind."""
+    from txfm.cli import folder_problem
     from txfm.model.config import ConfigError
 
-    path = base = pathlib.Path(run_dir)
-    blocking = path if path.exists() and not path.is_dir() else file_in_path(path)
-    if blocking is not None:
-        what = "is" if blocking == path else f"lies under {blocking}, which is"
-        raise ConfigError("out", str(path), f"{what} a file, not a folder; give another folder")
-    try:
-        while not base.exists() and base.parent != base:
-            base = base.parent
-        os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
-    except OSError as exc:
-        where = "" if base == path else f" (in {base})"
-        raise ConfigError("out", str(path), f"cannot write there{where}: {exc.strerror}; give "
-                          "a folder you can write to") from exc
+    problem = folder_problem(run_dir)
+    if problem is not None:
+        raise ConfigError("out", str(run_dir), problem)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> pathlib.Path:
@@ -177,6 +163,8 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
 
     target = pathlib.Path(path_or_run_dir)
     if target.is_dir():
+        if target.name == "checkpoints" and list_checkpoints(target.parent):
+            target = target.parent  # RUN/checkpoints given for RUN
         found = latest_checkpoint(target, map_location)
         if found is None:
             raise CheckpointError(f"{target} has no checkpoints (looked in "
