@@ -253,8 +253,6 @@ def _output(path, *, folder: bool) -> pathlib.Path:
 # ----------------------------------------------------------------------------- embed / genes
 
 def cmd_embed(args) -> int:
-    import numpy as np
-
     from .embed import (
         embed_counts,
         load_model,
