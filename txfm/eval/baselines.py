@@ -374,6 +374,10 @@ def align_to_reference(var, counts, reference: Reference, table=None):
     from .embed import map_input_genes, remap_to_vocabulary
 
     match = map_input_genes(var, list(reference.genes), table, reference.symbols)
+    if match.n_mapped == 0:
+        raise ValueError(f"no gene of the screen is among the genes of the reference "
+                         f"{reference.source}: check the gene names or pass --gene-table to "
+                         "translate Ensembl ids <-> symbols")
     moved, observable = remap_to_vocabulary(as_csr(counts), match.index, len(reference.genes))
     shared = observable & reference.profiled
     if shared.sum() < 2:
