@@ -2,8 +2,12 @@
 
 Times are medians over repetitions after warm-up, synchronising CUDA around each call.
 Peak *extra* memory is what a call allocates beyond its inputs: on CUDA from the caching
-allocator's peak, on CPU from the process' peak RSS (reset through ``/proc/self/clear_refs``;
-torch's CPU allocator returns large blocks to the OS, so this sees every large buffer).
+allocator's peak, on CPU from the process' peak RSS (reset through ``/proc/self/clear_refs``).
+On CPU the heap is trimmed first (glibc's ``malloc_trim``): glibc keeps freed blocks below its
+mmap threshold (up to 32 MiB) resident, and a call reusing them would not raise the RSS.
+
+Every bad option is one ``error:`` line and exit status 2, checked before any work, as in
+``txfm``'s own commands; ``--quick`` refuses options that set the sizes it fixes.
 """
 from __future__ import annotations
 
@@ -21,30 +25,82 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-# Keep inductor's cache inside the checkout so warm compiles are fast and nothing leaks out.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                      str(pathlib.Path(__file__).resolve().parent.parent / ".cache" / "inductor"))
+from txfm.cli import UsageError, file_in_path, folder_problem, positive_int
+from txfm.cli import check_device as _check_device_name
+
+# Inductor's cache: warm compiles are fast across runs, in the user's cache folder (never in
+# the installed package)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
+    pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    / "txfm" / "inductor"))
+
+
+def fail(message: str):
+    """A bad option: one ``error:`` line on stderr and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _device(text: str) -> str:
+    """argparse ``type``: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
+    try:
+        name = _check_device_name("--device", text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text!r}: ")
+                                         .removeprefix(f"--device {text}: ")) from None
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _output_file(text: str) -> pathlib.Path:
+    """argparse ``type``: a file this process can write (checked now, not after the run)."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    blocking = file_in_path(path)
+    problem = (f"{blocking} is a file, not a folder" if blocking is not None
+               else folder_problem(path.parent))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return path
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--json", type=pathlib.Path, help="write rows + machine info as JSON")
-    parser.add_argument("--csv", type=pathlib.Path, help="write rows as CSV")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    parser.add_argument("--device", type=_device,
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--json", type=_output_file, help="write rows + machine info as JSON")
+    parser.add_argument("--csv", type=_output_file, help="write rows as CSV")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="timed repetitions per case")
     parser.add_argument("--quick", action="store_true",
-                        help="smallest cases, few repetitions (a smoke test, not a measurement)")
+                        help="smallest cases, few repetitions (a smoke test, not a measurement); "
+                             "options that set the case sizes are refused beside it")
     return parser
+
+
+def refuse_with_quick(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      *options: str) -> None:
+    """``--quick`` fixes the case sizes: an ``option`` given with it would be silently ignored,
+    so it is an error instead."""
+    if not args.quick:
+        return
+    for option in options:
+        dest = option.lstrip("-").replace("-", "_")
+        if getattr(args, dest) != parser.get_default(dest):
+            parser.error(f"{option} and --quick: --quick runs its own small case; drop one")
 
 
 def select_impls(impls, wanted: str | None):
     """Keep the implementations named in ``--impls`` (comma-separated); list or dict in, same out."""
     if not wanted:
         return impls
-    names = wanted.split(",")
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
     unknown = [w for w in names if w not in impls]
-    if unknown:
-        raise SystemExit(f"--impls: {unknown} not available here; choose from {list(impls)}")
+    if unknown or not names:
+        fail(f"--impls {wanted!r}: {unknown or 'none named'} not available here; choose from "
+             f"{list(impls)}")
     if isinstance(impls, dict):
         return {k: v for k, v in impls.items() if k in names}
     return [i for i in impls if i in names]
@@ -52,7 +108,7 @@ def select_impls(impls, wanted: str | None):
 
 def check_device(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+        fail("--device cuda: no CUDA GPU visible to torch")
 
 
 def bench_device() -> str:
@@ -103,6 +159,17 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 
             "max_ms": max(times), "reps": len(times)}
 
 
+def _trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -123,6 +190,7 @@ def peak_extra_mib(fn: Callable[[], Any], device: torch.device | str) -> float |
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return (peak - base) / 2**20
+    _trim_heap()  # freed blocks glibc keeps resident would hide a call that reuses them
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -171,11 +239,29 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - informational only
         info["backends"] = repr(exc)
     try:
+        here = pathlib.Path(__file__).parent
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+                                     text=True, cwd=here).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "."],
+                                                capture_output=True, text=True,
+                                                cwd=here.parent).stdout.strip())
     except OSError:
         pass
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
     return info
+
+
+def warn_if_loaded() -> None:
+    """Say so when other jobs compete for the cores: single-threaded baselines (the sample op's
+    Python loop) slow down far more than the kernels, so ratios then overstate the speed-up."""
+    if not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other jobs compete for the "
+              f"CPU, and the ratios of this run are not comparable to a quiet machine's "
+              f"(bench/RESULTS.md's were measured quiet)", file=sys.stderr)
 
 
 # Nominal DRAM bandwidth (GB/s) by device name; achieved GB/s is reported against it.

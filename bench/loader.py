@@ -37,8 +37,8 @@ import time
 
 import numpy as np
 
-from bench.common import add_common_args, emit
-from txfm.cli import ArgumentParser
+from bench.common import add_common_args, emit, refuse_with_quick, warn_if_loaded
+from txfm.cli import ArgumentParser, nonnegative_int, positive_int
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / ".cache" / "bench_loader"
@@ -261,21 +261,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m bench.loader", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--cells", type=int, default=200_000)
-    p.add_argument("--genes", type=int, default=44_349)
-    p.add_argument("--nnz", type=int, default=3_000, help="mean non-zeros per cell")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--cells", type=positive_int, default=200_000)
+    p.add_argument("--genes", type=positive_int, default=44_349)
+    p.add_argument("--nnz", type=positive_int, default=3_000, help="mean non-zeros per cell")
+    p.add_argument("--batch-size", type=positive_int, default=1024)
+    p.add_argument("--workers", type=nonnegative_int, default=2,
                    help="DataLoader worker processes for the extra txfm row (0: skip it)")
     p.add_argument("--codecs", default="none,lz4", help="txfm shard codecs to convert and read")
-    p.add_argument("--batches", type=int, default=None, help="timed batches per process")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="timed batches per process")
     p.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE)
     p.add_argument("--annbatch-python", type=pathlib.Path, default=DEFAULT_ANNBATCH)
     p.add_argument("--no-annbatch", action="store_true")
     p.add_argument("--no-h5ad", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the corpus, our shards and annbatch's collection, then stop")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     # worker mode (one fresh process per measurement)
     p.add_argument("--worker", choices=["ours", "h5ad"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -284,6 +285,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--stretch", type=int, default=1024, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from txfm.data.layout import CODECS
+
+    bad = [c for c in args.codecs.split(",") if c not in CODECS]
+    if bad or not args.codecs:
+        p.error(f"--codecs {args.codecs!r}: choose from {', '.join(CODECS)} (comma-separated)")
+    refuse_with_quick(p, args, "--codecs", "--workers")
+    if not args.worker:
+        warn_if_loaded()
     if args.quick:
         args.cells, args.genes = min(args.cells, 4096), min(args.genes, 2000)
         args.nnz = min(args.nnz, 200)

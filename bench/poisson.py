@@ -27,8 +27,9 @@ import argparse
 import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
-                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
-from txfm.cli import ArgumentParser
+                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick,
+                          select_impls, sync, time_fn, warn_if_loaded)
+from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
 BATCHES = (64, 256, 1024)
@@ -112,27 +113,32 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="comma-separated batch sizes B (default 64,256,1024)")
-    parser.add_argument("--G", type=int, default=G_FULL, help="genes per row (default 44,349)")
+    parser.add_argument("--G", type=positive_int, default=G_FULL,
+                        help="genes per row (default 44,349)")
     parser.add_argument("--dtype", help="comma-separated: fp32, bf16 (default both; fp32 with --quick)")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
+    refuse_with_quick(parser, args, "--batches", "--G")
 
     device = torch.device(args.device)
     check_device(device)
     impls = select_impls(implementations(device), args.impls)
     dtypes = (args.dtype or ("fp32" if args.quick else "fp32,bf16")).split(",")
     if any(d not in DTYPES for d in dtypes):
-        raise SystemExit(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
+        parser.error(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
     if args.quick:
         batches, G, reps, max_s = [4], 2048, args.reps or 2, 2.0
     else:
         try:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
-            raise SystemExit(f"--batches {args.batches!r}: give integers such as 64,256")
+            batches = []
+        if not batches or min(batches) < 1:
+            parser.error(f"--batches {args.batches!r}: give integers >= 1 such as 64,256")
         G = args.G
         reps = args.reps or (50 if device.type == "cuda" else 5)
         max_s = 10.0 if device.type == "cuda" else 4.0
+    warn_if_loaded()
 
     rows = []
     for dtype_name in dtypes:

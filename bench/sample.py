@@ -30,9 +30,10 @@ import time
 import numpy as np
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, emit,
-                          gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
-from txfm.cli import ArgumentParser
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, emit, fail,
+                          gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick, select_impls,
+                          sync, time_fn, warn_if_loaded)
+from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
 K_DEFAULT = 2048
@@ -193,10 +194,12 @@ def parse_cases(text: str | None) -> list[tuple[int, str]]:
     try:
         cases = [(int(b), k) for b, k in (item.split(":") for item in text.split(","))]
     except ValueError:
-        raise SystemExit(f"--cases {text!r}: give B:kind pairs such as 256:sc,1536:bulk")
+        cases = []
+    if not cases or min(b for b, _ in cases) < 1:
+        fail(f"--cases {text!r}: give B:kind pairs with B >= 1 such as 256:sc,1536:bulk")
     bad = [k for _, k in cases if k not in KINDS]
     if bad:
-        raise SystemExit(f"--cases: unknown kinds {bad}; choose from {list(KINDS)}")
+        fail(f"--cases: unknown kinds {bad}; choose from {list(KINDS)}")
     return cases
 
 
@@ -205,13 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--cases", help="B:kind cases, e.g. 256:sc,1536:bulk (kinds: sc, bulk)")
-    parser.add_argument("--K", type=int, default=K_DEFAULT)
+    parser.add_argument("--K", type=positive_int, default=K_DEFAULT, help="shown genes per cell")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
+    refuse_with_quick(parser, args, "--cases", "--K")
 
     device = torch.device(args.device)
     check_device(device)
     impls = select_impls(implementations(device), args.impls)
+    warn_if_loaded()
     extra = {}
     if args.quick:
         cases, G, K, reps, max_s = [(16, "sc")], 5000, 256, args.reps or 2, 2.0

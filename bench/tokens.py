@@ -25,8 +25,9 @@ import argparse
 import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
-                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, select_impls, sync, time_fn)
-from txfm.cli import ArgumentParser
+                          emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick,
+                          select_impls, sync, time_fn, warn_if_loaded)
+from txfm.cli import ArgumentParser, positive_int
 
 V_FULL = 44_349
 K_DEFAULT = 2048
@@ -123,9 +124,14 @@ def parse_sizes(text: str | None, device: torch.device) -> list[tuple[int, int]]
     if text == "all":
         return ALL_SIZES
     try:
-        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--sizes {text!r}: give BxD pairs such as 32x384,192x768, or 'all'")
+        sizes = []
+    # d is the token width [E ; value]: at least one embedding column beside the value
+    if not sizes or any(len(s) != 2 or s[0] < 1 or s[1] < 2 for s in sizes):
+        fail(f"--sizes {text!r}: give BxD pairs (B >= 1, D >= 2) such as 32x384,192x768, "
+             f"or 'all'")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,21 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--sizes", help="BxD cases, e.g. 32x384,192x768, or 'all'")
     parser.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16")
-    parser.add_argument("--K", type=int, default=K_DEFAULT)
-    parser.add_argument("--V", type=int, default=V_FULL)
+    parser.add_argument("--K", type=positive_int, default=K_DEFAULT, help="tokens per row")
+    parser.add_argument("--V", type=positive_int, default=V_FULL, help="codebook genes")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
+    refuse_with_quick(parser, args, "--sizes", "--K", "--V")
 
     device = torch.device(args.device)
     check_device(device)
     impls = select_impls(implementations(device), args.impls)
     dtypes = args.dtype.split(",")
     if any(d not in DTYPES for d in dtypes):
-        raise SystemExit(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
+        parser.error(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
+    warn_if_loaded()
     if args.quick:
         sizes, K, V, reps, max_s = [(2, 64)], 256, 1000, args.reps or 2, 2.0
     else:
         sizes, K, V = parse_sizes(args.sizes, device), args.K, args.V
+        if K > V:
+            parser.error(f"--K {K} > --V {V}: a row's genes are distinct, so K <= V")
         reps = args.reps or (20 if device.type == "cuda" else 5)
         max_s = 10.0
 

@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from bench.common import add_common_args, add_ratios, emit, sync
-from txfm.cli import ArgumentParser
+from bench.common import (add_common_args, add_ratios, check_device, emit, refuse_with_quick, sync,
+                          warn_if_loaded)
+from txfm.cli import ArgumentParser, positive_int
 from txfm.model import preset
 from txfm.model.config import TOKEN_NORMS
 from txfm.train.config import TrainConfig
@@ -140,15 +141,23 @@ def main(argv=None) -> list[dict]:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--preset", action="append", help="tiny, S, B, L (repeatable)")
-    parser.add_argument("--batch", type=int, help="micro-batch (default per preset and device)")
+    parser.add_argument("--batch", type=positive_int,
+                        help="micro-batch (default per preset and device)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fused)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager reference")
     parser.add_argument("--profile", action="store_true", help="where the fused step's time goes")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (CPU)")
     parser.add_argument("--tokens", action="append", choices=TOKEN_NORMS,
                         help="TxFMConfig.token_norm to time (repeatable; default: the preset's)")
     args = parser.parse_args(argv)
+    refuse_with_quick(parser, args, "--batch")
+    unknown = [p for p in args.preset or [] if p not in CASES["cuda"] and p not in CASES["cpu"]]
+    if unknown:
+        parser.error(f"--preset {unknown[0]}: choose from "
+                     f"{sorted(set(CASES['cuda']) | set(CASES['cpu']))}")
     kind = torch.device(args.device).type
+    check_device(torch.device(args.device))
+    warn_if_loaded()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.preset or (["tiny"] if kind == "cpu" else ["S", "B"])
@@ -159,7 +168,7 @@ def main(argv=None) -> list[dict]:
         genes, batch = CASES[kind].get(name, CASES["cuda"].get(name, (44_349, 8)))
         overrides = QUICK.get(name, {}) if args.quick else {}
         if args.quick:
-            genes, batch = min(genes, 500), min(args.batch or batch, 8)
+            genes, batch = min(genes, 500), min(batch, 8)
         batch = args.batch or batch
         for tokens in args.tokens or [None]:
             case = dict(overrides, **({"token_norm": tokens} if tokens else {}))

@@ -661,3 +661,9 @@ def test_forward_mode_ad_and_func_grad_name_the_backend_that_has_them():
         torch.func.grad(lambda t: rectified_tanh_poisson_nll(t, x, backend="cpu"))(z)
     g = torch.func.grad(lambda t: rectified_tanh_poisson_nll(t, x, backend="torch"))(z)
     assert torch.isfinite(g).all()
+    zs, xs = torch.stack([z, 2 * z]), torch.stack([x, x])
+    with pytest.raises(NotImplementedError, match="vmap is not supported.*backend='torch'"):
+        torch.func.vmap(lambda a, b: rectified_tanh_poisson_nll(a, b, backend="cpu"))(zs, xs)
+    batched = torch.func.vmap(lambda a, b: rectified_tanh_poisson_nll(a, b, backend="torch"))
+    torch.testing.assert_close(batched(zs, xs), torch.stack(
+        [rectified_tanh_poisson_nll(a, b, backend="cpu") for a, b in zip(zs, xs)]))

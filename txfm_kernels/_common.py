@@ -348,11 +348,13 @@ def check_tensor(t, name: str, op: str, dtypes: tuple | None = None, desc: str =
                         + (f"; {hint}" if hint else ""))
 
 
-def check_reverse_mode_only(op: str, hint: str = "", **tensors) -> None:
+def check_reverse_mode_only(op: str, hint: str = "", *, vmap: bool = True, **tensors) -> None:
     """``NotImplementedError`` for forward-mode AD (``torch.func.jvp``, ``forward_ad`` dual
     tensors) and ``torch.func`` gradient transforms on ``tensors`` (None skipped): a
     ``torch.library`` op with only a backward formula would drop the tangent silently (zeros)
-    or fail inside PyTorch. ``vmap`` and ordinary autograd pass."""
+    or fail inside PyTorch. Ordinary autograd passes, and so does ``vmap`` unless ``vmap`` is
+    False (an ``autograd.Function`` without a vmap rule, which PyTorch refuses in its own
+    words)."""
     if torch.compiler.is_compiling():
         return
     dual = forward_ad._current_level >= 0  # inside a dual level (torch.func.jvp opens one too)
@@ -367,6 +369,10 @@ def check_reverse_mode_only(op: str, hint: str = "", **tensors) -> None:
             raise NotImplementedError(f"{op}: torch.func gradient transforms (grad, jacrev, "
                                       f"jacfwd) are not supported; use .backward() or "
                                       f"torch.autograd.grad{hint}")
+        if not vmap and _functorch.is_batchedtensor(t):
+            raise NotImplementedError(f"{op}: torch.func.vmap is not supported ({name} is "
+                                      f"batched); loop over the batch, or fold it into the "
+                                      f"rows{hint}")
 
 
 def check_same_device(op: str, first: str, **others) -> None:

@@ -426,7 +426,8 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     mask, ids = _check_gene_mask(gene_mask, z.shape[0], z.shape[1], z.device, op)
     name = resolve(backend, z.device.type, _OP)
     if name != "torch":
-        check_reverse_mode_only(op, ", or backend='torch' (eager autograd)", logits=z)
+        check_reverse_mode_only(op, ", or backend='torch' (eager autograd)", vmap=False,
+                                logits=z)
     if name == "torch":
         _check_ids(mask, ids)
         loss = reference.poisson_nll(z, x, mask, ids, mode=RTANH, alpha=alpha, beta=beta,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreted
+from .._triton import round_to_bf16
 
 
 @triton.jit
@@ -33,16 +34,6 @@ def _tanh_sech2(u):
 def _stirling(x):
     s = x * tl.log(x) - x + 0.5 * tl.log(6.283185307179586 * x)
     return tl.where(x <= 1.0, 0.0, s)
-
-
-@triton.jit
-def _round_to_bf16(v):
-    """fp32 -> bf16 rounding to nearest even by bit arithmetic (the interpreter's cast
-    truncates); NaN stays NaN."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(v != v, (bits >> 16) | 0x40, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -103,7 +94,7 @@ def _poisson_fwd_kernel(z_ptr, x_ptr, mask_ptr, ids_ptr, row_scale_ptr, grad_ptr
         acc += tl.where(inb, loss, 0.0)
         if WRITE_GRAD:
             if GRAD_BF16:
-                tl.store(grad_ptr + row + cols, _round_to_bf16(dz), mask=inb)
+                tl.store(grad_ptr + row + cols, round_to_bf16(dz), mask=inb)
             else:
                 tl.store(grad_ptr + row + cols, dz.to(grad_ptr.dtype.element_ty), mask=inb)
         if WRITE_ELEM:
@@ -120,7 +111,7 @@ def _scale_kernel(grad_ptr, scale_ptr, n, GRAD_BF16: tl.constexpr, BLOCK: tl.con
         m = offs < n
         v = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32) * s
         if GRAD_BF16:
-            tl.store(grad_ptr + offs, _round_to_bf16(v), mask=m)
+            tl.store(grad_ptr + offs, round_to_bf16(v), mask=m)
         else:
             tl.store(grad_ptr + offs, v.to(grad_ptr.dtype.element_ty), mask=m)
 

@@ -371,7 +371,8 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         target_sum: ``L`` of ``log1p(L * c / sum(c))``, finite and > 0, used as fp32 (None:
             1e5). Each row's ``sum(c)`` is ``MaskedSample.library_size``.
         seed, offset: key of the counter-based draw (e.g. a run seed and the global step);
-            row ``b`` is keyed by ``(seed, offset, b)``.
+            row ``b`` is keyed by ``(seed, offset, b)``. Each an int64, in [-2^63, 2^63)
+            (ValueError otherwise, in eager mode and under torch.compile alike).
         tau: 0 = uniform draw (bit-identical on every backend); otherwise genes are drawn
             with probability proportional to ``gene_weights ** tau`` (torch ops, see module doc).
         gene_weights: ``[G]`` positive weights (tau != 0 only): float, or integer counts such
@@ -414,6 +415,9 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{_OP}: {name} must be an int{' (keyword)' if name == 'seed' else ''}"
                             f", got {v!r}")
+        # the custom op's int is an int64, as under torch.compile: one range in both modes
+        if isinstance(v, int) and not -2**63 <= v < 2**63:
+            raise ValueError(f"{_OP}: {name} must fit in an int64, [-2^63, 2^63), got {v}")
     # tau * log(m) must stay finite in fp32 for every gene's m, or the keys tie at inf and
     # unobservable genes rank among the drawn ones
     tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-_TAU_LIMIT, high=_TAU_LIMIT)

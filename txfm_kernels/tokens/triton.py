@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpreted
+from .._triton import round_to_bf16
 from .reference import grad_values, sorted_segments
 
 
@@ -48,8 +49,8 @@ def _tokens_fwd_kernel(cb_ptr, ids_ptr, val_ptr, cls_ptr, pad_ptr, out_ptr,
 
 @triton.jit(do_not_specialize=["V", "T", "K", "D1"])
 def _tokens_bwd_sorted_kernel(grad_ptr, perm_ptr, off_ptr, gc_ptr, V, T, K, D1, d,
-                              HAS_CLS: tl.constexpr, BLOCK_G: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+                              HAS_CLS: tl.constexpr, OUT_BF16: tl.constexpr,
+                              BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_codebook rows of BLOCK_G genes: each gene's segment summed in position order."""
     genes = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -66,8 +67,9 @@ def _tokens_bwd_sorted_kernel(grad_ptr, perm_ptr, off_ptr, gc_ptr, V, T, K, D1, 
         x = tl.load(grad_ptr + row[:, None] * d + cols[None, :],
                     mask=live[:, None] & col_ok[None, :], other=0)
         acc += x.to(tl.float32)
-    tl.store(gc_ptr + genes[:, None] * D1 + cols[None, :],
-             acc.to(gc_ptr.dtype.element_ty), mask=g_ok[:, None] & col_ok[None, :])
+    out = round_to_bf16(acc) if OUT_BF16 else acc.to(gc_ptr.dtype.element_ty)
+    tl.store(gc_ptr + genes[:, None] * D1 + cols[None, :], out,
+             mask=g_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "T", "K", "V", "D1"])
@@ -128,7 +130,8 @@ def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministi
         gc = grad.new_empty(n_genes, D1)
         grid = (triton.cdiv(n_genes, block_g), triton.cdiv(D1, block_d))
         _tokens_bwd_sorted_kernel[grid](grad, perm, offsets, gc, n_genes, K + c, K, D1, D1 + 1,
-                                        HAS_CLS=c, BLOCK_G=block_g, BLOCK_D=block_d)
+                                        HAS_CLS=c, OUT_BF16=gc.dtype == torch.bfloat16,
+                                        BLOCK_G=block_g, BLOCK_D=block_d)
     else:
         block_r, block_d = _tile(D1, grad.device)
         acc = torch.zeros(n_genes, D1, device=grad.device, dtype=torch.float32)
