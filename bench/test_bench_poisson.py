@@ -56,3 +56,5 @@ def test_forward_backward(benchmark, case, impl):
 
     grad = benchmark(synced(run, DEVICE))
     assert grad.shape == z.shape and grad.dtype == z.dtype
+    want = torch.autograd.grad(eager_loss(z, x), z)[0]
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-9)  # a timed wrong answer is no win
