@@ -9,7 +9,8 @@ from txfm.cli import finite_float, int_at_least, nonnegative_int, positive_int
 
 def register(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    data = subparsers.add_parser("data", help="synthetic data, conversion to Zarr shards, info",
+    data = subparsers.add_parser("data", help="synthetic data, conversion to Zarr shards, info, "
+                                               "verify, the demo",
                                  description="Make, convert and inspect training data.")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
@@ -128,8 +129,8 @@ def cmd_synth(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     print("wrote " + ", ".join(str(p) for p in r.datasets))
-    print(f"ground truth in {r.truth_dir}: {r.programs.name}, {r.relationships.name}, "
-          f"{r.perturbations.name}, {r.params.name}")
+    print(f"ground truth in {r.truth_dir}: "
+          + ", ".join(sorted(f.name for f in r.truth_dir.iterdir() if f.is_file())))
     print(f"next: txfm data convert {' '.join(str(p) for p in r.datasets)} --out SHARDS "
           f"--min-cells 20 --min-genes 100")
     return 0

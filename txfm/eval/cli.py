@@ -703,8 +703,8 @@ def cmd_perturbation(args) -> int:
     best = best_rows(full)
     if dbs and "bmdb_pairs" in full and not (full["bmdb_pairs"] > 0).any():
         print(f"warning: bmdb undefined: no annotated pair of --db joins two of the "
-              f"{n_perts} perturbation targets (are the labels gene symbols? --gene-table maps "
-              f"Ensembl ids to symbols)", file=sys.stderr)
+              f"{n_perts} perturbation targets (if the labels are Ensembl ids, --gene-table "
+              f"maps them to symbols)", file=sys.stderr)
     with staged_outputs(out) as tmp:  # all three files, or none, replace the last run's
         full.to_csv(tmp / "perturbation_all.csv", index=False)
         best.to_csv(tmp / "perturbation.csv", index=False)

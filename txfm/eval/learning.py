@@ -91,20 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/learning", help="output folder")
     p.add_argument("--checkpoint", default=None,
                    help="evaluate this run instead of training the default variant (not with "
-                        "--steps or --seed)")
+                        "--steps or --seed)%(default).0s")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="training steps (default: the tiny recipe's)")
+                   help="training steps%(default).0s (default: the tiny recipe's, 3,000)")
     p.add_argument("--seed", type=nonnegative_int, default=None,
-                   help="training seed of every variant (default: txfm train's, 0); the data, "
-                        "the embedding draws and the benchmark keep their fixed seeds")
+                   help="training seed of every variant%(default).0s (default: txfm train's, "
+                        "0); the data, the embedding draws and the benchmark keep their fixed "
+                        "seeds")
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the Table 5 variants " + str(list(VARIANTS)[1:]))
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the --ablation variants to train "
-                        "(implies --ablation)")
+                        "(implies --ablation)%(default).0s")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="BLAS/OpenMP threads of training, embedding and the benchmark "
-                        "(default: the libraries')")
+                        "%(default).0s(default: the libraries')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
