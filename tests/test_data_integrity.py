@@ -66,6 +66,13 @@ def _arithmetic_matches(got: sp.spmatrix, ref: sp.spmatrix) -> None:
     """Ordinary arithmetic on ``got`` (as anndata returns it) equals scipy in float64."""
     assert got.indices.dtype.kind == "i" and got.indptr.dtype.kind == "i"
     assert got.dtype.kind == "f"
+    # one index dtype, as scipy makes it: scikit-learn's compiled routines (TruncatedSVD,
+    # mean_variance_axis, so scanpy's pca without centring) refuse a CSR whose two differ
+    assert got.indices.dtype == got.indptr.dtype, (got.indices.dtype, got.indptr.dtype)
+    from sklearn.utils.sparsefuncs import mean_variance_axis
+
+    mean, _ = mean_variance_axis(got, axis=0)
+    np.testing.assert_allclose(mean, np.asarray(ref.mean(axis=0)).ravel(), rtol=1e-5)
     ref = sp.csr_matrix(ref, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scipy warns on unsigned index arrays, numpy on overflow

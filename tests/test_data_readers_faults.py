@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from _shards import read_shards
 from txfm.data.convert import LOCK, convert
 from txfm.data.obs import ObsTables
+from txfm.data.readers import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = dict(min_cells=0, min_genes=0, progress=False, log=lambda s: None)
@@ -501,6 +502,31 @@ def test_obs_columns_missing_from_a_dataset_become_missing_values(tmp_path):
     assert obs["stage"].cat.ordered
 
 
+
+def test_large_integer_obs_are_kept_exactly_when_inputs_differ(tmp_path):
+    """An int64 id column missing from one input, or int64 beside uint64, used to become
+    float64 (ids beyond 2^53 collapsed); they are nullable ints now, every value exact."""
+    rng = np.random.default_rng(0)
+    a_obs = pd.DataFrame({"uid": (2**60 + np.arange(30)).astype(np.int64),
+                          "both": (2**60 + np.arange(30)).astype(np.int64)},
+                         index=[f"a{i}" for i in range(30)])
+    b_obs = pd.DataFrame({"both": np.arange(20, dtype=np.uint64)},
+                         index=[f"b{i}" for i in range(20)])
+    a = write_h5ad(tmp_path / "a.h5ad", rng.poisson(2, (30, 5)), obs=a_obs)
+    b = write_h5ad(tmp_path / "b.h5ad", rng.poisson(2, (20, 5)), obs=b_obs)
+    convert([a, b], tmp_path / "out", val_fraction=0.0, shard_cells=16, **QUIET)
+    _, _, obs = read_shards(tmp_path / "out")
+    from_a = (obs["dataset"] == "a").to_numpy()
+    rows = obs["source_row"].to_numpy()
+    assert str(obs["uid"].dtype) == "Int64" and obs["uid"][~from_a].isna().all()
+    np.testing.assert_array_equal(obs["uid"][from_a].to_numpy(np.int64), 2**60 + rows[from_a])
+    assert str(obs["both"].dtype) == "int64"
+    np.testing.assert_array_equal(obs["both"].to_numpy()[~from_a], rows[~from_a])
+    c_obs = pd.DataFrame({"both": np.full(20, 2**63 + 5, dtype=np.uint64)},
+                         index=[f"c{i}" for i in range(20)])
+    c = write_h5ad(tmp_path / "c.h5ad", rng.poisson(2, (20, 5)), obs=c_obs)
+    with pytest.raises(InputError, match=r"obs column 'both'.*no integer dtype holds both"):
+        convert([a, c], tmp_path / "out2", val_fraction=0.0, **QUIET)
 
 def test_loader_returns_every_numeric_obs_value_exactly(tmp_path):
     """ShardLoader's obs tensors hold the values anndata reads: large ids in nullable Int64

@@ -800,9 +800,12 @@ def write_csr_store(path: Path, *, indptr: np.ndarray, indices: np.ndarray, coun
                                checksum=checksum)
         w.append(arr)
         w.close()
-    ip = ShardedArrayWriter(path / "X" / "indptr", length=indptr.size, dtype=np.int64,
+    # indptr in the dtype anndata reads indices as (int32 while the non-zeros fit): scipy and
+    # scikit-learn's compiled routines refuse a CSR whose indptr and indices differ
+    ip_dtype = np.dtype(np.int32) if nnz <= np.iinfo(np.int32).max else np.dtype(np.int64)
+    ip = ShardedArrayWriter(path / "X" / "indptr", length=indptr.size, dtype=ip_dtype,
                             inner=max(1, indptr.size), shard_chunks=1, checksum=checksum)
-    ip.append(indptr.astype(np.int64, copy=False))
+    ip.append(indptr.astype(ip_dtype, copy=False))
     ip.close()
     _elements_to_files(path, {"obs": obs, "var": var, "uns": uns or {}, "obsm": {}, "varm": {},
                               "obsp": {}, "varp": {}, "layers": {}}, cache)

@@ -9,8 +9,10 @@ datasets that have it (a dataset without the column gives missing values):
 * categorical: the same categories in the same order when every dataset has the same
   ones (``ordered`` kept); else unordered, the sorted union. Ordered categoricals whose
   categories differ between datasets are an error (no order would be right).
-* integer: numpy ints stay numpy ints (common type); pandas nullable ``Int*``/``UInt*``
-  stay nullable with ``<NA>``; numpy ints missing from some dataset become float64 + NaN.
+* integer: numpy ints stay numpy ints (common type; int64 beside uint64 is int64 when the
+  values fit, else an error); pandas nullable ``Int*``/``UInt*`` stay nullable with
+  ``<NA>``, and so do numpy ints missing from some dataset (never float64, which would round
+  ids beyond 2^53).
 * float: numpy floats (common type), NaN for missing. pandas nullable ``Float*`` become
   numpy floats, ``<NA>`` -> NaN: anndata cannot store nullable floats.
 * boolean: numpy ``bool``; pandas ``boolean`` (with ``<NA>``) when nullable or missing
@@ -59,6 +61,19 @@ def _as_text(parts: list[pd.Series | None], lens: list[int]) -> pd.Categorical:
     return pd.Categorical(pd.concat(strs, ignore_index=True), categories=cats)
 
 
+def _common_int(dtypes: list[np.dtype], present: list[pd.Series]) -> np.dtype:
+    """The integer dtype that holds every input's values: numpy's common type, except that
+    int64 beside uint64 (which numpy makes float64) is int64 when the unsigned values fit."""
+    dt = np.result_type(*dtypes)
+    if dt.kind in "iu":
+        return dt
+    top = max(int(s.max()) for s, d in zip(present, dtypes) if d.kind == "u" and s.notna().any())
+    if top > np.iinfo(np.int64).max:
+        raise ValueError(f"integers up to {top} (uint64) beside signed ones: no integer dtype "
+                         f"holds both; store the column as strings in one of the inputs")
+    return np.dtype(np.int64)
+
+
 def _unify(parts: list[pd.Series | None], lens: list[int]):
     """One array over all datasets' rows (dataset order) holding column ``parts``."""
     present = [s for s in parts if s is not None]
@@ -88,12 +103,15 @@ def _unify(parts: list[pd.Series | None], lens: list[int]):
                         else pd.array([pd.NA] * n, dtype="boolean") for s, n in zip(parts, lens)])
     if families <= {"int", "float"}:
         nullable = any(_nullable(s.dtype) for s in present)
-        dt = np.result_type(*[s.dtype.numpy_dtype if _nullable(s.dtype) else s.dtype
-                              for s in present])
-        if dt.kind == "f" or not (everywhere or nullable):
-            dt = dt if dt.kind == "f" else np.dtype(np.float64)
+        dtypes = [s.dtype.numpy_dtype if _nullable(s.dtype) else s.dtype for s in present]
+        if "float" in families:
+            dt = np.result_type(*dtypes)
             return np.concatenate([s.to_numpy(dtype=dt, na_value=np.nan) if s is not None
                                    else np.full(n, np.nan, dt) for s, n in zip(parts, lens)])
+        dt = _common_int(dtypes, present)
+        # integers missing from some input: nullable ints with <NA>, never float64 + NaN,
+        # which rounds ids beyond 2^53
+        nullable = nullable or not everywhere
         if not nullable:
             return np.concatenate([s.to_numpy(dtype=dt) for s in present])
         name = ("UInt" if dt.kind == "u" else "Int") + str(dt.itemsize * 8)
