@@ -262,3 +262,51 @@ def test_resume_keeps_the_rows_as_they_were_written(run):
     assert after[:len(before)] == before  # kept rows byte for byte: collapsed stays 0/1
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3, 4, 5, 6]
     assert not (run / "metrics.csv.tmp").exists()
+
+
+# -- 4. faults of a user resuming and checkpointing ----------------------------------------------
+@pytest.mark.parametrize("flag", [["--lr", "5e-3"], ["--warmup", "0.5"],
+                                  ["--weight-decay", "0.5"]])
+def test_resume_refuses_settings_the_checkpoint_restores(flag, run, capsys, monkeypatch,
+                                                         tmp_path):
+    """The optimizer's and the schedule's state come back from the checkpoint: a new --lr was
+    recorded in config.json but never used. Now it is refused; the same value passes."""
+    msg = _error(["--out", str(run), "--resume", "--steps", "6", *TINY, *flag], capsys,
+                 monkeypatch, tmp_path)
+    assert msg.startswith(f"{flag[0]} {float(flag[1])} with --resume: the run's optimizer") \
+        and "start a new run" in msg, msg
+
+
+def test_resume_without_config_json_is_refused(run, capsys, monkeypatch, tmp_path):
+    (run / "config.json").unlink()
+    msg = _error(["--out", str(run), "--resume", *TINY], capsys, monkeypatch, tmp_path)
+    assert "config.json is missing" in msg, msg
+    assert not (tmp_path / "txfm-demo").exists()  # it used to build the demo and fail later
+
+
+def test_an_out_name_too_long_is_one_error_line(capsys, monkeypatch, tmp_path, no_data):
+    msg = _error(["--data", DATA, "--out", "a" * 300, *TINY], capsys, monkeypatch, tmp_path)
+    assert msg.startswith("--out " + "a" * 300 + ": cannot be used"), msg
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+    from txfm.train.checkpoint import CheckpointError, save_checkpoint
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step_00000007.pt: cannot be written \(OSError.*"
+                                              r"No space left"):
+        save_checkpoint({"step": 7}, tmp_path, 7)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 8}, tmp_path, 8)
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -76,7 +76,10 @@ def folder_problem(path) -> str | None:
     import tempfile
 
     path = base = pathlib.Path(path)
-    blocking = path if path.exists() and not path.is_dir() else file_in_path(path)
+    try:
+        blocking = path if path.exists() and not path.is_dir() else file_in_path(path)
+    except OSError as exc:  # a name too long for the file system, say
+        return f"cannot be used ({exc.strerror or exc}); give another name"
     if blocking is not None:
         what = "is" if blocking == path else f"lies under {blocking}, which is"
         return f"{what} a file, not a folder; give another folder"

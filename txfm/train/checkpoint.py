@@ -68,15 +68,28 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int,
                     keep: int = 3) -> pathlib.Path:
-    """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest."""
+    """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, say); nothing is left behind,
+            not even on Ctrl-C or SIGTERM during the write.
+    """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
+        raise CheckpointError(f"{path}: cannot be written ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else exc}); free space or "
+                              f"choose another --out, then --resume from the last checkpoint"
+                              ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
 _MODEL_FLAGS = {"k": "k", "tau": "tau", "target_sum": "target_sum", "loss": "loss",
                 "activation": "activation",
                 "decoder_depth": "decoder_depth", "attention": "attention"}
+_FIXED_ON_RESUME = ("lr", "warmup", "weight_decay")  # restored with the optimizer/scheduler
 _FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in _TRAIN_FLAGS.items()}
 _FLAG_OF["preset"] = "--preset"
 
@@ -156,7 +157,22 @@ def build_configs(args):
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     raise UsageError(f"{saved}: cannot be read ({error_message(exc)}); restore "
                                      "it or start a new run in another --out") from exc
-        if not (args.resume and saved.exists()):
+        if args.resume and not saved.exists():
+            raise UsageError(f"--resume: {saved} is missing, so the run's settings are unknown; "
+                             f"restore it, or start a new run in another --out")
+        if args.resume:
+            # the optimizer's and the schedule's state come back from the checkpoint as they
+            # were; a new value would be recorded but never used
+            fixed = [(dest, getattr(args, dest), getattr(train_cfg, _TRAIN_FLAGS[dest]))
+                     for dest in _FIXED_ON_RESUME if getattr(args, dest) is not None]
+            changed = [(d, new, old) for d, new, old in fixed if new != old]
+            if changed:
+                d, new, old = changed[0]
+                raise UsageError(f"--{d.replace('_', '-')} {new} with --resume: the run's "
+                                 f"optimizer and schedule continue from its checkpoint "
+                                 f"({_TRAIN_FLAGS[d]} {old}); start a new run (another --out) "
+                                 f"to change it")
+        if not args.resume:
             train_cfg = TrainConfig.for_preset(name, out=str(out))
             model_cfg = preset(name)
         changes = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items()
