@@ -554,3 +554,28 @@ def test_names_mixing_ids_and_symbols_merge_by_id_and_are_reported(tmp_path):
     assert any(ln.startswith("a: 7 genes keyed by Ensembl id, 3 by symbol") for ln in lines), lines
     assert not any(ln.startswith("b:") and "keyed" in ln for ln in lines)
     assert m.datasets[0].report["genes_keyed_by_id"] == 7
+
+
+def test_scanpy_layouts_get_messages_that_name_the_fix(tmp_path):
+    """Counts only in a layer (X=None), --raw with an input lacking .raw, an AnnData object
+    instead of a path, and an AnnData zarr store: each error says what to do."""
+    counts = sp.csr_matrix(np.eye(4, dtype=np.float32) * 3 + 1)
+    a = ad.AnnData(X=None, obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]),
+                   var=pd.DataFrame(index=[f"ENSG{g:011d}" for g in range(4)]),
+                   layers={"counts": counts})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.write_h5ad(tmp_path / "nox.h5ad")
+        ad.AnnData(X=counts, var=a.var, obs=a.obs).write_zarr(tmp_path / "z.zarr")
+    kw = dict(min_cells=0, min_genes=0, val_fraction=0.0, progress=False)
+    with pytest.raises(InputError, match=r"has no \.X; its counts may be in --layer counts"):
+        convert([tmp_path / "nox.h5ad"], tmp_path / "o", **kw)
+    plain = write_h5ad(tmp_path / "plain.h5ad", np.eye(4) + 1, range(4))
+    with pytest.raises(InputError, match=r"--raw given but the file has no \.raw.*apply to every "
+                                         r"\.h5ad input"):
+        convert([plain], tmp_path / "o", use_raw=True, **kw)
+    with pytest.raises(TypeError, match=r"inputs are paths.*adata.write_h5ad"):
+        convert([a], tmp_path / "o", **kw)
+    with pytest.raises(InputError, match=r"zarr store.*write it as \.h5ad"):
+        convert([tmp_path / "z.zarr"], tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()

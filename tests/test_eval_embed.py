@@ -196,7 +196,7 @@ def test_embed_on_cuda_matches_cpu(trained):
     np.testing.assert_allclose(emb["cuda"], emb["cpu"], atol=2e-3, rtol=2e-3)
 
 
-def test_embed_warns_on_normalised_input_and_fails_on_unmapped_genes(trained, tmp_path, capsys):
+def test_embed_refuses_normalised_input_and_fails_on_unmapped_genes(trained, tmp_path, capsys):
     import anndata as ad
 
     from txfm.cli import main
@@ -204,14 +204,22 @@ def test_embed_warns_on_normalised_input_and_fails_on_unmapped_genes(trained, tm
     root, synth = trained
     screen = ad.read_h5ad(synth.datasets[0])[:64].copy()
     screen.X = screen.X.astype(np.float32)
+    counts = screen.X.copy()
     screen.X.data = np.log1p(screen.X.data)
+    screen.layers["counts"] = counts
     screen.write_h5ad(tmp_path / "logged.h5ad")
-    assert main(["embed", "--checkpoint", str(root / "run"), "--input",
-                 str(tmp_path / "logged.h5ad"), "--out", str(tmp_path / "e.h5ad"),
-                 "--no-progress"]) == 0
-    assert "not integers" in capsys.readouterr().err
+    base = ["embed", "--checkpoint", str(root / "run"), "--input", str(tmp_path / "logged.h5ad"),
+            "--out", str(tmp_path / "e.h5ad"), "--no-progress"]
+    capsys.readouterr()
+    assert main(base) == 2  # log data would give another embedding: refused, the fix named
+    err = capsys.readouterr().err
+    assert ".X holds non-integer values" in err and "--layer counts" in err, err
+    assert "--allow-non-integer" in err
+    assert main(base + ["--allow-non-integer"]) == 0
+    assert main(base + ["--layer", "counts", "--key", "X_counts"]) == 0
     screen.var_names = [f"OTHER{i}" for i in range(screen.n_vars)]
     screen.var = screen.var.drop(columns="symbol")
+    screen.X = counts
     screen.write_h5ad(tmp_path / "other.h5ad")
     assert main(["embed", "--checkpoint", str(root / "run"), "--input",
                  str(tmp_path / "other.h5ad"), "--out", str(tmp_path / "e.h5ad")]) == 2
@@ -509,3 +517,14 @@ def test_embed_api_defaults_and_inputs(trained):
     m = map_input_genes(list(vocab[:5]), vocab)
     assert m.index.tolist() == [0, 1, 2, 3, 4]
     assert len(load_model(str(root / "run" / "checkpoints"))[2]) == len(vocab)  # RUN meant
+    import anndata as ad
+
+    from txfm.eval.io import read_input
+
+    backed_path = root / "backed.h5ad"
+    ad.AnnData(X=sp.csr_matrix(dense)).write_h5ad(backed_path)
+    backed = ad.read_h5ad(backed_path, backed="r")
+    np.testing.assert_array_equal(embed_counts(model, backed.X, obs, k=16, progress=False), base)
+    backed.file.close()
+    ad.AnnData(X=sp.csr_matrix(dense)).write_zarr(root / "cells.zarr")
+    assert read_input(root / "cells.zarr", "--input").shape == dense.shape  # AnnData zarr

@@ -420,5 +420,6 @@ def test_cli_warns_on_normalised_counts_once_as_one_line(synth, tmp_path, capsys
                  "--perturbation-key", "perturbation", "--batch-key", "batch", "--baselines",
                  "liblog", "--metrics", "lin", "--postprocess", "none", "--no-progress",
                  "--threads", "1", "--out", str(tmp_path / "o")]) == 0
-    err = [ln for ln in capsys.readouterr().err.splitlines() if "not integers" in ln]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "non-integer" in ln]
     assert len(err) == 1 and err[0].startswith("warning: --embeddings"), err
+    assert ".X holds non-integer values" in err[0]

@@ -310,3 +310,33 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"step": 8}, tmp_path, 8)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(trained, tmp_path):
+    """pyplot's switch to Agg used to change a notebook's backend; the PNG is written whole."""
+    import matplotlib
+
+    from txfm.train.plot import plot_losses
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        out = plot_losses(trained / "metrics.csv", tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("batch_size", "32", "must be an integer, got str"), ("steps", 10.7, "must be an integer or "
+                                                                         "None, got float"),
+    ("lr", True, "must be a number, got bool"), ("resume", "no", "must be true or false"),
+    ("out", None, "must be a string, got NoneType"), ("betas", 0.9, "must be two numbers")])
+def test_train_config_checks_every_fields_type(field, value, rule):
+    """A JSON file or a Python caller can pass anything: resume="no" used to resume."""
+    from txfm.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{field}=.*{rule}"):
+        TrainConfig(**{field: value})

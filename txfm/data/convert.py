@@ -216,6 +216,12 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
     leaves no ``out`` behind if it created it.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    for p in inputs:
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(f"convert: inputs are paths of files or folders, got a "
+                            f"{type(p).__name__}; write an AnnData first (adata.write_h5ad)")
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise InputError("no inputs given")

@@ -225,17 +225,25 @@ class H5adReader(InputReader):
         f = self._f
         if use_raw and layer:
             raise InputError(f"{self.path}: give either --layer or --raw, not both")
+        layers = list(f["layers"].keys()) if "layers" in f else []
+        every = ("; --raw and --layer apply to every .h5ad input, so give all inputs their "
+                 "counts in the same place (e.g. adata.layers['counts'] = counts in each file)")
         if use_raw:
             if "raw" not in f:
-                raise InputError(f"{self.path}: --raw given but the file has no .raw")
+                raise InputError(f"{self.path}: --raw given but the file has no .raw (layers: "
+                                 f"{layers}){every}")
             x_key, var_key = "raw/X", "raw/var"
         elif layer:
-            if "layers" not in f or layer not in f["layers"]:
-                have = list(f["layers"].keys()) if "layers" in f else []
-                raise InputError(f"{self.path}: no layer {layer!r} (layers: {have})")
+            if layer not in layers:
+                raise InputError(f"{self.path}: no layer {layer!r} (layers: {layers}"
+                                 f"{', and .raw' if 'raw' in f else ''}){every}")
             x_key, var_key = f"layers/{layer}", "var"
         else:
             x_key, var_key = "X", "var"
+        if x_key == "X" and "X" not in f and (layers or "raw" in f):
+            raise InputError(f"{self.path}: has no .X; its counts may be in "
+                             + ", ".join([f"--layer {n}" for n in layers]
+                                         + (["--raw"] if "raw" in f else [])))
         for key in (x_key, var_key, "obs"):
             if key not in f:
                 raise InputError(f"{self.path}: no {key} (is this an AnnData .h5ad file?)")
@@ -391,6 +399,9 @@ class TenxDirReader(InputReader):
                           if d.is_dir() and _find(d, "matrix.mtx"))
             hint = (f"; it holds 10x matrix folders {', '.join(subs)} (Cell Ranger v2 writes one "
                     f"per genome): give those as inputs" if subs else "")
+            if (self.path / "zarr.json").is_file() or (self.path / ".zgroup").is_file():
+                hint = ("; it is a zarr store, which the converter does not read: write it as "
+                        ".h5ad (anndata.read_zarr(path).write_h5ad(...))")
             raise InputError(f"{self.path}: not a 10x matrix folder, missing "
                              f"{', '.join(missing)}{hint}")
         rows = _read_table(feats, "feature table")

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="cells per forward pass (memory, not results)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing .obsm[--key] of the input")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="embed counts that are not integers (refused by default: normalised "
+                        "or log data give another embedding than the raw counts)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
@@ -263,7 +266,8 @@ def cmd_embed(args) -> int:
     )
     from txfm.cli import check_device
 
-    from .io import counts_matrix, read_input, with_counts, write_h5ad
+    from .io import (count_alternatives, counts_matrix, counts_source, read_input, with_counts,
+                     write_h5ad)
 
     device = resolve_device(check_device("--device", args.device))
     out = _output(args.out, folder=False)
@@ -276,7 +280,9 @@ def cmd_embed(args) -> int:
     model, config, vocab, info = load_model(args.checkpoint, device)
     original = read_input(args.input, "--input")  # written back whole, plus .obsm[--key]
     adata = with_counts(original, args.layer, args.input, "--input")
-    raw = counts_matrix(adata, f"--input {args.input}")
+    raw = counts_matrix(adata, f"--input {args.input}", matrix=counts_source(original, args.layer),
+                        non_integer="accept" if args.allow_non_integer else "refuse",
+                        alternatives=count_alternatives(original))
     if args.key in original.obsm and not args.overwrite:
         return _fail(f"--key {args.key}: {args.input} already has .obsm[{args.key!r}]; choose "
                      f"another --key or pass --overwrite to replace it")

@@ -176,6 +176,8 @@ def _as_csr(counts, name: str) -> sp.csr_matrix:
     """``counts`` (scipy sparse or 2-D array-like) as CSR with one entry per (cell, gene)
     (scipy's duplicate entries summed, as scipy reads them), checked to be finite and >= 0;
     TypeError/ValueError naming it."""
+    if hasattr(counts, "to_memory") and not sp.issparse(counts):  # a backed AnnData's .X
+        counts = counts.to_memory()
     if sp.issparse(counts):
         if counts.ndim != 2:
             raise ValueError(f"{name} must be 2-D [cells, genes], got shape {counts.shape}")
@@ -212,7 +214,10 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`):
             a scipy sparse matrix (CSR preferred) or a 2-D array.
         observable: ``[G]`` bool, the genes this input profiles.
-        k: shown genes per cell (the model's ``config.k`` by default in the CLI).
+        k: shown genes per cell. ``txfm embed`` shows every observable gene, at most
+            ``EMBED_K_FACTOR`` (8) x the model's training ``config.k``
+            (``min(observable.sum(), 8 * config.k)``), which embeds better than the training
+            K (docs/learning.md); pass that for the same embeddings as the CLI.
         draws: embeddings of this many independent draws are averaged (draw ``r`` uses seed
             ``seed + r``).
         seed: in ``[0, 2^63)``. When ``k`` is below the observable genes, cell ``i``'s draw

@@ -118,7 +118,15 @@ def read_input(path: str | pathlib.Path, option: str = "input"):
     if not path.exists():
         raise UsageError(f"{option} {path}: no such file or folder")
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix in (".h5", ".hdf5"):
+    if path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+        import anndata as ad
+
+        try:  # an AnnData zarr store (anndata.write_zarr, a txfm shard)
+            a = ad.read_zarr(path)
+        except Exception as exc:  # noqa: BLE001 - zarr/anndata raise many types for a bad store
+            raise UsageError(f"{option} {path}: cannot be read as an AnnData zarr store "
+                             f"({type(exc).__name__}: {error_message(exc)})") from exc
+    elif path.is_dir() or suffix in (".h5", ".hdf5"):
         try:
             a = read_10x(path)
         except InputError as exc:  # names the file and what is wrong already
@@ -205,14 +213,37 @@ def staged_outputs(out: str | pathlib.Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -> sp.csr_matrix:
-    """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts
-    (a ``UserWarning`` when they are not integers).
+def counts_source(a, layer: str | None) -> str:
+    """Where :func:`with_counts` takes ``layer``'s counts from, in anndata's words."""
+    if layer is None:
+        return ".X"
+    return f"layers[{layer!r}]" if layer in a.layers else ".raw.X"
 
+
+def count_alternatives(a) -> str:
+    """The other places of ``a`` that may hold raw counts, for a message ("" if none)."""
+    places = [f"--layer {name}" for name in a.layers.keys()]
+    if a.raw is not None:
+        places.append("--layer raw (.raw.X)")
+    return f"; this file also has {', '.join(places)}" if places else ""
+
+
+def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *,
+                  matrix: str = ".X", non_integer: str = "warn",
+                  alternatives: str = "") -> sp.csr_matrix:
+    """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts.
+
+    Args:
+        matrix: where ``a.X`` came from in the user's file (``.X``, ``layers['counts']``,
+            ``.raw.X``), named in messages.
+        non_integer: non-integer values (normalised or log data) give a ``UserWarning``
+            (``"warn"``), a :class:`UsageError` (``"refuse"``) or nothing (``"accept"``).
+        alternatives: appended to those messages (:func:`count_alternatives`).
     Raises:
         UsageError: no ``.X``, a damaged sparse structure (``indptr``/``indices`` out of
-            range), or any value NaN, infinite or negative (names ``source``, the first bad
-            cell, and ``layer_option`` to pick the raw counts).
+            range), any value NaN, infinite or negative (names ``source``, the first bad
+            cell, and ``layer_option`` to pick the raw counts), or non-integer values with
+            ``non_integer="refuse"``.
     """
     x = a.X
     if x is None:
@@ -233,8 +264,13 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer") -
             raise UsageError(f"{source}: {where.size:,} {what} values in the counts (first in "
                              f"cell {cell}, {a.obs_names[cell]!r}); TxFM needs raw counts: pass "
                              f"them with {layer_option} or clean the input")
-    if not np.array_equal(x.data, np.round(x.data)):
-        warnings.warn(f"{source}: the counts are not integers, but raw counts are expected "
-                      f"(normalised or log data in .X? pass the raw counts with {layer_option})",
-                      stacklevel=2)
+    fractional = x.data != np.round(x.data)
+    if non_integer != "accept" and fractional.any():
+        example = float(x.data[np.flatnonzero(fractional)[0]])
+        msg = (f"{source}: {matrix} holds non-integer values (e.g. {example:.4g}), but raw counts "
+               f"are expected (normalised or log data?); pass the raw counts with "
+               f"{layer_option}{alternatives}")
+        if non_integer == "refuse":
+            raise UsageError(msg + ", or --allow-non-integer to use these values anyway")
+        warnings.warn(msg, stacklevel=2)
     return x

@@ -22,13 +22,29 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".1f") -> str:
     return "\n".join(lines)
 
 
+class _Figures:
+    """The part of ``pyplot`` the plots use, on bare ``matplotlib.figure.Figure`` objects: no
+    pyplot state, and the caller's backend (a notebook's inline one) is left as it is."""
+
+    def __init__(self):
+        import matplotlib
+
+        self.cm = matplotlib.cm
+
+    @staticmethod
+    def subplots(nrows=1, ncols=1, *, figsize=None, squeeze=True, **kw):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kw)
+
+    @staticmethod
+    def close(fig) -> None:  # nothing to release: pyplot never knew the figure
+        return None
+
+
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures()
 
 
 def _save(plt, fig, path: str | pathlib.Path) -> pathlib.Path:

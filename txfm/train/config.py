@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from txfm.model.config import PRECISIONS, ConfigError  # noqa: F401 - also raised for TrainConfig
+from txfm.model.config import _FIELD_TYPES, PRECISIONS, ConfigError  # noqa: F401 - also raised for TrainConfig
 
 RECIPES = {
     "tiny": dict(batch_size=32, steps=3000, epochs=None, ckpt_every=500, val_every=100,
@@ -62,7 +62,10 @@ class TrainConfig:
     plot: bool = True
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        try:
+            self.betas = tuple(self.betas)
+        except TypeError:
+            raise ConfigError("betas", self.betas, "must be two numbers in [0, 1)") from None
         self.validate()
 
     def validate(self) -> None:
@@ -74,6 +77,19 @@ class TrainConfig:
         def finite(x):
             return isinstance(x, (int, float)) and math.isfinite(x)
 
+        for f in dataclasses.fields(self):  # types first: a JSON file or Python can pass anything
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            value = getattr(self, f.name)
+            if value is None and "None" in kinds:
+                continue
+            base = next(k for k in kinds if k != "None")
+            if base not in _FIELD_TYPES:
+                continue  # betas: checked below
+            kind, what = _FIELD_TYPES[base]
+            # bool is an Integral (True must not pass as steps=1); "no" must not pass as resume
+            need(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+                 f.name, f"must be {what}{' or None' if 'None' in kinds else ''}, got "
+                         f"{type(value).__name__}")
         need(str(self.preset).lower() in {k.lower() for k in RECIPES}, "preset",
              f"is not a preset; use one of {list(RECIPES)}")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -9,10 +9,9 @@ from .metrics import read_metrics
 def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
                 title: str | None = None) -> pathlib.Path:
     """Training loss (per logged step) and validation loss against step; returns ``out_png``."""
-    import matplotlib
+    import os
 
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     rows = read_metrics(metrics_csv)
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
@@ -21,7 +20,8 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
     # Right panel: the run after its first 10% (the warm-up), where the early drop no longer
     # hides the slower progress on the y scale.
     diag = [r for r in rows if r.get("cls_gain") is not None]
-    fig, axes = plt.subplots(1, 3 if diag else 2, figsize=(16.5 if diag else 11, 4), dpi=120)
+    fig = Figure(figsize=(16.5 if diag else 11, 4), dpi=120)
+    axes = fig.subplots(1, 3 if diag else 2)
     for ax, start in zip(axes, (0, 0.1 * last)):
         t = [(s, v) for s, v in train if s >= start]
         v = [(s, x) for s, x in val if s >= start]
@@ -49,13 +49,20 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
         bad = [r["step"] for r in diag if r.get("collapsed")]
         for b in bad:
             ax.axvspan(b - 0.5, b + 0.5, color="red", alpha=0.3)
-        ax.set_title("learning diagnostics" + (" — COLLAPSED" if bad else ""))
+        now = bool(diag[-1].get("collapsed"))
+        ax.set_title("learning diagnostics" + (" — COLLAPSED" if now else
+                                               f" (collapsed at step {bad[-1]}, not since)"
+                                               if bad else ""))
         lines = ax.get_legend_handles_labels()
         more = rank.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = pathlib.Path(out_png)
-    fig.savefig(out_png)
-    plt.close(fig)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    try:  # a reader (an image viewer, a notebook) never sees half a file
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_png
