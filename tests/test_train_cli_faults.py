@@ -340,3 +340,22 @@ def test_train_config_checks_every_fields_type(field, value, rule):
 
     with pytest.raises(ConfigError, match=rf"{field}=.*{rule}"):
         TrainConfig(**{field: value})
+
+
+def test_a_second_run_in_the_same_folder_fails_at_once(capsys, monkeypatch, tmp_path):
+    """Two runs started together in one --out both 'succeeded', one's results lost. The run
+    folder's lock (held by the first, here by the test) refuses the second."""
+    from txfm.locks import folder_lock
+    from txfm.train.trainer import RUN_LOCK
+
+    out = tmp_path / "twin"
+    out.mkdir()
+    with folder_lock(out, RUN_LOCK, "txfm train run"):
+        msg = _error(["--data", DATA, "--out", str(out), "--steps", "2", "--batch-size", "8",
+                      *TINY], capsys, monkeypatch, tmp_path)
+    assert msg.startswith(f"--out {out} is being written by another txfm train run (pid "), msg
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing of the second run
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", DATA, "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 *TINY]) == 0  # the lock is gone with its holder
+    assert not (out / RUN_LOCK).exists()

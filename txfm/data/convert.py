@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import math
@@ -42,6 +41,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from txfm.locks import folder_lock
 
 from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
                      SHARD_PREFIX, VAL_GROUP, VOCAB_FILE, write_csr_store, write_group_json,
@@ -286,10 +287,8 @@ def _check_numbers(**values) -> None:
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    """Hold an exclusive lock on ``out`` while converting into it: a second conversion into
-    the same folder fails at once instead of interleaving. ``flock`` locks die with their
-    process, so a killed conversion never leaves a stale lock; the lock file is removed at
-    the end (a waiter that locked the removed file notices the swap and retries)."""
+    """Create ``out`` and hold its lock (:func:`txfm.locks.folder_lock`) while converting into
+    it: a second conversion into the same folder fails at once instead of interleaving."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
     try:
@@ -297,32 +296,8 @@ def _locked(out: Path):
     except OSError as exc:  # under a file, or where one cannot write
         raise FileExistsError(f"--out {out}: cannot be created ({exc.strerror or exc}); "
                               "choose another location") from exc
-    path = out / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise FileExistsError(f"--out {out} is being written by another conversion "
-                                  f"({holder}); wait for it to finish or choose another "
-                                  f"--out") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # locked a lock file that its holder removed meanwhile: take the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+    with folder_lock(out, LOCK, "conversion"):
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        os.close(fd)
 
 
 def _check_distinct(inputs: list[Path], names: Sequence[str] | None) -> None:

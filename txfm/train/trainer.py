@@ -58,6 +58,9 @@ from .schedule import OneCycleSchedule
 _VAL_SEED = 0x5EED_0FF5E7  # validation draws: fixed, independent of the training stream
 
 
+RUN_LOCK = ".txfm-train.lock"  # held (flock) by the run writing the folder
+
+
 @dataclass
 class TrainResult:
     run_dir: pathlib.Path
@@ -416,6 +419,18 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to the end; returns where the checkpoint, metrics and plot are. The main rank
+        holds the run folder's lock meanwhile (:mod:`txfm.locks`): a second run started in the
+        same folder fails at once (:class:`txfm.locks.FolderBusyError`)."""
+        if not self.dist.is_main:
+            return self._fit()
+        from txfm.locks import folder_lock
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(self.run_dir, RUN_LOCK, "txfm train run"):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
