@@ -6,8 +6,8 @@ module) and imports its heavy dependencies only when its command runs.
 
 A user's mistake (bad option value, missing or unreadable input, an output that would
 overwrite something the command did not make: a run folder, a shard collection, an
-embedding under the same key) ends in one ``error: ...`` line on stderr and exit status 2, never a traceback:
-commands raise :class:`UsageError`, and :func:`main` also reports the library's own
+embedding under the same key) ends in one ``error: ...`` line on stderr and exit status 2,
+never a traceback: commands raise :class:`UsageError`, and :func:`main` also reports the library's own
 bad-input errors (:data:`USER_ERRORS`) that way.
 """
 from __future__ import annotations

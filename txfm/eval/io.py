@@ -159,7 +159,7 @@ def with_counts(a, layer: str | None, path, option: str = "input"):
     if layer == "raw" and a.raw is not None and "raw" in a.layers:
         raise UsageError(f"{option} {path}: 'raw' names both .raw and layers['raw']; rename the "
                          "layer (or drop .raw) so that the counts are unambiguous")
-    if layer in a.layers:
+    if counts_source(a, layer) != ".raw.X":
         return ad.AnnData(X=a.layers[layer], obs=a.obs, var=a.var, obsm=dict(a.obsm))
     if layer == "raw" and a.raw is not None:
         return ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=dict(a.obsm))
@@ -214,7 +214,8 @@ def staged_outputs(out: str | pathlib.Path):
 
 
 def counts_source(a, layer: str | None) -> str:
-    """Where :func:`with_counts` takes ``layer``'s counts from, in anndata's words."""
+    """Where ``layer``'s counts are in ``a``, in anndata's words (:func:`with_counts` reads
+    them there): ``.X``, ``layers[NAME]`` (a layer first), else ``.raw.X``."""
     if layer is None:
         return ".X"
     return f"layers[{layer!r}]" if layer in a.layers else ".raw.X"
