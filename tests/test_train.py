@@ -1,5 +1,6 @@
 """The trainer: the loss falls, DDP == one process, SIGKILL + --resume is exact, checkpoints."""
 import argparse
+import json
 import os
 import pathlib
 import signal
@@ -119,12 +120,64 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
-    va = [r["val_loss"] for r in read_metrics(tmp_path / "one" / "metrics.csv") if r["val_loss"]]
-    vb = [r["val_loss"] for r in read_metrics(tmp_path / "two" / "metrics.csv") if r["val_loss"]]
-    assert va == pytest.approx(vb, rel=1e-4)
+    # validation: the same cells and draws on one rank and on two, diagnostics over both ranks
+    for col in ("val_loss", "masked_r2", "cls_gain", "erank"):
+        va = [r[col] for r in read_metrics(tmp_path / "one" / "metrics.csv") if r["val_loss"]]
+        vb = [r[col] for r in read_metrics(tmp_path / "two" / "metrics.csv") if r["val_loss"]]
+        assert len(va) == 2 and None not in va and va == pytest.approx(vb, rel=1e-4), col
     ma, mb = (read_checkpoint(list_checkpoints(tmp_path / n)[-1])["model"] for n in ("one", "two"))
     for name in ma:
         torch.testing.assert_close(ma[name], mb[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+_VALIDATE = """
+import json, sys
+from txfm.model import preset
+from txfm.train import TrainConfig
+from txfm.train.trainer import Trainer
+data, out, dest = sys.argv[1:4]
+cfg = TrainConfig.for_preset("tiny", data=data, out=out, steps=6, batch_size=16, accum=int(sys.argv[4]),
+                             val_batches=5, resume=True, progress=False, plot=False)
+tr = Trainer(cfg, preset("tiny", dim=32, depth=2, heads=2, decoder_hidden=64, k=32))
+loss = tr.validate()
+if tr.dist.is_main:
+    json.dump(dict(tr.diagnostics, val_loss=loss), open(dest, "w"))
+"""
+
+
+def test_validation_of_shards_does_not_depend_on_the_number_of_ranks(tmp_path, tmp_path_factory):
+    # The shard loader gives each rank a contiguous part of a split; validation must still
+    # cover the same cells (every rank reads the split whole and takes every other batch) and
+    # the diagnostics all ranks' cells: one checkpoint, validated by one process and by two.
+    from _shards import synthetic_shards
+
+    shards = synthetic_shards(tmp_path_factory, cells=600, genes=120, perturbations=4, seed=5,
+                              shard_cells=128, convert_seed=0, val_fraction=0.2)
+    run = tmp_path / "run"
+    _run_cli(["--data", str(shards), "--batch-size", "16", "--steps", "6", "--accum", "2",
+              "--val-every", "0", "--val-batches", "5", *SMALL, "--out", str(run)])
+    script = tmp_path / "validate.py"
+    script.write_text(_VALIDATE)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), str(shards), str(run),
+                          str(tmp_path / "one.json"), "2"], cwd=ROOT, env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port", str(28500 + os.getpid() % 1000), str(script),
+                             str(shards), str(run), str(tmp_path / "two.json"), "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the two-process validation did not finish in 300 s:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, out
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["cells"] == b["cells"] == 5 * 8  # 5 micro-batches of 16 / 2
+    for key in ("val_loss", "masked_r2", "cls_gain", "erank"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
 # -- checkpoints and resume ------------------------------------------------------------------------

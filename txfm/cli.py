@@ -13,8 +13,11 @@ bad-input errors (:data:`USER_ERRORS`) that way.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import sys
+import tempfile
 
 
 class UsageError(ValueError):
@@ -47,13 +50,36 @@ def error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+def report(line: str) -> None:
+    """Print ``line`` on stderr; under ``torchrun`` (``WORLD_SIZE`` > 1), once per machine.
+
+    Every rank checks the same options and files, so a bad input would otherwise give one
+    identical ``error:`` (or ``warning:``) line per rank. The ranks of one launch share a
+    parent (the torchrun agent); the first to create the line's marker file under the
+    temporary folder prints it. A line that only one rank meets (its own shard) still prints.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        folder = os.path.join(tempfile.gettempdir(), f"txfm-lines-{launch}")
+        key = hashlib.sha1(line.encode()).hexdigest()[:20]
+        try:
+            os.makedirs(folder, exist_ok=True)
+            os.close(os.open(os.path.join(folder, key), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another rank of this launch printed it
+        except OSError:
+            pass  # no usable temporary folder: print on every rank rather than never
+    print(line, file=sys.stderr)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose refusals (an unknown option, a bad value) are one ``error:``
     line naming the option and exit status 2, like every other mistake: argparse's own print
     the whole usage first, which buries the line that matters. ``--help`` still shows it."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        report(f"error: {message} (see {self.prog} --help)")
+        self.exit(2)
 
 
 def file_in_path(path) -> "pathlib.Path | None":
@@ -171,7 +197,7 @@ def _warning_lines():
         text = str(message)
         if text not in seen:
             seen.add(text)
-            print(f"warning: {text}", file=sys.stderr)
+            report(f"warning: {text}")
 
     return show
 
@@ -201,15 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _warning_lines()
             return int(args.func(args) or 0)
     except Terminated:
-        print("terminated", file=sys.stderr)
+        report("terminated")
         return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        report("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
         if not _is_user_error(exc):
             raise
-        print(f"error: {error_message(exc)}", file=sys.stderr)
+        report(f"error: {error_message(exc)}")
         return 2
     finally:
         if main_thread:

@@ -114,17 +114,18 @@ class Trainer:
         self.loader = factory("train", self.micro, rank, world, pin)
         self.n_genes = int(self.loader.n_genes)
         self.model_config.check_genes(self.n_genes)
+        # Every rank opens the whole validation split (rank 0 of 1) and takes every W-th of its
+        # first val_batches micro-batches (validate): the validation cells, draws and numbers
+        # do not depend on the number of ranks, and all ranks validate or none does.
         try:
-            self.val_loader = factory("val", self.micro, rank, world, pin)
+            self.val_loader = factory("val", self.micro, 0, 1, pin)
             why = "its 'val' split has no cells"
         except (FileNotFoundError, ValueError, KeyError) as exc:
             self.val_loader, why = None, str(exc)
-        # All ranks validate or none does (validate() ends in a collective); a rank whose part
-        # of a tiny split is empty just adds nothing.
-        val_batches = torch.tensor(float(len(self.val_loader or ())), device=self.device)
-        if dist.all_reduce_mean(val_batches, self.dist).item() == 0:
-            self._say(f"no validation: {why}; only the training loss is logged")
+        if self.val_loader is not None and len(self.val_loader) == 0:
             self.val_loader = None
+        if self.val_loader is None:
+            self._say(f"no validation: {why}; only the training loss is logged")
         if len(self.loader) < cfg.accum:
             raise ValueError(f"the training data yields {len(self.loader)} micro-batches of "
                              f"{self.micro} cells per rank per epoch, fewer than accum="
@@ -287,8 +288,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self, progress=None) -> float | None:
         """Mean loss per cell over the first ``val_batches`` micro-batches of the validation
-        split (all ranks together; the last batch may be partial), with fixed draws:
-        comparable across steps, resumes and world sizes.
+        split, with fixed draws: comparable across steps, resumes and numbers of ranks (rank
+        ``r`` of ``W`` takes batches ``r, r + W, ...``). The diagnostics (``self.diagnostics``)
+        are over the same cells: ``erank`` of all ranks' embeddings together.
 
         ``progress(done, total)`` is called after each of this rank's batches.
         """
@@ -298,23 +300,34 @@ class Trainer:
         probe = LearningProbe(self.model, self._mean_logits)
         total = torch.zeros((), device=self.device)
         n = 0  # cells
-        per_rank = max(1, self.cfg.val_batches // self.dist.world_size)
-        planned = min(per_rank, len(self.val_loader))
+        world, rank = self.dist.world_size, self.dist.rank
+        limit = min(self.cfg.val_batches, len(self.val_loader))
+        planned = len(range(rank, limit, world))
         self.val_loader.set_epoch(0)
+        done = 0
         for i, cpu in enumerate(self.val_loader):
-            if i >= per_rank:
+            if i >= limit:
                 break
+            if i % world != rank:
+                continue
             dev = cpu.to(self.device, non_blocking=True)
-            sample = self._sample(dev, _VAL_SEED, i * self.dist.world_size + self.dist.rank)
+            sample = self._sample(dev, _VAL_SEED, i)
             pad = sample.pad_mask if self._needs_pad(cpu) else None
             with self._autocast():  # the loss is a mean over rows: weight it by the rows
                 total += probe.add(sample, pad) * len(cpu)
             n += len(cpu)
+            done += 1
             if progress is not None:
-                progress(i + 1, planned)
+                progress(done, planned)
         self.model.train()
-        dist.all_reduce_mean(probe.sums, self.dist)
-        self.diagnostics = probe.result() if n else {}
+        dist.all_reduce_mean(probe.sums, self.dist)  # sums weighted by rows: ratios are exact
+        if self.dist.enabled:
+            mine = (torch.cat(probe.embeddings) if probe.embeddings
+                    else torch.zeros(0, self.model_config.dim, device=self.device))
+            every = dist.all_gather_object(mine.cpu(), self.dist)
+            probe.embeddings = [torch.cat(every)]
+            probe.cells = sum(len(e) for e in every)
+        self.diagnostics = probe.result() if probe.cells else {}
         stats = torch.stack([total, torch.tensor(float(n), device=self.device)])
         dist.all_reduce_mean(stats, self.dist)
         total, n = stats.tolist()
