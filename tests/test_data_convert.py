@@ -468,6 +468,52 @@ def test_unnamed_or_blank_genes_are_refused_not_matched_by_position(tmp_path):
                 progress=False)
 
 
+def test_each_input_keeps_its_counts_in_its_own_place(tmp_path, capsys):
+    """--counts INPUT=WHERE: one input's counts in X, another's in a layer, a third's in .raw
+    (X log-normalised), converted in one call; keyed by dataset name or path."""
+    from txfm.cli import main
+
+    rng = np.random.default_rng(7)
+    var = pd.DataFrame({"symbol": [f"S{i}" for i in range(6)]},
+                       index=[f"ENSG{i:011d}" for i in range(6)])
+    truth = {}
+    for name, where in (("plain", "X"), ("layered", "layers/counts"), ("rawish", "raw")):
+        counts = rng.poisson(2.0, (30, 6)).astype(np.float32)
+        truth[name] = counts
+        a = ad.AnnData(X=sp.csr_matrix(counts if where == "X" else np.log1p(counts)), var=var,
+                       obs=pd.DataFrame(index=[f"{name}{i}" for i in range(30)]))
+        if where == "layers/counts":
+            a.layers["counts"] = sp.csr_matrix(counts)
+        if where == "raw":
+            a.raw = ad.AnnData(X=sp.csr_matrix(counts), var=var)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a.write_h5ad(tmp_path / f"{name}.h5ad")
+    paths = [str(tmp_path / f"{n}.h5ad") for n in truth]
+    out = tmp_path / "out"
+    assert main(["data", "convert", *paths, "--out", str(out), "--min-cells", "0",
+                 "--min-genes", "0", "--val-fraction", "0", "--quiet",
+                 "--counts", "layered=layers/counts", "--counts", f"{paths[2]}=raw"]) == 0
+    x, obs = shard_frames(out)
+    for name, counts in truth.items():
+        rows = (obs["dataset"].astype(str) == name).to_numpy()
+        np.testing.assert_array_equal(x[rows].toarray(),
+                                      counts[obs["source_row"].to_numpy()[rows]])
+    assert Manifest.load(out).raw["params"]["counts"] == {"layered": "layers/counts",
+                                                          paths[2]: "raw"}
+    capsys.readouterr()
+    # mistakes: a name that is no input, a place that is none, a missing layer, a bad pair
+    for extra, named in ((["--counts", "nope=X"], "--counts nope=X: names no input"),
+                         (["--counts", "layered=counts"], "X, raw or layers/NAME"),
+                         (["--counts", "layered=layers/umi"], "no layer 'umi'"),
+                         (["--counts", "layered"], "give INPUT=WHERE")):
+        assert main(["data", "convert", *paths, "--out", str(tmp_path / "bad"), "--quiet",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and named in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_non_integer_counts_point_to_raw_and_layer_first(tmp_path):
     src = write_h5ad(tmp_path / "log.h5ad", np.log1p(np.eye(3) * 5 + 1), range(3))
     with pytest.raises(InputError, match=r"non-integer counts \(e\.g\. [0-9.]+ at cell.*--raw or "

@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     src.add_argument("--layer", default=None,
                      help="read counts from .layers[LAYER] of .h5ad inputs")
     src.add_argument("--raw", action="store_true", help="read counts from .raw of .h5ad inputs")
+    p.add_argument("--counts", action="append", default=[], metavar="INPUT=WHERE",
+                   help="where one .h5ad input keeps its counts: X, raw or layers/NAME; INPUT is "
+                        "its dataset name or path; repeatable; overrides --layer/--raw for it")
     p.add_argument("--min-cells", type=nonnegative_int, default=1000,
                    help="single-cell: keep genes expressed in >= this many cells (paper: 1,000)")
     p.add_argument("--min-genes", type=nonnegative_int, default=2000,
@@ -142,6 +145,14 @@ def cmd_convert(args) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names is not None else None
     types = tuple(t for t in args.feature_types.split(",") if t)
+    counts = {}
+    for item in args.counts:
+        key, sep, where = item.partition("=")
+        if not sep or not key or not where:
+            return _fail(f"--counts {item}: give INPUT=WHERE, e.g. --counts screen=layers/counts")
+        if key in counts:
+            return _fail(f"--counts {key}: given twice")
+        counts[key] = where
     try:
         m = convert(args.inputs, args.out, vocab=args.vocab, gene_key=args.gene_key,
                     gene_table=args.gene_table, names=names, bulk=args.bulk_input,
@@ -151,7 +162,8 @@ def cmd_convert(args) -> int:
                     shard_cells=args.shard_cells, shard_mb=args.shard_mb, codec=args.codec,
                     counts_dtype=args.counts_dtype, overwrite=args.overwrite,
                     progress=not args.quiet,
-                    genome=[g for g in args.genome.split(",") if g] if args.genome else None)
+                    genome=[g for g in args.genome.split(",") if g] if args.genome else None,
+                    counts=counts or None)
     except (InputError, OSError, ValueError) as err:  # OSError: e.g. --out not writable
         return _fail(str(err))
     print(f"wrote {m.root}")

@@ -34,6 +34,7 @@ import numbers
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -171,9 +172,10 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
             if not allow_non_integer:
                 raise InputError(f"{ds.reader.path}: non-integer counts {where(bad)}; raw integer "
                                  f"counts expected, not normalised or log data. If the file keeps "
-                                 f"its raw counts in .raw or a layer, pass --raw or --layer NAME; "
-                                 f"only for TPM-like bulk data pass --allow-non-integer (stored "
-                                 f"as float32)")
+                                 f"its raw counts in .raw or a layer, pass --raw or --layer NAME "
+                                 f"(this input alone: --counts {ds.reader.path.stem}=raw or "
+                                 f"=layers/NAME); only for TPM-like bulk data pass "
+                                 f"--allow-non-integer (stored as float32)")
             return False
     return True
 
@@ -206,12 +208,16 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
             shard_mb: float = 256.0, codec: str = "none", counts_dtype: str = "auto",
             chunk_nnz: int = 8_000_000, overwrite: bool = False, progress: bool = True,
             genome: str | Sequence[str] | None = None,
+            counts: Mapping[str, str] | None = None,
             log: Callable[[str], None] | None = None) -> Manifest:
     """Convert ``inputs`` (paths; each one dataset) into a shard collection at ``out``.
 
     Returns the :class:`Manifest`. See the module docstring for the pipeline and
     ``txfm data convert --help`` for the options (``genome``: genomes read from 10x ``.h5``
-    inputs, default all). Raises :class:`InputError` (a ``ValueError``) for bad inputs,
+    inputs, default all). Where an ``.h5ad`` input keeps its counts: ``layer`` / ``use_raw``
+    for every one, and ``counts`` per input, ``{input: "X" | "raw" | "layers/NAME"}`` keyed by
+    its dataset name (``names``), its path as given, or its file name with or without the
+    suffix (``--counts INPUT=WHERE``). Raises :class:`InputError` (a ``ValueError``) for bad inputs,
     ``ValueError`` for bad options, ``FileExistsError`` when ``out`` holds something else or
     another conversion is writing it. A conversion that fails on a bad input or option
     leaves no ``out`` behind if it created it.
@@ -242,11 +248,12 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
         if p is not None and not Path(p).is_file():
             raise InputError(f"{p}: file does not exist")
     _check_distinct(inputs, names)
+    sources = _count_sources(inputs, names, counts, layer, use_raw)
     out = Path(out)
     readers: list[InputReader] = []
     try:
-        for p in inputs:
-            readers.append(open_input(p, layer=layer, use_raw=use_raw, genome=genome))
+        for p, (p_layer, p_raw) in zip(inputs, sources):
+            readers.append(open_input(p, layer=p_layer, use_raw=p_raw, genome=genome))
         created = not out.exists()
         with _locked(out):
             try:
@@ -258,7 +265,8 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
                                 val_fraction=val_fraction, shard_cells=shard_cells,
                                 shard_mb=shard_mb, codec=codec, counts_dtype=counts_dtype,
                                 chunk_nnz=chunk_nnz, overwrite=overwrite, progress=progress,
-                                log=log, layer=layer, use_raw=use_raw, genome=genome)
+                                log=log, layer=layer, use_raw=use_raw, genome=genome,
+                                counts=counts)
             except ValueError:  # InputError included: nothing worth resuming was made
                 if created:
                     shutil.rmtree(out, ignore_errors=True)
@@ -324,10 +332,46 @@ def _check_distinct(inputs: list[Path], names: Sequence[str] | None) -> None:
         raise ValueError(f"--names: {', '.join(map(repr, dup))} given twice; each dataset needs "
                          f"its own name")
 
+def _count_sources(inputs: list[Path], names, counts, layer, use_raw
+                   ) -> list[tuple[str | None, bool]]:
+    """``(layer, use_raw)`` per input: ``counts[input]`` where given (see :func:`convert`),
+    else the global ``layer`` / ``use_raw``."""
+    out = [(layer, use_raw)] * len(inputs)
+    if not counts:
+        return out
+    if not isinstance(counts, Mapping):
+        raise TypeError(f"counts must be a mapping {{input: 'X' | 'raw' | 'layers/NAME'}}, got "
+                        f"{type(counts).__name__}")
+    keys = [{str(p), p.name, p.stem} | ({names[i]} if names is not None and i < len(names)
+                                         else set()) for i, p in enumerate(inputs)]
+    for key, where in counts.items():
+        hits = [i for i, k in enumerate(keys) if str(key) in k]
+        if len(hits) != 1:
+            known = ", ".join(names if names is not None else [p.stem for p in inputs])
+            what = "names more than one input" if hits else "names no input"
+            raise ValueError(f"--counts {key}={where}: {what}; use a dataset name ({known}) or "
+                             f"an input path as given")
+        p = inputs[hits[0]]
+        if p.suffix != ".h5ad":
+            raise ValueError(f"--counts {key}={where}: {p} is not an .h5ad file; only .h5ad "
+                             f"inputs have a choice of count matrices")
+        where = str(where)
+        if where == "X":
+            out[hits[0]] = (None, False)
+        elif where in ("raw", "raw/X"):
+            out[hits[0]] = (None, True)
+        elif where.startswith("layers/") and len(where) > len("layers/"):
+            out[hits[0]] = (where[len("layers/"):], False)
+        else:
+            raise ValueError(f"--counts {key}={where}: say where the counts are: X, raw or "
+                             f"layers/NAME")
+    return out
+
+
 def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, min_cells,
              min_genes, allow_non_integer, feature_types, seed, val_fraction, shard_cells,
              shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, layer, use_raw,
-             genome):
+             genome, counts):
     # ---- names, kinds, fingerprint
     if names is not None and len(names) != len(readers):
         raise ValueError(f"{len(names)} names for {len(readers)} inputs")
@@ -355,6 +399,8 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
                   counts_dtype=counts_dtype)
     if genome:  # only when given: older fingerprints stay valid
         params["genome"] = [genome] if isinstance(genome, str) else list(genome)
+    if counts:
+        params["counts"] = {str(k): str(v) for k, v in sorted(counts.items())}
     # obs first: a column that cannot be stored fails before any pass over the counts
     obs_tables = ObsTables([r.obs() for r in readers], ds_names, [r.n_cells for r in readers],
                            [r.path for r in readers])

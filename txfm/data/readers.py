@@ -226,8 +226,8 @@ class H5adReader(InputReader):
         if use_raw and layer:
             raise InputError(f"{self.path}: give either --layer or --raw, not both")
         layers = list(f["layers"].keys()) if "layers" in f else []
-        every = ("; --raw and --layer apply to every .h5ad input, so give all inputs their "
-                 "counts in the same place (e.g. adata.layers['counts'] = counts in each file)")
+        every = ("; --raw and --layer apply to every .h5ad input: give this one its own with "
+                 f"--counts {self.path.stem}=WHERE (X, raw or layers/NAME)")
         if use_raw:
             if "raw" not in f:
                 raise InputError(f"{self.path}: --raw given but the file has no .raw (layers: "
