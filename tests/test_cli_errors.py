@@ -339,23 +339,12 @@ def test_sigterm_ends_a_command_like_ctrl_c_with_its_own_status(tmp_path, capsys
 def test_torchrun_ranks_print_a_shared_mistake_once(tmp_path):
     """Under torchrun every rank meets the same bad input: one ``error:`` line, not one per
     rank (the launcher's own failure summary follows it)."""
-    import os
-    import signal
-    import subprocess
-    import sys
+    from _launch import torchrun
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(27500 + os.getpid() % 1000), "-m", "txfm.cli", "train", "--data", DATA,
-           "--out", str(tmp_path / "run"), "--steps", "2", "--set", "k=100000", *TINY]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun did not finish in 240 s:\n{proc.communicate()[0][-3000:]}")
-    assert proc.returncode != 0
+    status, out = torchrun(["-m", "txfm.cli", "train", "--data", DATA, "--out",
+                            str(tmp_path / "run"), "--steps", "2", "--set", "k=100000", *TINY],
+                           cwd=tmp_path, timeout=240)
+    assert status != 0
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert errors == [errors[0]] and "--set k=100000" in errors[0], out[-3000:]
 

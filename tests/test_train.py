@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from _launch import torchrun
 from txfm.cli import UsageError
 from txfm.model import TxFM, preset
 from txfm.train import CheckpointError, TrainConfig, latest_checkpoint, load_checkpoint, train
@@ -101,21 +102,9 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     common = ["--data", DATA, "--batch-size", "16", "--steps", "6", "--log-every", "1",
               "--val-every", "3", "--ckpt-every", "6", "--set", "drop_path=0.3", *SMALL]
     _run_cli([*common, "--out", str(tmp_path / "one"), "--accum", "2"])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "txfm.cli", "train",
-           "--no-progress", "--no-plot", *common, "--out", str(tmp_path / "two")]
-    # its own process group: on a timeout every rank is killed, so a hung rank (holding the
-    # output pipes) fails the test instead of hanging the suite
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the two-process run did not finish in 300 s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out
+    status, out = torchrun(["-m", "txfm.cli", "train", "--no-progress", "--no-plot", *common,
+                            "--out", str(tmp_path / "two")], cwd=ROOT)
+    assert status == 0, out
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
@@ -158,22 +147,14 @@ def test_validation_of_shards_does_not_depend_on_the_number_of_ranks(tmp_path, t
               "--val-every", "0", "--val-batches", "5", *SMALL, "--out", str(run)])
     script = tmp_path / "validate.py"
     script.write_text(_VALIDATE)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, str(script), str(shards), str(run),
                           str(tmp_path / "one.json"), "2"], cwd=ROOT, env=env, text=True,
                          capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port", str(28500 + os.getpid() % 1000), str(script),
-                             str(shards), str(run), str(tmp_path / "two.json"), "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the two-process validation did not finish in 300 s:\n{proc.communicate()[0][-3000:]}")
-    assert proc.returncode == 0, out
+    status, out = torchrun([str(script), str(shards), str(run), str(tmp_path / "two.json"), "1"],
+                           cwd=ROOT)
+    assert status == 0, out
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a["cells"] == b["cells"] == 5 * 8  # 5 micro-batches of 16 / 2
     for key in ("val_loss", "masked_r2", "cls_gain", "erank"):

@@ -1,0 +1,27 @@
+"""Running a command under ``torchrun`` from a test (shared by the distributed tests)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+
+def torchrun(args: list[str], *, cwd, nproc: int = 2, timeout: float = 300) -> tuple[int, str]:
+    """``python -m torch.distributed.run --nproc_per_node=NPROC ARGS``: (exit status, stdout and
+    stderr together). One thread per rank, a port of this test process's own. The launch gets
+    its own process group, so on a timeout every rank is killed and the test fails instead of
+    hanging the suite on a rank that holds the output pipes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    port = 20000 + (os.getpid() * 7 + sum(map(ord, "".join(args)))) % 20000
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{out[-3000:]}")
+    return proc.returncode, out
