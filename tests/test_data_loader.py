@@ -220,6 +220,19 @@ def test_val_split_and_errors(shards):
         ShardLoader(shards, 16, obs_columns=("not_a_column",))
     with pytest.raises(FileNotFoundError, match="not a complete txfm shard collection"):
         ShardLoader(shards / "nope", 16)
+    for kw, match in (({"seed": -1}, "seed must be an integer >= 0, got -1"),
+                      ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+                      ({"batch_size": "8"}, "batch_size must be an integer >= 1, got '8'"),
+                      ({"chunk_size": True}, "chunk_size must be an integer >= 1"),
+                      ({"rank": 2, "world_size": 2}, r"rank must be in \[0, world_size=2\)")):
+        with pytest.raises(ValueError, match=match):
+            ShardLoader(shards, **{"batch_size": 16, **kw})
+    with pytest.raises(TypeError, match=r"obs_columns .* the string 'batch'; pass \('batch',\)"):
+        ShardLoader(shards, 16, obs_columns="batch")
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0"):
+        val.set_epoch(-1)
+    with pytest.raises(TypeError, match="ShardLoader.state_dict"):
+        val.load_state_dict(None)
 
 
 def _ddp_worker(rank, world, init_file, shards, out):

@@ -423,3 +423,32 @@ def test_cli_warns_on_normalised_counts_once_as_one_line(synth, tmp_path, capsys
     err = [ln for ln in capsys.readouterr().err.splitlines() if "non-integer" in ln]
     assert len(err) == 1 and err[0].startswith("warning: --embeddings"), err
     assert ".X holds non-integer values" in err[0]
+
+
+def test_metric_functions_name_a_mismatched_or_bad_embedding():
+    """Each public metric checks ``x`` against the labels first: a clear error naming the
+    shape expected, not a numpy broadcast or index error from deep inside."""
+    from txfm.eval.perturbation import (Labels, ilisi, knn_retrieval, linear_probe, lisi,
+                                        perturbation_consistency, perturbation_relationship_recall,
+                                        postprocess)
+
+    rng = np.random.default_rng(0)
+    pert = np.repeat(["ctrl", "a", "b"], 20)
+    batch = np.tile(["b0", "b1"], 30)
+    with pytest.raises(ValueError, match="batch has 10 labels but perturbation 60"):
+        Labels.build(pert, "ctrl", batch[:10])
+    labels = Labels.build(pert, "ctrl", batch)
+    x = rng.normal(size=(60, 4))
+    calls = [lambda y: postprocess(y, labels, "center"),
+             lambda y: perturbation_consistency(y, labels, n_null=100),
+             lambda y: linear_probe(y, labels), lambda y: knn_retrieval(y, labels),
+             lambda y: ilisi(y, labels),
+             lambda y: perturbation_relationship_recall(y, labels, [])]
+    for call in calls:
+        for bad, match in ((x[:50], r"shape \(50, 4\).*expected \[60, dims\]"),
+                           (x[:, 0], r"shape \(60,\)"),
+                           (np.where(np.eye(60, 4) > 0, np.nan, x), "NaN or inf")):
+            with pytest.raises(ValueError, match=match):
+                call(bad)
+    with pytest.raises(ValueError, match=r"groups must be \[60\] integer labels"):
+        lisi(x, batch)

@@ -209,6 +209,9 @@ def test_databases_and_representations_that_cannot_score_are_named(synth, tmp_pa
     with pytest.warns(UserWarning, match=r"CORUM.csv: skipped, its header is 'gene1,gene2'"):
         dbs = load_databases([folder])
     assert [d.name for d in dbs] == ["good"]
+    with pytest.warns(UserWarning):  # one path, as a str or a Path, not a list of them
+        for one in (str(folder), folder):
+            assert [d.name for d in load_databases(one)] == ["good"]
     (tmp_path / "empty.txt").write_text("entity1,entity2\nA,A\n")
     with pytest.raises(ValueError, match="holds no gene pair"):
         read_pairs(tmp_path / "empty.txt")

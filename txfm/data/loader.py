@@ -47,6 +47,7 @@ that was next); a plain DataLoader's state is exact at epoch boundaries.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -289,6 +290,11 @@ class _Loaded:
     mapped: list  # (shard, e0, e1) ranges to release from the memory maps afterwards
 
 
+def _check_integer(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"ShardLoader: {name} must be an integer >= {low}, got {value!r}")
+
+
 class ShardLoader(torch.utils.data.IterableDataset):
     """Iterable of :class:`CSRBatch` over one split of a shard collection (see module doc).
 
@@ -323,9 +329,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
             grows to the corpus size (page cache the kernel can reclaim, not heap).
 
     Raises:
-        ValueError: a bad argument; a split without shards; a split (per rank) smaller than
-            one batch with ``drop_last`` (it would yield no batch), or with fewer cells than
-            ranks.
+        FileNotFoundError: ``shards_dir`` holds no complete collection (no ``manifest.json``).
+        ValueError: a bad argument (sizes, ``seed``, ``rank``: integers, not bools or floats);
+            a split without shards; a split (per rank) smaller than one batch with
+            ``drop_last`` (it would yield no batch), or with fewer cells than ranks.
+        TypeError: ``obs_columns`` given as one string, or a bad ``counts_dtype``.
         ShardReadError: a shard is missing, damaged, or has an obs column that no tensor holds
             exactly (the message names the shard and file).
         KeyError: an ``obs_columns`` name the shards do not have.
@@ -339,10 +347,16 @@ class ShardLoader(torch.utils.data.IterableDataset):
                  verify: bool = True, mmap: bool = True, prefetch: int = 1,
                  release_pages: bool = True):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        for name, v, low in (("batch_size", batch_size, 1), ("chunk_size", chunk_size, 1),
+                             ("buffer_size", buffer_size, 1), ("seed", seed, 0),
+                             ("prefetch", prefetch, 0), ("num_threads", num_threads, 1),
+                             ("rank", rank, 0), ("world_size", world_size, 1)):
+            if v is None and name in ("num_threads", "rank", "world_size"):
+                continue
+            _check_integer(name, v, low)
+        if isinstance(obs_columns, (str, bytes)):
+            raise TypeError(f"ShardLoader: obs_columns is a sequence of column names, got the "
+                            f"string {obs_columns!r}; pass ({obs_columns!r},)")
         if rank is None or world_size is None:
             dist = torch.distributed
             initialised = dist.is_available() and dist.is_initialized()
@@ -760,7 +774,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning at the next iteration (in this process or
-        in DataLoader workers, persistent ones included)."""
+        in DataLoader workers, persistent ones included). ``epoch``: an integer >= 0."""
+        _check_integer("epoch", epoch, 0)
         self._epoch, self._position = int(epoch), 0
         self._publish()
 
@@ -782,6 +797,16 @@ class ShardLoader(torch.utils.data.IterableDataset):
                 "lanes": self._lanes, **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where :meth:`state_dict` was taken (the next iteration starts there).
+
+        Raises:
+            TypeError: ``state`` is not a dict.
+            ValueError: a state of another version, or saved with other data or settings
+                (vocabulary, collection, split, batch size, shuffle, seed, ranks).
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"loader state must be the dict of ShardLoader.state_dict(), got "
+                            f"{type(state).__name__}")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         mine = self._fingerprint()

@@ -86,9 +86,13 @@ class Labels:
 
         Raises:
             ValueError: a missing label (None, NaN, pd.NA) in either, which would become a
-                class of its own (drop those cells first), or ``control`` not among the labels.
+                class of its own (drop those cells first); ``batch`` of another length;
+                ``control`` not among the labels.
         """
         control = str(control)
+        if batch is not None and len(batch) != len(perturbation):
+            raise ValueError(f"batch has {len(batch):,} labels but perturbation {len(perturbation):,}: "
+                             f"give one of each per cell")
         for what, values in (("perturbation", perturbation), ("batch", batch)):
             if values is not None:
                 missing = int(pd.isna(pd.Series(np.asarray(values, dtype=object))).sum())
@@ -100,7 +104,7 @@ class Labels:
         if control not in set(names):
             common = pd.Series(np.asarray(pert)).value_counts().index[:8].tolist()
             raise ValueError(f"control label {control!r} not found among the perturbation labels "
-                             f"(most frequent: {common}); pass --control")
+                             f"(most frequent: {common}); give the control's label (the CLI's --control)")
         b = bn = None
         if batch is not None:
             bc = pd.Categorical(np.asarray(batch).astype(str))
@@ -120,6 +124,22 @@ class Labels:
         if self.batch is None:
             return [np.arange(len(self.pert))]
         return [np.flatnonzero(self.batch == b) for b in range(self.n_batches)]
+
+
+def check_embedding(x, labels: Labels, what: str = "embedding") -> np.ndarray:
+    """``x`` as a float64 ``[n, d]`` array of one finite row per cell of ``labels``.
+
+    Raises:
+        ValueError: ``x`` not 2-D, not ``len(labels.pert)`` rows, or not finite.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) != len(labels.pert) or not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{what} has shape {x.shape} ({x.dtype}), expected "
+                         f"[{len(labels.pert)}, dims] numbers: one row per labelled cell")
+    x = x.astype(np.float64, copy=False)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or inf")
+    return x
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -145,8 +165,13 @@ def _batch_reference(ctrl_rows: np.ndarray, labels: Labels, b: int, method: str)
 
 
 def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
-    """Apply one post-processing method (see module docstring). Returns float64 ``[n, d']``."""
-    x = np.asarray(x, dtype=np.float64)
+    """Apply one post-processing method to ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): ``none``, ``center``, ``standardize`` or
+    ``tvn`` (module docstring). Returns float64 ``[n, d']`` (``d' <= d`` after TVN's PCA).
+
+    Raises:
+        ValueError: a bad ``x`` or ``method``; fewer than 2 control cells to centre or scale on.
+    """
+    x = check_embedding(x, labels)
     ctrl = labels.pert == labels.control
     if method == "none":
         return x
@@ -195,18 +220,19 @@ def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST
                              null_cells: int = PCST_NULL_CELLS, n_null: int = PCST_NULL_DRAWS,
                              alpha: float = PCST_ALPHA, min_cells: int = MIN_CELLS,
                              seed: int = 0) -> tuple[float, pd.DataFrame]:
-    """p.cst (see module docstring). Returns ``(score %, per-perturbation table)``.
+    """p.cst (see module docstring) of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`). Returns ``(score %,
+    per-perturbation table)``.
 
     Raises:
-        ValueError: ``n_null`` too small for any p-value to fall below ``alpha`` (the smallest
-            is ``1 / (1 + n_null)``), or fewer than 3 control cells.
+        ValueError: a bad ``x``; ``n_null`` too small for any p-value to fall below ``alpha``
+            (the smallest is ``1 / (1 + n_null)``), or fewer than 3 control cells.
     """
     min_null = min_null_draws(alpha)
     if n_null < min_null:
         raise ValueError(f"p.cst: {n_null} null draws cannot give a p-value below "
                          f"alpha={alpha} (the smallest is 1/(1+{n_null})); use at least "
                          f"{min_null} (--pcst-null-draws)")
-    x = np.asarray(x, dtype=np.float64)
+    x = check_embedding(x, labels)
     ctrl = labels.pert == labels.control
     if ctrl.sum() < 3:
         raise ValueError(f"p.cst needs at least 3 control cells to fit its PCA, found "
@@ -305,7 +331,14 @@ def _topk_hits(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
 def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False,
                  max_train_cells: int = 20_000, max_iter: int = 200, tol: float = 1e-3,
                  C: float = 1.0, seed: int = 0) -> dict:
-    """Logistic-regression probe; top-1/top-5 accuracy (%) on held-out batches."""
+    """Logistic-regression probe of the perturbation labels from ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): trained on some
+    batches, tested on the others (each batch held out once; controls left out unless
+    ``include_control``). Returns ``{"lin_top1": %, "lin_top5": %}``.
+
+    Raises:
+        ValueError: a bad ``x``; no test cell whose perturbation occurs in the training batches.
+    """
+    x = check_embedding(x, labels)
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
@@ -341,7 +374,14 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
 
 def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
                   include_control: bool = False, seed: int = 0) -> dict:
-    """Weighted cosine k-NN across batches; top-1/top-5 accuracy (%)."""
+    """Weighted cosine k-NN of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): each cell's perturbation is voted by its ``k``
+    nearest cells of other batches (weights ``exp(cos / temperature)``). Returns
+    ``{"knn_top1": %, "knn_top5": %}``.
+
+    Raises:
+        ValueError: a bad ``x``.
+    """
+    x = check_embedding(x, labels)
     from sklearn.neighbors import NearestNeighbors
 
     keep = np.ones(len(labels.pert), bool) if include_control else labels.pert != labels.control
@@ -378,7 +418,8 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
 def perturbation_relationship_recall(x: np.ndarray, labels: Labels, databases, *,
                                      symbols: np.ndarray | None = None,
                                      threshold: tuple[float, float] = (0.05, 0.95)) -> dict:
-    """Recall (%) of annotated pairs among perturbation targets (mean embeddings).
+    """Recall (%) of annotated pairs among perturbation targets, from the mean of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`)
+    per perturbation.
 
     Args:
         symbols: ``[P]`` gene symbol of each perturbation label (None entries are skipped);
@@ -386,8 +427,12 @@ def perturbation_relationship_recall(x: np.ndarray, labels: Labels, databases, *
     Returns:
         ``{"bmdb": combined recall, "bmdb_<db>": per database, "bmdb_pairs": #pairs}``;
         NaN where no annotated pair is among the perturbations.
+    Raises:
+        ValueError: a bad ``x``.
     """
     from .relationships import compute_recall, recall_column
+
+    x = check_embedding(x, labels)
 
     perts = np.array([p for p in range(len(labels.pert_names)) if p != labels.control])
     sums = np.zeros((len(labels.pert_names), x.shape[1]))
@@ -433,6 +478,10 @@ def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXI
     """
     from sklearn.neighbors import NearestNeighbors
 
+    groups = np.asarray(groups)
+    if groups.shape != (len(x),) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be [{len(x)}] integer labels, got {groups.shape} "
+                         f"{groups.dtype} (codes of text labels: pd.Categorical(labels).codes)")
     n = len(x)
     k = int(min(3 * perplexity, n - 1))
     if k < 1:
@@ -473,7 +522,14 @@ def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXI
 
 def ilisi(x: np.ndarray, labels: Labels, *, perplexity: float = LISI_PERPLEXITY,
           max_cells: int = LISI_MAX_CELLS, n_pcs: int = LISI_PCS, seed: int = 0) -> dict:
-    """Mean batch LISI on up to ``max_cells`` random cells, in the top ``n_pcs`` PCs."""
+    """Mean batch LISI of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`) on up to ``max_cells`` random cells, in the top ``n_pcs``
+    PCs. Returns ``{"ilisi": 1..n_batches, "ilisi_norm": % of the way from 1 to n_batches}``,
+    NaN without two batches or when every cell's neighbours coincide.
+
+    Raises:
+        ValueError: a bad ``x``.
+    """
+    x = check_embedding(x, labels)
     if labels.batch is None or labels.n_batches < 2:
         return {"ilisi": np.nan, "ilisi_norm": np.nan}
     rows = np.arange(len(x))
@@ -516,11 +572,7 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
                        options: BenchmarkOptions | None = None) -> pd.DataFrame:
     """Every metric under every post-processing for one embedding; one row per method."""
     options = options or BenchmarkOptions()
-    x = np.asarray(x)
-    if x.ndim != 2 or len(x) != len(labels.pert):
-        raise ValueError(f"embedding has shape {x.shape}, expected [{len(labels.pert)}, dims]")
-    if not np.isfinite(x).all():
-        raise ValueError("embedding contains NaN or inf")
+    x = check_embedding(x, labels)
     rows = []
     for method in options.postprocessing:
         row: dict = {"postprocess": method}

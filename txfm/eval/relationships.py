@@ -28,6 +28,7 @@ computed in chunks; no ``G x G`` matrix is formed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import warnings
 from typing import Iterable, Sequence
@@ -153,7 +154,14 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
                    sources: Sequence[str] | None = None) -> list[Database]:
     """Read every database named: a folder gives its ``*.txt``/``*.csv`` pair files (EFAAR
     layout) and its ``*.gmt`` files; a file is read by its extension. ``sources`` keeps only
-    those names (file stems)."""
+    those names (file stems). ``paths``: one path or several.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without relationship files.
+        ValueError: a file that is not a relationship or gene-set file.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     dbs: list[Database] = []
     for p in paths:
         p = pathlib.Path(p)
