@@ -23,6 +23,23 @@ def test_unknown_backend_is_a_value_error_naming_the_choices():
         resolve_backend("fast", torch.device("cpu"), "poisson")
 
 
+@pytest.mark.parametrize("op, function", [("poisson", "rectified_tanh_poisson_nll"),
+                                          ("tokens", "gene_tokens"), ("sample", "masked_sample")])
+def test_an_op_is_named_by_its_short_name_or_its_function(op, function):
+    assert resolve_backend("auto", "cpu", function) == resolve_backend("auto", "cpu", op)
+    assert (txfm_kernels.available_backends(function)["cpu"]
+            == txfm_kernels.available_backends(op)["cpu"])
+    with pytest.raises(RuntimeError, match=f"^{function}: backend='cuda'"):  # its public name
+        resolve_backend("cuda", "cpu", op)
+    with pytest.raises(ValueError, match=f"^{function}: device 'gpu' is not a torch device"):
+        resolve_backend("auto", "gpu", op)
+    for bad in ("poisson_nll", "tokenize"):
+        with pytest.raises(ValueError, match=f"op='{bad}' is not one of"):
+            resolve_backend("auto", "cpu", bad)
+        with pytest.raises(ValueError, match=f"op='{bad}' is not one of"):
+            txfm_kernels.available_backends(bad)
+
+
 def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         resolve_backend("cuda", torch.device("cpu"), "poisson")

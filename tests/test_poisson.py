@@ -462,6 +462,11 @@ def test_poisson_nll_loss_falls_back_for_what_torch_alone_covers():
     torch.testing.assert_close(a, F.poisson_nll_loss(inp, tgt, reduction="sum"))
     with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
         poisson_nll_loss(inp, tgt, reduction="bogus")
+    for bad, error in (("a", TypeError), (float("nan"), ValueError), (float("inf"), ValueError)):
+        with pytest.raises(error, match="poisson_nll_loss: eps must be a"):
+            poisson_nll_loss(inp, tgt, log_input=False, eps=bad)
+        with pytest.raises(error, match="PoissonNLLLoss: eps must be a"):
+            txfm_kernels.PoissonNLLLoss(eps=bad)
 
 
 def test_poisson_nll_module_is_a_torch_poisson_nll_loss():

@@ -224,6 +224,20 @@ def test_out_of_range_ids_raise_naming_gene_ids(backend, bad):
         gene_tokens(codebook, gene_ids, values, cls=cls, backend=backend)
 
 
+def test_the_module_checks_ids_when_asked(monkeypatch):
+    tok = GeneTokenizer(7, 4, backend="torch")
+    ids = torch.tensor([[0, 7]])
+    for check in (False, True):  # CPU tensors: checked either way
+        with pytest.raises(IndexError, match=r"gene_ids must lie in \[0, 7\)"):
+            tok(ids, torch.ones(1, 2), check_ids=check)
+    seen = {}
+    real = txfm_kernels.tokens.gene_tokens
+    monkeypatch.setattr(txfm_kernels.tokens, "gene_tokens",
+                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    tok(torch.tensor([[0, 6]]), torch.ones(1, 2), check_ids=True)
+    assert seen["check_ids"] is True  # passed on, for GPU tensors
+
+
 def test_ids_under_padding_are_never_read():
     codebook, gene_ids, values, cls, _, _ = make_inputs(2, 5, 4, 7)
     pad_mask = torch.zeros(2, 5, dtype=torch.bool)

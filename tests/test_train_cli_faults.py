@@ -359,3 +359,12 @@ def test_a_second_run_in_the_same_folder_fails_at_once(capsys, monkeypatch, tmp_
     assert main(["train", "--data", DATA, "--out", str(out), "--steps", "2", "--batch-size", "8",
                  *TINY]) == 0  # the lock is gone with its holder
     assert not (out / RUN_LOCK).exists()
+
+
+def test_train_config_from_dict_refuses_an_unknown_field():
+    import json
+
+    cfg = TrainConfig.for_preset("tiny", steps=7, lr=2e-3)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"unknown fields \['stepz'\]"):
+        TrainConfig.from_dict({"stepz": 3})

@@ -41,6 +41,18 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 OPS = ("poisson", "tokens", "sample")
+# what users call each op: its public function (messages name it), also accepted as ``op``
+OP_FUNCTIONS = {"poisson": "rectified_tanh_poisson_nll", "tokens": "gene_tokens",
+                "sample": "masked_sample"}
+
+
+def canonical_op(op: str) -> str:
+    """``op`` as one of :data:`OPS`; its public function's name is accepted too."""
+    for short, function in OP_FUNCTIONS.items():
+        if op in (short, function):
+            return short
+    raise ValueError(f"op={op!r} is not one of {OPS} (or their functions "
+                     f"{tuple(OP_FUNCTIONS.values())})")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRACING_TENSORS = (FakeTensor, FunctionalTensor)
@@ -233,7 +245,7 @@ def available_backends(op: str | None = None) -> dict[str, BackendInfo]:
     >>> {k: v.available for k, v in available_backends().items()}  # doctest: +SKIP
     {'triton': False, 'cuda': False, 'cpu': True, 'torch': True}
     """
-    ops = OPS if op is None else (op,)
+    ops = OPS if op is None else (canonical_op(op),)
     t_ok, t_dev, t_detail = _triton_status()
     out = {"triton": BackendInfo("triton", t_ok, t_dev, t_detail)}
     for kind, loader in (("cuda", cuda_library), ("cpu", cpu_library)):
@@ -252,13 +264,20 @@ def resolve_backend(backend: str, device: torch.device, op: str,
                     gpu_order: tuple[str, ...] = ("cuda", "triton")) -> str:
     """Turn ``backend`` into a concrete one for op's tensors on ``device`` or raise saying why not.
 
-    ``op`` is one of :data:`OPS`; ``gpu_order`` is its preference among GPU backends for
-    ``"auto"`` (CPU tensors: ``cpu``, then ``torch``). Raises ``ValueError`` for an unknown
-    backend, ``RuntimeError`` for one that cannot run op's tensors here.
+    ``op`` is one of :data:`OPS` or its public function's name; ``gpu_order`` is its
+    preference among GPU backends for ``"auto"`` (CPU tensors: ``cpu``, then ``torch``). Raises
+    ``ValueError`` for an unknown backend, op or device, ``RuntimeError`` for a backend that
+    cannot run op's tensors here.
     """
-    check_choice(backend, "backend", BACKENDS, op)
+    op = canonical_op(op)
     infos = available_backends(op)
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{OP_FUNCTIONS[op]}: device {device!r} is not a torch device (use "
+                         f"'cpu', 'cuda' or 'cuda:N')") from exc
+    op = OP_FUNCTIONS[op]  # from here on, the name messages give
+    check_choice(backend, "backend", BACKENDS, op)
     if backend == "auto":
         order = gpu_order + ("torch",) if kind == "cuda" else ("cpu", "torch")
         for name in order:
@@ -267,7 +286,10 @@ def resolve_backend(backend: str, device: torch.device, op: str,
         return "torch"
     info = infos[backend]
     if not info.available:
-        detail = info.detail.removeprefix(f"{op}: ")  # the op is named once
+        detail = info.detail
+        for short, function in OP_FUNCTIONS.items():  # the op is named once
+            if function == op:
+                detail = detail.removeprefix(f"{short}: ")
         raise RuntimeError(f"{op}: backend={backend!r} is not available ({detail}); use "
                            f"backend='auto' (the fastest one available) or 'torch' (eager)")
     if kind not in info.devices:

@@ -131,12 +131,18 @@ class TrainConfig:
         return self.batch_size // parts
 
     def to_dict(self) -> dict:
+        """Every field, JSON-ready (what a run's ``config.json`` keeps under ``"train"``)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of :meth:`to_dict`'s dict. Raises ``ValueError`` for an unknown field (a
+        typo would otherwise leave its default in place) or a value out of range."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
     @classmethod
     def for_preset(cls, name: str, **overrides) -> "TrainConfig":

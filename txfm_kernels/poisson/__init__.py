@@ -450,18 +450,38 @@ def _native_dropin(input, target) -> bool:
 def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool = True,
                      full: bool = False, eps: float = 1e-8, reduction: str = "mean",
                      backend: str = "auto", *, size_average=None, reduce=None) -> torch.Tensor:
-    """Drop-in for :func:`torch.nn.functional.poisson_nll_loss` on the fused kernels.
+    """Drop-in for :func:`torch.nn.functional.poisson_nll_loss` on the fused kernels (the
+    same arguments and results; the kernels and the traffic they save: the module docstring).
 
-    ``log_input=True``: ``exp(input) - target * input``; ``False``:
+    Per element, in nats: ``log_input=True``: ``exp(input) - target * input``; ``False``:
     ``input - target * log(input + eps)``; ``full=True`` adds Stirling's term
-    ``target*log(target) - target + 0.5*log(2*pi*target)`` where ``target > 1``. Reductions as
-    torch (``"mean"`` over all elements). Same-shape, same-dtype (fp32 / bf16 / fp16 / fp64)
-    tensors of any shape run fused, in fp32 arithmetic (bf16/fp16 results are therefore at
-    least as accurate as torch's); anything else (broadcasting, mixed dtypes, a target that
-    requires grad, empty tensors, tensor subclasses), ``backend="torch"`` and ``auto`` without
-    a kernel call torch's own implementation. ``size_average`` / ``reduce`` are torch's
-    deprecated aliases.
+    ``target*log(target) - target + 0.5*log(2*pi*target)`` where ``target > 1``.
+
+    Args:
+        input: any shape, fp32 / bf16 / fp16 / fp64: the log-rate (``log_input``) or the rate.
+        target: counts (or any non-negative values), the same shape and dtype to run fused.
+        log_input, full, eps: as torch (``eps`` a finite number, used with
+            ``log_input=False``).
+        reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (``input``'s shape).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+        size_average, reduce: torch's deprecated aliases of ``reduction``.
+
+    Same-shape, same-dtype tensors run fused, in fp32 arithmetic (bf16/fp16 results are
+    therefore at least as accurate as torch's); anything else (broadcasting, mixed dtypes, a
+    target that requires grad, empty tensors, tensor subclasses), ``backend="torch"`` and
+    ``auto`` without a kernel call torch's own implementation.
+
+    Returns:
+        the loss in ``input``'s dtype: 0-d, or ``input``'s shape for ``"none"``.
+
+    Raises:
+        ValueError: an unknown ``reduction`` or ``backend``, a non-finite ``eps``; torch's
+            own errors where it runs.
+        TypeError: a non-numeric ``eps``.
+        RuntimeError: a backend that cannot run here.
     """
+    eps = check_number(eps, "eps", "poisson_nll_loss", "a finite number", low=-_FP64_MAX,
+                       high=_FP64_MAX)
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
 
@@ -485,7 +505,9 @@ def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool 
 # Modules
 # ---------------------------------------------------------------------------------------------
 class RectifiedTanh(nn.Module):
-    """``alpha * relu(tanh(z / beta))`` (:func:`rectified_tanh`), any shape."""
+    """``alpha * relu(tanh(z / beta))`` (:func:`rectified_tanh`), any shape, in ``z``'s dtype:
+    the decoder's output activation (arXiv:2605.31562, model; paper Table 5 compares it with
+    ReLU). Raises ``ValueError`` for ``|alpha| > 80`` or ``beta < 1e-3`` (or non-numbers)."""
 
     def __init__(self, alpha: float = ALPHA, beta: float = BETA):
         super().__init__()
@@ -500,7 +522,9 @@ class RectifiedTanh(nn.Module):
 
 class RectifiedTanhPoissonNLLLoss(nn.Module):
     """:func:`rectified_tanh_poisson_nll` as a module: ``forward(logits [B, G], target [B, G],
-    gene_mask=None)``."""
+    gene_mask=None)`` -> fp32 loss (arXiv:2605.31562, loss). Arguments, shapes and errors as
+    the function; the constructor raises ``ValueError`` for a bad ``alpha``, ``beta``,
+    ``reduction`` or ``backend``."""
 
     def __init__(self, alpha: float = ALPHA, beta: float = BETA, reduction: str = "mean",
                  backend: str = "auto"):
@@ -521,14 +545,18 @@ class RectifiedTanhPoissonNLLLoss(nn.Module):
 
 class PoissonNLLLoss(nn.PoissonNLLLoss):
     """Drop-in for :class:`torch.nn.PoissonNLLLoss` (same arguments, plus ``backend``) running
-    :func:`poisson_nll_loss`."""
+    :func:`poisson_nll_loss`: ``forward(log_input, target)``, shapes, dtypes, results and
+    errors as that function (the constructor checks ``reduction``, ``backend`` and ``eps``)."""
 
     def __init__(self, log_input: bool = True, full: bool = False, size_average=None,
                  eps: float = 1e-8, reduce=None, reduction: str = "mean", backend: str = "auto"):
         super().__init__(log_input, full, size_average, eps, reduce, reduction)
         _check_choices(self.reduction, backend, type(self).__name__)
+        self.eps = check_number(eps, "eps", type(self).__name__, "a finite number",
+                                low=-_FP64_MAX, high=_FP64_MAX)
         self.backend = backend
 
     def forward(self, log_input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of ``log_input`` (or the rate, ``log_input=False``) against ``target``."""
         return poisson_nll_loss(log_input, target, log_input=self.log_input, full=self.full,
                                 eps=self.eps, reduction=self.reduction, backend=self.backend)

@@ -262,6 +262,12 @@ class GeneTokenizer(nn.Module):
     the first step without letting the embedding part swamp the value coordinate (x in
     [0, ~11.5]), which carries the sample's signal; the pre-norm LayerNorm of the first block
     rescales the token anyway, so the scale only sets the initial embedding/value balance.
+    Source: arXiv:2605.31562, model (a learnable gene embedding concatenated with the value);
+    docs/kernels.md.
+
+    Raises:
+        ValueError: ``n_genes`` < 1 or ``d`` < 2 (or not ints), an unknown ``backend``.
+        TypeError: a ``dtype`` other than float32 / bfloat16 (float64 on CPU).
     """
 
     def __init__(self, n_genes: int, d: int, cls: bool = True, backend: str = "auto",
@@ -284,14 +290,20 @@ class GeneTokenizer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Codebook and CLS drawn anew from N(0, 0.02²) (see the class docstring)."""
         nn.init.normal_(self.codebook, std=0.02)
         if self.cls is not None:
             nn.init.normal_(self.cls, std=0.02)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad_mask: torch.Tensor | None = None, check_ids: bool = False) -> torch.Tensor:
+        """:func:`gene_tokens` with this module's codebook and CLS: ``[B, K+1, d]`` (``[B, K,
+        d]`` without CLS) in the codebook's dtype. ``check_ids``: on GPU tensors, raise
+        ``IndexError`` for an id outside ``[0, n_genes)`` (one host sync; CPU tensors are
+        always checked). Other errors as :func:`gene_tokens`."""
         return gene_tokens(self.codebook, gene_ids, values, cls=self.cls, pad_mask=pad_mask,
-                           deterministic=self.deterministic, backend=self.backend)
+                           deterministic=self.deterministic, backend=self.backend,
+                           check_ids=check_ids)
 
     def extra_repr(self) -> str:
         return (f"n_genes={self.n_genes}, d={self.d}, cls={self.cls is not None}, "
