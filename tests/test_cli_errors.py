@@ -350,16 +350,14 @@ def test_torchrun_ranks_print_a_shared_mistake_once(tmp_path):
 
 
 def test_report_prints_a_line_once_per_launch(tmp_path, monkeypatch, capsys):
-    import tempfile
-
     from txfm.cli import report
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     report("error: a")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for line in ("error: b", "error: b", "warning: c", "error: b"):
-        report(line)
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch reports anew
-    report("error: b")
-    assert capsys.readouterr().err.splitlines() == ["error: a", "error: b", "warning: c",
-                                                    "error: b"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ranks started by hand: every line printed
+    report("error: a")
+    assert capsys.readouterr().err.splitlines() == ["error: a", "error: a"]
+    for attempt in ("attempt_0", "attempt_1"):  # torchrun: one folder per launch attempt
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / attempt / "1" / "error.json"))
+        for line in ("error: b", "error: b", "warning: c", "error: b"):
+            report(line)
+    assert capsys.readouterr().err.splitlines() == ["error: b", "warning: c"] * 2

@@ -468,50 +468,97 @@ def test_unnamed_or_blank_genes_are_refused_not_matched_by_position(tmp_path):
                 progress=False)
 
 
-def test_each_input_keeps_its_counts_in_its_own_place(tmp_path, capsys):
-    """--counts INPUT=WHERE: one input's counts in X, another's in a layer, a third's in .raw
-    (X log-normalised), converted in one call; keyed by dataset name or path."""
-    from txfm.cli import main
-
+def _layered_inputs(folder: Path, places: dict) -> dict:
+    """One .h5ad per ``{name: "X" | "raw" | "layers/NAME"}`` keeping its integer counts there
+    (X log-normalised otherwise); returns ``{name: counts}``."""
     rng = np.random.default_rng(7)
     var = pd.DataFrame({"symbol": [f"S{i}" for i in range(6)]},
                        index=[f"ENSG{i:011d}" for i in range(6)])
     truth = {}
-    for name, where in (("plain", "X"), ("layered", "layers/counts"), ("rawish", "raw")):
+    for name, where in places.items():
         counts = rng.poisson(2.0, (30, 6)).astype(np.float32)
         truth[name] = counts
         a = ad.AnnData(X=sp.csr_matrix(counts if where == "X" else np.log1p(counts)), var=var,
                        obs=pd.DataFrame(index=[f"{name}{i}" for i in range(30)]))
-        if where == "layers/counts":
-            a.layers["counts"] = sp.csr_matrix(counts)
+        if where.startswith("layers/"):
+            a.layers[where[len("layers/"):]] = sp.csr_matrix(counts)
         if where == "raw":
             a.raw = ad.AnnData(X=sp.csr_matrix(counts), var=var)
+        path = folder / f"{name}.h5ad"
+        path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a.write_h5ad(tmp_path / f"{name}.h5ad")
-    paths = [str(tmp_path / f"{n}.h5ad") for n in truth]
-    out = tmp_path / "out"
-    assert main(["data", "convert", *paths, "--out", str(out), "--min-cells", "0",
-                 "--min-genes", "0", "--val-fraction", "0", "--quiet",
-                 "--counts", "layered=layers/counts", "--counts", f"{paths[2]}=raw"]) == 0
+            a.write_h5ad(path)
+    return truth
+
+
+def _assert_counts(out: Path, truth: dict):
     x, obs = shard_frames(out)
     for name, counts in truth.items():
         rows = (obs["dataset"].astype(str) == name).to_numpy()
+        assert rows.any()
         np.testing.assert_array_equal(x[rows].toarray(),
                                       counts[obs["source_row"].to_numpy()[rows]])
-    assert Manifest.load(out).raw["params"]["counts"] == {"layered": "layers/counts",
-                                                          paths[2]: "raw"}
+
+
+def test_each_input_keeps_its_counts_in_its_own_place(tmp_path, capsys, monkeypatch):
+    """--counts INPUT=WHERE: one input's counts in X, another's in a layer, a third's in .raw
+    (X log-normalised), converted in one call; keyed by dataset name or path."""
+    from txfm.cli import main
+
+    truth = _layered_inputs(tmp_path / "in", {"plain": "X", "layered": "layers/counts",
+                                              "rawish": "raw"})
+    monkeypatch.chdir(tmp_path)
+    paths = [f"in/{n}.h5ad" for n in truth]
+    common = ["--min-cells", "0", "--min-genes", "0", "--val-fraction", "0", "--quiet"]
+    # a dataset name, and a path spelled otherwise than the input
+    assert main(["data", "convert", *paths, "--out", "out", *common, "--counts",
+                 "layered=layers/counts", "--counts", f"./{paths[2]}=raw"]) == 0
+    _assert_counts(tmp_path / "out", truth)
+    assert Manifest.load(tmp_path / "out").raw["params"]["counts"] == {
+        "layered": "layers/counts", "plain": "X", "rawish": "raw"}
+    # the fingerprint holds what the keys resolve to: another spelling of the same choice
+    # (and the default given explicitly) continues the finished conversion
+    assert main(["data", "convert", *paths, "--out", "out", *common, "--counts",
+                 "layered.h5ad=layers/counts", "--counts", "rawish=raw", "--counts",
+                 "plain=X"]) == 0
+    assert "holds a conversion with other" not in capsys.readouterr().err
     capsys.readouterr()
-    # mistakes: a name that is no input, a place that is none, a missing layer, a bad pair
+    # mistakes: a name that is no input, a place that is none, a missing layer, a bad pair,
+    # two keys for one input
     for extra, named in ((["--counts", "nope=X"], "--counts nope=X: names no input"),
                          (["--counts", "layered=counts"], "X, raw or layers/NAME"),
-                         (["--counts", "layered=layers/umi"], "no layer 'umi'"),
-                         (["--counts", "layered"], "give INPUT=WHERE")):
-        assert main(["data", "convert", *paths, "--out", str(tmp_path / "bad"), "--quiet",
-                     *extra]) == 2
+                         (["--counts", "layered=layers/umi"],
+                          "--counts layered=layers/umi given but the file has no layer 'umi'"),
+                         (["--counts", "rawish=raw", "--counts", "plain=raw"],
+                          "--counts plain=raw given but the file has no .raw"),
+                         (["--counts", "layered"], "give INPUT=WHERE"),
+                         (["--counts", "layered=X", "--counts", "in/layered.h5ad=raw"],
+                          "already has --counts layered=X")):
+        assert main(["data", "convert", *paths, "--out", "bad", "--quiet", *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and named in err, err
+        assert "apply to every" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_counts_keys_are_the_dataset_names_first(tmp_path):
+    """Inputs of one file name get names ``sample`` and ``sample_2``; --names may swap names
+    and file names: a key is a dataset name before it is another input's file name. A Path
+    key works as a str."""
+    a = _layered_inputs(tmp_path / "a", {"sample": "layers/counts"})["sample"]
+    b = _layered_inputs(tmp_path / "b", {"sample": "raw"})["sample"]
+    kw = dict(min_cells=0, min_genes=0, val_fraction=0.0, progress=False, log=lambda s: None)
+    inputs = [tmp_path / "a" / "sample.h5ad", tmp_path / "b" / "sample.h5ad"]
+    convert(inputs, tmp_path / "o1", counts={"sample": "layers/counts", "sample_2": "raw"}, **kw)
+    _assert_counts(tmp_path / "o1", {"sample": a, "sample_2": b})
+    with pytest.raises(ValueError, match=r"names more than one input; use a dataset name "
+                                         r"\(sample, sample_2\)"):
+        convert(inputs, tmp_path / "o2", counts={"sample.h5ad": "raw"}, **kw)
+    convert(inputs, tmp_path / "o3", names=["raw_ds", "layer_ds"], **kw,
+            counts={"raw_ds": "layers/counts", inputs[1]: "raw"})
+    _assert_counts(tmp_path / "o3", {"raw_ds": a, "layer_ds": b})
+    assert not (tmp_path / "o2").exists()
 
 
 def test_non_integer_counts_point_to_raw_and_layer_first(tmp_path):

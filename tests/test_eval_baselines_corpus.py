@@ -299,3 +299,16 @@ def test_cli_errors_name_the_option(corpus, tmp_path, capsys, extra, needle):
     assert rc == 2
     assert "error:" in err[-1] and needle in err[-1], err
     assert not (tmp_path / "o").exists()
+
+
+def test_lib_log_and_embed_counts_refuse_a_bad_target_sum():
+    import scipy.sparse as sp
+
+    from txfm.eval.baselines import lib_log
+
+    m = sp.csr_matrix(np.array([[1.0, 2.0], [0.0, 3.0]]))
+    for bad in (-1, 0, float("nan"), float("inf"), "1e4", True):
+        with pytest.raises(ValueError, match="target_sum must be a finite number > 0"):
+            lib_log(m, bad)
+    np.testing.assert_allclose(lib_log(m, 10.0).toarray(),
+                               np.log1p(10.0 * m.toarray() / m.sum(1).A))

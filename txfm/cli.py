@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 
 
 class UsageError(ValueError):
@@ -51,16 +50,18 @@ def error_message(exc: BaseException) -> str:
 
 
 def report(line: str) -> None:
-    """Print ``line`` on stderr; under ``torchrun`` (``WORLD_SIZE`` > 1), once per machine.
+    """Print ``line`` on stderr; under ``torchrun``, once per machine and launch.
 
     Every rank checks the same options and files, so a bad input would otherwise give one
-    identical ``error:`` (or ``warning:``) line per rank. The ranks of one launch share a
-    parent (the torchrun agent); the first to create the line's marker file under the
-    temporary folder prints it. A line that only one rank meets (its own shard) still prints.
+    identical ``error:`` (or ``warning:``) line per rank. torchrun gives the ranks of one
+    launch attempt on a machine a shared folder of their own (the parent of each rank's
+    ``TORCHELASTIC_ERROR_FILE`` folder); the first rank to create the line's marker there
+    prints it. A line that only one rank meets (its own shard) still prints; ranks started
+    another way print every line.
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        folder = os.path.join(tempfile.gettempdir(), f"txfm-lines-{launch}")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        folder = os.path.join(os.path.dirname(os.path.dirname(error_file)), "txfm-lines")
         key = hashlib.sha1(line.encode()).hexdigest()[:20]
         try:
             os.makedirs(folder, exist_ok=True)
@@ -68,7 +69,7 @@ def report(line: str) -> None:
         except FileExistsError:
             return  # another rank of this launch printed it
         except OSError:
-            pass  # no usable temporary folder: print on every rank rather than never
+            pass  # no usable folder: print on every rank rather than never
     print(line, file=sys.stderr)
 
 

@@ -51,7 +51,7 @@ from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, MANI
 from .manifest import Manifest
 from .obs import ObsTables
 from .stats import GeneStats
-from .readers import ENSEMBL_RE, InputError, InputReader, open_input
+from .readers import ENSEMBL_RE, InputError, InputReader, input_name, open_input
 from .vocab import (Vocabulary, dataset_keys, read_gene_table, symbol_to_id_map,
                     union_vocabulary)
 
@@ -173,7 +173,7 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
                 raise InputError(f"{ds.reader.path}: non-integer counts {where(bad)}; raw integer "
                                  f"counts expected, not normalised or log data. If the file keeps "
                                  f"its raw counts in .raw or a layer, pass --raw or --layer NAME "
-                                 f"(this input alone: --counts {ds.reader.path.stem}=raw or "
+                                 f"(this input alone: --counts {ds.name}=raw or "
                                  f"=layers/NAME); only for TPM-like bulk data pass "
                                  f"--allow-non-integer (stored as float32)")
             return False
@@ -248,25 +248,27 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
         if p is not None and not Path(p).is_file():
             raise InputError(f"{p}: file does not exist")
     _check_distinct(inputs, names)
-    sources = _count_sources(inputs, names, counts, layer, use_raw)
+    ds_names = _dataset_names(inputs, names)
+    sources = _count_sources(inputs, ds_names, counts, layer, use_raw)
     out = Path(out)
     readers: list[InputReader] = []
     try:
-        for p, (p_layer, p_raw) in zip(inputs, sources):
-            readers.append(open_input(p, layer=p_layer, use_raw=p_raw, genome=genome))
+        for p, (p_layer, p_raw, by) in zip(inputs, sources):
+            readers.append(open_input(p, layer=p_layer, use_raw=p_raw, genome=genome,
+                                      chosen_by=by))
         created = not out.exists()
         with _locked(out):
             try:
                 return _convert(readers, inputs, out, vocab=vocab, gene_key=gene_key,
-                                gene_table=gene_table, names=names, bulk=bulk,
+                                gene_table=gene_table, bulk=bulk,
                                 min_cells=min_cells, min_genes=min_genes,
                                 allow_non_integer=allow_non_integer,
                                 feature_types=tuple(feature_types), seed=seed,
                                 val_fraction=val_fraction, shard_cells=shard_cells,
                                 shard_mb=shard_mb, codec=codec, counts_dtype=counts_dtype,
                                 chunk_nnz=chunk_nnz, overwrite=overwrite, progress=progress,
-                                log=log, layer=layer, use_raw=use_raw, genome=genome,
-                                counts=counts)
+                                log=log, genome=genome, ds_names=ds_names,
+                                sources=_source_params(inputs, ds_names, sources))
             except ValueError:  # InputError included: nothing worth resuming was made
                 if created:
                     shutil.rmtree(out, ignore_errors=True)
@@ -332,56 +334,87 @@ def _check_distinct(inputs: list[Path], names: Sequence[str] | None) -> None:
         raise ValueError(f"--names: {', '.join(map(repr, dup))} given twice; each dataset needs "
                          f"its own name")
 
-def _count_sources(inputs: list[Path], names, counts, layer, use_raw
-                   ) -> list[tuple[str | None, bool]]:
-    """``(layer, use_raw)`` per input: ``counts[input]`` where given (see :func:`convert`),
-    else the global ``layer`` / ``use_raw``."""
-    out = [(layer, use_raw)] * len(inputs)
+def _dataset_names(inputs: list[Path], names) -> list[str]:
+    """Each input's dataset name: ``names[i]``, else the input's own
+    (:func:`~txfm.data.readers.input_name`), with ``_2``, ``_3``, ... added to repeats."""
+    if names is not None and len(names) != len(inputs):
+        raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
+    out: list[str] = []
+    for i, p in enumerate(inputs):
+        base = names[i] if names is not None else input_name(p)
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out.append(name)
+    return out
+
+
+def _count_sources(inputs: list[Path], ds_names: list[str], counts, layer, use_raw
+                   ) -> list[tuple[str | None, bool, str | None]]:
+    """``(layer, use_raw, chosen_by)`` per input: ``counts[key]`` where given (see
+    :func:`convert`), else the global ``layer`` / ``use_raw`` (``chosen_by`` None).
+
+    A key is matched as a dataset name first, then as a path (as given, or resolved), then as
+    a file name with or without its suffix, which must name one input.
+    """
+    out: list[tuple[str | None, bool, str | None]] = [(layer, use_raw, None)] * len(inputs)
     if not counts:
         return out
     if not isinstance(counts, Mapping):
         raise TypeError(f"counts must be a mapping {{input: 'X' | 'raw' | 'layers/NAME'}}, got "
                         f"{type(counts).__name__}")
-    keys = [{str(p), p.name, p.stem} | ({names[i]} if names is not None and i < len(names)
-                                         else set()) for i, p in enumerate(inputs)]
+    resolved = [os.path.abspath(p) for p in inputs]
+    given: dict[int, str] = {}
     for key, where in counts.items():
-        hits = [i for i, k in enumerate(keys) if str(key) in k]
+        key, where = str(key), str(where)
+        flag = f"--counts {key}={where}"
+        hits = [i for i, n in enumerate(ds_names) if n == key]
+        if not hits:
+            hits = [i for i, r in enumerate(resolved) if r == os.path.abspath(key)]
+        if not hits:
+            hits = [i for i, p in enumerate(inputs) if key in (p.name, p.stem)]
         if len(hits) != 1:
-            known = ", ".join(names if names is not None else [p.stem for p in inputs])
             what = "names more than one input" if hits else "names no input"
-            raise ValueError(f"--counts {key}={where}: {what}; use a dataset name ({known}) or "
-                             f"an input path as given")
-        p = inputs[hits[0]]
-        if p.suffix != ".h5ad":
-            raise ValueError(f"--counts {key}={where}: {p} is not an .h5ad file; only .h5ad "
-                             f"inputs have a choice of count matrices")
-        where = str(where)
+            raise ValueError(f"{flag}: {what}; use a dataset name ({', '.join(ds_names)}) or "
+                             f"an input path")
+        i = hits[0]
+        if i in given:
+            raise ValueError(f"{flag}: input {inputs[i]} already has --counts {given[i]}; give "
+                             f"each input one place")
+        given[i] = f"{key}={where}"
+        if inputs[i].suffix != ".h5ad":
+            raise ValueError(f"{flag}: {inputs[i]} is not an .h5ad file; only .h5ad inputs "
+                             f"have a choice of count matrices")
         if where == "X":
-            out[hits[0]] = (None, False)
+            out[i] = (None, False, flag)
         elif where in ("raw", "raw/X"):
-            out[hits[0]] = (None, True)
+            out[i] = (None, True, flag)
         elif where.startswith("layers/") and len(where) > len("layers/"):
-            out[hits[0]] = (where[len("layers/"):], False)
+            out[i] = (where[len("layers/"):], False, flag)
         else:
-            raise ValueError(f"--counts {key}={where}: say where the counts are: X, raw or "
-                             f"layers/NAME")
+            raise ValueError(f"{flag}: say where the counts are: X, raw or layers/NAME")
     return out
 
 
-def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, min_cells,
+def _source_params(inputs: list[Path], ds_names: list[str], sources) -> dict:
+    """The count sources for the conversion's fingerprint, by what they resolve to: one
+    place for every ``.h5ad`` input as ``layer`` / ``raw`` (as before ``--counts`` existed),
+    else ``counts`` ``{dataset: "X" | "raw" | "layers/NAME"}``."""
+    where = {n: ("raw" if raw else f"layers/{lay}" if lay else "X")
+             for p, n, (lay, raw, _) in zip(inputs, ds_names, sources) if p.suffix == ".h5ad"}
+    places = set(where.values())
+    if len(places) <= 1:
+        place = places.pop() if places else "X"
+        return {"layer": place[len("layers/"):] if place.startswith("layers/") else None,
+                "raw": place == "raw"}
+    return {"layer": None, "raw": False, "counts": dict(sorted(where.items()))}
+
+
+def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cells,
              min_genes, allow_non_integer, feature_types, seed, val_fraction, shard_cells,
-             shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, layer, use_raw,
-             genome, counts):
+             shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, genome,
+             ds_names, sources):
     # ---- names, kinds, fingerprint
-    if names is not None and len(names) != len(readers):
-        raise ValueError(f"{len(names)} names for {len(readers)} inputs")
-    ds_names: list[str] = []
-    for i, r in enumerate(readers):
-        base = names[i] if names is not None else r.name
-        name, k = base, 2
-        while name in ds_names:
-            name, k = f"{base}_{k}", k + 1
-        ds_names.append(name)
     bulk = set(map(str, bulk))
     unknown = bulk - set(ds_names) - set(map(str, inputs))
     if unknown:
@@ -392,15 +425,13 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, names, bulk, 
     params = dict(format=FORMAT_VERSION, vocab=str(vocab) if vocab else None,
                   vocab_hash=Vocabulary.load(vocab).hash if vocab else None, gene_key=gene_key,
                   gene_table=str(gene_table) if gene_table else None, names=ds_names,
-                  kinds=kinds, layer=layer, raw=use_raw, min_cells=min_cells,
+                  kinds=kinds, **sources, min_cells=min_cells,
                   min_genes=min_genes, allow_non_integer=allow_non_integer,
                   feature_types=list(feature_types), seed=seed, val_fraction=val_fraction,
                   shard_cells=shard_cells, shard_mb=shard_mb, codec=codec,
                   counts_dtype=counts_dtype)
     if genome:  # only when given: older fingerprints stay valid
         params["genome"] = [genome] if isinstance(genome, str) else list(genome)
-    if counts:
-        params["counts"] = {str(k): str(v) for k, v in sorted(counts.items())}
     # obs first: a column that cannot be stored fails before any pass over the counts
     obs_tables = ObsTables([r.obs() for r in readers], ds_names, [r.n_cells for r in readers],
                            [r.path for r in readers])

@@ -203,11 +203,13 @@ def _n_rows(elem) -> int:
 class H5adReader(InputReader):
     """``X`` (or ``layers[layer]`` or ``raw/X``) of an ``.h5ad`` file, CSR/CSC/dense."""
 
-    def __init__(self, path: Path, *, layer: str | None = None, use_raw: bool = False):
+    def __init__(self, path: Path, *, layer: str | None = None, use_raw: bool = False,
+                 chosen_by: str | None = None):
         import h5py
 
         self.path = Path(path)
-        self.name = self.path.stem
+        self.name = input_name(self.path)
+        self._chosen_by = chosen_by
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
@@ -226,16 +228,20 @@ class H5adReader(InputReader):
         if use_raw and layer:
             raise InputError(f"{self.path}: give either --layer or --raw, not both")
         layers = list(f["layers"].keys()) if "layers" in f else []
-        every = ("; --raw and --layer apply to every .h5ad input: give this one its own with "
-                 f"--counts {self.path.stem}=WHERE (X, raw or layers/NAME)")
+        # how the count matrix was chosen: this input's own --counts, or the global flag
+        by = self._chosen_by or ("--raw" if use_raw else f"--layer {layer}")
+        every = ("" if self._chosen_by else "; --raw and --layer apply to every .h5ad input: "
+                 f"give this one its own with --counts {self.name}=WHERE (X, raw or "
+                 "layers/NAME)")
         if use_raw:
             if "raw" not in f:
-                raise InputError(f"{self.path}: --raw given but the file has no .raw (layers: "
+                raise InputError(f"{self.path}: {by} given but the file has no .raw (layers: "
                                  f"{layers}){every}")
             x_key, var_key = "raw/X", "raw/var"
         elif layer:
             if layer not in layers:
-                raise InputError(f"{self.path}: no layer {layer!r} (layers: {layers}"
+                raise InputError(f"{self.path}: {by} given but the file has no layer "
+                                 f"{layer!r} (layers: {layers}"
                                  f"{', and .raw' if 'raw' in f else ''}){every}")
             x_key, var_key = f"layers/{layer}", "var"
         else:
@@ -387,7 +393,7 @@ class TenxDirReader(InputReader):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = input_name(self.path)
         self._mtx = _find(self.path, "matrix.mtx")
         feats = _find(self.path, "features.tsv", "genes.tsv")
         bars = _find(self.path, "barcodes.tsv")
@@ -613,7 +619,7 @@ class TenxH5Reader(InputReader):
         import h5py
 
         self.path = Path(path)
-        self.name = self.path.stem
+        self.name = input_name(self.path)
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
@@ -749,17 +755,26 @@ def _take_columns(m: sp.csr_matrix, col_map: np.ndarray, n_out: int) -> sp.csr_m
     return sp.csr_matrix((m.data[keep], new[keep], ptr), shape=(m.shape[0], n_out))
 
 
+def input_name(path) -> str:
+    """An input's default dataset name: a folder's name, a file's name without its suffix."""
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
 def open_input(path, *, layer: str | None = None, use_raw: bool = False,
-               genome: str | Sequence[str] | None = None) -> InputReader:
+               genome: str | Sequence[str] | None = None,
+               chosen_by: str | None = None) -> InputReader:
     """Pick the reader by what ``path`` is: a folder (10x), ``.h5ad``, or a 10x ``.h5``.
-    ``genome`` applies to 10x ``.h5`` files only (see :class:`TenxH5Reader`)."""
+    ``genome`` applies to 10x ``.h5`` files only (see :class:`TenxH5Reader`); ``chosen_by``
+    names what chose an ``.h5ad``'s ``layer`` / ``use_raw`` in its messages (e.g. ``--counts
+    a=raw``; default the global ``--layer`` / ``--raw``)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: input does not exist")
     if p.is_dir():
         return TenxDirReader(p)
     if p.suffix == ".h5ad":
-        return H5adReader(p, layer=layer, use_raw=use_raw)
+        return H5adReader(p, layer=layer, use_raw=use_raw, chosen_by=chosen_by)
     if p.suffix in (".h5", ".hdf5"):
         return TenxH5Reader(p, genome=genome)
     raise InputError(f"{p}: unknown input type; expected an .h5ad file, a 10x .h5 file or a "

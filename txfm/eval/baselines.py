@@ -25,6 +25,8 @@ matrix it returns; :func:`check_dense_size` refuses sizes beyond a memory budget
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +61,16 @@ def check_dense_size(n_rows: int, n_cols: int, what: str, max_gib: float = MAX_D
 
 
 def lib_log(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """``log1p(L * c / sum(c))`` per cell, sparse (zeros stay zero); empty cells stay zero."""
+    """``log1p(L * c / sum(c))`` per cell with ``L = target_sum`` (scanpy's
+    ``normalize_total(target_sum=L)`` then ``log1p``), sparse (zeros stay zero); empty cells
+    stay zero. ``counts [cells, genes]`` raw counts; returns float32 CSR of the same shape.
+
+    Raises:
+        ValueError: ``target_sum`` not a finite number > 0.
+    """
+    if isinstance(target_sum, bool) or not isinstance(target_sum, numbers.Real) \
+            or not math.isfinite(target_sum) or target_sum <= 0:
+        raise ValueError(f"target_sum must be a finite number > 0, got {target_sum!r}")
     m = as_csr(counts)
     total = np.asarray(m.sum(axis=1)).ravel()
     scale = np.where(total > 0, target_sum / np.maximum(total, 1e-12), 0.0).astype(np.float32)

@@ -220,11 +220,15 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             K (docs/learning.md); pass that for the same embeddings as the CLI.
         draws: embeddings of this many independent draws are averaged (draw ``r`` uses seed
             ``seed + r``).
-        seed: in ``[0, 2^63)``. When ``k`` is below the observable genes, cell ``i``'s draw
-            is keyed by ``(seed, i)``: its row position, so reordering or subsetting the
-            cells changes which genes each is shown.
+        seed: in ``[0, 2^63 - draws)``. When ``k`` is below the observable genes, cell
+            ``i``'s draw is keyed by ``(seed, i)``: its row position, so reordering or
+            subsetting the cells changes which genes each is shown.
         target_sum: the library-size normalisation; default the model's own
             (``model.config.target_sum``, what it was trained with).
+        batch_size: cells per forward (memory ``O(batch_size * k * d)`` activations).
+        device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: a tqdm bar over the batches.
+        library_size: the deprecated name of ``target_sum`` (a warning; kept for one release).
         precision: ``fp32``, ``bf16`` (autocast) or ``auto``: fp32 on the CPU; on CUDA the
             model's ``trained_precision`` (set by :func:`load_model`), bf16 when unknown
             (:func:`resolve_precision`).
@@ -233,7 +237,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     Raises:
         TypeError: ``model`` not a TxFM model; ``counts`` not a matrix.
         ValueError: no cells; ``draws``, ``k`` or ``batch_size`` not an integer >= 1;
-            ``seed`` outside ``[0, 2^63)``;
+            ``seed`` outside ``[0, 2^63 - draws)``; ``target_sum`` not a finite number > 0;
             ``counts`` not ``[cells, G]`` of the model's vocabulary; ``observable`` not ``[G]``
             bool or all False; ``device`` not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, or
             CUDA where there is none.
@@ -266,6 +270,10 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         raise ValueError(f"seed must be an integer in [0, 2^63 - draws), got {seed!r}")
     if target_sum is None:
         target_sum = float(getattr(getattr(model, "config", None), "target_sum", 1e5))
+    if isinstance(target_sum, bool) or not isinstance(target_sum, (int, float, np.number)) \
+            or not np.isfinite(target_sum) or target_sum <= 0:
+        raise ValueError(f"target_sum must be a finite number > 0, got {target_sum!r} (leave "
+                         f"it out for the model's own, {model.config.target_sum:g})")
     n_genes = counts.shape[1]
     vocab_size = getattr(model, "n_genes", n_genes)
     if n_genes != vocab_size:

@@ -62,18 +62,27 @@ def is_collapsed(row: dict) -> bool | None:
 
 
 class LearningProbe:
-    """Accumulates the diagnostics over validation batches; :meth:`result` gives the row."""
+    """Accumulates the diagnostics over validation batches; :meth:`result` gives the row.
+
+    Under DDP each rank adds its own batches (with their global ``index``); :meth:`gather`
+    then pools every rank's embeddings, and only then are the sums complete: a one-cell batch
+    swaps its CLS with the last cell of the batch before it in the global order, which may
+    be another rank's, so the numbers do not depend on the number of ranks.
+    """
 
     def __init__(self, model, mean_logits: torch.Tensor):
         self.model = model
         self.mean_logits = mean_logits  # [G] logits of the per-gene-mean predictor
         self.sums = torch.zeros(6, dtype=torch.float64, device=mean_logits.device)
-        self.embeddings: list[torch.Tensor] = []
+        self.embeddings: dict[int, torch.Tensor] = {}  # global batch index -> [b, d]
+        self._lonely: list[tuple] = []  # one-cell batches: (index, target, observable, lib)
         self.cells = 0
 
     @torch.no_grad()
-    def add(self, sample, pad_mask) -> torch.Tensor:
-        """Adds one batch; returns its ordinary loss (mean over rows)."""
+    def add(self, sample, pad_mask, index: int | None = None) -> torch.Tensor:
+        """Adds one batch (``index``: its place in the global validation order, default the
+        next); returns its ordinary loss (mean over rows)."""
+        index = len(self.embeddings) if index is None else int(index)
         m, cfg = self.model, self.model.config
         e = m.encoder(sample.gene_ids, sample.values, pad_mask)
         z = m.decoder(e).float()
@@ -91,27 +100,47 @@ class LearningProbe:
         loss = m.loss
         perfect = inverse_activation(sample.target, cfg)
         mean = self.mean_logits.to(z.dtype).expand(b, g)
-        # a cell's CLS swapped for another cell's: within the batch, or a batch of one takes
-        # the previous batch's last cell (else there is nobody to swap with: no gain measured)
-        other = e.roll(1, 0) if b > 1 else (self.embeddings[-1][-1:].to(e.dtype)
-                                             if self.embeddings else None)
-        shuffled = m.decoder(other).float() if other is not None else z
+        model_loss = loss(z, sample.target, observable, lib)
+        if b > 1:  # a cell's CLS swapped for another cell's of the batch
+            shuffled = loss(m.decoder(e.roll(1, 0)).float(), sample.target, observable, lib)
+        else:  # its partner may be on another rank: see gather()
+            shuffled = model_loss
+            self._lonely.append((index, sample.target, observable, lib, model_loss))
         vals = torch.stack([
             loss(z, sample.target, masked, lib), loss(mean, sample.target, masked, lib),
-            loss(perfect, sample.target, masked, lib),
-            loss(z, sample.target, observable, lib), loss(shuffled, sample.target, observable, lib),
+            loss(perfect, sample.target, masked, lib), model_loss, shuffled,
             loss(mean, sample.target, observable, lib) - loss(perfect, sample.target, observable, lib),
         ]).double()
         self.sums += vals * b
-        self.embeddings.append(e.float())
+        self.embeddings[index] = e.float()
         self.cells += b
         return vals[3].float()
+
+    @torch.no_grad()
+    def gather(self, every: list[dict[int, torch.Tensor]] | None = None) -> None:
+        """Pools the embeddings of every rank (``every``: each rank's :attr:`embeddings`, from
+        ``all_gather_object``; None: this rank's alone) and completes the one-cell batches'
+        swapped loss with the previous batch's last cell (none for the first batch: no gain
+        measured there)."""
+        pooled = dict(self.embeddings)
+        for part in every or ():
+            pooled.update(part)
+        m = self.model
+        for index, target, observable, lib, model_loss in self._lonely:
+            other = pooled.get(index - 1)
+            if other is None:
+                continue
+            z = m.decoder(other[-1:].to(self.mean_logits.device)).float()
+            self.sums[4] += (m.loss(z, target, observable, lib) - model_loss).double()
+        self._lonely = []
+        self.embeddings = pooled
+        self.cells = sum(len(e) for e in pooled.values())
 
     def result(self) -> dict:
         s = self.sums
         masked_r2 = float((s[1] - s[0]) / (s[1] - s[2]).clamp_min(1e-12))
         cls_gain = float((s[4] - s[3]) / s[5].clamp_min(1e-12))
-        e = torch.cat(self.embeddings) if self.embeddings else torch.zeros(0, 1)
+        e = (torch.cat([self.embeddings[i] for i in sorted(self.embeddings)])
+             if self.embeddings else torch.zeros(0, 1))
         return {"masked_r2": masked_r2, "cls_gain": cls_gain, "erank": effective_rank(e),
                 "cells": self.cells}
-

@@ -314,19 +314,19 @@ class Trainer:
             sample = self._sample(dev, _VAL_SEED, i)
             pad = sample.pad_mask if self._needs_pad(cpu) else None
             with self._autocast():  # the loss is a mean over rows: weight it by the rows
-                total += probe.add(sample, pad) * len(cpu)
+                total += probe.add(sample, pad, index=i) * len(cpu)
             n += len(cpu)
             done += 1
             if progress is not None:
                 progress(done, planned)
+        every = None
+        if self.dist.enabled:  # every rank's embeddings, keyed by global batch index
+            every = dist.all_gather_object({i: e.cpu() for i, e in probe.embeddings.items()},
+                                           self.dist)
+        with self._autocast():
+            probe.gather(every)
         self.model.train()
         dist.all_reduce_mean(probe.sums, self.dist)  # sums weighted by rows: ratios are exact
-        if self.dist.enabled:
-            mine = (torch.cat(probe.embeddings) if probe.embeddings
-                    else torch.zeros(0, self.model_config.dim, device=self.device))
-            every = dist.all_gather_object(mine.cpu(), self.dist)
-            probe.embeddings = [torch.cat(every)]
-            probe.cells = sum(len(e) for e in every)
         self.diagnostics = probe.result() if probe.cells else {}
         stats = torch.stack([total, torch.tensor(float(n), device=self.device)])
         dist.all_reduce_mean(stats, self.dist)
