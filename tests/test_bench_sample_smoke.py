@@ -30,7 +30,7 @@ def test_bench_baselines_draw_observable_distinct_genes_with_the_right_values():
     for fn in (loop_sample, eager_sample):
         ids, vals, pad, target = fn(indptr, indices, counts, obs, ds, G, K, True)
         torch.testing.assert_close(target, ours.target, rtol=1e-5, atol=1e-5)
-        assert torch.equal(pad, ours.pad_mask)
+        assert torch.equal(pad, ours.key_padding_mask)
         for b in range(6):
             drawn = ids[b][~pad[b]]
             assert len(set(drawn.tolist())) == drawn.numel()

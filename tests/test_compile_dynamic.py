@@ -207,7 +207,7 @@ def test_masked_sample_variable_arguments(backend):
         s = tk.masked_sample(indptr, indices, counts, n_genes=G, k=k, observable=obs,
                              dataset_ids=ds, seed=seed, offset=offset, target_sum=target_sum,
                              tau=tau, gene_weights=weights, backend=backend)
-        return s.gene_ids, s.values, s.pad_mask, s.target, s.library_size
+        return s.gene_ids, s.values, s.key_padding_mask, s.target, s.library_size
 
     compiled, rec = _compile(f)
     calls = [(4, 8, 3, 0, 1e4, 0.0), (6, 12, 4, 1, 1e4, 0.0), (5, 6, 5, 2, 1e4, 0.0),  # uniform
@@ -309,7 +309,7 @@ def test_gpu_ops_compile_dynamic(backend):
     def step(indptr, indices, counts, ds, seed, alpha):
         s = tk.masked_sample(indptr, indices, counts, n_genes=G, k=32, observable=obs,
                              dataset_ids=ds, seed=seed, backend=backend)
-        z = head(tok(s.gene_ids, s.values, s.pad_mask)[:, 0])
+        z = head(tok(s.gene_ids, s.values, s.key_padding_mask)[:, 0])
         return tk.rectified_tanh_poisson_nll(z, s.target, s.gene_mask, alpha=alpha,
                                              backend=backend)
 

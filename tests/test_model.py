@@ -85,7 +85,7 @@ def test_config_saved_before_token_norm_keeps_the_literal_token():
 def test_fused_and_eager_paths_give_same_loss_and_grads(padded):
     torch.manual_seed(0)
     sample = _batch(k=48, small_dataset=20 if padded else None)
-    assert bool(sample.pad_mask.any()) == padded
+    assert bool(sample.key_padding_mask.any()) == padded
     fused = TxFM(_tiny(k=48, use_fused_ops=True), G)
     eager = copy.deepcopy(fused).set_use_fused_ops(False)
     assert fused.loss.fused and not eager.loss.fused
@@ -102,7 +102,7 @@ def test_padding_is_invisible_to_the_embedding():
     torch.manual_seed(0)
     model = TxFM(_tiny(), G).eval()
     s = _batch(k=32, small_dataset=10)
-    pad = s.pad_mask
+    pad = s.key_padding_mask
     assert pad.any()
     other_ids = torch.where(pad, torch.randint(0, G, pad.shape, dtype=torch.int32), s.gene_ids)
     other_vals = torch.where(pad, torch.rand(pad.shape) * 5, s.values)
@@ -131,11 +131,12 @@ def test_cls_only_last_block_equals_full_block():
     model = TxFM(_tiny(depth=3), G).eval()
     s = _batch(small_dataset=12)
     enc = model.encoder
-    x = enc.tokens(s.gene_ids, s.values, s.pad_mask)
-    mask = torch.nn.functional.pad(~s.pad_mask, (1, 0), value=True)[:, None, None, :]
+    x = enc.tokens(s.gene_ids, s.values, s.key_padding_mask)
+    mask = torch.nn.functional.pad(~s.key_padding_mask, (1, 0), value=True)[:, None, None, :]
     for blk in enc.blocks:
         x = blk(x, mask, None)  # every block on every token
-    torch.testing.assert_close(enc.norm(x[:, 0]), model.embed(s.gene_ids, s.values, s.pad_mask),
+    torch.testing.assert_close(enc.norm(x[:, 0]),
+                               model.embed(s.gene_ids, s.values, s.key_padding_mask),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -143,7 +144,7 @@ def test_cls_only_last_block_equals_full_block():
 def test_attention_backends_agree(padded):
     torch.manual_seed(0)
     s = _batch(small_dataset=12 if padded else None)
-    pad = s.pad_mask if padded else None
+    pad = s.key_padding_mask if padded else None
     sdpa = TxFM(_tiny(attention="sdpa"), G).eval()
     math_ = copy.deepcopy(sdpa)
     for blk in math_.encoder.blocks:
@@ -249,8 +250,8 @@ def test_decoder_depth_zero_is_linear_and_shapes():
 def test_forward_accepts_tensors_and_rejects_missing_target():
     model = TxFM(_tiny(), G)
     s = _batch()
-    by_fields = model(gene_ids=s.gene_ids, values=s.values, pad_mask=s.pad_mask, target=s.target,
-                      gene_mask=s.gene_mask, library_size=s.library_size)
+    by_fields = model(gene_ids=s.gene_ids, values=s.values, key_padding_mask=s.key_padding_mask,
+                      target=s.target, gene_mask=s.gene_mask, library_size=s.library_size)
     model.eval()
     torch.testing.assert_close(model(s), model(**s._asdict()))
     assert torch.isfinite(by_fields)

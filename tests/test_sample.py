@@ -113,14 +113,14 @@ def check_sample(s, indptr, indices, counts, n_genes, k, obs=None, ds=None, L=1e
     target, lib = reference_dense(indptr, indices, counts, n_genes, L)
     assert s.gene_ids.dtype == torch.int32 and s.gene_ids.shape == (B, k)
     assert s.values.dtype == torch.float32 and s.values.shape == (B, k)
-    assert s.pad_mask.dtype == torch.bool and s.pad_mask.shape == (B, k)
+    assert s.key_padding_mask.dtype == torch.bool and s.key_padding_mask.shape == (B, k)
     np.testing.assert_allclose(s.library_size.numpy(), lib, rtol=1e-6)
     if return_target:
         assert s.target.shape == (B, n_genes) and s.target.dtype == torch.float32
         np.testing.assert_allclose(s.target.numpy(), target, rtol=2e-6, atol=2e-7)
     else:
         assert s.target is None
-    ids, vals, pad = s.gene_ids.numpy(), s.values.numpy(), s.pad_mask.numpy()
+    ids, vals, pad = s.gene_ids.numpy(), s.values.numpy(), s.key_padding_mask.numpy()
     for b, allowed in enumerate(observable_lists(obs, ds, B, n_genes)):
         kk = min(k, len(allowed))
         assert not pad[b, :kk].any() and pad[b, kk:].all()
@@ -166,7 +166,7 @@ def test_every_gene_observable_and_short_rows_padded(backend):
     batch = make_batch(4, G, (0, 30), seed=2)
     s = run(batch, backend, n_genes=G, k=k, seed=0)
     check_sample(s, *batch[:3], G, k)
-    assert s.pad_mask[:, G:].all() and not s.pad_mask[:, :G].any()
+    assert s.key_padding_mask[:, G:].all() and not s.key_padding_mask[:, :G].any()
 
 
 def test_ids_match_the_plain_python_specification():
@@ -199,7 +199,7 @@ def test_ids_bit_identical_across_host_backends(return_target):
     ref = outs.pop("torch")
     for name, s in outs.items():
         assert torch.equal(s.gene_ids, ref.gene_ids), name
-        assert torch.equal(s.pad_mask, ref.pad_mask), name
+        assert torch.equal(s.key_padding_mask, ref.key_padding_mask), name
         torch.testing.assert_close(s.values, ref.values, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(s.library_size, ref.library_size, rtol=0, atol=0)
         if return_target:
@@ -304,7 +304,7 @@ def test_weighted_draw_matches_exact_inclusion_probabilities(tau, backend):
     s = run(_many_rows(B, G, obs_genes), backend, n_genes=G, k=k, seed=3, tau=tau,
             gene_weights=weights, return_target=False)
     ids = s.gene_ids.numpy()
-    assert not s.pad_mask.any() and (ids != 5).all() and (ids[:, 0] != ids[:, 1]).all()
+    assert not s.key_padding_mask.any() and (ids != 5).all() and (ids[:, 0] != ids[:, 1]).all()
     exact = _inclusion_exact(weights[:5].double().numpy() ** tau, k)
     freq = np.bincount(ids.ravel(), minlength=G)[:5] / B
     sigma = np.sqrt(exact * (1 - exact) / B)
@@ -346,7 +346,7 @@ def test_edge_cases_k1_k_equal_n_single_row_zero_rows(backend):
     batch = batch[:3] + (ObservableGenes.from_lists([obs_genes], G), None)
     s = run(batch, backend, n_genes=G, k=len(obs_genes), seed=4)
     check_sample(s, *batch[:3], G, len(obs_genes), obs=batch[3])
-    assert not s.pad_mask.any()
+    assert not s.key_padding_mask.any()
     assert (s.library_size[1] == 0) and (s.target[1] == 0).all() and (s.values[1] == 0).all()
 
 
@@ -361,7 +361,7 @@ def test_empty_rows_empty_batch_and_dataset_without_genes(backend):
     s = masked_sample(indptr, indices, counts, n_genes=G, k=k, observable=obs, dataset_ids=ds,
                       seed=1, backend=backend)
     check_sample(s, indptr, indices, counts, G, k, obs=obs, ds=ds)
-    assert s.pad_mask[1].all() and s.pad_mask[0, 3:].all()
+    assert s.key_padding_mask[1].all() and s.key_padding_mask[0, 3:].all()
     empty = masked_sample(torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32),
                           torch.zeros(0), n_genes=G, k=k, seed=0, backend=backend)
     assert empty.gene_ids.shape == (0, k) and empty.target.shape == (0, G)
@@ -556,7 +556,8 @@ def test_unvalidated_out_of_range_dataset_ids_never_wrap_around_on_the_torch_bac
     for a, b, c in zip(cpu[:4] + (cpu.library_size,), ref[:4] + (ref.library_size,),
                        clamped[:4] + (clamped.library_size,)):
         assert torch.equal(a, b) and torch.equal(b, c)
-    assert torch.isin(ref.gene_ids[1][~ref.pad_mask[1]], obs.genes[:obs.indptr[1]].long()).all()
+    shown = ref.gene_ids[1][~ref.key_padding_mask[1]]
+    assert torch.isin(shown, obs.genes[:obs.indptr[1]].long()).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +601,7 @@ def test_gpu_backends_match_cpu(backend, return_target):
         batch[3].to("cuda"), batch[4].cuda())
     s = run(dev, backend, n_genes=G, k=k, seed=8, offset=9, return_target=return_target)
     assert torch.equal(s.gene_ids.cpu(), host.gene_ids)
-    assert torch.equal(s.pad_mask.cpu(), host.pad_mask)
+    assert torch.equal(s.key_padding_mask.cpu(), host.key_padding_mask)
     torch.testing.assert_close(s.values.cpu(), host.values, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(s.library_size.cpu(), host.library_size, rtol=1e-6, atol=0)
     if return_target:
@@ -633,7 +634,7 @@ def test_gpu_validate_true_raises_and_weighted_draw_runs():
         masked_sample(p, i.new_tensor([4, 1, 0]), c, n_genes=6, k=2, seed=0, validate=True)
     w = torch.rand(6, device="cuda") + 0.5
     s = masked_sample(p, i, c, n_genes=6, k=4, seed=0, tau=1.0, gene_weights=w)
-    assert s.gene_ids.is_cuda and not s.pad_mask.any()
+    assert s.gene_ids.is_cuda and not s.key_padding_mask.any()
     for row in s.gene_ids.cpu():
         assert len(set(row.tolist())) == 4
 

@@ -20,12 +20,14 @@ if "cpu" in _INFOS["triton"].devices:  # the interpreter (conftest sets it when 
 V_FULL = 44_349
 
 
-def reference(codebook, gene_ids, values, cls=None, pad_mask=None):
+def reference(codebook, gene_ids, values, cls=None, key_padding_mask=None):
     """The eager formulation the op replaces (padding zeroed, CLS prepended)."""
-    ids = gene_ids.long() if pad_mask is None else gene_ids.long().masked_fill(pad_mask, 0)
+    ids = gene_ids.long()
+    if key_padding_mask is not None:
+        ids = ids.masked_fill(key_padding_mask, 0)
     tokens = torch.cat([codebook[ids], values.to(codebook.dtype)[..., None]], dim=-1)
-    if pad_mask is not None:
-        tokens = tokens.masked_fill(pad_mask[..., None], 0)
+    if key_padding_mask is not None:
+        tokens = tokens.masked_fill(key_padding_mask[..., None], 0)
     if cls is not None:
         tokens = torch.cat([cls.expand(tokens.shape[0], 1, -1), tokens], dim=1)
     return tokens
@@ -45,36 +47,36 @@ def make_inputs(B, K, d, V, *, dtype=torch.float32, id_dtype=torch.int64, cls=Tr
         gene_ids = torch.randint(0, min(V, 3), (B, K), generator=gen)
     values = torch.rand(B, K, generator=gen) * 10
     cls_t = torch.randn(d, generator=gen).to(dtype) if cls else None
-    pad_mask = (torch.rand(B, K, generator=gen) < 0.3) if pad else None
-    if pad_mask is not None:
-        gene_ids = gene_ids.masked_fill(pad_mask, -1)  # padded ids may hold any placeholder
+    key_padding_mask = (torch.rand(B, K, generator=gen) < 0.3) if pad else None
+    if key_padding_mask is not None:
+        gene_ids = gene_ids.masked_fill(key_padding_mask, -1)  # padded ids may hold any placeholder
     grad = torch.randn(B, K + int(cls), d, generator=gen).to(dtype)
     to = dict(device=device)
     return (codebook.to(**to), gene_ids.to(id_dtype).to(**to), values.to(**to),
             None if cls_t is None else cls_t.to(**to),
-            None if pad_mask is None else pad_mask.to(**to), grad.to(**to))
+            None if key_padding_mask is None else key_padding_mask.to(**to), grad.to(**to))
 
 
-def run_op(codebook, gene_ids, values, cls, pad_mask, grad, **kw):
+def run_op(codebook, gene_ids, values, cls, key_padding_mask, grad, **kw):
     """(tokens, grad_codebook, grad_values, grad_cls) of gene_tokens with autograd."""
     leaves = [codebook.detach().requires_grad_(), values.detach().requires_grad_()]
     if cls is not None:
         leaves.append(cls.detach().requires_grad_())
     out = gene_tokens(leaves[0], gene_ids, leaves[1], cls=leaves[2] if cls is not None else None,
-                      pad_mask=pad_mask, **kw)
+                      key_padding_mask=key_padding_mask, **kw)
     grads = torch.autograd.grad(out, leaves, grad)
     return (out.detach(),) + tuple(grads) + ((None,) if cls is None else ())
 
 
-def run_reference(codebook, gene_ids, values, cls, pad_mask, grad):
+def run_reference(codebook, gene_ids, values, cls, key_padding_mask, grad):
     """Reference tokens in the codebook dtype, gradients in fp32 (fp64 stays fp64)."""
     acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32
-    out = reference(codebook, gene_ids, values, cls, pad_mask)
+    out = reference(codebook, gene_ids, values, cls, key_padding_mask)
     leaves = [codebook.to(acc).requires_grad_(), values.to(codebook.dtype).to(acc).requires_grad_()]
     if cls is not None:
         leaves.append(cls.to(acc).requires_grad_())
     ref = reference(leaves[0], gene_ids, leaves[1], leaves[2] if cls is not None else None,
-                    pad_mask)
+                    key_padding_mask)
     grads = torch.autograd.grad(ref, leaves, grad.to(acc))
     return (out,) + tuple(grads) + ((None,) if cls is None else ())
 
@@ -125,7 +127,7 @@ def test_bf16_codebook_gradient_is_the_fp32_sum_rounded_to_nearest(backend, dete
     interpreter's cast does) errs by up to a whole ulp."""
     args = make_inputs(4, 200, 17, 5, dtype=torch.bfloat16, ids="few", seed=3)
     _, gc, _, _ = run_op(*args, backend=backend, deterministic=deterministic)
-    codebook, gene_ids, values, cls, pad_mask, grad = args
+    codebook, gene_ids, values, cls, key_padding_mask, grad = args
     exact = torch.zeros(codebook.shape, dtype=torch.float64).index_add_(
         0, gene_ids.reshape(-1).long(), grad[:, 1:, :-1].reshape(-1, codebook.shape[1]).double())
     got = gc.double()
@@ -165,12 +167,13 @@ def test_cpu_and_triton_sum_in_the_same_order():
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 def test_gradcheck_fp64(backend):
-    codebook, gene_ids, values, cls, pad_mask, _ = make_inputs(
+    codebook, gene_ids, values, cls, key_padding_mask, _ = make_inputs(
         3, 6, 5, 4, dtype=torch.float64, cls=True, pad=True, ids="few")
     values = values.double()
 
     def fn(e, x, c):
-        return gene_tokens(e, gene_ids, x, cls=c, pad_mask=pad_mask, backend=backend)
+        return gene_tokens(e, gene_ids, x, cls=c, key_padding_mask=key_padding_mask,
+                           backend=backend)
 
     leaves = (codebook.requires_grad_(), values.requires_grad_(), cls.requires_grad_())
     assert torch.autograd.gradcheck(fn, leaves)
@@ -178,17 +181,17 @@ def test_gradcheck_fp64(backend):
 
 def test_opcheck():
     backend = "cpu" if "cpu" in CPU_BACKENDS else "torch"
-    codebook, gene_ids, values, cls, pad_mask, grad = make_inputs(3, 6, 5, 9, pad=True)
+    codebook, gene_ids, values, cls, key_padding_mask, grad = make_inputs(3, 6, 5, 9, pad=True)
     codebook.requires_grad_()
     values.requires_grad_()
     cls.requires_grad_()
     torch.library.opcheck(torch.ops.txfm.gene_tokens.default,
-                          (codebook, gene_ids, values, cls, pad_mask, backend, True, False))
-    valid_ids = gene_ids.masked_fill(pad_mask, 0).int()
+                          (codebook, gene_ids, values, cls, key_padding_mask, backend, True, False))
+    valid_ids = gene_ids.masked_fill(key_padding_mask, 0).int()
     torch.library.opcheck(torch.ops.txfm.gene_tokens.default,
                           (codebook, valid_ids, values, None, None, backend, True, False))
     torch.library.opcheck(torch.ops.txfm.gene_tokens_backward.default,
-                          (grad, gene_ids, pad_mask, 9, True, backend, True))
+                          (grad, gene_ids, key_padding_mask, 9, True, backend, True))
 
 
 def test_torch_compile_fullgraph_module():
@@ -204,11 +207,11 @@ def test_torch_compile_fullgraph_module():
             return self.head(self.tok(ids, x, pad)).square().mean()
 
     model = Tiny()
-    _, gene_ids, values, _, pad_mask, _ = make_inputs(3, 10, 8, 40, pad=True)
+    _, gene_ids, values, _, key_padding_mask, _ = make_inputs(3, 10, 8, 40, pad=True)
     compiled = torch.compile(model, fullgraph=True)
-    loss = compiled(gene_ids, values, pad_mask)
+    loss = compiled(gene_ids, values, key_padding_mask)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    ref_loss = model(gene_ids, values, pad_mask)
+    ref_loss = model(gene_ids, values, key_padding_mask)
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
     torch.testing.assert_close(loss, ref_loss)
     for a, b in zip(grads, ref_grads):
@@ -240,10 +243,10 @@ def test_the_module_checks_ids_when_asked(monkeypatch):
 
 def test_ids_under_padding_are_never_read():
     codebook, gene_ids, values, cls, _, _ = make_inputs(2, 5, 4, 7)
-    pad_mask = torch.zeros(2, 5, dtype=torch.bool)
-    pad_mask[0, 1] = True
+    key_padding_mask = torch.zeros(2, 5, dtype=torch.bool)
+    key_padding_mask[0, 1] = True
     gene_ids[0, 1] = 10**6
-    out = gene_tokens(codebook, gene_ids, values, cls=cls, pad_mask=pad_mask)
+    out = gene_tokens(codebook, gene_ids, values, cls=cls, key_padding_mask=key_padding_mask)
     assert torch.equal(out[0, 2], torch.zeros(4))
 
 
@@ -256,7 +259,7 @@ def test_backward_op_rejects_out_of_range_ids():
 
 
 def test_bad_arguments_are_named():
-    codebook, gene_ids, values, cls, pad_mask, _ = make_inputs(2, 5, 4, 7, pad=True)
+    codebook, gene_ids, values, cls, key_padding_mask, _ = make_inputs(2, 5, 4, 7, pad=True)
     with pytest.raises(TypeError, match="gene_ids must be int32 or int64"):
         gene_tokens(codebook, gene_ids.float(), values)
     with pytest.raises(ValueError, match="values .* shape of gene_ids"):
@@ -267,10 +270,10 @@ def test_bad_arguments_are_named():
         gene_tokens(codebook, gene_ids, values, cls=torch.zeros(3))
     with pytest.raises(TypeError, match="cls dtype"):
         gene_tokens(codebook, gene_ids, values, cls=cls.double())
-    with pytest.raises(TypeError, match="pad_mask must be bool"):
-        gene_tokens(codebook, gene_ids, values, pad_mask=pad_mask.int())
-    with pytest.raises(ValueError, match="pad_mask .* shape of gene_ids"):
-        gene_tokens(codebook, gene_ids, values, pad_mask=pad_mask[:1])
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        gene_tokens(codebook, gene_ids, values, key_padding_mask=key_padding_mask.int())
+    with pytest.raises(ValueError, match="key_padding_mask .* shape of gene_ids"):
+        gene_tokens(codebook, gene_ids, values, key_padding_mask=key_padding_mask[:1])
     with pytest.raises(TypeError, match="values must be a float"):
         gene_tokens(codebook, gene_ids, gene_ids)
     with pytest.raises(TypeError, match="codebook must be float32"):
@@ -447,3 +450,30 @@ def test_forward_mode_ad_and_func_grad_are_refused_not_silently_zero():
 def test_tokenizer_arguments_are_checked_by_name(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         GeneTokenizer(*args, **kw)
+
+
+def test_pad_mask_is_a_deprecated_alias_of_key_padding_mask():
+    from txfm.model import TxFM, preset
+    from txfm_kernels import masked_sample
+
+    codebook, gene_ids, values, cls, _, _ = make_inputs(2, 5, 4, 7)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    want = gene_tokens(codebook, gene_ids, values, cls=cls, key_padding_mask=mask)
+    with pytest.warns(DeprecationWarning, match="pass key_padding_mask="):
+        got = gene_tokens(codebook, gene_ids, values, cls=cls, pad_mask=mask)
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="give key_padding_mask only"):
+        gene_tokens(codebook, gene_ids, values, key_padding_mask=mask, pad_mask=mask)
+    tok = GeneTokenizer(7, 4)
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(tok(gene_ids, values, pad_mask=mask), tok(gene_ids, values, mask))
+    model = TxFM(preset("tiny", dim=16, depth=1, heads=2, decoder_hidden=16, k=4), 7).eval()
+    with pytest.warns(DeprecationWarning, match="TxFM.embed"):
+        assert torch.equal(model.embed(gene_ids, values, pad_mask=mask),
+                           model.embed(gene_ids, values, mask))
+    csr = torch.tensor([[1, 2, 0, 3, 1, 0, 2]], dtype=torch.float32).to_sparse_csr()
+    s = masked_sample(csr.crow_indices(), csr.col_indices().int(), csr.values(), n_genes=7, k=3,
+                      seed=0)
+    with pytest.warns(DeprecationWarning, match="use .key_padding_mask"):
+        assert s.pad_mask is s.key_padding_mask

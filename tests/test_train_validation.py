@@ -65,7 +65,7 @@ def _loss(trainer, x: sp.csr_matrix, dataset_ids: np.ndarray, offset: int) -> fl
                           observable=trainer.observable, seed=_VAL_SEED, offset=offset)
     trainer.model.eval()
     with torch.no_grad():
-        return float(trainer.model(sample, pad_mask=sample.pad_mask))
+        return float(trainer.model(sample, key_padding_mask=sample.key_padding_mask))
 
 
 def _run(root, out, **kw):

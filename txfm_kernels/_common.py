@@ -350,6 +350,20 @@ def traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(isinstance(t, _TRACING_TENSORS) for t in tensors)
 
 
+def renamed_padding(key_padding_mask, pad_mask, op: str):
+    """``key_padding_mask``, or the deprecated ``pad_mask`` it replaced (torch's name for the
+    same mask: True = padding), with a ``DeprecationWarning``; both at once is a TypeError."""
+    if pad_mask is None:
+        return key_padding_mask
+    if key_padding_mask is not None:
+        raise TypeError(f"{op}: give key_padding_mask only (pad_mask is its deprecated name)")
+    import warnings
+
+    warnings.warn(f"{op}: pad_mask= is deprecated, pass key_padding_mask= (the same mask, "
+                  f"torch's name: True = padding)", DeprecationWarning, stacklevel=3)
+    return pad_mask
+
+
 def check_choice(value, name: str, choices: tuple, op: str) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name}={value!r} is not one of {choices}")

@@ -210,7 +210,7 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
 
     Args:
         model: a TxFM model with ``embed(gene_ids [B,K] int32, values [B,K] fp32,
-            pad_mask [B,K] bool) -> [B, d]``.
+            key_padding_mask [B,K] bool) -> [B, d]``.
         counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`):
             a scipy sparse matrix (CSR preferred) or a 2-D array.
         observable: ``[G]`` bool, the genes this input profiles.
@@ -344,7 +344,7 @@ def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, targe
         dataset_ids=torch.zeros(b1 - b0, dtype=torch.int32, device=device))
     m = model_inputs(batch, n_genes=counts.shape[1], config=config, observable=obs, seed=seed,
                      offset=b0 // KEY_BLOCK, k=k, return_target=False)
-    return m.gene_ids, m.values, m.pad_mask
+    return m.gene_ids, m.values, m.key_padding_mask
 
 
 def gene_representations(model) -> dict[str, np.ndarray]:

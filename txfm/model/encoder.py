@@ -164,7 +164,7 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.apply(_init_linear)
 
-    def tokens(self, gene_ids, values, pad_mask=None) -> torch.Tensor:
+    def tokens(self, gene_ids, values, key_padding_mask=None) -> torch.Tensor:
         """``[B, K+1, d]`` encoder input, on ``config.backend`` (``TxFMConfig.token_norm``).
 
         ``"split"``: the codebook row is RMS-normalised, and its second half is scaled by
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
         codebook = tok.codebook
         if cfg.token_norm in ("rms", "split"):
             codebook = F.rms_norm(codebook, (codebook.shape[-1],))
-        t = gene_tokens(codebook, gene_ids, values, cls=tok.cls, pad_mask=pad_mask,
+        t = gene_tokens(codebook, gene_ids, values, cls=tok.cls, key_padding_mask=key_padding_mask,
                         deterministic=tok.deterministic, backend=cfg.backend)
         if cfg.token_norm == "split":
             h, d = (t.shape[-1] - 1) // 2, t.shape[-1]
@@ -189,18 +189,18 @@ class Encoder(nn.Module):
         return t
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
-                pad_mask: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None,
                 drop_keep: torch.Tensor | None = None) -> torch.Tensor:
         """CLS embedding ``[B, d]`` of ``gene_ids [B, K]`` int, ``values [B, K]`` float.
 
-        ``pad_mask [B, K]`` bool (True = padding) or None when no row is padded (lets GPU
+        ``key_padding_mask [B, K]`` bool (True = padding) or None when no row is padded (lets GPU
         attention take its fastest, mask-free kernels); ``drop_keep [depth, B]`` bool.
         """
-        x = self.tokens(gene_ids, values, pad_mask)
+        x = self.tokens(gene_ids, values, key_padding_mask)
         mask = None
-        if pad_mask is not None:
+        if key_padding_mask is not None:
             # [B, 1, 1, N]: True = attend; the CLS key (position 0) is always visible
-            mask = F.pad(~pad_mask, (1, 0), value=True)[:, None, None, :]
+            mask = F.pad(~key_padding_mask, (1, 0), value=True)[:, None, None, :]
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             keep = None if drop_keep is None else drop_keep[i]

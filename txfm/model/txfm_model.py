@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from txfm_kernels._common import renamed_padding
+
 from .config import TxFMConfig
 from .decoder import Decoder
 from .encoder import Encoder
 from .losses import CountLoss, optimal_logits
 
-_UNSET = object()  # "not given" (None is a meaningful override, e.g. pad_mask=None)
+_UNSET = object()  # "not given" (None is a meaningful override, e.g. key_padding_mask=None)
 
 
 class TxFM(nn.Module):
@@ -73,36 +75,40 @@ class TxFM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def embed(self, gene_ids: torch.Tensor, values: torch.Tensor,
+              key_padding_mask: torch.Tensor | None = None, *,
               pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """CLS embeddings ``[B, d]`` of shown genes ``gene_ids [B, K]`` with ``values [B, K]``
-        (log1p-normalised); ``pad_mask [B, K]`` bool marks padding. Uses the module's mode:
-        call ``model.eval()`` first for deterministic embeddings (no stochastic depth)."""
-        return self.encoder(gene_ids, values, pad_mask)
+        (log1p-normalised); ``key_padding_mask [B, K]`` bool marks padding (True; torch's name,
+        ``pad_mask=`` its deprecated alias). Uses the module's mode: call ``model.eval()``
+        first for deterministic embeddings (no stochastic depth)."""
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "TxFM.embed")
+        return self.encoder(gene_ids, values, key_padding_mask)
 
-    def logits(self, gene_ids, values, pad_mask=None, drop_keep=None) -> torch.Tensor:
+    def logits(self, gene_ids, values, key_padding_mask=None, drop_keep=None) -> torch.Tensor:
         """Decoder logits ``[B, G]``."""
-        return self.decoder(self.encoder(gene_ids, values, pad_mask, drop_keep))
+        return self.decoder(self.encoder(gene_ids, values, key_padding_mask, drop_keep))
 
-    def predict(self, gene_ids, values, pad_mask=None, gene_mask=None) -> torch.Tensor:
+    def predict(self, gene_ids, values, key_padding_mask=None, gene_mask=None) -> torch.Tensor:
         """Predicted log1p-normalised values ``x_hat [B, G]`` fp32 (the activation of the logits)."""
-        return self.loss.predict(self.logits(gene_ids, values, pad_mask), gene_mask)
+        return self.loss.predict(self.logits(gene_ids, values, key_padding_mask), gene_mask)
 
-    def forward(self, sample=None, *, gene_ids=_UNSET, values=_UNSET, pad_mask=_UNSET,
+    def forward(self, sample=None, *, gene_ids=_UNSET, values=_UNSET, key_padding_mask=_UNSET,
                 target=_UNSET, gene_mask=_UNSET, library_size=_UNSET,
                 drop_keep=None) -> torch.Tensor:
         """Scalar training loss of a batch.
 
-        Either ``model(sample)`` with a ``MaskedSample`` (fields ``gene_ids, values, pad_mask,
-        target, gene_mask, library_size``) or the same as keyword tensors. Keywords given
-        beside ``sample`` override its fields (e.g. ``pad_mask=None`` when no row is padded).
+        Either ``model(sample)`` with a ``MaskedSample`` (fields ``gene_ids, values,
+        key_padding_mask, target, gene_mask, library_size``) or the same as keyword tensors.
+        Keywords given beside ``sample`` override its fields (e.g. ``key_padding_mask=None``
+        when no row is padded).
         ``drop_keep [depth, B]`` bool: stochastic-depth decisions (None: drawn here).
         """
-        fields = dict(gene_ids=gene_ids, values=values, pad_mask=pad_mask, target=target,
-                      gene_mask=gene_mask, library_size=library_size)
+        fields = dict(gene_ids=gene_ids, values=values, key_padding_mask=key_padding_mask,
+                      target=target, gene_mask=gene_mask, library_size=library_size)
         fields = {k: (getattr(sample, k, None) if v is _UNSET else v) for k, v in fields.items()}
         if fields["gene_ids"] is None or fields["values"] is None or fields["target"] is None:
             raise ValueError("TxFM.forward needs gene_ids, values and target (a MaskedSample "
                              "made with return_target=True, or the tensors as keywords)")
         gene_mask = None if self.config.include_unobserved else fields["gene_mask"]
-        z = self.logits(fields["gene_ids"], fields["values"], fields["pad_mask"], drop_keep)
+        z = self.logits(fields["gene_ids"], fields["values"], fields["key_padding_mask"], drop_keep)
         return self.loss(z, fields["target"], gene_mask, fields["library_size"])

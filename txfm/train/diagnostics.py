@@ -79,12 +79,12 @@ class LearningProbe:
         self.cells = 0
 
     @torch.no_grad()
-    def add(self, sample, pad_mask, index: int | None = None) -> torch.Tensor:
+    def add(self, sample, key_padding_mask, index: int | None = None) -> torch.Tensor:
         """Adds one batch (``index``: its place in the global validation order, default the
         next); returns its ordinary loss (mean over rows)."""
         index = len(self.embeddings) if index is None else int(index)
         m, cfg = self.model, self.model.config
-        e = m.encoder(sample.gene_ids, sample.values, pad_mask)
+        e = m.encoder(sample.gene_ids, sample.values, key_padding_mask)
         z = m.decoder(e).float()
         b, g = z.shape
         observable = None if cfg.include_unobserved else dense_gene_mask(
@@ -93,7 +93,8 @@ class LearningProbe:
             observable = torch.ones(b, g, dtype=torch.bool, device=z.device)
         shown = torch.zeros_like(observable)
         ids = sample.gene_ids.long()
-        keep = torch.ones_like(ids, dtype=torch.bool) if sample.pad_mask is None else ~sample.pad_mask
+        keep = (torch.ones_like(ids, dtype=torch.bool) if sample.key_padding_mask is None
+                else ~sample.key_padding_mask)
         shown.scatter_(1, torch.where(keep, ids, 0), keep)
         masked = observable & ~shown
         lib = sample.library_size

@@ -267,12 +267,12 @@ class Trainer:
         for micro, (cpu, dev) in enumerate(batches):
             offset = (self.step * cfg.accum + micro) * world + rank
             sample = self._sample(dev, cfg.seed, offset)
-            pad = sample.pad_mask if self._needs_pad(cpu) else None
+            pad = sample.key_padding_mask if self._needs_pad(cpu) else None
             keep = self._drop_keep(offset, len(cpu))
             sync = micro == len(batches) - 1 or self.ddp is None
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 with self._autocast():
-                    loss = self.net(sample, pad_mask=pad, drop_keep=keep)
+                    loss = self.net(sample, key_padding_mask=pad, drop_keep=keep)
                 (loss / cfg.accum).backward()
             total += loss.detach().float()
         norm = None
@@ -312,7 +312,7 @@ class Trainer:
                 continue
             dev = cpu.to(self.device, non_blocking=True)
             sample = self._sample(dev, _VAL_SEED, i)
-            pad = sample.pad_mask if self._needs_pad(cpu) else None
+            pad = sample.key_padding_mask if self._needs_pad(cpu) else None
             with self._autocast():  # the loss is a mean over rows: weight it by the rows
                 total += probe.add(sample, pad, index=i) * len(cpu)
             n += len(cpu)

@@ -7,7 +7,7 @@ observable genes ``O_b`` (its dataset's profiled genes; the masking of arXiv:260
     x_bg           = log1p(L * c_g / S_b)   (0 if S_b == 0)       (target [B, G], fp32)
     gene_ids[b, :] = K genes drawn from O_b without replacement    ([B, K], int32)
     values[b, j]   = x_{b, gene_ids[b, j]}  (0 where not expressed) ([B, K], fp32)
-    pad_mask[b, j] = j >= |O_b|             (padded slots: gene 0, value 0) ([B, K], bool)
+    key_padding_mask[b, j] = j >= |O_b|             (padded slots: gene 0, value 0) ([B, K], bool)
 
 ``L`` is ``target_sum`` (default 1e5; the name of scanpy's ``normalize_total``), the same for
 every row; ``S_b``, each row's total count, is what :class:`MaskedSample` calls
@@ -117,7 +117,7 @@ class MaskedSample(NamedTuple):
       ``0`` in padded slots.
     * ``values [B, K]`` fp32: ``log1p(L * c / S)`` of those genes (0 where not expressed or
       padded), ``L`` = ``target_sum``.
-    * ``pad_mask [B, K]`` bool: True in slots beyond the row's number of observable genes.
+    * ``key_padding_mask [B, K]`` bool: True in slots beyond the row's number of observable genes.
     * ``target [B, G]`` fp32 or None: the dense log1p-normalised rows (``return_target``).
     * ``gene_mask``: None when every gene is observable, else
       :class:`~txfm_kernels.masks.RowGeneMask` ``(observable.mask, dataset_ids)``, which the
@@ -127,10 +127,19 @@ class MaskedSample(NamedTuple):
 
     gene_ids: torch.Tensor
     values: torch.Tensor
-    pad_mask: torch.Tensor
+    key_padding_mask: torch.Tensor
     target: torch.Tensor | None
     gene_mask: RowGeneMask | None
     library_size: torch.Tensor
+
+    @property
+    def pad_mask(self) -> torch.Tensor:
+        """Deprecated name of :attr:`key_padding_mask` (a ``DeprecationWarning``)."""
+        import warnings
+
+        warnings.warn("MaskedSample.pad_mask is deprecated: use .key_padding_mask (the same "
+                      "mask, torch's name)", DeprecationWarning, stacklevel=2)
+        return self.key_padding_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +241,9 @@ def _check_values(observable, gene_weights, tau, n_genes: int, check: bool, deep
 def _check_out(out: MaskedSample, B, k, n_genes, return_target: bool, device) -> None:
     want = _new_outputs(0, 0, 0, return_target, "meta", pooled=False)
     shapes = [(B, k), (B, k), (B, k), (B, n_genes), (B,)]
-    fields = [out.gene_ids, out.values, out.pad_mask, out.target, out.library_size]
-    for name, t, w, shape in zip(("gene_ids", "values", "pad_mask", "target", "library_size"),
-                                 fields, want, shapes):
+    fields = [out.gene_ids, out.values, out.key_padding_mask, out.target, out.library_size]
+    names = ("gene_ids", "values", "key_padding_mask", "target", "library_size")
+    for name, t, w, shape in zip(names, fields, want, shapes):
         if name == "target" and not return_target:
             continue
         if (not isinstance(t, torch.Tensor) or t.dtype != w.dtype or tuple(t.shape) != shape
@@ -247,7 +256,7 @@ def _check_out(out: MaskedSample, B, k, n_genes, return_target: bool, device) ->
 # The draw: the bodies of the custom ops (never traced: real tensors and numbers)
 # ---------------------------------------------------------------------------------------------
 def _new_outputs(B, k, n_genes, return_target: bool, device, pooled: bool = True):
-    """(gene_ids, values, pad_mask, target ([B, 0] without return_target), library_size);
+    """(gene_ids, values, key_padding_mask, target ([B, 0] without return_target), library_size);
     a CPU target from the buffer pool unless ``pooled`` is False (fake tensors, symbolic B)."""
     pooled = pooled and return_target and torch.device(device).type == "cpu"
     return (torch.empty(B, k, dtype=torch.int32, device=device),
@@ -319,18 +328,18 @@ def _into(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
           obs_mask: torch.Tensor | None, dataset_ids: torch.Tensor | None,
           gene_weights: torch.Tensor | None, n_genes: int, k: int, target_sum: Number, seed: int,
           offset: int, tau: Number, validate: bool, backend: str, gene_ids: torch.Tensor,
-          values: torch.Tensor, pad_mask: torch.Tensor, target: torch.Tensor | None,
+          values: torch.Tensor, key_padding_mask: torch.Tensor, target: torch.Tensor | None,
           library_size: torch.Tensor) -> None:
     """Uniform (``tau == 0``) or weighted draw into preallocated outputs."""
     c = _call(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes, k,
               target_sum, seed, offset)
-    _fill(c, backend, validate, obs_mask, gene_weights, tau, gene_ids, values, pad_mask, target,
-          library_size)
+    _fill(c, backend, validate, obs_mask, gene_weights, tau, gene_ids, values, key_padding_mask,
+          target, library_size)
 
 
 _masked_sample_into_op = torch.library.custom_op(
     "txfm::masked_sample_into", _into,
-    mutates_args=("gene_ids", "values", "pad_mask", "target", "library_size"))
+    mutates_args=("gene_ids", "values", "key_padding_mask", "target", "library_size"))
 
 
 @_masked_sample_into_op.register_fake
@@ -444,8 +453,8 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
                             libsize)
     if out is not None:
         _check_out(out, B, k, n_genes, return_target, device)
-        outs = (out.gene_ids, out.values, out.pad_mask, out.target if return_target else None,
-                out.library_size)
+        outs = (out.gene_ids, out.values, out.key_padding_mask,
+                out.target if return_target else None, out.library_size)
     else:
         ids, values, pad, target, libsize = _new_outputs(B, k, n_genes, return_target, device,
                                                          pooled=not torch.compiler.is_compiling())

@@ -4,7 +4,7 @@ For ``codebook E [V, d-1]``, ``gene_ids g [B, K]``, ``values x [B, K]`` and an o
 ``cls c [d]``, :func:`gene_tokens` returns ``tokens [B, T, d]`` with ``T = K + 1`` when a CLS
 token is given (it sits at position 0) and ``T = K`` otherwise::
 
-    tokens[b, cls + k] = [ E[g[b, k]] ; x[b, k] ]        (zeros where pad_mask[b, k])
+    tokens[b, cls + k] = [ E[g[b, k]] ; x[b, k] ]        (zeros where key_padding_mask[b, k])
     tokens[b, 0]       = c                                (when cls is given)
 
 Backward (``G = dL/dtokens``; padded tokens receive and give no gradient)::
@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .._common import (BACKENDS, backend_module, check_choice, check_int,
-                       check_reverse_mode_only, check_tensor, resolve)
+                       check_reverse_mode_only, check_tensor, renamed_padding, resolve)
 from . import reference
 
 __all__ = ["gene_tokens", "GeneTokenizer"]
@@ -69,7 +69,7 @@ _CUDA_MAX_WIDTH = 2048  # widest codebook row (d - 1) of the CUDA backward (regi
 # ---------------------------------------------------------------------------------------------
 # Argument checks (compile-safe: nothing here reads tensor values)
 # ---------------------------------------------------------------------------------------------
-def _check_args(codebook, gene_ids, values, cls, pad_mask, backend):
+def _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend):
     check_choice(backend, "backend", BACKENDS, _OP)
     for name, t in (("codebook", codebook), ("gene_ids", gene_ids), ("values", values)):
         check_tensor(t, name, _OP)
@@ -96,13 +96,14 @@ def _check_args(codebook, gene_ids, values, cls, pad_mask, backend):
         if cls.dtype != codebook.dtype:
             raise TypeError(f"{_OP}: cls dtype {cls.dtype} differs from the codebook's "
                             f"{codebook.dtype}; keep both parameters in one dtype")
-    if pad_mask is not None:
-        check_tensor(pad_mask, "pad_mask", _OP, (torch.bool,), desc="bool (True = padding)")
-        if pad_mask.shape != gene_ids.shape:
-            raise ValueError(f"{_OP}: pad_mask {tuple(pad_mask.shape)} must have the shape of "
-                             f"gene_ids {tuple(gene_ids.shape)}")
+    if key_padding_mask is not None:
+        check_tensor(key_padding_mask, "key_padding_mask", _OP, (torch.bool,),
+                     desc="bool (True = padding)")
+        if key_padding_mask.shape != gene_ids.shape:
+            raise ValueError(f"{_OP}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
+                             f"the shape of gene_ids {tuple(gene_ids.shape)}")
     named = [("codebook", codebook), ("gene_ids", gene_ids), ("values", values), ("cls", cls),
-             ("pad_mask", pad_mask)]
+             ("key_padding_mask", key_padding_mask)]
     devices = {n: t.device for n, t in named if t is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
@@ -136,59 +137,60 @@ def _backend_for(backend: str, device: torch.device, dtype: torch.dtype, width: 
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("txfm::gene_tokens", mutates_args=())
 def _gene_tokens_op(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor,
-                    cls: torch.Tensor | None, pad_mask: torch.Tensor | None, backend: str,
+                    cls: torch.Tensor | None, key_padding_mask: torch.Tensor | None, backend: str,
                     deterministic: bool, check_ids: bool) -> torch.Tensor:
     """tokens [B, K + (cls given), d]; every tensor contiguous, values/cls in the codebook dtype."""
     name = _backend_for(backend, codebook.device, codebook.dtype, codebook.shape[1])
     if check_ids or (gene_ids.device.type == "cpu" and name != "cpu"):  # the C++ kernel checks
-        reference.check_ids(gene_ids, pad_mask, codebook.shape[0])
+        reference.check_ids(gene_ids, key_padding_mask, codebook.shape[0])
     return backend_module(__name__, name).forward(
         codebook.contiguous(), gene_ids.contiguous(), values.contiguous(),
         None if cls is None else cls.contiguous(),
-        None if pad_mask is None else pad_mask.contiguous(), name)
+        None if key_padding_mask is None else key_padding_mask.contiguous(), name)
 
 
 @_gene_tokens_op.register_fake
-def _(codebook, gene_ids, values, cls, pad_mask, backend, deterministic, check_ids):
+def _(codebook, gene_ids, values, cls, key_padding_mask, backend, deterministic, check_ids):
     B, K = gene_ids.shape
     return codebook.new_empty(B, K + int(cls is not None), codebook.shape[1] + 1)
 
 
 @torch.library.custom_op("txfm::gene_tokens_backward", mutates_args=())
 def _gene_tokens_backward_op(grad: torch.Tensor, gene_ids: torch.Tensor,
-                             pad_mask: torch.Tensor | None, n_genes: int, has_cls: bool,
+                             key_padding_mask: torch.Tensor | None, n_genes: int, has_cls: bool,
                              backend: str, deterministic: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_codebook [V, d-1], grad_values [B, K]) from grad [B, K + has_cls, d]."""
     name = _backend_for(backend, grad.device, grad.dtype, grad.shape[-1] - 1)
     return backend_module(__name__, name).backward(
         grad.contiguous(), gene_ids.contiguous(),
-        None if pad_mask is None else pad_mask.contiguous(), n_genes, has_cls, deterministic,
-        name)
+        None if key_padding_mask is None else key_padding_mask.contiguous(), n_genes, has_cls,
+        deterministic, name)
 
 
 @_gene_tokens_backward_op.register_fake
-def _(grad, gene_ids, pad_mask, n_genes, has_cls, backend, deterministic):
+def _(grad, gene_ids, key_padding_mask, n_genes, has_cls, backend, deterministic):
     return grad.new_empty(n_genes, grad.shape[-1] - 1), grad.new_empty(gene_ids.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    codebook, gene_ids, values, cls, pad_mask, backend, deterministic, _ = inputs
-    ctx.save_for_backward(gene_ids, pad_mask)
+    codebook, gene_ids, values, cls, key_padding_mask, backend, deterministic, _ = inputs
+    ctx.save_for_backward(gene_ids, key_padding_mask)
     ctx.n_genes = codebook.shape[0]
     ctx.has_cls = cls is not None
     ctx.backend, ctx.deterministic = backend, deterministic
 
 
 def _backward(ctx, grad):
-    gene_ids, pad_mask = ctx.saved_tensors
+    gene_ids, key_padding_mask = ctx.saved_tensors
     c = int(ctx.has_cls)
     grad_codebook = grad_values = grad_cls = None
     if ctx.needs_input_grad[0]:
         grad_codebook, grad_values = _gene_tokens_backward_op(
-            grad, gene_ids, pad_mask, ctx.n_genes, ctx.has_cls, ctx.backend, ctx.deterministic)
+            grad, gene_ids, key_padding_mask, ctx.n_genes, ctx.has_cls, ctx.backend,
+            ctx.deterministic)
     elif ctx.needs_input_grad[2]:
-        grad_values = reference.grad_values(grad, pad_mask, c)
+        grad_values = reference.grad_values(grad, key_padding_mask, c)
     if c and ctx.needs_input_grad[3]:
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
         grad_cls = grad[:, 0].sum(0, dtype=acc).to(grad.dtype)
@@ -210,17 +212,18 @@ _gene_tokens_backward_op.register_autograd(_no_double_backward,
 # Functional API and module
 # ---------------------------------------------------------------------------------------------
 def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Tensor, *,
-                cls: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                cls: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                 deterministic: bool = True, check_ids: bool = False,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", pad_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Encoder tokens ``[E[g] ; x]`` (+ CLS at position 0), fused, with a fused backward.
 
     Args:
         codebook: ``[V, d-1]`` gene embeddings, fp32 or bf16 (fp64 on cpu/torch backends).
-        gene_ids: ``[B, K]`` int32 or int64 in ``[0, V)`` (ignored where ``pad_mask``).
+        gene_ids: ``[B, K]`` int32 or int64 in ``[0, V)`` (ignored where ``key_padding_mask``).
         values: ``[B, K]`` float; cast to the codebook's dtype.
         cls: optional ``[d]`` CLS token (codebook dtype); prepended at position 0.
-        pad_mask: optional ``[B, K]`` bool, True = padding: a zero token, no gradient.
+        key_padding_mask: optional ``[B, K]`` bool, True = padding: a zero token, no gradient
+            (torch's name; ``pad_mask=`` is its deprecated alias).
         deterministic: bitwise reproducible codebook gradient (default); False lets the GPU
             backends use atomics.
         check_ids: on GPU tensors, raise ``IndexError`` for out-of-range ids (one sync). CPU
@@ -242,19 +245,20 @@ def gene_tokens(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torch.Te
     >>> gene_tokens(E, ids, x, cls=torch.zeros(8)).shape
     torch.Size([2, 6, 8])
     """
-    _check_args(codebook, gene_ids, values, cls, pad_mask, backend)
+    key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "gene_tokens")
+    _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend)
     check_reverse_mode_only("gene_tokens", " (vmap works)", codebook=codebook, values=values,
                             cls=cls)
     if values.dtype != codebook.dtype:
         values = values.to(codebook.dtype)
-    return _gene_tokens_op(codebook, gene_ids, values, cls, pad_mask, backend, deterministic,
-                           check_ids)
+    return _gene_tokens_op(codebook, gene_ids, values, cls, key_padding_mask, backend,
+                           deterministic, check_ids)
 
 
 class GeneTokenizer(nn.Module):
     """The encoder's tokenizer: a learnable codebook ``[n_genes, d-1]`` and CLS token ``[d]``.
 
-    ``forward(gene_ids [B, K], values [B, K], pad_mask=None) -> [B, K+1, d]`` (``[B, K, d]``
+    ``forward(gene_ids [B, K], values [B, K], key_padding_mask=None) -> [B, K+1, d]`` (``[B, K, d]``
     with ``cls=False``); see :func:`gene_tokens`.
 
     Initialisation: codebook and CLS ~ N(0, 0.02²), as ViT/BERT/MAE initialise token
@@ -296,12 +300,15 @@ class GeneTokenizer(nn.Module):
             nn.init.normal_(self.cls, std=0.02)
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
-                pad_mask: torch.Tensor | None = None, check_ids: bool = False) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None,
+                check_ids: bool = False, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`gene_tokens` with this module's codebook and CLS: ``[B, K+1, d]`` (``[B, K,
         d]`` without CLS) in the codebook's dtype. ``check_ids``: on GPU tensors, raise
         ``IndexError`` for an id outside ``[0, n_genes)`` (one host sync; CPU tensors are
         always checked). Other errors as :func:`gene_tokens`."""
-        return gene_tokens(self.codebook, gene_ids, values, cls=self.cls, pad_mask=pad_mask,
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "GeneTokenizer")
+        return gene_tokens(self.codebook, gene_ids, values, cls=self.cls,
+                           key_padding_mask=key_padding_mask,
                            deterministic=self.deterministic, backend=self.backend,
                            check_ids=check_ids)
 

@@ -39,21 +39,21 @@ TokensArgs = c_struct("txfm_tokens_args", """
 """)
 
 
-def _args(gene_ids, n_genes: int, d1: int, has_cls: int, dtype: torch.dtype, pad_mask,
+def _args(gene_ids, n_genes: int, d1: int, has_cls: int, dtype: torch.dtype, key_padding_mask,
           **pointers) -> TokensArgs:
     B, K = gene_ids.shape
-    return TokensArgs(ids=ptr(gene_ids), pad=ptr(pad_mask), B=B, K=K, V=n_genes, D1=d1,
+    return TokensArgs(ids=ptr(gene_ids), pad=ptr(key_padding_mask), B=B, K=K, V=n_genes, D1=d1,
                       id_bytes=gene_ids.element_size(), has_cls=has_cls,
                       dtype=DTYPE_CODE[dtype], **{k: ptr(v) for k, v in pointers.items()})
 
 
-def _check_cpu(status: int, gene_ids, pad_mask, n_genes: int) -> None:
+def _check_cpu(status: int, gene_ids, key_padding_mask, n_genes: int) -> None:
     if status == 2:  # a non-padded id outside [0, V): name them
-        check_ids(gene_ids, pad_mask, n_genes)
+        check_ids(gene_ids, key_padding_mask, n_genes)
     check_cpu_status(status, _OP)
 
 
-def forward(codebook, gene_ids, values, cls, pad_mask, backend: str) -> torch.Tensor:
+def forward(codebook, gene_ids, values, cls, key_padding_mask, backend: str) -> torch.Tensor:
     """tokens ``[B, K + (cls given), d]`` from contiguous inputs (see ``reference.forward``)."""
     B, K = gene_ids.shape
     V, D1 = codebook.shape
@@ -62,18 +62,18 @@ def forward(codebook, gene_ids, values, cls, pad_mask, backend: str) -> torch.Te
         out = _pool.cpu_empty((B, K + c, D1 + 1), codebook.dtype)  # see _pool: page faults
     else:
         out = codebook.new_empty(B, K + c, D1 + 1)
-    args = _args(gene_ids, V, D1, c, codebook.dtype, pad_mask, codebook=codebook, values=values,
-                 cls=cls, out=out)
+    args = _args(gene_ids, V, D1, c, codebook.dtype, key_padding_mask, codebook=codebook,
+                 values=values, cls=cls, out=out)
     if backend == "cpu":
         _, fn = native_function("cpu", _LIB, "txfm_tokens_forward", TokensArgs)
-        _check_cpu(fn(args), gene_ids, pad_mask, V)
+        _check_cpu(fn(args), gene_ids, key_padding_mask, V)
     else:
         lib, fn = native_function("cuda", _LIB, "txfm_tokens_forward_cuda", TokensArgs, _P)
         check_cuda_status(fn(args, cuda_stream(out.device)), _OP, lib)
     return out
 
 
-def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministic: bool,
+def backward(grad, gene_ids, key_padding_mask, n_genes: int, has_cls: bool, deterministic: bool,
              backend: str):
     """``(grad_codebook [V, d-1], grad_values [B, K])`` from ``grad [B, K + has_cls, d]``."""
     B, K = gene_ids.shape
@@ -83,22 +83,23 @@ def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministi
         gc = _pool.cpu_empty((n_genes, D1), grad.dtype)
         gv = grad.new_empty(B, K)
         _, fn = native_function("cpu", _LIB, "txfm_tokens_backward", TokensArgs)
-        args = _args(gene_ids, n_genes, D1, c, grad.dtype, pad_mask, grad=grad, grad_codebook=gc,
-                     grad_values=gv)
-        _check_cpu(fn(args), gene_ids, pad_mask, n_genes)
+        args = _args(gene_ids, n_genes, D1, c, grad.dtype, key_padding_mask, grad=grad,
+                     grad_codebook=gc, grad_values=gv)
+        _check_cpu(fn(args), gene_ids, key_padding_mask, n_genes)
         return gc, gv
     stream = cuda_stream(grad.device)
     if deterministic:
-        perm, offsets = sorted_segments(gene_ids, pad_mask, n_genes)
+        perm, offsets = sorted_segments(gene_ids, key_padding_mask, n_genes)
         gc = grad.new_empty(n_genes, D1)
         lib, fn = native_function("cuda", _LIB, "txfm_tokens_backward_sorted_cuda", TokensArgs, _P)
-        args = _args(gene_ids, n_genes, D1, c, grad.dtype, pad_mask, grad=grad, grad_codebook=gc,
-                     perm=perm, offsets=offsets)
+        args = _args(gene_ids, n_genes, D1, c, grad.dtype, key_padding_mask, grad=grad,
+                     grad_codebook=gc, perm=perm, offsets=offsets)
         check_cuda_status(fn(args, stream), _OP, lib)
     else:
         acc = torch.zeros(n_genes, D1, device=grad.device, dtype=torch.float32)
         lib, fn = native_function("cuda", _LIB, "txfm_tokens_backward_atomic_cuda", TokensArgs, _P)
-        args = _args(gene_ids, n_genes, D1, c, grad.dtype, pad_mask, grad=grad, grad_codebook=acc)
+        args = _args(gene_ids, n_genes, D1, c, grad.dtype, key_padding_mask, grad=grad,
+                     grad_codebook=acc)
         check_cuda_status(fn(args, stream), _OP, lib)
         gc = acc.to(grad.dtype)
-    return gc, grad_values(grad, pad_mask, c)
+    return gc, grad_values(grad, key_padding_mask, c)

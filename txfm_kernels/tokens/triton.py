@@ -100,7 +100,8 @@ def _tile(d: int, device: torch.device, rows: int = 32) -> tuple[int, int]:
     return rows, 128
 
 
-def forward(codebook, gene_ids, values, cls, pad_mask, backend: str = "triton") -> torch.Tensor:
+def forward(codebook, gene_ids, values, cls, key_padding_mask,
+            backend: str = "triton") -> torch.Tensor:
     """tokens ``[B, K + (cls given), d]`` from contiguous inputs (see ``reference.forward``)."""
     B, K = gene_ids.shape
     V, D1 = codebook.shape
@@ -110,14 +111,14 @@ def forward(codebook, gene_ids, values, cls, pad_mask, backend: str = "triton") 
         return out
     block_r, block_d = _tile(D1 + 1, codebook.device)
     grid = (triton.cdiv(B * (K + c), block_r), triton.cdiv(D1 + 1, block_d))
-    pad = pad_mask.view(torch.uint8) if pad_mask is not None else gene_ids
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else gene_ids
     _tokens_fwd_kernel[grid](codebook, gene_ids, values, cls if c else codebook, pad, out,
                              B * (K + c), K + c, K, V, D1, D1 + 1, HAS_CLS=c,
-                             HAS_PAD=pad_mask is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+                             HAS_PAD=key_padding_mask is not None, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
-def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministic: bool,
+def backward(grad, gene_ids, key_padding_mask, n_genes: int, has_cls: bool, deterministic: bool,
              backend: str = "triton"):
     """``(grad_codebook [V, d-1], grad_values [B, K])`` from ``grad [B, K + has_cls, d]``."""
     B, K = gene_ids.shape
@@ -126,7 +127,7 @@ def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministi
     if deterministic:
         # few genes per program: a program loops as long as its longest segment
         block_g, block_d = _tile(D1, grad.device, rows=8)
-        perm, offsets = sorted_segments(gene_ids, pad_mask, n_genes)
+        perm, offsets = sorted_segments(gene_ids, key_padding_mask, n_genes)
         gc = grad.new_empty(n_genes, D1)
         grid = (triton.cdiv(n_genes, block_g), triton.cdiv(D1, block_d))
         _tokens_bwd_sorted_kernel[grid](grad, perm, offsets, gc, n_genes, K + c, K, D1, D1 + 1,
@@ -136,10 +137,11 @@ def backward(grad, gene_ids, pad_mask, n_genes: int, has_cls: bool, deterministi
         block_r, block_d = _tile(D1, grad.device)
         acc = torch.zeros(n_genes, D1, device=grad.device, dtype=torch.float32)
         if B * K:
-            pad = pad_mask.view(torch.uint8) if pad_mask is not None else gene_ids
+            pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else gene_ids
             grid = (triton.cdiv(B * K, block_r), triton.cdiv(D1, block_d))
             _tokens_bwd_atomic_kernel[grid](grad, gene_ids, pad, acc, B * K, K + c, K, n_genes,
-                                            D1, D1 + 1, HAS_CLS=c, HAS_PAD=pad_mask is not None,
+                                            D1, D1 + 1, HAS_CLS=c,
+                                            HAS_PAD=key_padding_mask is not None,
                                             BLOCK_R=block_r, BLOCK_D=block_d)
         gc = acc.to(grad.dtype)
-    return gc, grad_values(grad, pad_mask, c)
+    return gc, grad_values(grad, key_padding_mask, c)
