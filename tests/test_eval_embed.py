@@ -284,6 +284,22 @@ def test_embed_api_rejects_bad_arguments_by_name(trained):
         embed_counts(model, counts, np.zeros(g, bool), k=8, progress=False)
     with pytest.raises(ValueError, match="observable must be"):
         embed_counts(model, counts, obs.astype(int), k=8, progress=False)
+    import torch
+
+    import txfm_kernels
+
+    some = np.arange(g) % 3 > 0  # the kernels' one-dataset table and a tensor work as the array
+    want = embed_counts(model, counts, some, k=8, progress=False)
+    for other in (txfm_kernels.ObservableGenes.from_mask(torch.from_numpy(some)),
+                  torch.from_numpy(some)):
+        np.testing.assert_array_equal(embed_counts(model, counts, other, k=8, progress=False),
+                                      want)
+    two = txfm_kernels.ObservableGenes.from_lists([[0, 1], [2]], g)
+    with pytest.raises(ValueError, match="ObservableGenes of 2 datasets"):
+        embed_counts(model, counts, two, k=8, progress=False)
+    for bad in (-1.0, 0, float("nan")):
+        with pytest.raises(ValueError, match="target_sum must be a finite number > 0"):
+            embed_counts(model, counts, obs, k=8, target_sum=bad, progress=False)
     for bad in (None, "64", 0, True, 2.5):
         with pytest.raises(ValueError, match="k must be an integer"):
             embed_counts(model, counts, obs, k=bad, progress=False)
@@ -291,7 +307,6 @@ def test_embed_api_rejects_bad_arguments_by_name(trained):
         embed_counts(model, counts, obs, k=8, device="gpu", progress=False)
     with pytest.raises(ValueError, match="2-D"):
         embed_counts(model, np.ones(g), obs, k=8, progress=False)
-    import torch
 
     from txfm.train import load_checkpoint
 

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import txfm_kernels as tk
-from txfm_kernels import ObservableGenes, masked_sample
+from txfm_kernels import ObservableGenes, RowGeneMask, masked_sample
 from txfm_kernels.sample import call_key
 
 CPU_OK = tk.available_backends("sample")["cpu"].available
@@ -679,3 +679,21 @@ def test_counts_that_require_grad_are_refused_up_front():
         masked_sample(p, i, c.clone().requires_grad_(True), n_genes=6, k=2, seed=0)
     with torch.no_grad():  # nothing to differentiate there
         masked_sample(p, i, c.clone().requires_grad_(True), n_genes=6, k=2, seed=0)
+
+
+def test_flags_and_small_helpers_refuse_wrong_types():
+    csr = torch.tensor([[1, 2, 0, 3]], dtype=torch.float32).to_sparse_csr()
+    args = (csr.crow_indices(), csr.col_indices().int(), csr.values())
+    with pytest.raises(TypeError, match="return_target must be True or False, got 'no'"):
+        masked_sample(*args, n_genes=4, k=2, seed=0, return_target="no")
+    with pytest.raises(TypeError, match=r"validate must be True or False \(or None\), got 1"):
+        masked_sample(*args, n_genes=4, k=2, seed=0, validate=1)
+    with pytest.raises(ValueError, match="n_genes must be an int >= 1, got 6.0"):
+        ObservableGenes.from_lists([[0, 1]], n_genes=6.0)
+    with pytest.raises(TypeError, match="dataset_ids must be an integer tensor"):
+        RowGeneMask(torch.ones(2, 3, dtype=torch.bool), torch.tensor([0.5])).dense()
+    from txfm.train import sample_batch
+
+    with pytest.warns(DeprecationWarning, match="use txfm.data.inputs.model_inputs"):
+        with pytest.raises(TypeError):
+            sample_batch()

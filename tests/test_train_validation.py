@@ -22,7 +22,8 @@ from txfm.data.synth import generate
 from txfm.model import preset
 from txfm.train import TrainConfig
 from txfm.train.synthetic import MemoryBatch
-from txfm.train.trainer import _VAL_SEED, Trainer, sample_batch
+from txfm.data.inputs import model_inputs
+from txfm.train.trainer import _VAL_SEED, Trainer
 
 BATCH = 16
 
@@ -61,7 +62,7 @@ def _loss(trainer, x: sp.csr_matrix, dataset_ids: np.ndarray, offset: int) -> fl
                         torch.from_numpy(x.indices.astype(np.int32)),
                         torch.from_numpy(x.data.astype(np.int32)),
                         torch.from_numpy(dataset_ids), torch.arange(x.shape[0]))
-    sample = sample_batch(batch, n_genes=trainer.n_genes, config=trainer.model_config,
+    sample = model_inputs(batch, n_genes=trainer.n_genes, config=trainer.model_config,
                           observable=trainer.observable, seed=_VAL_SEED, offset=offset)
     trainer.model.eval()
     with torch.no_grad():

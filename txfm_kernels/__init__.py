@@ -15,7 +15,7 @@ from .backends import BACKENDS, BackendInfo, available_backends, resolve_backend
 from .masks import ObservableGenes, RowGeneMask
 from .poisson import (ALPHA, BETA, PoissonNLLLoss, RectifiedTanh, RectifiedTanhPoissonNLLLoss,
                       poisson_nll_loss, rectified_tanh, rectified_tanh_poisson_nll)
-from .sample import MaskedSample, masked_sample
+from .sample import TARGET_SUM, MaskedSample, masked_sample
 from .tokens import GeneTokenizer, gene_tokens
 
 __version__ = "0.1.0"
@@ -26,5 +26,5 @@ __all__ = [
     "ALPHA", "BETA", "rectified_tanh", "rectified_tanh_poisson_nll", "poisson_nll_loss",
     "RectifiedTanh", "RectifiedTanhPoissonNLLLoss", "PoissonNLLLoss",
     "gene_tokens", "GeneTokenizer",
-    "MaskedSample", "masked_sample",
+    "TARGET_SUM", "MaskedSample", "masked_sample",
 ]

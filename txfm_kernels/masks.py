@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._common import check_row_ids
+from ._common import check_int, check_row_ids
 
 
 class RowGeneMask(NamedTuple):
@@ -32,11 +32,15 @@ class RowGeneMask(NamedTuple):
     def dense(self) -> torch.Tensor:
         """The equivalent ``[B, G]`` bool mask (for references and debugging).
 
-        A dataset id outside ``[0, D)`` raises a ``ValueError`` on CPU tensors; on GPU tensors
-        (no host check, it would synchronise) it is torch's out-of-bounds index error, negative
-        ids included (they never wrap around to the last rows).
+        Float ids raise a ``TypeError``. A dataset id outside ``[0, D)`` raises a ``ValueError``
+        on CPU tensors; on GPU tensors (no host check, it would synchronise) it is torch's
+        out-of-bounds index error, negative ids included (they never wrap around to the last
+        rows).
         """
         n = self.mask.shape[0]
+        if self.dataset_ids.is_floating_point() or self.dataset_ids.dtype == torch.bool:
+            raise TypeError(f"RowGeneMask.dataset_ids must be an integer tensor, got "
+                            f"{self.dataset_ids.dtype}")
         ids = self.dataset_ids.long()
         check_row_ids(ids, n, "RowGeneMask.dataset_ids")
         return self.mask[torch.where(ids < 0, n, ids)]
@@ -64,7 +68,8 @@ class ObservableGenes:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "ObservableGenes":
-        """From a ``[D, G]`` bool mask (or ``[G]`` for a single dataset)."""
+        """From a ``[D, G]`` bool mask (or ``[G]`` for a single dataset), on its device.
+        Raises ``TypeError`` for another dtype or shape."""
         mask = torch.as_tensor(mask)
         if mask.dim() == 1:
             mask = mask[None]
@@ -78,7 +83,12 @@ class ObservableGenes:
 
     @classmethod
     def from_lists(cls, gene_lists: Sequence[Sequence[int]], n_genes: int) -> "ObservableGenes":
-        """From one list of observable gene ids per dataset (duplicates are ignored)."""
+        """From one list of observable gene ids per dataset (duplicates are ignored); CPU.
+
+        Raises:
+            ValueError: ``n_genes`` not an int >= 1, or an id outside ``[0, n_genes)``.
+        """
+        check_int(n_genes, "n_genes", "ObservableGenes.from_lists", 1)
         mask = torch.zeros(len(gene_lists), n_genes, dtype=torch.bool)
         for d, ids in enumerate(gene_lists):
             ids = torch.as_tensor(ids, dtype=torch.int64)
@@ -89,14 +99,18 @@ class ObservableGenes:
 
     @classmethod
     def all_genes(cls, n_genes: int, device: torch.device | str = "cpu") -> "ObservableGenes":
+        """One dataset that profiles every one of ``n_genes`` genes, on ``device``."""
+        check_int(n_genes, "n_genes", "ObservableGenes.all_genes", 1)
         return cls.from_mask(torch.ones(1, n_genes, dtype=torch.bool, device=device))
 
     @property
     def n_datasets(self) -> int:
+        """``D``, the number of datasets (rows of :attr:`mask`)."""
         return self.mask.shape[0]
 
     @property
     def n_genes(self) -> int:
+        """``G``, the vocabulary size (columns of :attr:`mask`)."""
         return self.mask.shape[1]
 
     def counts(self) -> torch.Tensor:
@@ -104,9 +118,12 @@ class ObservableGenes:
         return self.indptr[1:] - self.indptr[:-1]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ObservableGenes":
+        """A copy on ``device`` (``non_blocking`` as :meth:`torch.Tensor.to`)."""
         return ObservableGenes(self.mask.to(device, non_blocking=non_blocking),
                                self.indptr.to(device, non_blocking=non_blocking),
                                self.genes.to(device, non_blocking=non_blocking))
 
     def row_mask(self, dataset_ids: torch.Tensor) -> RowGeneMask:
+        """The Poisson loss's ``gene_mask`` for rows of datasets ``dataset_ids [B]`` (int):
+        row ``b`` keeps the genes its dataset profiles."""
         return RowGeneMask(self.mask, dataset_ids)

@@ -213,7 +213,9 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             key_padding_mask [B,K] bool) -> [B, d]``.
         counts: ``[cells, G]`` raw counts in vocabulary columns (:func:`remap_to_vocabulary`):
             a scipy sparse matrix (CSR preferred) or a 2-D array.
-        observable: ``[G]`` bool, the genes this input profiles.
+        observable: ``[G]`` bool (numpy or torch), the genes this input profiles (what
+            :func:`remap_to_vocabulary` returns); a one-dataset
+            :class:`~txfm_kernels.ObservableGenes` is accepted too.
         k: shown genes per cell. ``txfm embed`` shows every observable gene, at most
             ``EMBED_K_FACTOR`` (8) x the model's training ``config.k``
             (``min(observable.sum(), 8 * config.k)``), which embeds better than the training
@@ -279,6 +281,13 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     if n_genes != vocab_size:
         raise ValueError(f"counts has {n_genes} columns but the model's vocabulary {vocab_size} "
                          "genes; move the columns onto it with remap_to_vocabulary")
+    if isinstance(observable, txfm_kernels.ObservableGenes):  # the kernels' table
+        if observable.n_datasets != 1:
+            raise ValueError(f"observable is an ObservableGenes of {observable.n_datasets} "
+                             f"datasets; pass this input's own: a [{n_genes}] bool array")
+        observable = observable.mask[0].cpu().numpy()
+    elif isinstance(observable, torch.Tensor):
+        observable = observable.cpu().numpy()
     observable = np.asarray(observable)
     if observable.shape != (n_genes,) or observable.dtype != bool:
         raise ValueError(f"observable must be [{n_genes}] bool, got {observable.shape} "

@@ -626,4 +626,8 @@ def _val_postfix(row: dict) -> dict:
     return out
 
 
-sample_batch = model_inputs  # the name before txfm.data.inputs; kept for one release
+def sample_batch(*args, **kwargs):
+    """Deprecated name of :func:`txfm.data.inputs.model_inputs` (a ``DeprecationWarning``)."""
+    warnings.warn("txfm.train.sample_batch is deprecated: use txfm.data.inputs.model_inputs",
+                  DeprecationWarning, stacklevel=2)
+    return model_inputs(*args, **kwargs)

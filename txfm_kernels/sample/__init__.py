@@ -431,6 +431,10 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
     # unobservable genes rank among the drawn ones
     tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-_TAU_LIMIT, high=_TAU_LIMIT)
     check_choice(backend, "backend", BACKENDS, _OP)
+    for flag, v in (("return_target", return_target), ("validate", validate)):
+        if not (isinstance(v, bool) or (flag == "validate" and v is None)):
+            raise TypeError(f"{_OP}: {flag} must be True or False"
+                            f"{' (or None)' if flag == 'validate' else ''}, got {v!r}")
     indptr, indices, counts, dataset_ids, gene_weights = _check_inputs(
         indptr, indices, counts, n_genes, k, observable, dataset_ids, gene_weights, tau)
     device = indptr.device
