@@ -210,17 +210,44 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
             genome: str | Sequence[str] | None = None,
             counts: Mapping[str, str] | None = None,
             log: Callable[[str], None] | None = None) -> Manifest:
-    """Convert ``inputs`` (paths; each one dataset) into a shard collection at ``out``.
+    """Convert ``inputs`` (paths; each one dataset) into a shard collection at ``out``
+    (the pipeline: the module docstring and docs/data.md; the paper's filters:
+    arXiv:2605.31562, data).
 
-    Returns the :class:`Manifest`. See the module docstring for the pipeline and
-    ``txfm data convert --help`` for the options (``genome``: genomes read from 10x ``.h5``
-    inputs, default all). Where an ``.h5ad`` input keeps its counts: ``layer`` / ``use_raw``
-    for every one, and ``counts`` per input, ``{input: "X" | "raw" | "layers/NAME"}`` keyed by
-    its dataset name (``names``), its path as given, or its file name with or without the
-    suffix (``--counts INPUT=WHERE``). Raises :class:`InputError` (a ``ValueError``) for bad inputs,
-    ``ValueError`` for bad options, ``FileExistsError`` when ``out`` holds something else or
-    another conversion is writing it. A conversion that fails on a bad input or option
-    leaves no ``out`` behind if it created it.
+    Args:
+        inputs: ``.h5ad`` files, 10x matrix folders or 10x ``.h5`` files (one path or several).
+        out: the collection's folder (created; resumed when it holds this same conversion).
+        vocab: a vocabulary file to map onto (default: the union of the inputs' genes);
+            gene_key: ``auto``, ``id`` or ``symbol``; gene_table: an Ensembl id <-> symbol
+            table for symbol-only inputs.
+        names: one dataset name per input (default the file or folder names, ``_2`` added to
+            repeats); bulk: dataset names or paths of bulk inputs (not filtered).
+        layer, use_raw: where every ``.h5ad`` input keeps its counts (``layers[layer]``,
+            ``.raw``; default ``X``); counts: per input ``{input: "X" | "raw" |
+            "layers/NAME"}``, keyed by dataset name, path, or file name with or without its
+            suffix (``--counts INPUT=WHERE``).
+        min_cells, min_genes: single-cell filters: genes expressed in >= ``min_cells`` cells,
+            cells expressing >= ``min_genes`` genes.
+        allow_non_integer: accept non-integer counts (TPM-like bulk), stored as float32.
+        feature_types: 10x feature types kept; genome: genomes read from 10x ``.h5`` inputs
+            (default all).
+        seed, val_fraction: the shuffle and the share of cells held out for validation.
+        shard_cells, shard_mb, codec, counts_dtype, chunk_nnz: the shards' layout (cells or
+            MB per shard, ``none`` / ``lz4`` / ``zstd``, stored dtype, entries per chunk).
+        overwrite: replace a collection of another conversion in ``out``.
+        progress: progress bars; log: where the per-dataset report lines go (stderr).
+
+    Returns:
+        the :class:`Manifest` of the finished collection.
+
+    Raises:
+        InputError: (a ``ValueError``) a bad input: unreadable, damaged, negative or
+            non-integer counts, no genes mapped.
+        ValueError: a bad option (named with its ``txfm data convert`` flag).
+        FileExistsError: ``out`` holds something else, or another conversion is writing it.
+        TypeError: an input that is not a path, ``counts`` not a mapping.
+
+    A conversion that fails on a bad input or option leaves no ``out`` behind if it created it.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if isinstance(inputs, (str, os.PathLike)):

@@ -158,9 +158,11 @@ class CSRBatch:
                         fn(self.cell_ids), {k: fn(v) for k, v in self.obs.items()}, self.n_genes)
 
     def to(self, device, non_blocking: bool = False) -> "CSRBatch":
+        """Every tensor on ``device`` (``non_blocking`` as :meth:`torch.Tensor.to`)."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "CSRBatch":
+        """Every tensor in pinned host memory (what a DataLoader's ``pin_memory`` calls)."""
         return self._map(lambda t: t if t.is_pinned() else t.pin_memory())
 
     def to_dense(self) -> torch.Tensor:

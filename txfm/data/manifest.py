@@ -107,6 +107,7 @@ class Manifest:
         return sum(s.n_cells for s in self.shards)
 
     def split_shards(self, split: str) -> tuple[ShardInfo, ...]:
+        """The shards of ``split`` (``"train"`` or ``"val"``, else ``ValueError``), in order."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         return tuple(s for s in self.shards if s.split == split)
@@ -132,6 +133,12 @@ class Manifest:
 
     @classmethod
     def load(cls, root) -> "Manifest":
+        """The manifest of the shard collection in folder ``root``.
+
+        Raises:
+            FileNotFoundError: no ``manifest.json`` (an interrupted conversion is named).
+            ValueError: a corrupt manifest, or one of another format or a newer version.
+        """
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -189,6 +196,7 @@ class Manifest:
                 read_dtype(self.indices_dtype, "indices").name)
 
     def summary(self) -> str:
+        """What ``txfm data info`` prints: cells per split, genes, shards, dtypes, datasets."""
         rc, ri = self.read_dtypes
         lines = [f"{self.root}: {self.n_cells:,} cells ({self.n_split_cells('train'):,} train, "
                  f"{self.n_split_cells('val'):,} val) x {self.n_genes:,} genes "

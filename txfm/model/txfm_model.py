@@ -102,6 +102,16 @@ class TxFM(nn.Module):
         Keywords given beside ``sample`` override its fields (e.g. ``key_padding_mask=None``
         when no row is padded).
         ``drop_keep [depth, B]`` bool: stochastic-depth decisions (None: drawn here).
+
+        Shapes: ``gene_ids [B, K]`` int32/int64, ``values [B, K]`` float (log1p-normalised),
+        ``key_padding_mask [B, K]`` bool or None, ``target [B, G]`` fp32, ``gene_mask`` None /
+        ``[G]`` / ``[B, G]`` bool or a ``RowGeneMask``, ``library_size [B]`` (counts per cell;
+        the MSE/NB losses' scale). Returns a 0-d fp32 loss: the mean over cells of the
+        per-gene loss over observable genes (arXiv:2605.31562, loss; :mod:`txfm.model.losses`).
+
+        Raises:
+            ValueError: ``gene_ids``, ``values`` or ``target`` missing; the kernels'
+                ``TypeError`` / ``ValueError`` / ``IndexError`` naming a bad tensor.
         """
         fields = dict(gene_ids=gene_ids, values=values, key_padding_mask=key_padding_mask,
                       target=target, gene_mask=gene_mask, library_size=library_size)

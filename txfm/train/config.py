@@ -30,7 +30,37 @@ RECIPES = {
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run; saved in each checkpoint and in ``RUN/config.json``."""
+    """Every knob of a run; saved in each checkpoint and in ``RUN/config.json``. The recipe is
+    the paper's (arXiv:2605.31562, training recipe; docs/training.md); ``txfm train``'s flags
+    set the same fields.
+
+    Attributes:
+        preset: model and recipe preset, ``tiny``, ``S``, ``B`` or ``L`` (:meth:`for_preset`).
+        data: a shards folder (``txfm data convert``); None: the demo's shards;
+            ``"random[:cells=N,genes=G]"``: generated in memory.
+        out: the run folder (checkpoints, ``metrics.csv``, ``config.json``, plots).
+        batch_size: cells per optimizer step, over all ranks and micro-batches (global).
+        accum: micro-batches per rank per step (gradient accumulation).
+        steps / epochs: the run's length in optimizer steps, or in passes over the training
+            split when ``steps`` is None.
+        lr: the one-cycle schedule's peak learning rate; betas, eps: AdamW's.
+        weight_decay: AdamW's decoupled decay; None: ``1 / (lr x total steps)``.
+        warmup: the share of steps (0-1) that warms the learning rate up.
+        grad_clip: the largest gradient norm (None or 0: no clipping).
+        init_bias: start the decoder's output bias at the corpus's per-gene optimum.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
+        compile: ``torch.compile`` the model. device: ``auto``, ``cpu``, ``cuda`` or
+            ``cuda:N`` (``auto`` under torchrun: ``cuda:LOCAL_RANK``).
+        seed: data order, masking draws and initialisation.
+        log_every, val_every, ckpt_every: in steps (None: only at the end); val_batches:
+            validation micro-batches, all ranks together; keep_checkpoints: how many are kept.
+        resume: continue the run in ``out`` from its last checkpoint.
+        progress, tensorboard, pin_memory, plot: a progress bar, TensorBoard logs (when
+            installed), pinned host batches (CUDA), ``loss.png``.
+
+    Raises:
+        ConfigError: (a ``ValueError``) a field out of range or of the wrong type, named.
+    """
 
     preset: str = "tiny"
     data: str | None = None  # shards folder; None: the demo shards; "random[:k=v,...]": in memory

@@ -83,10 +83,22 @@ class TrainResult:
 # Trainer
 # ------------------------------------------------------------------------------------------------
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` (+ optional model config) and runs it.
+    """Builds everything from a :class:`TrainConfig` (+ optional model config, default the
+    preset's) and runs it: the loaders, the model (decoder bias from the corpus), fused AdamW,
+    the one-cycle schedule, DDP under torchrun (docs/training.md; arXiv:2605.31562, training
+    recipe).
 
     ``loader_factory(split, batch_size, rank, world_size, pin_memory)`` replaces the data of
     ``cfg.data`` (tests and benchmarks pass in-memory sources).
+
+    Raises (before the data is read where they can be told without it):
+        ValueError: K above the corpus's genes, a ``backend`` or ``attention`` that cannot run
+            here, a batch that does not split over ranks and ``accum``, a training split
+            smaller than one step.
+        FileExistsError: ``out`` holds checkpoints and ``resume`` is off.
+        FileNotFoundError: ``resume`` without a checkpoint.
+        ConfigError: (a ``ValueError``) an ``out`` that cannot be written.
+        txfm.locks.FolderBusyError: (from :meth:`fit`) another run holds ``out``.
     """
 
     def __init__(self, cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
@@ -335,6 +347,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict:
+        """What a checkpoint holds: model, optimizer, schedule, every rank's loader position
+        and RNG state, the step, both configs and the vocabulary (a collective under DDP)."""
         loaders = dist.all_gather_object(self.loader.state_dict(), self.dist)
         rngs = dist.all_gather_object(_rng_state(self.device), self.dist)
         return {"step": self.step, "epoch": self.epoch, "samples": self.samples,
@@ -347,6 +361,9 @@ class Trainer:
                 "torch": torch.__version__}
 
     def save(self) -> pathlib.Path | None:
+        """Write a checkpoint of :meth:`state` (main rank; every rank must call it); returns
+        its path on the main rank, None elsewhere. Raises ``CheckpointError`` when it cannot
+        be written (nothing half-written is left)."""
         state = self.state()  # collective: every rank takes part
         path = None
         if self.dist.is_main:
@@ -524,7 +541,9 @@ class Trainer:
 
 def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
           loader_factory=None) -> TrainResult:
-    """Run (or resume) a training run; returns where its checkpoint, metrics and plot are."""
+    """Run (or resume) a training run (:class:`Trainer`, then :meth:`Trainer.fit`); returns
+    where its checkpoint, metrics and plot are (:class:`TrainResult`; ``history`` holds the
+    metrics rows). Errors as :class:`Trainer`."""
     trainer = Trainer(cfg, model_config, loader_factory=loader_factory)
     try:
         return trainer.fit()
