@@ -75,7 +75,7 @@ class LearningProbe:
         self.mean_logits = mean_logits  # [G] logits of the per-gene-mean predictor
         self.sums = torch.zeros(6, dtype=torch.float64, device=mean_logits.device)
         self.embeddings: dict[int, torch.Tensor] = {}  # global batch index -> [b, d]
-        self._lonely: list[tuple] = []  # one-cell batches: (index, target, observable, lib)
+        self._lonely: list[tuple] = []  # one-cell batches: (index, target, observable, lib, loss)
         self.cells = 0
 
     @torch.no_grad()
