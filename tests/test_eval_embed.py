@@ -267,6 +267,43 @@ def test_embed_precision_follows_the_training_precision(trained):
     assert ad.read_h5ad(out).uns["txfm_embed"]["X_txfm"]["precision"] == "fp32"
 
 
+def test_embed_anndata_in_memory_matches_the_command(trained, tmp_path):
+    """embed_anndata: an AnnData in a notebook gets the embedding txfm embed writes to a file,
+    in .obsm[key] (as scanpy's tools write X_pca), with the same provenance record; a loaded
+    model serves several calls; counts in a layer or .raw; a key is not replaced silently."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from txfm.cli import UsageError, main
+    from txfm.eval.embed import embed_anndata, load_model
+
+    root, synth = trained
+    out = tmp_path / "cli.h5ad"
+    assert main(["embed", "--checkpoint", str(root / "run"), "--input", str(synth.datasets[0]),
+                 "--out", str(out), "--no-progress", "--k", "32"]) == 0
+    want = ad.read_h5ad(out)
+    a = ad.read_h5ad(synth.datasets[0])
+    lines = []
+    emb = embed_anndata(a, root / "run", k=32, progress=False, log=lines.append)
+    np.testing.assert_array_equal(emb, want.obsm["X_txfm"])
+    assert a.obsm["X_txfm"] is emb and len(lines) == 1 and "genes mapped" in lines[0]
+    assert a.uns["txfm_embed"]["X_txfm"] == want.uns["txfm_embed"]["X_txfm"]
+    with pytest.raises(UsageError, match=r"already has .obsm\['X_txfm'\].*overwrite=True"):
+        embed_anndata(a, root / "run", k=32, progress=False)
+    loaded = load_model(str(root / "run"))
+    moved = ad.AnnData(X=sp.csr_matrix(np.log1p(a.X.toarray())), obs=a.obs, var=a.var,
+                       layers={"counts": a.X.copy()})
+    moved.raw = ad.AnnData(X=a.X.copy(), var=a.var)
+    for layer in ("counts", "raw"):
+        got = embed_anndata(moved, loaded, key=f"X_{layer}", layer=layer, k=32, progress=False)
+        np.testing.assert_array_equal(got, emb)
+        assert moved.uns["txfm_embed"][f"X_{layer}"]["layer"] == layer
+    with pytest.raises(UsageError, match="non-integer"):  # log-normalised .X is refused
+        embed_anndata(moved, loaded, key="X_bad", progress=False)
+    with pytest.raises(UsageError, match="no layer 'spliced'"):
+        embed_anndata(moved, loaded, key="X_bad", layer="spliced", progress=False)
+
+
 def test_embed_api_rejects_bad_arguments_by_name(trained):
     from txfm.eval.embed import embed_counts, load_model
 

@@ -3,7 +3,7 @@
 Commands (``txfm/eval/cli.py``): ``txfm embed``, ``txfm genes``, ``txfm eval relationships``,
 ``txfm eval perturbation``. The same work as Python functions:
 
-* :mod:`txfm.eval.embed`          ``embed_counts``, ``gene_representations``,
+* :mod:`txfm.eval.embed`          ``embed_anndata``, ``embed_counts``, ``gene_representations``,
                                   ``remap_to_vocabulary``, ``map_input_genes``
 * :mod:`txfm.eval.relationships`  ``load_databases``, ``recall_table``,
                                   ``evaluate_representations``, ``compute_recall``
@@ -18,3 +18,7 @@ Commands (``txfm/eval/cli.py``): ``txfm embed``, ``txfm genes``, ``txfm eval rel
 
 Modules import their heavy dependencies (torch, scikit-learn, anndata) only when used.
 """
+
+# txfm embed's default K: every observable gene, at most this many times the training K
+# (docs/learning.md: more genes at inference embed better; the cap bounds attention's cost)
+EMBED_K_FACTOR = 8

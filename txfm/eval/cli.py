@@ -19,8 +19,9 @@ from txfm.cli import (
     positive_int,
 )
 
+from . import EMBED_K_FACTOR
 
-EMBED_K_FACTOR = 8  # txfm embed's default K: all observable genes, at most 8x the training K
+
 
 
 def register(subparsers) -> None:
@@ -256,18 +257,10 @@ def _output(path, *, folder: bool) -> pathlib.Path:
 # ----------------------------------------------------------------------------- embed / genes
 
 def cmd_embed(args) -> int:
-    from .embed import (
-        embed_counts,
-        load_model,
-        map_input_genes,
-        remap_to_vocabulary,
-        resolve_device,
-        resolve_precision,
-    )
     from txfm.cli import check_device
 
-    from .io import (count_alternatives, counts_matrix, counts_source, read_input, with_counts,
-                     write_h5ad)
+    from .embed import embed_anndata, load_model, resolve_device
+    from .io import read_input, write_h5ad
 
     device = resolve_device(check_device("--device", args.device))
     out = _output(args.out, folder=False)
@@ -277,64 +270,18 @@ def cmd_embed(args) -> int:
     if args.seed > 2**63 - 1 - args.draws:
         return _fail(f"--seed {args.seed}: must be below 2^63 - --draws")
     table = _table(args.gene_table)
-    model, config, vocab, info = load_model(args.checkpoint, device)
+    loaded = load_model(args.checkpoint, device)
     original = read_input(args.input, "--input")  # written back whole, plus .obsm[--key]
-    adata = with_counts(original, args.layer, args.input, "--input")
-    raw = counts_matrix(adata, f"--input {args.input}", matrix=counts_source(original, args.layer),
-                        non_integer="accept" if args.allow_non_integer else "refuse",
-                        alternatives=count_alternatives(original))
-    if args.key in original.obsm and not args.overwrite:
-        return _fail(f"--key {args.key}: {args.input} already has .obsm[{args.key!r}]; choose "
-                     f"another --key or pass --overwrite to replace it")
-    match = map_input_genes(adata.var, vocab, table, info.get("symbols"))
-    print(f"{args.input}: {adata.n_obs:,} cells; {match.summary(len(vocab))}")
-    clash = match.collisions()
-    if clash.size:
-        names = [str(adata.var_names[i]) for i in clash[:6]]
-        print(f"warning: {clash.size:,} input genes share a vocabulary gene with another and "
-              f"are summed ({', '.join(names)}{' ...' if clash.size > 6 else ''})",
-              file=sys.stderr)
-    if match.n_case > match.n_mapped // 2:
-        print(f"warning: {match.n_case:,} of the {match.n_mapped:,} mapped genes match only "
-              f"ignoring upper/lower case: another species' genes (Cd4 for CD4)? check that the "
-              f"model was trained on this organism", file=sys.stderr)
-    try:
-        counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
-    except ValueError as err:
-        return _fail(str(err))
-    if int(observable.sum()) < int(config.k):
-        print(f"warning: the input profiles {int(observable.sum()):,} of the model's genes, "
-              f"fewer than the K={config.k} it was shown per cell in training: the embeddings "
-              f"see less of each cell than the model expects", file=sys.stderr)
-    if counts.nnz and float(counts.data.max()) <= 1.0:
-        print("warning: every count is 0 or 1 (binarised data?): the model expects raw UMI "
-              "counts", file=sys.stderr)
-    # more shown genes than in training give better embeddings (docs/learning.md); the cap
-    # bounds the quadratic attention cost on inputs that profile tens of thousands of genes
-    # a K above the observable genes would only add padding (memory and time, no change)
-    k = min(int(observable.sum()), args.k or EMBED_K_FACTOR * int(config.k))
-    empty = int((counts.getnnz(axis=1) == 0).sum())
-    if empty:
-        print(f"warning: {empty:,} cells have no counts in the mapped genes (their embedding is "
-              "that of an empty profile)", file=sys.stderr)
-    target_sum = float(config.target_sum)  # the normalisation the model was trained with
-    precision = resolve_precision(args.precision, device, model.trained_precision)
-    emb = embed_counts(model, counts, observable, k=k, draws=args.draws, seed=args.seed,
-                       batch_size=args.batch_size, device=device, target_sum=target_sum,
-                       precision=precision, progress=not args.no_progress)
-    original.obsm[args.key] = emb
-    runs = dict(original.uns.get("txfm_embed", {})) if \
-        isinstance(original.uns.get("txfm_embed"), dict) and \
-        "checkpoint" not in original.uns["txfm_embed"] else {}  # a run of before: replaced
-    runs[args.key] = {"checkpoint": str(info.get("path", args.checkpoint)),
-                      "step": int(info.get("step") or 0), "k": k, "draws": args.draws,
-                      "seed": args.seed, "precision": precision,
-                      "layer": args.layer or "X", "genes_mapped": match.n_mapped,
-                      "genes_input": len(match.index), "mapping": match.how}
-    original.uns["txfm_embed"] = runs
+    emb = embed_anndata(original, loaded, key=args.key, layer=args.layer, k=args.k,
+                        draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+                        device=device, precision=args.precision, gene_table=table,
+                        allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
+                        progress=not args.no_progress, source=f"--input {args.input}",
+                        log=lambda line: print(f"{args.input}: {line}"))
+    run = original.uns["txfm_embed"][args.key]
     write_h5ad(original, out)
-    print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={k}, "
-          f"draws={args.draws}, {device}, {precision})")
+    print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={run['k']}, "
+          f"draws={args.draws}, {device}, {run['precision']})")
     return 0
 
 

@@ -1,5 +1,8 @@
 """Cell embeddings and gene representations from a trained TxFM checkpoint (arXiv:2605.31562, evaluation).
 
+* :func:`embed_anndata` — what ``txfm embed`` does, on an AnnData in memory: its counts
+  (``.X``, a layer or ``.raw``) mapped onto the model's genes, embedded, and written to
+  ``adata.obsm[key]`` as scanpy's tools write ``X_pca``.
 * :func:`embed_counts` — CLS embeddings ``[cells, d]`` of raw counts whose columns are already
   in the model's vocabulary. The K shown genes of each cell are drawn by
   :func:`txfm_kernels.masked_sample` (library-size normalisation + ``log1p`` + uniform draw
@@ -26,6 +29,7 @@ import scipy.sparse as sp
 
 from txfm.model.config import PRECISIONS
 
+from . import EMBED_K_FACTOR
 from .genemap import GeneMatch, GeneTable, match_genes
 
 KEY_BLOCK = 64
@@ -331,6 +335,123 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         raise RuntimeError("the model produced NaN/inf embeddings; check the checkpoint and the "
                            "input counts (cells with no counts in the mapped genes?)")
     return out
+
+
+def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None = None,
+                  k: int | None = None, draws: int = 1, seed: int = 0, batch_size: int = 256,
+                  device: str = "auto", precision: str = "auto", gene_table=None,
+                  allow_non_integer: bool = False, overwrite: bool = False,
+                  progress: bool = True, log=None, source: str = "adata") -> np.ndarray:
+    """Embed every cell of ``adata`` with a trained model into ``adata.obsm[key]`` (in place,
+    as ``sc.tl.pca`` writes ``obsm["X_pca"]``); what ``txfm embed`` does to a file.
+
+    The counts are mapped onto the model's vocabulary by gene id or symbol
+    (:func:`map_input_genes`), and each cell is shown ``k`` of its profiled genes
+    (:func:`embed_counts`; arXiv:2605.31562, evaluation; docs/learning.md for the default).
+    ``adata.uns["txfm_embed"][key]`` records the checkpoint, step, K, draws, seed, precision,
+    layer and the genes mapped.
+
+    Args:
+        adata: cells x genes AnnData (in memory or backed) of raw integer counts.
+        checkpoint: a run folder or checkpoint file, or the tuple :func:`load_model` returns
+            (to embed several AnnData with one loaded model).
+        key: the ``.obsm`` key written; an existing one needs ``overwrite=True``.
+        layer: where the counts are: None (``.X``), a layer name, or ``"raw"`` (``.raw.X``,
+            unless a layer is named ``raw``).
+        k: shown genes per cell; default every profiled gene, at most ``EMBED_K_FACTOR`` (8)
+            x the model's training K.
+        draws, seed, batch_size, device, precision: as :func:`embed_counts` (device ``auto``:
+            CUDA when there is one; precision ``auto``: the model's training precision).
+        gene_table: a :class:`~txfm.eval.genemap.GeneTable` (Ensembl id <-> symbol) for inputs
+            named otherwise than the model's genes.
+        allow_non_integer: embed non-integer (normalised, log) values instead of refusing.
+        log: called with the one-line summary of the gene mapping (default: silent).
+        source: how messages name the input (``txfm embed``: ``--input FILE``).
+    Returns:
+        ``[n_obs, d]`` float32, the array put in ``adata.obsm[key]``.
+    Raises:
+        txfm.cli.UsageError: (a ``ValueError``) a bad ``key``, ``seed`` or ``layer``; an
+            existing ``key`` without ``overwrite``; counts that are not raw counts; no gene
+            mapped onto the vocabulary.
+        CheckpointError: an unreadable checkpoint.
+    Warns (``UserWarning``): genes summed into one vocabulary gene, case-only matches (another
+    species?), fewer profiled genes than the training K, 0/1 data, cells without counts.
+    """
+    import warnings
+
+    from txfm.cli import UsageError
+
+    from .io import count_alternatives, counts_matrix, counts_source, with_counts
+
+    if not isinstance(key, str) or not key or "/" in key or key != key.strip():
+        raise UsageError(f"key={key!r} (--key): an .obsm key must be a non-empty name without "
+                         f"'/' or surrounding spaces (e.g. X_txfm)")
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise UsageError(f"draws={draws!r} (--draws): must be an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed <= 2**63 - 1 - draws:
+        raise UsageError(f"seed={seed!r} (--seed): must be an integer in [0, 2^63 - draws)")
+    device = resolve_device(device)
+    if isinstance(checkpoint, tuple):
+        model, config, vocab, info = checkpoint
+        model = model.to(device)
+    else:
+        model, config, vocab, info = load_model(str(checkpoint), device)
+    counted = with_counts(adata, layer, source, "")
+    raw = counts_matrix(counted, source, "layer= (--layer)", matrix=counts_source(adata, layer),
+                        non_integer="accept" if allow_non_integer else "refuse",
+                        alternatives=count_alternatives(adata))
+    if key in adata.obsm and not overwrite:
+        raise UsageError(f"key={key!r} (--key): {source} already has .obsm[{key!r}]; choose "
+                         f"another key or pass overwrite=True (--overwrite) to replace it")
+    match = map_input_genes(counted.var, vocab, gene_table, info.get("symbols"))
+    if log is not None:
+        log(f"{counted.n_obs:,} cells; {match.summary(len(vocab))}")
+    clash = match.collisions()
+    if clash.size:
+        names = [str(counted.var_names[i]) for i in clash[:6]]
+        warnings.warn(f"{clash.size:,} input genes share a vocabulary gene with another and are "
+                      f"summed ({', '.join(names)}{' ...' if clash.size > 6 else ''})",
+                      stacklevel=2)
+    if match.n_case > match.n_mapped // 2:
+        warnings.warn(f"{match.n_case:,} of the {match.n_mapped:,} mapped genes match only "
+                      f"ignoring upper/lower case: another species' genes (Cd4 for CD4)? check "
+                      f"that the model was trained on this organism", stacklevel=2)
+    try:
+        counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if int(observable.sum()) < int(config.k):
+        warnings.warn(f"the input profiles {int(observable.sum()):,} of the model's genes, fewer "
+                      f"than the K={config.k} it was shown per cell in training: the embeddings "
+                      f"see less of each cell than the model expects", stacklevel=2)
+    if counts.nnz and float(counts.data.max()) <= 1.0:
+        warnings.warn("every count is 0 or 1 (binarised data?): the model expects raw UMI "
+                      "counts", stacklevel=2)
+    # more shown genes than in training give better embeddings (docs/learning.md); the cap
+    # bounds the quadratic attention cost on inputs that profile tens of thousands of genes;
+    # a K above the observable genes would only add padding (memory and time, no change)
+    k = min(int(observable.sum()), k or EMBED_K_FACTOR * int(config.k))
+    empty = int((counts.getnnz(axis=1) == 0).sum())
+    if empty:
+        warnings.warn(f"{empty:,} cells have no counts in the mapped genes (their embedding is "
+                      "that of an empty profile)", stacklevel=2)
+    precision = resolve_precision(precision, device, getattr(model, "trained_precision", None))
+    emb = embed_counts(model, counts, observable, k=k, draws=draws, seed=seed,
+                       batch_size=batch_size, device=device, target_sum=float(config.target_sum),
+                       precision=precision, progress=progress)
+    adata.obsm[key] = emb
+    runs = adata.uns.get("txfm_embed")
+    # a record of before per-key records (one run's fields at the top level) is replaced
+    runs = dict(runs) if isinstance(runs, dict) and "checkpoint" not in runs else {}
+    runs[key] = {"checkpoint": str(info.get("path", checkpoint if not isinstance(checkpoint, tuple)
+                                                else "")),
+                 "step": int(info.get("step") or 0), "k": k, "draws": int(draws),
+                 "seed": int(seed), "precision": precision, "layer": layer or "X",
+                 "genes_mapped": match.n_mapped, "genes_input": len(match.index),
+                 "mapping": match.how}
+    adata.uns["txfm_embed"] = runs
+    return emb
 
 
 def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, target_sum: float,

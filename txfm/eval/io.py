@@ -156,14 +156,15 @@ def with_counts(a, layer: str | None, path, option: str = "input"):
 
     if layer is None:
         return a
+    where = f"{option} {path}".strip()
     if layer == "raw" and a.raw is not None and "raw" in a.layers:
-        raise UsageError(f"{option} {path}: 'raw' names both .raw and layers['raw']; rename the "
-                         "layer (or drop .raw) so that the counts are unambiguous")
+        raise UsageError(f"{where}: 'raw' names both .raw and layers['raw']; rename the layer "
+                         "(or drop .raw) so that the counts are unambiguous")
     if counts_source(a, layer) != ".raw.X":
         return ad.AnnData(X=a.layers[layer], obs=a.obs, var=a.var, obsm=dict(a.obsm))
     if layer == "raw" and a.raw is not None:
         return ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=dict(a.obsm))
-    raise UsageError(f"{option} {path}: no layer {layer!r} (layers: {list(a.layers.keys())}"
+    raise UsageError(f"{where}: no layer {layer!r} (layers: {list(a.layers.keys())}"
                      f"{', and .raw' if a.raw is not None else ''}; 'raw' names .raw.X, or "
                      f"leave the layer option out for .X)")
 
