@@ -469,6 +469,22 @@ def test_poisson_nll_loss_falls_back_for_what_torch_alone_covers():
             txfm_kernels.PoissonNLLLoss(eps=bad)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_poisson_nll_loss_keeps_channels_last(reduction):
+    """A channels_last input is read in its own order (no copy); "none" keeps its strides,
+    as torch's own loss does, and so does the gradient."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    t = torch.rand(2, 3, 4, 5) * 3
+    ours = poisson_nll_loss(x, t, reduction=reduction)
+    theirs = F.poisson_nll_loss(x, t, reduction=reduction)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.stride() == theirs.stride()
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    torch.testing.assert_close(g_ours, g_theirs)
+    assert g_ours.stride() == x.stride()
+
+
 def test_poisson_nll_module_is_a_torch_poisson_nll_loss():
     m = txfm_kernels.PoissonNLLLoss(log_input=False, full=True, reduction="sum")
     assert isinstance(m, torch.nn.PoissonNLLLoss)

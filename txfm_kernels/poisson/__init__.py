@@ -493,12 +493,29 @@ def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool 
     if name == "torch" or not _native_dropin(input, target):
         return F.poisson_nll_loss(input, target, log_input=log_input, full=full, eps=eps,
                                   reduction=reduction)
-    z = input.reshape(1, -1)
+    # A dense input in another memory format (channels_last) is read in its own order: no
+    # copy, and a "none" result with the input's strides, as torch's elementwise loss gives.
+    order = _memory_order(input)
+    inp, tgt = (input, target) if order is None else (input.permute(order), target.permute(order))
+    z = inp.reshape(1, -1)
     need_grad = z.requires_grad and torch.is_grad_enabled()
-    loss = _fused(z, target.reshape(1, -1), None, None, LOG if log_input else LINEAR,
+    loss = _fused(z, tgt.reshape(1, -1), None, None, LOG if log_input else LINEAR,
                   bool(full), 0.0, 1.0, eps, reduction, need_grad, name)
     loss = loss.to(input.dtype)
-    return loss.reshape(input.shape) if reduction == "none" else loss
+    if reduction != "none":
+        return loss
+    loss = loss.reshape(inp.shape)
+    return loss if order is None else loss.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _memory_order(t: torch.Tensor) -> list[int] | None:
+    """The permutation of ``t``'s dimensions in which a non-contiguous but dense ``t`` is
+    contiguous (e.g. NHWC for a channels_last NCHW tensor); None when ``t`` is contiguous or
+    has no such order (a strided view: reshape copies it)."""
+    if t.is_contiguous() or t.dim() < 2:
+        return None
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    return order if t.permute(order).is_contiguous() else None
 
 
 # ---------------------------------------------------------------------------------------------
