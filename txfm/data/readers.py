@@ -231,7 +231,7 @@ class H5adReader(InputReader):
         # how the count matrix was chosen: this input's own --counts, or the global flag
         by = self._chosen_by or ("--raw" if use_raw else f"--layer {layer}")
         every = ("" if self._chosen_by else "; --raw and --layer apply to every .h5ad input: "
-                 f"give this one its own with --counts {self.name}=WHERE (X, raw or "
+                 f"give this one its own with --counts {self.path}=WHERE (X, raw or "
                  "layers/NAME)")
         if use_raw:
             if "raw" not in f:

@@ -274,12 +274,12 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed < 2**63 - draws:
         raise ValueError(f"seed must be an integer in [0, 2^63 - draws), got {seed!r}")
-    if target_sum is None:
-        target_sum = float(getattr(getattr(model, "config", None), "target_sum", 1e5))
+    own = float(getattr(getattr(model, "config", None), "target_sum", 1e5))
+    target_sum = own if target_sum is None else target_sum
     if isinstance(target_sum, bool) or not isinstance(target_sum, (int, float, np.number)) \
             or not np.isfinite(target_sum) or target_sum <= 0:
         raise ValueError(f"target_sum must be a finite number > 0, got {target_sum!r} (leave "
-                         f"it out for the model's own, {model.config.target_sum:g})")
+                         f"it out for the model's own, {own:g})")
     n_genes = counts.shape[1]
     vocab_size = getattr(model, "n_genes", n_genes)
     if n_genes != vocab_size:
