@@ -302,6 +302,21 @@ def test_embed_anndata_in_memory_matches_the_command(trained, tmp_path):
         embed_anndata(moved, loaded, key="X_bad", progress=False)
     with pytest.raises(UsageError, match="no layer 'spliced'"):
         embed_anndata(moved, loaded, key="X_bad", layer="spliced", progress=False)
+    # Python's words in Python's messages
+    with pytest.raises(UsageError, match=r"layer='counts'.*allow_non_integer=True"):
+        embed_anndata(moved, loaded, key="X_bad", progress=False)
+    # scipy's sparse arrays and a backed file (sparse .X) embed as the matrix does
+    arr = ad.AnnData(X=sp.csr_array(a.X), obs=a.obs, var=a.var)
+    np.testing.assert_array_equal(embed_anndata(arr, loaded, k=32, progress=False), emb)
+    backed = ad.read_h5ad(synth.datasets[0], backed="r")
+    np.testing.assert_array_equal(embed_anndata(backed, loaded, k=32, progress=False), emb)
+    with pytest.raises(UsageError, match="view of a backed AnnData.*to_memory"):
+        embed_anndata(backed[:10], loaded, key="X_view", progress=False)
+    with pytest.raises(TypeError, match="not the model alone"):
+        embed_anndata(a, loaded[0], key="X_bad", progress=False)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(UsageError, match="k=.*must be an integer >= 1"):
+            embed_anndata(a, loaded, key="X_bad", k=bad, progress=False)
 
 
 def test_embed_api_rejects_bad_arguments_by_name(trained):

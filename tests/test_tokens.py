@@ -472,8 +472,32 @@ def test_pad_mask_is_a_deprecated_alias_of_key_padding_mask():
     with pytest.warns(DeprecationWarning, match="TxFM.embed"):
         assert torch.equal(model.embed(gene_ids, values, pad_mask=mask),
                            model.embed(gene_ids, values, mask))
+    for call in (lambda **kw: model.logits(gene_ids, values, **kw),
+                 lambda **kw: model.predict(gene_ids, values, **kw),
+                 lambda **kw: model.encoder(gene_ids, values, **kw)):
+        with pytest.warns(DeprecationWarning, match="pad_mask= is deprecated") as seen:
+            old = call(pad_mask=mask)
+        assert seen[0].filename == __file__  # the warning points at the caller
+        assert torch.equal(old, call(key_padding_mask=mask))
+    # under torch.compile (fullgraph) the alias works without the warning dynamo cannot trace
+    compiled = torch.compile(lambda e, i, x, m: gene_tokens(e, i, x, pad_mask=m), fullgraph=True)
+    assert torch.equal(compiled(codebook, gene_ids, values, mask),
+                       gene_tokens(codebook, gene_ids, values, key_padding_mask=mask))
     csr = torch.tensor([[1, 2, 0, 3, 1, 0, 2]], dtype=torch.float32).to_sparse_csr()
     s = masked_sample(csr.crow_indices(), csr.col_indices().int(), csr.values(), n_genes=7, k=3,
                       seed=0)
     with pytest.warns(DeprecationWarning, match="use .key_padding_mask"):
         assert s.pad_mask is s.key_padding_mask
+    # a batch object of before the rename (a .pad_mask field): its mask is used, with a warning
+    import collections
+
+    Old = collections.namedtuple("Old", "gene_ids values pad_mask target gene_mask library_size")
+    ids, vals = s.gene_ids.long(), s.values
+    pad = torch.tensor([[False, False, True]])
+    old = Old(ids, vals, pad, s.target, s.gene_mask, s.library_size)
+    with pytest.warns(DeprecationWarning, match=r"TxFM.forward \(sample\)"):
+        got = model(old)
+    assert torch.equal(got, model(s, key_padding_mask=pad))
+    assert not torch.equal(got, model(s, key_padding_mask=None))
+    with pytest.warns(DeprecationWarning, match="TxFM.forward"):
+        assert torch.equal(model(s, pad_mask=pad), got)

@@ -350,17 +350,22 @@ def traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(isinstance(t, _TRACING_TENSORS) for t in tensors)
 
 
-def renamed_padding(key_padding_mask, pad_mask, op: str):
+def renamed_padding(key_padding_mask, pad_mask, op: str, stacklevel: int = 3):
     """``key_padding_mask``, or the deprecated ``pad_mask`` it replaced (torch's name for the
-    same mask: True = padding), with a ``DeprecationWarning``; both at once is a TypeError."""
+    same mask: True = padding), with a ``DeprecationWarning`` pointing ``stacklevel`` frames
+    up (the caller of a function: 3; of a module's forward: 5); both at once is a TypeError.
+    Under torch.compile the warning is left out (dynamo cannot trace it; eager runs show it).
+    """
     if pad_mask is None:
         return key_padding_mask
     if key_padding_mask is not None:
         raise TypeError(f"{op}: give key_padding_mask only (pad_mask is its deprecated name)")
-    import warnings
+    if not torch.compiler.is_compiling():
+        import warnings
 
-    warnings.warn(f"{op}: pad_mask= is deprecated, pass key_padding_mask= (the same mask, "
-                  f"torch's name: True = padding)", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"{op}: pad_mask= is deprecated, pass key_padding_mask= (the same mask, "
+                      f"torch's name: True = padding)", DeprecationWarning,
+                      stacklevel=stacklevel)
     return pad_mask
 
 

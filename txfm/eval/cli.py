@@ -277,7 +277,7 @@ def cmd_embed(args) -> int:
                         device=device, precision=args.precision, gene_table=table,
                         allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
                         progress=not args.no_progress, source=f"--input {args.input}",
-                        log=lambda line: print(f"{args.input}: {line}"))
+                        cli=True, log=lambda line: print(f"{args.input}: {line}"))
     run = original.uns["txfm_embed"][args.key]
     write_h5ad(original, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={run['k']}, "

@@ -341,7 +341,8 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
                   k: int | None = None, draws: int = 1, seed: int = 0, batch_size: int = 256,
                   device: str = "auto", precision: str = "auto", gene_table=None,
                   allow_non_integer: bool = False, overwrite: bool = False,
-                  progress: bool = True, log=None, source: str = "adata") -> np.ndarray:
+                  progress: bool = True, log=None, source: str = "adata",
+                  cli: bool = False) -> np.ndarray:
     """Embed every cell of ``adata`` with a trained model into ``adata.obsm[key]`` (in place,
     as ``sc.tl.pca`` writes ``obsm["X_pca"]``); what ``txfm embed`` does to a file.
 
@@ -366,7 +367,8 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
             named otherwise than the model's genes.
         allow_non_integer: embed non-integer (normalised, log) values instead of refusing.
         log: called with the one-line summary of the gene mapping (default: silent).
-        source: how messages name the input (``txfm embed``: ``--input FILE``).
+        source: how messages name the input (``txfm embed``: ``--input FILE``); cli: name
+            ``txfm embed``'s flags in messages instead of these arguments.
     Returns:
         ``[n_obs, d]`` float32, the array put in ``adata.obsm[key]``.
     Raises:
@@ -379,10 +381,20 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     """
     import warnings
 
+    import torch
+
     from txfm.cli import UsageError
 
     from .io import count_alternatives, counts_matrix, counts_source, with_counts
 
+    if isinstance(checkpoint, torch.nn.Module):
+        raise TypeError("checkpoint must be a run folder, a checkpoint file or the tuple "
+                        "load_model(...) returns, not the model alone")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise UsageError(f"k={k!r} (--k): must be an integer >= 1, or None for the default")
+    if adata.isbacked and adata.is_view:
+        raise UsageError(f"{source} is a view of a backed AnnData, which cannot take .obsm: "
+                         f"call .to_memory() on the view first")
     if not isinstance(key, str) or not key or "/" in key or key != key.strip():
         raise UsageError(f"key={key!r} (--key): an .obsm key must be a non-empty name without "
                          f"'/' or surrounding spaces (e.g. X_txfm)")
@@ -398,9 +410,12 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     else:
         model, config, vocab, info = load_model(str(checkpoint), device)
     counted = with_counts(adata, layer, source, "")
-    raw = counts_matrix(counted, source, "layer= (--layer)", matrix=counts_source(adata, layer),
+    raw = counts_matrix(counted, source, "--layer" if cli else "layer=",
+                        matrix=counts_source(adata, layer),
                         non_integer="accept" if allow_non_integer else "refuse",
-                        alternatives=count_alternatives(adata))
+                        alternatives=count_alternatives(adata, "--layer {}" if cli
+                                                        else "layer={!r}"),
+                        allow_option="--allow-non-integer" if cli else "allow_non_integer=True")
     if key in adata.obsm and not overwrite:
         raise UsageError(f"key={key!r} (--key): {source} already has .obsm[{key!r}]; choose "
                          f"another key or pass overwrite=True (--overwrite) to replace it")
@@ -432,7 +447,7 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     # bounds the quadratic attention cost on inputs that profile tens of thousands of genes;
     # a K above the observable genes would only add padding (memory and time, no change)
     k = min(int(observable.sum()), k or EMBED_K_FACTOR * int(config.k))
-    empty = int((counts.getnnz(axis=1) == 0).sum())
+    empty = int((np.diff(counts.indptr) == 0).sum())
     if empty:
         warnings.warn(f"{empty:,} cells have no counts in the mapped genes (their embedding is "
                       "that of an empty profile)", stacklevel=2)

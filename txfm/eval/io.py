@@ -222,17 +222,19 @@ def counts_source(a, layer: str | None) -> str:
     return f"layers[{layer!r}]" if layer in a.layers else ".raw.X"
 
 
-def count_alternatives(a) -> str:
-    """The other places of ``a`` that may hold raw counts, for a message ("" if none)."""
-    places = [f"--layer {name}" for name in a.layers.keys()]
+def count_alternatives(a, form: str = "--layer {}") -> str:
+    """The other places of ``a`` that may hold raw counts, for a message ("" if none), each
+    named as ``form.format(layer)`` (the CLI's ``--layer NAME``; Python's ``layer='NAME'``)."""
+    places = [form.format(name) for name in a.layers.keys()]
     if a.raw is not None:
-        places.append("--layer raw (.raw.X)")
+        places.append(f"{form.format('raw')} (.raw.X)")
     return f"; this file also has {', '.join(places)}" if places else ""
 
 
 def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *,
                   matrix: str = ".X", non_integer: str = "warn",
-                  alternatives: str = "") -> sp.csr_matrix:
+                  alternatives: str = "",
+                  allow_option: str = "--allow-non-integer") -> sp.csr_matrix:
     """``a.X`` as float32 CSR (densely stored counts are converted), checked to be raw counts.
 
     Args:
@@ -241,6 +243,8 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
         non_integer: non-integer values (normalised or log data) give a ``UserWarning``
             (``"warn"``), a :class:`UsageError` (``"refuse"``) or nothing (``"accept"``).
         alternatives: appended to those messages (:func:`count_alternatives`).
+        allow_option: what accepts non-integer values, named when they are refused.
+    A backed ``.X`` (``read_h5ad(backed="r")``) is read into memory.
     Raises:
         UsageError: no ``.X``, a damaged sparse structure (``indptr``/``indices`` out of
             range), any value NaN, infinite or negative (names ``source``, the first bad
@@ -250,6 +254,8 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
     x = a.X
     if x is None:
         raise UsageError(f"{source} has no .X; choose the counts with {layer_option}")
+    if hasattr(x, "to_memory"):  # anndata's backed sparse dataset
+        x = x.to_memory()
     if sp.issparse(x) and x.format in ("csr", "csc"):
         # a damaged indptr/indices would make scipy read out of bounds further on
         try:
@@ -257,8 +263,8 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
         except (ValueError, IndexError, TypeError) as exc:
             raise UsageError(f"{source}: its sparse matrix is damaged ({exc}); re-create or "
                              "re-download the file") from exc
-    x = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else \
-        x.tocsr().astype(np.float32)
+    # scipy's sparse arrays (csr_array) too: the result is always a csr_matrix
+    x = sp.csr_matrix(x.tocsr() if sp.issparse(x) else np.asarray(x), dtype=np.float32)
     for bad, what in ((~np.isfinite(x.data), "NaN or infinite"), (x.data < 0, "negative")):
         if bad.any():
             where = np.flatnonzero(bad)
@@ -273,6 +279,6 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
                f"are expected (normalised or log data?); pass the raw counts with "
                f"{layer_option}{alternatives}")
         if non_integer == "refuse":
-            raise UsageError(msg + ", or --allow-non-integer to use these values anyway")
+            raise UsageError(msg + f", or {allow_option} to use these values anyway")
         warnings.warn(msg, stacklevel=2)
     return x

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from txfm_kernels._common import renamed_padding
 from txfm_kernels.tokens import GeneTokenizer, gene_tokens
 
 from .config import TxFMConfig
@@ -190,12 +191,15 @@ class Encoder(nn.Module):
 
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None,
-                drop_keep: torch.Tensor | None = None) -> torch.Tensor:
+                drop_keep: torch.Tensor | None = None, *,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """CLS embedding ``[B, d]`` of ``gene_ids [B, K]`` int, ``values [B, K]`` float.
 
-        ``key_padding_mask [B, K]`` bool (True = padding) or None when no row is padded (lets GPU
-        attention take its fastest, mask-free kernels); ``drop_keep [depth, B]`` bool.
+        ``key_padding_mask [B, K]`` bool (True = padding) or None when no row is padded (lets
+        GPU attention take its fastest, mask-free kernels; ``pad_mask=`` is its deprecated
+        name); ``drop_keep [depth, B]`` bool.
         """
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "Encoder", stacklevel=5)
         x = self.tokens(gene_ids, values, key_padding_mask)
         mask = None
         if key_padding_mask is not None:

@@ -84,17 +84,22 @@ class TxFM(nn.Module):
         key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "TxFM.embed")
         return self.encoder(gene_ids, values, key_padding_mask)
 
-    def logits(self, gene_ids, values, key_padding_mask=None, drop_keep=None) -> torch.Tensor:
-        """Decoder logits ``[B, G]``."""
+    def logits(self, gene_ids, values, key_padding_mask=None, drop_keep=None, *,
+               pad_mask=None) -> torch.Tensor:
+        """Decoder logits ``[B, G]`` (``pad_mask=``: deprecated name of ``key_padding_mask``)."""
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "TxFM.logits")
         return self.decoder(self.encoder(gene_ids, values, key_padding_mask, drop_keep))
 
-    def predict(self, gene_ids, values, key_padding_mask=None, gene_mask=None) -> torch.Tensor:
-        """Predicted log1p-normalised values ``x_hat [B, G]`` fp32 (the activation of the logits)."""
+    def predict(self, gene_ids, values, key_padding_mask=None, gene_mask=None, *,
+                pad_mask=None) -> torch.Tensor:
+        """Predicted log1p-normalised values ``x_hat [B, G]`` fp32 (the activation of the
+        logits; ``pad_mask=``: deprecated name of ``key_padding_mask``)."""
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "TxFM.predict")
         return self.loss.predict(self.logits(gene_ids, values, key_padding_mask), gene_mask)
 
     def forward(self, sample=None, *, gene_ids=_UNSET, values=_UNSET, key_padding_mask=_UNSET,
                 target=_UNSET, gene_mask=_UNSET, library_size=_UNSET,
-                drop_keep=None) -> torch.Tensor:
+                drop_keep=None, pad_mask=_UNSET) -> torch.Tensor:
         """Scalar training loss of a batch.
 
         Either ``model(sample)`` with a ``MaskedSample`` (fields ``gene_ids, values,
@@ -113,6 +118,15 @@ class TxFM(nn.Module):
             ValueError: ``gene_ids``, ``values`` or ``target`` missing; the kernels'
                 ``TypeError`` / ``ValueError`` / ``IndexError`` naming a bad tensor.
         """
+        if pad_mask is not _UNSET:  # the deprecated name
+            key_padding_mask = renamed_padding(None if key_padding_mask is _UNSET
+                                               else key_padding_mask, pad_mask, "TxFM.forward",
+                                               stacklevel=5)
+        elif key_padding_mask is _UNSET and sample is not None \
+                and not hasattr(sample, "key_padding_mask") and hasattr(sample, "pad_mask"):
+            # a batch object of before the rename: its mask is not dropped silently
+            key_padding_mask = renamed_padding(None, sample.pad_mask, "TxFM.forward (sample)",
+                                               stacklevel=5)
         fields = dict(gene_ids=gene_ids, values=values, key_padding_mask=key_padding_mask,
                       target=target, gene_mask=gene_mask, library_size=library_size)
         fields = {k: (getattr(sample, k, None) if v is _UNSET else v) for k, v in fields.items()}

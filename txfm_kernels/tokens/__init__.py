@@ -306,7 +306,8 @@ class GeneTokenizer(nn.Module):
         d]`` without CLS) in the codebook's dtype. ``check_ids``: on GPU tensors, raise
         ``IndexError`` for an id outside ``[0, n_genes)`` (one host sync; CPU tensors are
         always checked). Other errors as :func:`gene_tokens`."""
-        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "GeneTokenizer")
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "GeneTokenizer",
+                                           stacklevel=5)
         return gene_tokens(self.codebook, gene_ids, values, cls=self.cls,
                            key_padding_mask=key_padding_mask,
                            deterministic=self.deterministic, backend=self.backend,
