@@ -126,8 +126,9 @@ from txfm.model import preset
 from txfm.train import TrainConfig
 from txfm.train.trainer import Trainer
 data, out, dest = sys.argv[1:4]
-cfg = TrainConfig.for_preset("tiny", data=data, out=out, steps=6, batch_size=34, accum=int(sys.argv[4]),
-                             val_batches=8, resume=True, progress=False, plot=False)
+cfg = TrainConfig.for_preset("tiny", data=data, out=out, steps=6, batch_size=34,
+                             accum=int(sys.argv[4]), val_batches=8, resume=True, progress=False,
+                             plot=False)
 tr = Trainer(cfg, preset("tiny", dim=32, depth=2, heads=2, decoder_hidden=64, k=32))
 loss = tr.validate()
 if tr.dist.is_main:

@@ -91,8 +91,8 @@ class Labels:
         """
         control = str(control)
         if batch is not None and len(batch) != len(perturbation):
-            raise ValueError(f"batch has {len(batch):,} labels but perturbation {len(perturbation):,}: "
-                             f"give one of each per cell")
+            raise ValueError(f"batch has {len(batch):,} labels but perturbation "
+                             f"{len(perturbation):,}: give one of each per cell")
         for what, values in (("perturbation", perturbation), ("batch", batch)):
             if values is not None:
                 missing = int(pd.isna(pd.Series(np.asarray(values, dtype=object))).sum())
@@ -104,7 +104,8 @@ class Labels:
         if control not in set(names):
             common = pd.Series(np.asarray(pert)).value_counts().index[:8].tolist()
             raise ValueError(f"control label {control!r} not found among the perturbation labels "
-                             f"(most frequent: {common}); give the control's label (the CLI's --control)")
+                             f"(most frequent: {common}); give the control's label (the CLI's "
+                             f"--control)")
         b = bn = None
         if batch is not None:
             bc = pd.Categorical(np.asarray(batch).astype(str))
@@ -165,8 +166,9 @@ def _batch_reference(ctrl_rows: np.ndarray, labels: Labels, b: int, method: str)
 
 
 def postprocess(x: np.ndarray, labels: Labels, method: str) -> np.ndarray:
-    """Apply one post-processing method to ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): ``none``, ``center``, ``standardize`` or
-    ``tvn`` (module docstring). Returns float64 ``[n, d']`` (``d' <= d`` after TVN's PCA).
+    """Apply one post-processing method to ``x [n, d]`` (one row per cell of ``labels``, any
+    float dtype; :func:`check_embedding`): ``none``, ``center``, ``standardize`` or ``tvn``
+    (module docstring). Returns float64 ``[n, d']`` (``d' <= d`` after TVN's PCA).
 
     Raises:
         ValueError: a bad ``x`` or ``method``; fewer than 2 control cells to centre or scale on.
@@ -220,8 +222,8 @@ def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST
                              null_cells: int = PCST_NULL_CELLS, n_null: int = PCST_NULL_DRAWS,
                              alpha: float = PCST_ALPHA, min_cells: int = MIN_CELLS,
                              seed: int = 0) -> tuple[float, pd.DataFrame]:
-    """p.cst (see module docstring) of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`). Returns ``(score %,
-    per-perturbation table)``.
+    """p.cst (see module docstring) of ``x [n, d]`` (one row per cell of ``labels``, any float
+    dtype; :func:`check_embedding`). Returns ``(score %, per-perturbation table)``.
 
     Raises:
         ValueError: a bad ``x``; ``n_null`` too small for any p-value to fall below ``alpha``
@@ -331,8 +333,9 @@ def _topk_hits(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
 def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False,
                  max_train_cells: int = 20_000, max_iter: int = 200, tol: float = 1e-3,
                  C: float = 1.0, seed: int = 0) -> dict:
-    """Logistic-regression probe of the perturbation labels from ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): trained on some
-    batches, tested on the others (each batch held out once; controls left out unless
+    """Logistic-regression probe of the perturbation labels from ``x [n, d]`` (one row per
+    cell of ``labels``, any float dtype; :func:`check_embedding`): trained on some batches,
+    tested on the others (each batch held out once; controls left out unless
     ``include_control``). Returns ``{"lin_top1": %, "lin_top5": %}``.
 
     Raises:
@@ -374,9 +377,10 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
 
 def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
                   include_control: bool = False, seed: int = 0) -> dict:
-    """Weighted cosine k-NN of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`): each cell's perturbation is voted by its ``k``
-    nearest cells of other batches (weights ``exp(cos / temperature)``). Returns
-    ``{"knn_top1": %, "knn_top5": %}``.
+    """Weighted cosine k-NN of ``x [n, d]`` (one row per cell of ``labels``, any float dtype;
+    :func:`check_embedding`): each cell's perturbation is voted by its ``k`` nearest cells of
+    other batches (weights ``exp(cos / temperature)``). Returns ``{"knn_top1": %,
+    "knn_top5": %}``.
 
     Raises:
         ValueError: a bad ``x``.
@@ -418,8 +422,9 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
 def perturbation_relationship_recall(x: np.ndarray, labels: Labels, databases, *,
                                      symbols: np.ndarray | None = None,
                                      threshold: tuple[float, float] = (0.05, 0.95)) -> dict:
-    """Recall (%) of annotated pairs among perturbation targets, from the mean of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`)
-    per perturbation.
+    """Recall (%) of annotated pairs among perturbation targets, from the mean per
+    perturbation of ``x [n, d]`` (one row per cell of ``labels``, any float dtype;
+    :func:`check_embedding`).
 
     Args:
         symbols: ``[P]`` gene symbol of each perturbation label (None entries are skipped);
@@ -522,9 +527,10 @@ def lisi(x: np.ndarray, groups: np.ndarray, *, perplexity: float = LISI_PERPLEXI
 
 def ilisi(x: np.ndarray, labels: Labels, *, perplexity: float = LISI_PERPLEXITY,
           max_cells: int = LISI_MAX_CELLS, n_pcs: int = LISI_PCS, seed: int = 0) -> dict:
-    """Mean batch LISI of ``x [n, d]``: one row per cell of ``labels`` (any float dtype; :func:`check_embedding`) on up to ``max_cells`` random cells, in the top ``n_pcs``
-    PCs. Returns ``{"ilisi": 1..n_batches, "ilisi_norm": % of the way from 1 to n_batches}``,
-    NaN without two batches or when every cell's neighbours coincide.
+    """Mean batch LISI of ``x [n, d]`` (one row per cell of ``labels``, any float dtype;
+    :func:`check_embedding`) on up to ``max_cells`` random cells, in the top ``n_pcs`` PCs.
+    Returns ``{"ilisi": 1..n_batches, "ilisi_norm": % of the way from 1 to n_batches}``, NaN
+    without two batches or when every cell's neighbours coincide.
 
     Raises:
         ValueError: a bad ``x``.
