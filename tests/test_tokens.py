@@ -474,7 +474,8 @@ def test_pad_mask_is_a_deprecated_alias_of_key_padding_mask():
                            model.embed(gene_ids, values, mask))
     for call in (lambda **kw: model.logits(gene_ids, values, **kw),
                  lambda **kw: model.predict(gene_ids, values, **kw),
-                 lambda **kw: model.encoder(gene_ids, values, **kw)):
+                 lambda **kw: model.encoder(gene_ids, values, **kw),
+                 lambda **kw: model.encoder.tokens(gene_ids, values, **kw)):
         with pytest.warns(DeprecationWarning, match="pad_mask= is deprecated") as seen:
             old = call(pad_mask=mask)
         assert seen[0].filename == __file__  # the warning points at the caller

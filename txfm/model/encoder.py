@@ -165,8 +165,9 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.apply(_init_linear)
 
-    def tokens(self, gene_ids, values, key_padding_mask=None) -> torch.Tensor:
-        """``[B, K+1, d]`` encoder input, on ``config.backend`` (``TxFMConfig.token_norm``).
+    def tokens(self, gene_ids, values, key_padding_mask=None, *, pad_mask=None) -> torch.Tensor:
+        """``[B, K+1, d]`` encoder input, on ``config.backend`` (``TxFMConfig.token_norm``;
+        ``pad_mask=``: the deprecated name of ``key_padding_mask``).
 
         ``"split"``: the codebook row is RMS-normalised, and its second half is scaled by
         ``x / SPLIT_VALUE_SCALE``, so a token's *direction* turns with its value. The pre-norm
@@ -174,6 +175,7 @@ class Encoder(nn.Module):
         in the literal token ``[E_g ; x]`` the value coordinate dominates and the gene's
         identity is left at ``E_g / x`` (docs/learning.md).
         """
+        key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "Encoder.tokens")
         tok, cfg = self.tokenizer, self.config
         codebook = tok.codebook
         if cfg.token_norm in ("rms", "split"):
