@@ -259,16 +259,12 @@ def _output(path, *, folder: bool) -> pathlib.Path:
 def cmd_embed(args) -> int:
     from txfm.cli import check_device
 
-    from .embed import embed_anndata, load_model, resolve_device
+    from .embed import check_embed_options, embed_anndata, load_model, resolve_device
     from .io import read_input, write_h5ad
 
     device = resolve_device(check_device("--device", args.device))
     out = _output(args.out, folder=False)
-    if not args.key or "/" in args.key or args.key != args.key.strip():
-        return _fail(f"--key {args.key!r}: an .obsm key must be a non-empty name without '/' "
-                     "or surrounding spaces (e.g. X_txfm)")
-    if args.seed > 2**63 - 1 - args.draws:
-        return _fail(f"--seed {args.seed}: must be below 2^63 - --draws")
+    check_embed_options(key=args.key, k=args.k, draws=args.draws, seed=args.seed, cli=True)
     table = _table(args.gene_table)
     loaded = load_model(args.checkpoint, device)
     original = read_input(args.input, "--input")  # written back whole, plus .obsm[--key]

@@ -337,6 +337,37 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     return out
 
 
+def _named(name: str, value, cli: bool) -> str:
+    """An option as a message names it: ``--key 'x'`` for ``txfm embed``, ``key='x'`` else."""
+    return f"--{name.replace('_', '-')} {value!r}" if cli else f"{name}={value!r}"
+
+
+def check_embed_options(*, key: str, k: int | None, draws: int, seed: int,
+                        cli: bool = False) -> None:
+    """The options of :func:`embed_anndata` (and ``txfm embed``, which checks them before any
+    work) that need no data: ``key`` an ``.obsm`` name, ``k`` None or an integer >= 1,
+    ``draws`` an integer >= 1, ``seed`` an integer in ``[0, 2^63 - draws)``.
+
+    Raises:
+        txfm.cli.UsageError: naming the option as ``cli`` says (a flag, or the argument).
+    """
+    from txfm.cli import UsageError
+
+    def integer(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not isinstance(key, str) or not key or "/" in key or key != key.strip():
+        raise UsageError(f"{_named('key', key, cli)}: an .obsm key must be a non-empty name "
+                         f"without '/' or surrounding spaces (e.g. X_txfm)")
+    if k is not None and not (integer(k) and k >= 1):
+        raise UsageError(f"{_named('k', k, cli)}: must be an integer >= 1, or left out for the "
+                         f"default")
+    if not (integer(draws) and draws >= 1):
+        raise UsageError(f"{_named('draws', draws, cli)}: must be an integer >= 1")
+    if not (integer(seed) and 0 <= seed <= 2**63 - 1 - draws):
+        raise UsageError(f"{_named('seed', seed, cli)}: must be an integer in [0, 2^63 - draws)")
+
+
 def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None = None,
                   k: int | None = None, draws: int = 1, seed: int = 0, batch_size: int = 256,
                   device: str = "auto", precision: str = "auto", gene_table=None,
@@ -390,19 +421,10 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     if isinstance(checkpoint, torch.nn.Module):
         raise TypeError("checkpoint must be a run folder, a checkpoint file or the tuple "
                         "load_model(...) returns, not the model alone")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        raise UsageError(f"k={k!r} (--k): must be an integer >= 1, or None for the default")
+    check_embed_options(key=key, k=k, draws=draws, seed=seed, cli=cli)
     if adata.isbacked and adata.is_view:
         raise UsageError(f"{source} is a view of a backed AnnData, which cannot take .obsm: "
                          f"call .to_memory() on the view first")
-    if not isinstance(key, str) or not key or "/" in key or key != key.strip():
-        raise UsageError(f"key={key!r} (--key): an .obsm key must be a non-empty name without "
-                         f"'/' or surrounding spaces (e.g. X_txfm)")
-    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
-        raise UsageError(f"draws={draws!r} (--draws): must be an integer >= 1")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
-            or not 0 <= seed <= 2**63 - 1 - draws:
-        raise UsageError(f"seed={seed!r} (--seed): must be an integer in [0, 2^63 - draws)")
     device = resolve_device(device)
     if isinstance(checkpoint, tuple):
         model, config, vocab, info = checkpoint
@@ -417,8 +439,9 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
                                                         else "layer={!r}"),
                         allow_option="--allow-non-integer" if cli else "allow_non_integer=True")
     if key in adata.obsm and not overwrite:
-        raise UsageError(f"key={key!r} (--key): {source} already has .obsm[{key!r}]; choose "
-                         f"another key or pass overwrite=True (--overwrite) to replace it")
+        raise UsageError(f"{_named('key', key, cli)}: {source} already has .obsm[{key!r}]; "
+                         f"choose another key or pass {'--overwrite' if cli else 'overwrite=True'}"
+                         f" to replace it")
     match = map_input_genes(counted.var, vocab, gene_table, info.get("symbols"))
     if log is not None:
         log(f"{counted.n_obs:,} cells; {match.summary(len(vocab))}")
