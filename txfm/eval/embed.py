@@ -177,16 +177,18 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
 
 
 def _as_csr(counts, name: str) -> sp.csr_matrix:
-    """``counts`` (scipy sparse or 2-D array-like) as CSR with one entry per (cell, gene)
-    (scipy's duplicate entries summed, as scipy reads them), checked to be finite and >= 0;
-    TypeError/ValueError naming it."""
+    """``counts`` (scipy sparse or 2-D array-like) as CSR in canonical form (sorted, one entry
+    per (cell, gene): scipy's duplicate entries summed, as scipy reads them; the caller's own
+    matrix when it already is), checked to be finite and >= 0; TypeError/ValueError naming it."""
     if hasattr(counts, "to_memory") and not sp.issparse(counts):  # a backed AnnData's .X
         counts = counts.to_memory()
     if sp.issparse(counts):
         if counts.ndim != 2:
             raise ValueError(f"{name} must be 2-D [cells, genes], got shape {counts.shape}")
-        out = counts.tocsr(copy=True)
-        out.sum_duplicates()
+        out = counts.tocsr()
+        if not out.has_canonical_format:  # summed on a copy: the caller's matrix stays as it is
+            out = out.copy()
+            out.sum_duplicates()
     else:
         if hasattr(counts, "detach"):  # a torch tensor
             counts = counts.detach().cpu().numpy()
@@ -306,8 +308,6 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
     use_bf16 = resolve_precision(precision, device,
                                  getattr(model, "trained_precision", None)) == "bf16"
-    counts = counts.tocsr()
-    counts.sort_indices()
     batch_size = max(KEY_BLOCK, batch_size // KEY_BLOCK * KEY_BLOCK)
     out = None
     bar = tqdm(total=counts.shape[0], desc="embed", unit="cell", disable=not progress)
