@@ -361,11 +361,11 @@ def _check_distinct(inputs: list[Path], names: Sequence[str] | None) -> None:
         raise ValueError(f"--names: {', '.join(map(repr, dup))} given twice; each dataset needs "
                          f"its own name")
 
+
 def _dataset_names(inputs: list[Path], names) -> list[str]:
     """Each input's dataset name: ``names[i]``, else the input's own
-    (:func:`~txfm.data.readers.input_name`), with ``_2``, ``_3``, ... added to repeats."""
-    if names is not None and len(names) != len(inputs):
-        raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
+    (:func:`~txfm.data.readers.input_name`), with ``_2``, ``_3``, ... added to repeats
+    (``names`` checked by :func:`_check_distinct`: one per input)."""
     out: list[str] = []
     for i, p in enumerate(inputs):
         base = names[i] if names is not None else input_name(p)
