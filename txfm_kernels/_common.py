@@ -269,14 +269,14 @@ def resolve_backend(backend: str, device: torch.device, op: str,
     ``ValueError`` for an unknown backend, op or device, ``RuntimeError`` for a backend that
     cannot run op's tensors here.
     """
-    op = canonical_op(op)
-    infos = available_backends(op)
+    short = canonical_op(op)
+    op = OP_FUNCTIONS[short]  # the name messages give
+    infos = available_backends(short)
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{OP_FUNCTIONS[op]}: device {device!r} is not a torch device (use "
-                         f"'cpu', 'cuda' or 'cuda:N')") from exc
-    op = OP_FUNCTIONS[op]  # from here on, the name messages give
+        raise ValueError(f"{op}: device {device!r} is not a torch device (use 'cpu', 'cuda' or "
+                         f"'cuda:N')") from exc
     check_choice(backend, "backend", BACKENDS, op)
     if backend == "auto":
         order = gpu_order + ("torch",) if kind == "cuda" else ("cpu", "torch")
@@ -286,10 +286,7 @@ def resolve_backend(backend: str, device: torch.device, op: str,
         return "torch"
     info = infos[backend]
     if not info.available:
-        detail = info.detail
-        for short, function in OP_FUNCTIONS.items():  # the op is named once
-            if function == op:
-                detail = detail.removeprefix(f"{short}: ")
+        detail = info.detail.removeprefix(f"{short}: ")  # the op is named once
         raise RuntimeError(f"{op}: backend={backend!r} is not available ({detail}); use "
                            f"backend='auto' (the fastest one available) or 'torch' (eager)")
     if kind not in info.devices:

@@ -3,11 +3,11 @@
 For row ``b`` (a cell or bulk sample) with counts ``c`` over its non-zero genes (CSR row) and
 observable genes ``O_b`` (its dataset's profiled genes; the masking of arXiv:2605.31562 §2)::
 
-    S_b            = sum_i c_i                                    (library_size [B], fp32)
-    x_bg           = log1p(L * c_g / S_b)   (0 if S_b == 0)       (target [B, G], fp32)
-    gene_ids[b, :] = K genes drawn from O_b without replacement    ([B, K], int32)
-    values[b, j]   = x_{b, gene_ids[b, j]}  (0 where not expressed) ([B, K], fp32)
-    key_padding_mask[b, j] = j >= |O_b|             (padded slots: gene 0, value 0) ([B, K], bool)
+    S_b                    = sum_i c_i                                (library_size [B], fp32)
+    x_bg                   = log1p(L * c_g / S_b)   (0 if S_b == 0)      (target [B, G], fp32)
+    gene_ids[b, :]         = K genes drawn from O_b without replacement        ([B, K], int32)
+    values[b, j]           = x_{b, gene_ids[b, j]}  (0 where not expressed)     ([B, K], fp32)
+    key_padding_mask[b, j] = j >= |O_b|  (padded slots: gene 0, value 0)        ([B, K], bool)
 
 ``L`` is ``target_sum`` (default 1e5; the name of scanpy's ``normalize_total``), the same for
 every row; ``S_b``, each row's total count, is what :class:`MaskedSample` calls
