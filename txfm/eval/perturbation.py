@@ -36,9 +36,10 @@ Metrics, all in percent except ``ilisi``:
 
 Post-processing before the metrics (each tried; the best ``average`` is reported):
 ``none``; ``center`` (subtract the batch's control mean); ``standardize`` (centre and scale on
-the batch's controls; a batch with fewer than 2 controls uses all its cells, with a warning); ``tvn`` (typical variation normalisation as in EFAAR/Tx-Evaluation:
+the batch's controls); ``tvn`` (typical variation normalisation as in EFAAR/Tx-Evaluation:
 standardise on controls, PCA fitted on controls, standardise again, then per batch
-``x (C_b + 0.5 I)^(-1/2)`` with ``C_b`` the batch controls' covariance).
+``x (C_b + 0.5 I)^(-1/2)`` with ``C_b`` the batch controls' covariance). A batch with fewer
+than 2 controls uses all its cells instead, with a warning.
 
 Everything is vectorised over cells (loops run over batches, perturbations, folds).
 """
