@@ -194,6 +194,21 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     va = [r["val_loss"] for r in read_metrics(full / "metrics.csv") if r["val_loss"]]
     vb = [r["val_loss"] for r in read_metrics(killed / "metrics.csv") if r["val_loss"]]
     assert va == vb
+    for run in (full, killed):  # step 32 ends epoch 0, in the resumed run too
+        epochs = {int(r["step"]): int(r["epoch"]) for r in read_metrics(run / "metrics.csv")}
+        assert [epochs[s] for s in range(1, 61)] == [0] * 32 + [1] * 28
+
+
+def test_a_metrics_row_carries_the_epoch_of_its_own_step(tmp_path):
+    # 512 random cells / 16 = 32 steps per epoch. Step 32 trains on epoch 0's last batch while
+    # the next step's batch, the first of epoch 1, is already fetched when its row is written.
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=40, batch_size=16,
+                                 log_every=1, ckpt_every=None, val_every=None, progress=False,
+                                 plot=False)
+    train(cfg, _small_model())
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [0] * 32 + [1] * 8
+    assert [int(r["samples"]) for r in rows][31] == 512
 
 
 def test_truncated_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(tmp_path):

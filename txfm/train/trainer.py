@@ -256,19 +256,22 @@ class Trainer:
         return sample
 
     def _stream(self):
-        """CPU micro-batches forever, across epochs (the loader's own order and position)."""
+        """CPU micro-batches forever, across epochs (the loader's own order and position).
+        ``self._stream_epoch`` is the epoch of the batch last yielded."""
         while True:
-            epoch = self.loader.epoch
+            epoch = self._stream_epoch = self.loader.epoch
             yield from self.loader
             if self.loader.epoch == epoch:  # a loader that does not move on by itself
                 self.loader.set_epoch(epoch + 1)
-            self.epoch = self.loader.epoch
 
     def _fetch(self, stream) -> list:
+        """The next step's ``accum`` (cpu, device) batch pairs; ``self._fetched_epoch`` is their
+        epoch (the step that trains on them takes it, not the prefetch that follows it)."""
         out = []
         for _ in range(self.cfg.accum):
             cpu = next(stream)
             out.append((cpu, cpu.to(self.device, non_blocking=True)))
+        self._fetched_epoch = self._stream_epoch
         return out
 
     # -- one step ---------------------------------------------------------------------------
@@ -481,6 +484,7 @@ class Trainer:
         n_since, t_last, t0 = 0, time.perf_counter(), time.perf_counter()
         last_path = None
         while self.step < self.total_steps:
+            self.epoch = self._fetched_epoch
             loss, norm = self.train_step(pending)
             loss_sum += loss
             if norm is not None:
