@@ -408,7 +408,8 @@ def _dropin_inputs(shape, log_input, dtype=torch.float64):
 def test_poisson_nll_loss_matches_torch(backend, log_input, full, reduction, eps, dtype):
     inp, tgt = _dropin_inputs((4, 5, 6), log_input, dtype)
     ours_in, ref_in = inp.clone().requires_grad_(True), inp.clone().requires_grad_(True)
-    ours = poisson_nll_loss(ours_in, tgt, log_input, full, eps, reduction, backend=backend)
+    ours = poisson_nll_loss(ours_in, tgt, log_input, full, eps=eps, reduction=reduction,
+                            backend=backend)
     ref = F.poisson_nll_loss(ref_in, tgt, log_input=log_input, full=full, eps=eps, reduction=reduction)
     assert ours.dtype == ref.dtype and ours.shape == ref.shape
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
@@ -688,3 +689,101 @@ def test_forward_mode_ad_and_func_grad_name_the_backend_that_has_them():
     batched = torch.func.vmap(lambda a, b: rectified_tanh_poisson_nll(a, b, backend="torch"))
     torch.testing.assert_close(batched(zs, xs), torch.stack(
         [rectified_tanh_poisson_nll(a, b, backend="cpu") for a, b in zip(zs, xs)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-in: autograd corners, torch.func, export, torch's argument order
+# ---------------------------------------------------------------------------------------------
+FUSED_CPU = [b for b in BACKENDS if b.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_repeated_backward_through_a_view_accumulates_like_torch(backend):
+    """Logits that are a view (the drop-in flattens its input; 1-D logits gain a row) must not
+    hand their saved gradient out: autograd would keep a view of it as the leaf's .grad and add
+    the next backward into it in place. Three retained backwards give 1x, 2x, 3x, as torch."""
+    x, t = _dropin_inputs((3, 4), True, torch.float32)
+    calls = [lambda z: poisson_nll_loss(z, t, backend=backend),
+             lambda z: rectified_tanh_poisson_nll(z[0], t[0].abs(), backend=backend)]
+    for call in calls:
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a = call(ours)
+        b = (lambda z: F.poisson_nll_loss(z, t))(theirs) if call is calls[0] else \
+            rectified_tanh_poisson_nll(theirs[0], t[0].abs(), backend="torch")
+        for _ in range(3):
+            a.backward(retain_graph=True)
+            b.backward(retain_graph=True)
+            torch.testing.assert_close(ours.grad, theirs.grad)
+        ours.grad.zero_(), theirs.grad.zero_()  # zero_grad(set_to_none=False), then again
+        a.backward(retain_graph=True)
+        b.backward(retain_graph=True)
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_dropin_under_torch_func_falls_back_to_torch(backend):
+    """torch.func transforms and forward-mode AD reach torch's own loss, as for any input the
+    fused op does not cover: the drop-in stays a drop-in."""
+    x, t = _dropin_inputs((3, 4), True, torch.float64)
+    ours = functools.partial(poisson_nll_loss, backend=backend)
+    torch.testing.assert_close(torch.func.grad(lambda a: ours(a, t))(x),
+                               torch.func.grad(lambda a: F.poisson_nll_loss(a, t))(x))
+    torch.testing.assert_close(torch.vmap(ours)(x, t), torch.vmap(F.poisson_nll_loss)(x, t))
+    tangent = torch.ones_like(x)
+    torch.testing.assert_close(torch.func.jvp(lambda a: ours(a, t), (x,), (tangent,)),
+                               torch.func.jvp(lambda a: F.poisson_nll_loss(a, t), (x,), (tangent,)))
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_batched_backward_of_the_fused_losses(backend):
+    """is_grads_batched (and so jacobian(vectorize=True)) sends a batch of grad_outputs through
+    one backward: there is no single value to test against 1 or to scale by in place."""
+    x, t = _dropin_inputs((3, 4), True, torch.float64)
+    for ours, ref in ((functools.partial(poisson_nll_loss, backend=backend), F.poisson_nll_loss),
+                      (functools.partial(rectified_tanh_poisson_nll, backend=backend),
+                       functools.partial(rectified_tanh_poisson_nll, backend="torch"))):
+        xa = x.clone().requires_grad_()
+        v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        g, = torch.autograd.grad(ours(xa, t.abs()), xa, v, is_grads_batched=True)
+        g_ref = torch.stack([torch.autograd.grad(ref(xa, t.abs()), xa)[0] * s for s in v])
+        torch.testing.assert_close(g, g_ref)
+        jac = torch.autograd.functional.jacobian(lambda a: ours(a, t.abs()), x, vectorize=True)
+        torch.testing.assert_close(jac, g_ref[0])
+
+
+def test_dropin_takes_torchs_positional_order_and_refuses_the_old_one():
+    x, t = _dropin_inputs((3, 4), False, torch.float32)
+    torch.testing.assert_close(poisson_nll_loss(x, t, False, True, None, 0.5, None, "sum"),
+                               F.poisson_nll_loss(x, t, False, True, None, 0.5, None, "sum"))
+    with pytest.raises(TypeError, match=r"size_average must be None or a bool.*eps= and "
+                                        r"reduction= by keyword"):
+        poisson_nll_loss(x, t, False, True, 0.5)  # eps where torch has size_average
+    with pytest.raises(TypeError, match="reduce must be None or a bool"):
+        poisson_nll_loss(x, t, False, True, None, 0.5, "sum")
+    # a tensor eps (torch takes one) runs torch's implementation
+    torch.testing.assert_close(poisson_nll_loss(x, t, log_input=False, eps=torch.tensor(0.5)),
+                               F.poisson_nll_loss(x, t, log_input=False, eps=torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_dropin_exports_as_the_fused_op(backend):
+    class Loss(torch.nn.Module):
+        def forward(self, a, b):
+            return poisson_nll_loss(a, b, backend=backend)
+
+    x, t = _dropin_inputs((3, 4), True, torch.float32)
+    for strict in (False, True):
+        ep = torch.export.export(Loss(), (x, t), strict=strict)
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert any("txfm.poisson_nll" in name for name in targets), (strict, targets)
+        torch.testing.assert_close(ep.module()(x, t), F.poisson_nll_loss(x, t))
+
+
+def test_dropin_messages_name_the_dropin():
+    if txfm_kernels.available_backends("poisson")["cuda"].available:
+        pytest.skip("the cuda backend is available here: nothing to refuse")
+    x, t = _dropin_inputs((3, 4), True, torch.float32)
+    with pytest.raises(RuntimeError, match=r"^poisson_nll_loss: backend='cuda'"):
+        poisson_nll_loss(x, t, backend="cuda")
+    from txfm_kernels import resolve_backend
+    assert resolve_backend("torch", "cpu", "poisson_nll_loss") == "torch"

@@ -697,3 +697,20 @@ def test_flags_and_small_helpers_refuse_wrong_types():
     with pytest.warns(DeprecationWarning, match="use txfm.data.inputs.model_inputs"):
         with pytest.raises(TypeError):
             sample_batch()
+
+
+def test_numpy_integers_are_ints():
+    """Sizes and seeds read from numpy arrays (np.int64) are ints, as Python's are."""
+    indptr, indices = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2], dtype=torch.int32)
+    counts = torch.tensor([3.0, 1.0, 5.0])
+    a = masked_sample(indptr, indices, counts, n_genes=np.int64(6), k=np.int32(4),
+                      seed=np.int64(5), offset=np.uint8(2))
+    b = masked_sample(indptr, indices, counts, n_genes=6, k=4, seed=5, offset=2)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+    tok = tk.GeneTokenizer(np.int64(7), np.int64(5))
+    assert (tok.n_genes, tok.d) == (7, 5) and type(tok.n_genes) is int
+    assert ObservableGenes.all_genes(np.int64(3)).mask.shape == (1, 3)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        masked_sample(indptr, indices, counts, n_genes=6, k=np.float64(4.0), seed=0)

@@ -44,15 +44,19 @@ OPS = ("poisson", "tokens", "sample")
 # what users call each op: its public function (messages name it), also accepted as ``op``
 OP_FUNCTIONS = {"poisson": "rectified_tanh_poisson_nll", "tokens": "gene_tokens",
                 "sample": "masked_sample"}
+# other public functions on an op's kernels (messages name the one the caller used)
+OP_ALIASES = {"poisson_nll_loss": "poisson"}
 
 
 def canonical_op(op: str) -> str:
-    """``op`` as one of :data:`OPS`; its public function's name is accepted too."""
+    """``op`` as one of :data:`OPS`; a public function's name is accepted too."""
     for short, function in OP_FUNCTIONS.items():
         if op in (short, function):
             return short
+    if op in OP_ALIASES:
+        return OP_ALIASES[op]
     raise ValueError(f"op={op!r} is not one of {OPS} (or their functions "
-                     f"{tuple(OP_FUNCTIONS.values())})")
+                     f"{tuple(OP_FUNCTIONS.values()) + tuple(OP_ALIASES)})")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRACING_TENSORS = (FakeTensor, FunctionalTensor)
@@ -270,7 +274,7 @@ def resolve_backend(backend: str, device: torch.device, op: str,
     cannot run op's tensors here.
     """
     short = canonical_op(op)
-    op = OP_FUNCTIONS[short]  # the name messages give
+    op = op if op != short else OP_FUNCTIONS[short]  # the function messages name
     infos = available_backends(short)
     try:
         kind = torch.device(device).type
@@ -345,6 +349,20 @@ def traced(*tensors) -> bool:
     """Inside torch.compile / AOT tracing: tensor values are unknown (fake or functional
     tensors), so checks that read them must not run."""
     return torch.compiler.is_compiling() or any(isinstance(t, _TRACING_TENSORS) for t in tensors)
+
+
+def transformed(*tensors) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (``vmap``, ``grad``; also the
+    batched gradients of ``autograd.grad(is_grads_batched=True)``) or carries a forward-mode
+    tangent: its values cannot be read (``.item()``) and a fused kernel cannot take it.
+    False under torch.compile, which traces transforms itself (and cannot trace this test)."""
+    if torch.compiler.is_compiling():
+        return False
+    dual = forward_ad._current_level >= 0
+    return any(t is not None and (_functorch.is_functorch_wrapped_tensor(t)
+                                  or _functorch.is_legacy_batchedtensor(t)  # is_grads_batched
+                                  or (dual and forward_ad.unpack_dual(t).tangent is not None))
+               for t in tensors)
 
 
 def renamed_padding(key_padding_mask, pad_mask, op: str, stacklevel: int = 3):
@@ -426,12 +444,21 @@ def check_same_device(op: str, first: str, **others) -> None:
 def check_int(value, name: str, op: str, low: int, high: int | None = None,
               what: str = "") -> None:
     """``value`` is an int (not a bool) with ``low <= value`` (``< high`` when given)."""
-    ok = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    # numbers.Integral: numpy integers too (a size read from an array), never a bool
+    ok = isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
     if ok:
         ok = value >= low and (high is None or value < high)
     if not ok:
         span = f">= {low}" if high is None else f"in [{low}, {high})"
         raise ValueError(f"{op}: {name} must be an int {span}{what}, got {value!r}")
+
+
+def as_int(value):
+    """A numpy (or other ``numbers.Integral``) integer as a Python int, which the custom ops
+    take; anything else as it is (a bool, a symbolic int, or a wrong type for the checks)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (int, torch.SymInt)):
+        return int(value)
+    return value
 
 
 def check_number(value, name: str, op: str, what: str, *, low: float = -math.inf,

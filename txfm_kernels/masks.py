@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ._common import check_int, check_row_ids
+from ._common import as_int, check_int, check_row_ids
 
 
 class RowGeneMask(NamedTuple):
@@ -88,6 +88,7 @@ class ObservableGenes:
         Raises:
             ValueError: ``n_genes`` not an int >= 1, or an id outside ``[0, n_genes)``.
         """
+        n_genes = as_int(n_genes)
         check_int(n_genes, "n_genes", "ObservableGenes.from_lists", 1)
         mask = torch.zeros(len(gene_lists), n_genes, dtype=torch.bool)
         for d, ids in enumerate(gene_lists):
@@ -100,6 +101,7 @@ class ObservableGenes:
     @classmethod
     def all_genes(cls, n_genes: int, device: torch.device | str = "cpu") -> "ObservableGenes":
         """One dataset that profiles every one of ``n_genes`` genes, on ``device``."""
+        n_genes = as_int(n_genes)
         check_int(n_genes, "n_genes", "ObservableGenes.all_genes", 1)
         return cls.from_mask(torch.ones(1, n_genes, dtype=torch.bool, device=device))
 

@@ -77,9 +77,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+
 from .._common import (BACKENDS, Number, backend_module, check_choice, check_number,
-                       check_reverse_mode_only,
-                       check_row_ids, check_tensor, op_backend, resolve, traced)
+                       check_reverse_mode_only, check_row_ids, check_tensor, op_backend, resolve,
+                       traced, transformed)
 from ..masks import RowGeneMask
 from . import reference
 from .reference import ALPHA, BETA, LINEAR, LOG, REDUCTIONS, RTANH
@@ -303,6 +306,10 @@ def _scale_grad_in_place(grad: torch.Tensor, grad_loss: torch.Tensor, backend: s
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[9]
     ctx.backend = inputs[11]
+    # Logits that are a view (the drop-in flattens its input, 1-D logits gain a row) send the
+    # gradient on as a view of the saved buffer, which autograd may then keep as a leaf's
+    # .grad and accumulate into in place: such a buffer is never handed out.
+    ctx.view_input = inputs[0]._is_view()
     ctx.save_for_backward(output[1])
     # The second output (dlogits) is never differentiated: without this autograd would fill a
     # [B, G] zero tensor as its incoming gradient on every backward.
@@ -323,10 +330,12 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
                            "gradients")
     if ctx.reduction == "none":
         dz = (grad * grad_loss).to(grad.dtype)
-    elif traced(grad_loss) or getattr(ctx, "handed_out", False):
+    elif (traced(grad_loss) or transformed(grad_loss) or ctx.view_input
+          or getattr(ctx, "handed_out", False)):
         # handed_out: an earlier backward of this graph (retain_graph=True) returned the saved
         # buffer itself, which is now the caller's gradient: scaling it in place would change
-        # that gradient under them
+        # that gradient under them. transformed: batched gradients (is_grads_batched, vmap'd
+        # vector-Jacobian products) have no single value to test or scale by.
         dz = grad * grad_loss.to(grad.dtype)
     else:
         ctx.handed_out = True
@@ -438,20 +447,28 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     return loss[0] if was_1d and reduction == "none" else loss
 
 
-def _native_dropin(input, target) -> bool:
+# Plain tensors, and the ones PyTorch traces with (torch.export, torch.compile): the fused
+# op's fake implementation serves those. Other subclasses (DTensor, a user's) go to torch.
+_DROPIN_TYPES = (torch.Tensor, nn.Parameter, FakeTensor, FunctionalTensor)
+
+
+def _native_dropin(input, target, eps) -> bool:
     """Whether poisson_nll_loss can use the fused op (else torch's own implementation)."""
     return (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
-            and type(input) is torch.Tensor and type(target) is torch.Tensor
+            and type(input) in _DROPIN_TYPES and type(target) in _DROPIN_TYPES
+            and not isinstance(eps, torch.Tensor)
             and input.dtype in _FLOATS and target.dtype == input.dtype
             and input.shape == target.shape and input.numel() > 0
-            and input.device == target.device and not target.requires_grad)
+            and input.device == target.device and not target.requires_grad
+            and not transformed(input, target))
 
 
 def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool = True,
-                     full: bool = False, eps: float = 1e-8, reduction: str = "mean",
-                     backend: str = "auto", *, size_average=None, reduce=None) -> torch.Tensor:
+                     full: bool = False, size_average=None, eps: float = 1e-8, reduce=None,
+                     reduction: str = "mean", *, backend: str = "auto") -> torch.Tensor:
     """Drop-in for :func:`torch.nn.functional.poisson_nll_loss` on the fused kernels (the
-    same arguments and results; the kernels and the traffic they save: the module docstring).
+    same arguments, in torch's order, and results; the kernels and the traffic they save: the
+    module docstring).
 
     Per element, in nats: ``log_input=True``: ``exp(input) - target * input``; ``False``:
     ``input - target * log(input + eps)``; ``full=True`` adds Stirling's term
@@ -461,15 +478,16 @@ def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool 
         input: any shape, fp32 / bf16 / fp16 / fp64: the log-rate (``log_input``) or the rate.
         target: counts (or any non-negative values), the same shape and dtype to run fused.
         log_input, full, eps: as torch (``eps`` a finite number, used with
-            ``log_input=False``).
+            ``log_input=False``; a tensor ``eps`` runs torch's implementation).
+        size_average, reduce: torch's deprecated aliases of ``reduction`` (None or bools).
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (``input``'s shape).
-        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
-        size_average, reduce: torch's deprecated aliases of ``reduction``.
+        backend: keyword only: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
 
     Same-shape, same-dtype tensors run fused, in fp32 arithmetic (bf16/fp16 results are
     therefore at least as accurate as torch's); anything else (broadcasting, mixed dtypes, a
-    target that requires grad, empty tensors, tensor subclasses), ``backend="torch"`` and
-    ``auto`` without a kernel call torch's own implementation.
+    target that requires grad, empty tensors, tensor subclasses, ``torch.func`` transforms
+    and forward-mode AD), ``backend="torch"`` and ``auto`` without a kernel call torch's own
+    implementation.
 
     Returns:
         the loss in ``input``'s dtype: 0-d, or ``input``'s shape for ``"none"``.
@@ -477,20 +495,29 @@ def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool 
     Raises:
         ValueError: an unknown ``reduction`` or ``backend``, a non-finite ``eps``; torch's
             own errors where it runs.
-        TypeError: a non-numeric ``eps``.
+        TypeError: a non-numeric ``eps``; a ``size_average`` or ``reduce`` that is not None or
+            a bool (an ``eps`` or ``reduction`` given in the 5th or 7th place: torch's order
+            puts those two there).
         RuntimeError: a backend that cannot run here.
     """
-    eps = check_number(eps, "eps", "poisson_nll_loss", "a finite number", low=-_FP64_MAX,
-                       high=_FP64_MAX)
+    op = "poisson_nll_loss"
+    for name, v in (("size_average", size_average), ("reduce", reduce)):
+        if not (v is None or isinstance(v, bool)):
+            raise TypeError(f"{op}: {name} must be None or a bool (torch's deprecated "
+                            f"argument), got {v!r}; the arguments follow torch's order "
+                            "(input, target, log_input, full, size_average, eps, reduce, "
+                            "reduction): pass eps= and reduction= by keyword")
+    if not isinstance(eps, torch.Tensor):
+        eps = check_number(eps, "eps", op, "a finite number", low=-_FP64_MAX, high=_FP64_MAX)
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    _check_choices(reduction, backend, "poisson_nll_loss")
-    name = resolve(backend, input.device.type, _OP) if isinstance(input, torch.Tensor) else "torch"
-    if name == "torch" or not _native_dropin(input, target):
+    _check_choices(reduction, backend, op)
+    name = resolve(backend, input.device.type, op) if isinstance(input, torch.Tensor) else "torch"
+    if name == "torch" or not _native_dropin(input, target, eps):
         return F.poisson_nll_loss(input, target, log_input=log_input, full=full, eps=eps,
                                   reduction=reduction)
     # A dense input in another memory format (channels_last) is read in its own order: no

@@ -91,8 +91,8 @@ from typing import NamedTuple
 import torch
 
 from .. import _pool
-from .._common import (BACKENDS, Number, backend_module, check_choice, check_int, check_number,
-                       check_tensor, op_backend, resolve, traced)
+from .._common import (BACKENDS, Number, as_int, backend_module, check_choice, check_int,
+                       check_number, check_tensor, op_backend, resolve, traced)
 from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
@@ -420,6 +420,7 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
     target_sum = check_number(TARGET_SUM if target_sum is None else target_sum, name_L, _OP,
                               "finite and > 0 (an fp32 number)", low=_FP32_TINY,
                               high=_FP32_MAX)
+    n_genes, k, seed, offset = as_int(n_genes), as_int(k), as_int(seed), as_int(offset)
     for name, v in (("seed", seed), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
             raise TypeError(f"{_OP}: {name} must be an int{' (keyword)' if name == 'seed' else ''}"

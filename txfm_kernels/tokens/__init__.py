@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._common import (BACKENDS, backend_module, check_choice, check_int,
+from .._common import (BACKENDS, as_int, backend_module, check_choice, check_int,
                        check_reverse_mode_only, check_tensor, renamed_padding, resolve)
 from . import reference
 
@@ -277,6 +277,7 @@ class GeneTokenizer(nn.Module):
     def __init__(self, n_genes: int, d: int, cls: bool = True, backend: str = "auto",
                  deterministic: bool = True, device=None, dtype=None):
         super().__init__()
+        n_genes, d = as_int(n_genes), as_int(d)
         check_int(n_genes, "n_genes", "GeneTokenizer", 1)
         check_int(d, "d", "GeneTokenizer", 2)
         if dtype is not None and dtype not in _DTYPES:
