@@ -83,10 +83,24 @@ def files(tmp_path_factory):
         bad.X = sp.csr_matrix(x)
         paths[name] = root / f"{name}.h5ad"
         bad.write_h5ad(paths[name])
+    odd = cells.copy()  # .obsm entries a user may have: sparse, NaN, beyond float32
+    odd.obsm["X_sparse"] = sp.csr_matrix(odd.obsm["X_txfm"])
+    odd.obsm["X_nan"] = odd.obsm["X_txfm"].copy()
+    odd.obsm["X_nan"][3, 1] = np.nan
+    odd.obsm["X_huge"] = odd.obsm["X_txfm"].astype(np.float64) * 1e300
+    paths["cells_odd_obsm"] = root / "cells_odd_obsm.h5ad"
+    odd.write_h5ad(paths["cells_odd_obsm"])
     genes = ad.AnnData(obs=pd.DataFrame(index=GENES))
     genes.obsm["codebook"] = rng.normal(size=(N_GENES, 4)).astype(np.float32)
     paths["genes"] = root / "genes.h5ad"
     genes.write_h5ad(paths["genes"])
+    genes.obsm["sparse"] = sp.csr_matrix(genes.obsm["codebook"])
+    genes.obsm["nan"] = genes.obsm["codebook"].copy()
+    genes.obsm["nan"][0, 0] = np.inf
+    paths["genes_odd"] = root / "genes_odd.h5ad"
+    genes.write_h5ad(paths["genes_odd"])
+    paths["gene_table_tsv"] = root / "table.tsv"
+    paths["gene_table_tsv"].write_text("ENSG00000000001\tGENE00001\n")
     paths["db"] = root / "db"
     paths["db"].mkdir()
     (paths["db"] / "pairs.txt").write_text("entity1,entity2\nGENE00001,GENE00002\n")
@@ -226,6 +240,9 @@ CASES = {
     "rel-counts-layer-missing": (_rel("--counts", "{cells}", "--counts-layer", "spliced"),
                                  "spliced"),
     "rel-out-is-a-file": (_rel("--genes", "{genes}") + ["--out", "{a_file}"], "--out"),
+    "rel-key-inf": (_rel("--genes", "{genes_odd}", "--key", "nan"), "--key nan"),
+    "rel-db-is-a-gene-table": (["eval", "relationships", "--genes", "{genes}", "--db",
+                                "{gene_table_tsv}", "--out", "{root}/rel"], "--db"),
     # -- txfm eval perturbation ------------------------------------------------------------------
     "pert-embeddings-missing": (_pert(emb="{root}/nowhere.h5ad"), "--embeddings"),
     "pert-embeddings-truncated": (_pert(emb="{truncated}"), "truncated.h5ad"),
@@ -252,6 +269,13 @@ CASES = {
     "pert-fit-cells-0": (_pert("--fit-on", "{cells}", "--fit-cells", "0"), "--fit-cells"),
     "pert-oracle-k-0": (_pert("--oracle-k", "0"), "--oracle-k"),
     "pert-out-is-a-file": (_pert() + ["--out", "{a_file}"], "--out"),
+    "pert-obsm-key-nan": (_pert("--obsm-key", "X_nan", emb="{cells_odd_obsm}"),
+                          "--obsm-key X_nan"),
+    "pert-obsm-key-beyond-float32": (_pert("--obsm-key", "X_huge", emb="{cells_odd_obsm}"),
+                                     "--obsm-key X_huge"),
+    "pert-baselines-hvg0": (_pert("--baselines", "liblog,liblog_hvg0"), "--baselines"),
+    "pert-batch-key-is-perturbation-key": (_pert("--batch-key", "perturbation"),
+                                           "--batch-key"),
     # -- txfm data ---------------------------------------------------------------------------------
     "convert-shard-cells-negative": (_convert("--shard-cells", "-5"), "--shard-cells"),
     "convert-shard-mb-0": (_convert("--shard-mb", "0"), "--shard-mb"),
@@ -361,3 +385,34 @@ def test_report_prints_a_line_once_per_launch(tmp_path, monkeypatch, capsys):
         for line in ("error: b", "error: b", "warning: c", "error: b"):
             report(line)
     assert capsys.readouterr().err.splitlines() == ["error: b", "warning: c"] * 2
+
+
+def test_odd_obsm_entries_are_densified_or_skipped_by_name(files, capsys, monkeypatch):
+    """Sparse .obsm entries are evaluated (densified); with the keys defaulted, a non-finite
+    one is skipped with a warning naming the file, the key and the rows, before any work."""
+    monkeypatch.chdir(files["root"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = files["root"] / "odd"
+    status = main(["eval", "perturbation", "--embeddings", str(files["cells_odd_obsm"]),
+                   "--perturbation-key", "perturbation", "--batch-key", "batch",
+                   "--baselines", "none", "--metrics", "lin,knn", "--out", str(out),
+                   "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert status == 0, err
+    assert "chance top-1 33.3%" in stdout  # 3 perturbations besides the control
+    assert f"skipping .obsm['X_nan'] of {files['cells_odd_obsm']}: it has NaN or inf in 1 of" \
+        in err
+    assert "skipping .obsm['X_huge']" in err and "beyond float32's range" in err
+    table = pd.read_csv(out / "perturbation.csv")
+    assert sorted(table["embedding"]) == ["X_sparse", "X_txfm"]
+    dense, sparse = (table.set_index("embedding").loc[k] for k in ("X_txfm", "X_sparse"))
+    assert dense["lin_top1"] == sparse["lin_top1"] and dense["knn_top1"] == sparse["knn_top1"]
+
+    status = main(["eval", "relationships", "--genes", str(files["genes_odd"]), "--db",
+                   str(files["db"]), "--no-sweep", "--null-pairs", "100", "--draws", "1",
+                   "--out", str(files["root"] / "rel_odd"), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert status == 0, err
+    assert "skipping .obsm['nan']" in err and "has NaN or inf in 1 of" in err
+    summary = pd.read_csv(files["root"] / "rel_odd" / "relationships_summary.csv")
+    assert {"codebook", "sparse"} <= set(summary.iloc[:, 0])

@@ -104,6 +104,7 @@ def test_corpus_fit_refuses_what_it_cannot_do():
         expression_baselines(a, ("pca",), reference=a, genes=np.zeros(20, bool))
     out, notes = expression_baselines(a, ("liblog_hvg5000", "pca"), reference=a, genes=np.r_[0:10])
     assert list(out) == ["pca_corpus"] and "only 10 genes" in notes[0]
+    assert "pca_corpus: 10 components, not 128" in notes[1]
 
 
 @pytest.fixture(scope="module")

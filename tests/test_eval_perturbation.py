@@ -270,6 +270,20 @@ def test_identical_embeddings_score_chance_not_above():
     got = knn_retrieval(np.ones((n, 8)), labels)
     assert got["knn_top1"] == pytest.approx(100 / p, abs=1.5)
     assert got["knn_top5"] == pytest.approx(500 / p, abs=3.0)
+    # Cells in file order by label, a rare label first: neighbours tied at one distance are a
+    # random draw of the other batches' cells, not the file's first rows (which would all
+    # vote the rare label): the vote follows the labels' shares, whatever the order.
+    pert = np.array(["ctrl"] * 100 + ["rare"] * 60 + ["a"] * 420 + ["b"] * 420)
+    batch = np.arange(len(pert)) % 3
+    order = np.argsort(pert == "rare", kind="stable")[::-1]  # rare first
+    for rows in (np.arange(len(pert)), order):
+        got = knn_retrieval(np.ones((len(pert), 4)), Labels.build(pert[rows], "ctrl", batch[rows]))
+        assert 35 <= got["knn_top1"] <= 55, got  # "a" or "b" wins a vote: 420 / 900 = 47%
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy division warning from a PCA of constants
+        out = evaluate_embedding(np.ones((n, 8)), labels, options=BenchmarkOptions(
+            metrics=("pcst",), postprocessing=("none",), pcst_null_draws=100))
+    assert out["pcst"].iloc[0] <= 10.0
 
 
 def test_pcst_needs_enough_null_draws_to_reach_alpha():
@@ -300,7 +314,8 @@ def test_cli_rejects_what_would_score_silently_wrong(synth, tmp_path, capsys):
     assert main(base + ["--max-cells", "1", "--out", str(tmp_path / "b")]) == 2
     assert "--max-cells 1: the subsample has no" in capsys.readouterr().err
     assert main(base + ["--obsm-key", "X_meta", "--out", str(tmp_path / "c")]) == 2
-    assert "--obsm-key X_meta: is not a numeric" in capsys.readouterr().err
+    assert "--obsm-key X_meta: .obsm['X_meta'] of" in (err := capsys.readouterr().err)
+    assert "is not a numeric [rows, dims] matrix" in err
     assert main(base + ["--metrics", "lin", "--postprocess", "none",
                         "--out", str(tmp_path / "d")]) == 0  # X_meta skipped, X_ok scored
     assert "skipping .obsm['X_meta']" in capsys.readouterr().err
@@ -399,7 +414,7 @@ def test_cli_outputs_are_whole_and_metrics_checked_before_work(synth, tmp_path, 
     assert main(base + ["--metrics", "lin,knn", "--postprocess", "none,none",
                         "--batch-key", "batch"]) == 0
     err = capsys.readouterr().err
-    assert "skipping .obsm['X_empty']: it has no columns" in err
+    assert "skipping .obsm['X_empty'] of" in err and "it has no columns" in err
     table = pd.read_csv(tmp_path / "o" / "perturbation_all.csv")
     assert sorted(table.embedding) == ["X_$\\badcmd$", "X_sparse"]  # once each, none,none
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [

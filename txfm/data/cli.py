@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                    help="bulk samples (0: no bulk dataset)")
     p.add_argument("--programs", type=positive_int, default=None,
                    help="gene programs (default genes/75)")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generator")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                     "of all inputs are shuffled across the corpus (seeded) and written as "
                     "anndata-on-zarr-v3 shards that anndata.read_zarr and annbatch read. "
                     "Interrupted? Run the same command again: finished shards are kept.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".h5ad files (or AnnData zarr stores), 10x folders or 10x .h5 files")
     p.add_argument("--out", required=True, help="output shards folder")
     p.add_argument("--vocab", default=None, help="existing vocabulary TSV (gene_id[, symbol]); "
                                                  "genes outside it are reported and dropped")
@@ -97,7 +98,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("info", help="summarise a shards folder",
                        description="Print the manifest summary of a shards folder.")
-    p.add_argument("shards")
+    p.add_argument("shards", help="shard collection folder (from `txfm data convert`)")
     p.add_argument("--json", action="store_true", help="print the whole manifest.json")
     p.set_defaults(func=cmd_info)
 
@@ -106,7 +107,7 @@ def register(subparsers) -> None:
                                    "checksum and contents (gene ids, counts, cell offsets). "
                                    "Exit status 0: intact; 2: corrupt or unreadable (each "
                                    "problem is listed, naming the shard, cells and file).")
-    p.add_argument("shards")
+    p.add_argument("shards", help="shard collection folder (from `txfm data convert`)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
                        help="make the synthetic demo shards used by plain `txfm train`",
                        description="Generate and convert the default synthetic data (skipped "
                                    "when already complete).")
-    p.add_argument("--root", default="txfm-demo")
+    p.add_argument("--root", default="txfm-demo", help="folder of the demo (made if absent)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -200,6 +200,7 @@ def expression_baselines(counts, names: tuple[str, ...] | None = None, *,
         names = ("raw", "liblog", *[f"liblog_hvg{n}" for n in hvg_sizes], "pca")
         if ref is not None:
             names = names[2:]
+    check_baseline_names(names)
     out: dict[str, np.ndarray] = {}
     logged = fit = None
     for name in names:
@@ -221,7 +222,7 @@ def expression_baselines(counts, names: tuple[str, ...] | None = None, *,
         if name == "liblog":
             check_dense_size(*logged.shape, "liblog baseline")
             out[name] = logged.toarray()
-        elif name.startswith("liblog_hvg") and name[len("liblog_hvg"):].isdigit():
+        elif name.startswith("liblog_hvg"):
             n_top = int(name[len("liblog_hvg"):])
             if n_top >= n_genes:
                 notes.append(f"{name + suffix} left out: only {n_genes:,} genes, it would equal "
@@ -237,10 +238,27 @@ def expression_baselines(counts, names: tuple[str, ...] | None = None, *,
                           fix="lower --fit-cells")
             check_dense_size(*logged.shape, "pca_corpus baseline (the screen)")
             out[name + suffix] = pca.transform(logged.toarray()).astype(np.float32)
-        else:
+    fit_rows = (m if ref is None else ref).shape[0]
+    if "pca" in names and pca_components > min(n_genes, fit_rows - 1):
+        notes.append(f"pca{suffix}: {min(n_genes, fit_rows - 1):,} components, not "
+                     f"{pca_components:,}: a PCA has at most as many as the genes "
+                     f"({n_genes:,}) and the cells it is fit on, less one ({fit_rows - 1:,})")
+    return out, notes
+
+
+def check_baseline_names(names) -> None:
+    """ValueError for a name that is not ``raw``, ``liblog``, ``liblog_hvg<N>`` (N >= 1) or
+    ``pca``: checked before any baseline is computed."""
+    for name in names:
+        n = name[len("liblog_hvg"):] if name.startswith("liblog_hvg") else None
+        if n is not None and n.isdigit() and int(n) >= 1:
+            continue
+        if n is not None:
+            raise ValueError(f"baseline {name!r}: liblog_hvg<N> needs a whole number N >= 1 of "
+                             "highly variable genes, e.g. liblog_hvg1024")
+        if name not in ("raw", "liblog", "pca"):
             raise ValueError(f"unknown baseline {name!r}; choose from raw, liblog, "
                              "liblog_hvg<N>, pca")
-    return out, notes
 
 
 def _columns(genes, n: int) -> np.ndarray | None:

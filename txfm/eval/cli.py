@@ -69,7 +69,7 @@ def register(subparsers) -> None:
                    help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
                         "(bf16 when the checkpoint does not say)")
     p.add_argument("--key", default="X_txfm", help="obsm key to write")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
     p = subparsers.add_parser(
@@ -77,7 +77,7 @@ def register(subparsers) -> None:
         help="gene representations (codebook, decoder weights) as an AnnData",
         description="Write the encoder codebook (.obsm['codebook'], G x (d-1)) and the decoder's "
                     "gene weights (.obsm['decoder'], G x hidden) with genes as observations.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--gene-table", default=None, help="add obs['symbol'] for Ensembl-id "
                                                       "vocabularies")
@@ -109,13 +109,15 @@ def register(subparsers) -> None:
     p.add_argument("--gene-table", default=None, help="map Ensembl ids to symbols")
     p.add_argument("--counts", default=None,
                    help="training-like counts (.h5ad/10x) for the PCA-loadings baseline")
-    p.add_argument("--counts-layer", default=None)
+    p.add_argument("--counts-layer", default=None,
+                   help="the raw counts of --counts from this layer ('raw' = .raw.X)")
     p.add_argument("--counts-max-cells", type=positive_int, default=20000,
                    help="subsample cells of --counts for the baseline PCA")
     p.add_argument("--null-pairs", type=positive_int, default=20000,
                    help="random gene pairs per draw")
     p.add_argument("--draws", type=positive_int, default=3, help="null draws")
-    p.add_argument("--seed", type=nonnegative_int, default=42)
+    p.add_argument("--seed", type=nonnegative_int, default=42,
+                   help="seed of the null pairs and the --counts subsample")
     p.add_argument("--gmt-max-size", type=nonnegative_int, default=500,
                    help="skip gene sets larger than this (0 = keep all)")
     p.add_argument("--all-genes", action="store_true",
@@ -124,7 +126,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the recall-vs-components sweep")
     p.add_argument("--out", default="txfm_eval_relationships", help="output folder")
     _add_threads(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_with_threads(cmd_relationships))
 
     p = evs.add_parser(
@@ -141,15 +143,20 @@ def register(subparsers) -> None:
     p.add_argument("--batch-key", default=None, help="obs column with batches (held out in "
                                                      "lin/knn; mixed in ilisi)")
     p.add_argument("--obsm-key", action="append", default=None,
-                   help="embedding(s) to evaluate (default: every X_* key)")
+                   help="an .obsm embedding to evaluate; repeatable. Without it every X_* key "
+                        "is evaluated (and one that is not a finite numeric matrix skipped)")
     p.add_argument("--layer", default=None, help="raw counts for the baselines from this layer")
     p.add_argument("--baselines", default="raw,liblog,liblog_hvg5000,liblog_hvg1024,pca",
                    help="comma-separated, or 'none'")
     p.add_argument("--db", action="append", default=None,
                    help="relationship databases for bmdb (as in `eval relationships`)")
     p.add_argument("--gene-table", default=None, help="map Ensembl-id labels to symbols (bmdb)")
-    p.add_argument("--postprocess", default="none,center,standardize,tvn")
-    p.add_argument("--metrics", default="pcst,lin,knn,bmdb,ilisi")
+    p.add_argument("--postprocess", default="none,center,standardize,tvn",
+                   help="comma-separated post-processings to try on each embedding (the best "
+                        "is reported): none, center, standardize, tvn")
+    p.add_argument("--metrics", default="pcst,lin,knn,bmdb,ilisi",
+                   help="comma-separated: pcst, lin, knn, bmdb (needs --db), ilisi (needs "
+                        "--batch-key)")
     p.add_argument("--min-cells", type=positive_int, default=5,
                    help="perturbations with fewer cells are left out")
     p.add_argument("--max-cells", type=positive_int, default=None,
@@ -172,11 +179,13 @@ def register(subparsers) -> None:
                         "all genes) estimated from K genes drawn as `txfm embed --seed` shows "
                         "them (onto the --fit-on vocabulary when given): the ceiling of a model "
                         "shown K genes (txfm.eval.oracle)")
-    p.add_argument("--pcst-null-draws", type=positive_int, default=1000)
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--pcst-null-draws", type=positive_int, default=1000,
+                   help="random cell sets in p.cst's null (at least 1 / p-value threshold)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of subsamples, the probe, kNN tie-breaks and p.cst's null")
     p.add_argument("--out", default="txfm_eval_perturbation", help="output folder")
     _add_threads(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_with_threads(cmd_perturbation))
 
 
@@ -214,6 +223,29 @@ def _with_threads(func):
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+def _obsm_matrix(value, dtype):
+    """An ``.obsm`` entry as a dense ``[rows, dims]`` array of ``dtype`` (sparse entries are
+    densified), or ``(None, why)`` for one that is not a finite numeric matrix that fits."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    try:
+        x = np.asarray(value.toarray() if sp.issparse(value) else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None, "is not a numeric [rows, dims] matrix"
+    if x.ndim != 2:
+        return None, f"is not a numeric [rows, dims] matrix (shape {x.shape})"
+    if x.shape[1] == 0:
+        return None, "has no columns"
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        return None, f"has NaN or inf in {int(bad.sum()):,} of {len(x):,} rows"
+    big = np.finfo(dtype).max
+    if np.abs(x).max(initial=0.0) > big:
+        return None, f"has values beyond {np.dtype(dtype).name}'s range (|x| > {big:.3g}); rescale it"
+    return x.astype(dtype, copy=False), None
 
 
 def _table(path):
@@ -396,16 +428,27 @@ def cmd_relationships(args) -> int:
     reps = []
     if args.genes:
         g = read_h5ad(args.genes, "--genes")
-        keys = args.key or list(g.obsm.keys())
+        if not len(g.obsm.keys()):
+            return _fail(f"--genes {args.genes}: no gene representation in .obsm; write one "
+                         "with `txfm genes`")
+        keys = list(args.key or g.obsm.keys())
         missing = [k for k in keys if k not in g.obsm]
-        if missing or not keys:
-            return _fail(f"{args.genes}: obsm keys {missing or keys} not found (has "
-                         f"{list(g.obsm.keys())}); write it with `txfm genes`")
+        if missing:
+            return _fail(f"--key {','.join(missing)}: not in .obsm of {args.genes} (it has "
+                         f"{list(g.obsm.keys())})")
         syms = gene_symbols(g.obs_names, g.obs["symbol"].to_numpy() if "symbol" in g.obs else None,
                             table)
         for k in keys:
+            x, why = _obsm_matrix(g.obsm[k], np.float64)
+            if x is None:
+                if args.key:  # asked for by name
+                    return _fail(f"--key {k}: .obsm[{k!r}] of {args.genes} {why}")
+                print(f"warning: skipping .obsm[{k!r}] of {args.genes}: it {why}", file=sys.stderr)
+                continue
             n = comps.get(k, default_c or BASELINE_COMPONENTS)
-            reps.append(GeneRepresentation(k, np.asarray(g.obsm[k]), syms, n))
+            reps.append(GeneRepresentation(k, x, syms, n))
+        if not reps:
+            return _fail(f"--genes {args.genes}: no .obsm entry is a finite numeric matrix")
     if args.counts:
         c = read_cells(args.counts, layer=args.counts_layer, option="--counts")
         x = counts_matrix(c, f"--counts {args.counts}", "--counts-layer")
@@ -495,12 +538,11 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
 def cmd_perturbation(args) -> int:
     import numpy as np
     import pandas as pd
-    import scipy.sparse as sp
     from tqdm.auto import tqdm
 
-    from .baselines import expression_baselines
+    from .baselines import check_baseline_names, expression_baselines
     from .genemap import gene_symbols
-    from .io import counts_matrix, read_cells, staged_outputs
+    from .io import count_alternatives, counts_matrix, read_cells, staged_outputs
     from .perturbation import (
         METRICS,
         PCST_ALPHA,
@@ -541,6 +583,16 @@ def cmd_perturbation(args) -> int:
     if args.baselines.strip() != "none" and not base_names:
         return _fail(f"--baselines {args.baselines!r}: name baselines (e.g. liblog,pca) or "
                      "'none'")
+    try:
+        check_baseline_names(base_names)
+    except ValueError as err:
+        return _fail(f"--baselines: {err}")
+    if args.batch_key is not None and args.batch_key == args.perturbation_key:
+        return _fail(f"--batch-key {args.batch_key!r} is the --perturbation-key column too: "
+                     "name the obs column of the batches (or leave --batch-key out)")
+    if args.fit_on and not pathlib.Path(args.fit_on).exists():
+        return _fail(f"--fit-on {args.fit_on}: no such file or folder (a shard collection "
+                     "from `txfm data convert`, or an .h5ad of raw counts)")
     dbs = []
     if "bmdb" in metrics and args.db:  # read before the long work: a typo costs nothing
         try:
@@ -586,31 +638,32 @@ def cmd_perturbation(args) -> int:
                      + (" or raise --max-cells" if args.max_cells else ""))
     if args.batch_key is None:
         print("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
+    n_batches = labels.n_batches
     print(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
-          f"({int((labels.pert == labels.control).sum()):,} cells), {labels.n_batches} batches")
+          f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
+          f"batch{'es' if n_batches != 1 else ''}; chance top-1 {100 / n_perts:.1f}%, top-5 "
+          f"{min(100.0, 500 / n_perts):.1f}%")
 
-    keys = args.obsm_key or [k for k in adata.obsm.keys() if k.startswith("X_")]
+    keys = list(args.obsm_key or [k for k in adata.obsm.keys() if k.startswith("X_")])
     missing = [k for k in keys if k not in adata.obsm]
     if missing:
-        return _fail(f"obsm keys {missing} not found (has {list(adata.obsm.keys())})")
+        return _fail(f"--obsm-key {','.join(missing)}: not in .obsm of {args.embeddings} (it "
+                     f"has {list(adata.obsm.keys())})")
     embeddings = {}
     for k in list(keys):
-        value = adata.obsm[k]
-        try:
-            x = np.asarray(value.toarray() if sp.issparse(value) else value, dtype=np.float32)
-        except (TypeError, ValueError):
-            x = None
-        if x is None or x.ndim != 2 or x.shape[1] == 0:
-            what = "has no columns" if x is not None and x.ndim == 2 else \
-                "is not a numeric [cells, dims] embedding"
+        x, why = _obsm_matrix(adata.obsm[k], np.float32)
+        if x is None:
             if args.obsm_key:  # asked for by name
-                return _fail(f"--obsm-key {k}: {what}")
-            print(f"warning: skipping .obsm[{k!r}]: it {what}", file=sys.stderr)
+                return _fail(f"--obsm-key {k}: .obsm[{k!r}] of {args.embeddings} {why}")
+            print(f"warning: skipping .obsm[{k!r}] of {args.embeddings}: it {why}",
+                  file=sys.stderr)
             keys.remove(k)
             continue
         embeddings[k] = x
     if base_names:
-        raw = counts_matrix(adata, f"--embeddings {args.embeddings}")
+        raw = counts_matrix(adata, f"--embeddings {args.embeddings}",
+                            matrix=".X" if args.layer is None else f"layers[{args.layer!r}]",
+                            alternatives=count_alternatives(adata))
         try:
             base, notes = expression_baselines(raw, base_names,
                                                target_sum=args.target_sum,

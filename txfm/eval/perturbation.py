@@ -19,9 +19,13 @@ Metrics, all in percent except ``ilisi``:
 * ``knn_top1``, ``knn_top5``  weighted k-NN retrieval across batches: each cell's ``k``
             nearest (cosine) cells in *other* batches vote ``exp(cos / T)`` for their label
             (k=20, T=0.07, as Tx-Evaluation's ``WeightedKNNClassifier``). In both, a true
-            label tied with others counts as the expected hit of a random tie-break, so
-            identical embeddings score chance. A cell whose perturbation has no cell in the
-            other batches is left out of both (it cannot be predicted or retrieved).
+            label tied with others counts as the expected hit of a random tie-break, and kNN
+            takes neighbours at tied distances in a seeded random order of the reference
+            cells (not the file's), so identical embeddings score chance: about the most
+            frequent perturbation's share of cells (1/P top-1 when balanced), which the probe
+            then predicts from its intercept and kNN from a random draw of voters. A cell
+            whose perturbation has no cell in the other batches is left out of both (it
+            cannot be predicted or retrieved).
 * ``bmdb``  relationship recall of perturbation embeddings: per-perturbation mean embedding,
             cosine similarity of all perturbation pairs as the null, recall of the annotated
             pairs of the databases (combined) beyond the 5th/95th percentiles.
@@ -241,7 +245,10 @@ def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST
         raise ValueError(f"p.cst needs at least 3 control cells to fit its PCA, found "
                          f"{int(ctrl.sum())}; leave pcst out of --metrics")
     c = int(min(n_pcs, x.shape[1], ctrl.sum() - 1))
-    y = make_pca(c, (int(ctrl.sum()), x.shape[1]), seed).fit(x[ctrl]).transform(x)
+    if np.ptp(x[ctrl], axis=0).any():
+        y = make_pca(c, (int(ctrl.sum()), x.shape[1]), seed).fit(x[ctrl]).transform(x)
+    else:  # constant controls have no principal axes (PCA would divide by a zero variance)
+        y = x[:, :c] - x[ctrl][0, :c]
     for rows in labels.batch_groups():
         cb = ctrl[rows]
         base = y[rows][cb] if cb.sum() >= 2 else y[rows]  # batch without controls: its own stats
@@ -396,7 +403,11 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     unit = (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
     hit1 = hit5 = total = 0
+    rng = np.random.default_rng(seed)
     for ref, query in _folds(labels, keep, seed):
+        # scikit-learn breaks distance ties by row order: in a seeded random order of the
+        # reference cells, tied neighbours are a random draw, not the file's first rows
+        ref = ref[rng.permutation(len(ref))]
         # as the probe: a cell whose perturbation has no cell in the other batches cannot be
         # retrieved, so it is left out rather than counted as a miss
         query = query[np.isin(labels.pert[query], labels.pert[ref])]

@@ -141,7 +141,7 @@ def read_gene_sets(path: str | pathlib.Path, name: str | None = None, *, min_siz
                 continue
             sets.append(genes)
     if not sets:
-        raise ValueError(f"{path}: no gene set with {min_size}..{max_size or 'any'} genes; is it a "
+        raise ValueError(f"--db {path}: no gene set with {min_size}..{max_size or 'any'} genes; is it a "
                          ".gmt (name<TAB>description<TAB>genes) or a cluster TSV "
                          "(name<TAB>space-separated genes)?")
     if skipped:
@@ -163,6 +163,7 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     dbs: list[Database] = []
+    found: list[str] = []  # every database name the paths offer, for an unknown ``sources``
     for p in paths:
         p = pathlib.Path(p)
         if p.is_dir():
@@ -178,6 +179,7 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
             raise FileNotFoundError(f"--db {p}: no such file or folder (pass the folder "
                                     "shared/data/efaar_benchmark_annotations, or files)")
         for f in files:
+            found.append(f.stem)
             if sources is not None and f.stem not in sources:
                 continue
             try:
@@ -199,9 +201,12 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
                 raise ValueError(f"--db {f}: not a UTF-8 text file ({exc.reason} at byte "
                                  f"{exc.start}); give EFAAR pair files (CSV with header "
                                  f"'entity1,entity2') or .gmt gene sets") from exc
+    unknown = [name for name in sources or () if name not in found]
+    if unknown:
+        raise ValueError(f"--sources {','.join(unknown)}: no such database in "
+                         f"{[str(p) for p in paths]}; it offers {sorted(set(found))}")
     if not dbs:
-        raise ValueError(f"no relationship database found in {[str(p) for p in paths]}"
-                         + (f" with names {list(sources)}" if sources else ""))
+        raise ValueError(f"--db: no relationship database found in {[str(p) for p in paths]}")
     names = [d.name for d in dbs]
     if len(set(names)) != len(names):
         raise ValueError(f"two databases share a name: {names}; rename one file")

@@ -74,9 +74,12 @@ def register(subparsers) -> None:
                    help="warm-up share of steps (0.1), rounded to whole steps")
     r.add_argument("--grad-clip", type=finite_float(), default=None,
                    help="max gradient norm (1.0; 0: off)")
-    r.add_argument("--precision", choices=PRECISIONS, default=None)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--log-every", type=int, default=None)
+    r.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="auto: bf16 autocast on a GPU that has it, else fp32")
+    r.add_argument("--seed", type=int, default=None,
+                   help="seed of the weights, the data order and the shown genes (0)")
+    r.add_argument("--log-every", type=int, default=None,
+                   help="steps between metrics.csv rows (10)")
     r.add_argument("--val-every", type=int, default=None, help="steps (0: only at the end)")
     r.add_argument("--val-batches", type=int, default=None,
                    help="validation micro-batches (8; the last may be partial)")
@@ -89,10 +92,14 @@ def register(subparsers) -> None:
     m.add_argument("--target-sum", type=finite_float(0.0, above=True), default=None,
                    help="L: counts are normalised to this total before log1p (1e5; scanpy's "
                         "normalize_total target_sum)")
-    m.add_argument("--loss", choices=LOSSES, default=None)
-    m.add_argument("--activation", choices=ACTIVATIONS, default=None)
+    m.add_argument("--loss", choices=LOSSES, default=None,
+                   help="reconstruction loss (poisson, the paper's; the others are its ablations)")
+    m.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="decoder output activation (rectified_tanh, the paper's)")
     m.add_argument("--decoder-depth", type=int, default=None, help="0 = linear decoder")
-    m.add_argument("--attention", choices=ATTENTION, default=None)
+    m.add_argument("--attention", choices=ATTENTION, default=None,
+                   help="attention kernel (auto: flash-attn when installed and no row is "
+                        "padded, else PyTorch's scaled_dot_product_attention)")
     m.add_argument("--eager", action="store_true",
                    help="run on the eager reference ops instead of the fused kernels")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
