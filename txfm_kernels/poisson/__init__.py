@@ -77,12 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
-
-from .._common import (BACKENDS, Number, backend_module, check_choice, check_number,
-                       check_reverse_mode_only, check_row_ids, check_tensor, op_backend, resolve,
-                       traced, transformed)
+from .._common import (_TRACING_TENSORS, BACKENDS, Number, backend_module, check_choice,
+                       check_number, check_reverse_mode_only, check_row_ids, check_tensor,
+                       op_backend, resolve, traced, transformed)
 from ..masks import RowGeneMask
 from . import reference
 from .reference import ALPHA, BETA, LINEAR, LOG, REDUCTIONS, RTANH
@@ -449,7 +446,7 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
 
 # Plain tensors, and the ones PyTorch traces with (torch.export, torch.compile): the fused
 # op's fake implementation serves those. Other subclasses (DTensor, a user's) go to torch.
-_DROPIN_TYPES = (torch.Tensor, nn.Parameter, FakeTensor, FunctionalTensor)
+_DROPIN_TYPES = (torch.Tensor, nn.Parameter, *_TRACING_TENSORS)
 
 
 def _native_dropin(input, target, eps) -> bool:
