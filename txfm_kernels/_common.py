@@ -268,8 +268,8 @@ def resolve_backend(backend: str, device: torch.device, op: str,
                     gpu_order: tuple[str, ...] = ("cuda", "triton")) -> str:
     """Turn ``backend`` into a concrete one for op's tensors on ``device`` or raise saying why not.
 
-    ``op`` is one of :data:`OPS` or its public function's name; ``gpu_order`` is its
-    preference among GPU backends for ``"auto"`` (CPU tensors: ``cpu``, then ``torch``). Raises
+    ``op`` is one of :data:`OPS` or a public function's name (``poisson_nll_loss`` too), which
+    messages then name; ``gpu_order`` is its preference among GPU backends for ``"auto"`` (CPU tensors: ``cpu``, then ``torch``). Raises
     ``ValueError`` for an unknown backend, op or device, ``RuntimeError`` for a backend that
     cannot run op's tensors here.
     """
