@@ -128,6 +128,10 @@ def _train(*args):
     return ["train", "--data", DATA, "--batch-size", "8", *TINY, "--out", "{root}/new", *args]
 
 
+def _resume(*args):
+    return ["train", "--out", "{run}", "--resume", "--no-progress", "--no-plot", *args]
+
+
 def _embed(*args, input="{cells}", checkpoint="{run}"):
     return ["embed", "--checkpoint", checkpoint, "--input", input, "--out", "{root}/e.h5ad",
             "--no-progress", *args]
@@ -244,6 +248,20 @@ CASES = {
     "rel-db-is-a-gene-table": (["eval", "relationships", "--genes", "{genes}", "--db",
                                 "{gene_table_tsv}", "--out", "{root}/rel"], "--db"),
     # -- txfm eval perturbation ------------------------------------------------------------------
+    # -- txfm train --resume: what the checkpoint fixes ------------------------------------------
+    "resume-loss": (_resume("--loss", "mse"), "--loss mse with --resume"),
+    "resume-k": (_resume("--k", "4"), "--k 4 with --resume"),
+    "resume-set-token-norm": (_resume("--set", "token_norm=none"),
+                              "--set token_norm=none with --resume"),
+    "resume-batch-size": (_resume("--batch-size", "16"), "--batch-size 16 with --resume"),
+    "resume-accum": (_resume("--accum", "2"), "--accum 2 with --resume"),
+    "resume-seed": (_resume("--seed", "5"), "--seed 5 with --resume"),
+    # -- txfm train: values the kernels cannot take ----------------------------------------------
+    "train-tau-500": (_train("--tau", "500"), "--tau 500"),
+    "train-target-sum-beyond-fp32": (_train("--target-sum", "1e308"), "--target-sum"),
+    "train-layerscale-beyond-fp32": (_train("--set", "layerscale_init=1e308"),
+                                     "--set layerscale_init=1e308"),
+    "train-epochs-huge": (_train("--epochs", "1e308"), "--epochs"),
     "pert-embeddings-missing": (_pert(emb="{root}/nowhere.h5ad"), "--embeddings"),
     "pert-embeddings-truncated": (_pert(emb="{truncated}"), "truncated.h5ad"),
     "pert-perturbation-key-missing": (["eval", "perturbation", "--embeddings", "{cells}",

@@ -1,6 +1,7 @@
 """The trainer: the loss falls, DDP == one process, SIGKILL + --resume is exact, checkpoints."""
 import argparse
 import json
+import math
 import os
 import pathlib
 import signal
@@ -197,6 +198,40 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     for run in (full, killed):  # step 32 ends epoch 0, in the resumed run too
         epochs = {int(r["step"]): int(r["epoch"]) for r in read_metrics(run / "metrics.csv")}
         assert [epochs[s] for s in range(1, 61)] == [0] * 32 + [1] * 28
+
+
+def test_a_metrics_row_carries_the_learning_rate_its_step_ran_at(tmp_path):
+    from txfm.train.schedule import one_cycle_lr
+
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=12, batch_size=16,
+                                 log_every=1, ckpt_every=None, val_every=None, progress=False,
+                                 plot=False)
+    train(cfg, _small_model())
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.csv")]
+    assert lrs == pytest.approx([one_cycle_lr(i, 12, cfg.warmup, cfg.lr) for i in range(12)])
+
+
+def test_a_diverged_run_stops_with_one_error_before_saving(tmp_path, capsys):
+    """A NaN loss ends the run at the row that shows it: an error line (exit 2), the rows so
+    far in metrics.csv, no checkpoint of NaN weights, and no traceback from the validation's
+    diagnostics of NaN embeddings."""
+    from txfm.cli import main
+
+    out = tmp_path / "run"
+    status = main(["train", "--data", DATA, *SMALL, "--batch-size", "16", "--steps", "40",
+                   "--lr", "1e6", "--grad-clip", "0", "--val-every", "10", "--log-every", "5",
+                   "--ckpt-every", "10", "--out", str(out), "--no-progress", "--no-plot"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1, err
+    assert "the run diverged" in errors[0] and "--lr" in errors[0] and "Traceback" not in err
+    rows = read_metrics(out / "metrics.csv")
+    assert rows and not math.isfinite(rows[-1]["train_loss"])
+    assert all(math.isfinite(r["train_loss"]) for r in rows[:-1])
+    saved = [int(p.stem.split("_")[1]) for p in list_checkpoints(out)]
+    assert all(s < rows[-1]["step"] for s in saved)
+    from txfm.train.diagnostics import effective_rank
+    assert math.isnan(effective_rank(torch.full((20, 4), float("nan"))))
 
 
 def test_a_metrics_row_carries_the_epoch_of_its_own_step(tmp_path):

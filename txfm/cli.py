@@ -29,7 +29,8 @@ class UsageError(ValueError):
 # Library errors that always mean "this input is bad" (module, class name); looked up in
 # sys.modules so that reporting an error never imports a heavy module.
 USER_ERRORS = (("txfm.data.readers", "InputError"), ("txfm.data.layout", "ShardReadError"),
-               ("txfm.train.checkpoint", "CheckpointError"), ("txfm.locks", "FolderBusyError"))
+               ("txfm.train.checkpoint", "CheckpointError"), ("txfm.locks", "FolderBusyError"),
+               ("txfm.train.trainer", "TrainingDiverged"))
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -28,6 +28,8 @@ import numbers
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
+
 LOSSES = ("poisson", "nb", "zinb", "mse", "smoothl1")
 ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
@@ -165,7 +167,16 @@ class TxFMConfig:
         need(self.token_norm in TOKEN_NORMS, "token_norm", f"is not one of {TOKEN_NORMS}")
         need(self.backend in BACKENDS, "backend", f"is not one of {BACKENDS}")
         need(self.attention in ATTENTION, "attention", f"is not one of {ATTENTION}")
-        need(self.target_sum > 0, "target_sum", "must be > 0")
+        # what the kernels take: fp32 numbers, and a tau whose draw weights m ** tau stay
+        # inside fp32 for any corpus
+        from txfm_kernels.sample import TAU_LIMIT
+
+        fp32 = np.finfo(np.float32)
+        need(fp32.tiny <= self.target_sum <= fp32.max, "target_sum",
+             f"must be > 0 and an fp32 number (<= {fp32.max:.3g})")
+        need(abs(self.tau) <= TAU_LIMIT, "tau", f"must be in [-{TAU_LIMIT:g}, {TAU_LIMIT:g}]")
+        need(abs(self.layerscale_init) <= fp32.max, "layerscale_init",
+             f"must be an fp32 number (|x| <= {fp32.max:.3g})")
 
     def check_genes(self, n_genes: int) -> None:
         """ConfigError unless ``k`` fits a vocabulary of ``n_genes`` genes: more shown genes

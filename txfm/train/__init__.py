@@ -10,8 +10,8 @@ Nothing here imports anndata or zarr until a run reads on-disk shards.
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import RECIPES, TrainConfig
 from .synthetic import MemoryBatch, RandomCSRSource
-from .trainer import Trainer, TrainResult, sample_batch, train
+from .trainer import Trainer, TrainingDiverged, TrainResult, sample_batch, train
 
-__all__ = ["TrainConfig", "RECIPES", "Trainer", "TrainResult", "train", "load_checkpoint",
-           "latest_checkpoint", "CheckpointError", "RandomCSRSource", "MemoryBatch",
-           "sample_batch"]
+__all__ = ["TrainConfig", "RECIPES", "Trainer", "TrainResult", "TrainingDiverged", "train",
+           "load_checkpoint", "latest_checkpoint", "CheckpointError", "RandomCSRSource",
+           "MemoryBatch", "sample_batch"]

@@ -11,7 +11,9 @@ Examples::
     txfm train --set layerscale_init=1e-4 --set mlp_ratio=3
 
 With ``--resume`` the run's saved configuration is reused (``RUN/config.json``) and only the
-options given on the command line change it (e.g. ``--steps`` to train longer).
+options given on the command line change it (e.g. ``--steps`` to train longer); what the
+checkpoint fixes (the model, the optimizer's schedule, the data stream) is refused, and the
+display options apply to this command only (docs/training.md).
 """
 from __future__ import annotations
 
@@ -33,7 +35,14 @@ _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
 _MODEL_FLAGS = {"k": "k", "tau": "tau", "target_sum": "target_sum", "loss": "loss",
                 "activation": "activation",
                 "decoder_depth": "decoder_depth", "attention": "attention"}
-_FIXED_ON_RESUME = ("lr", "warmup", "weight_decay")  # restored with the optimizer/scheduler
+# What a checkpoint fixes, so that --resume refuses a new value instead of recording it
+# unused (or changing the run's meaning midway): the optimizer's and the schedule's state,
+# and the data stream's (its order and position are keyed by the batch, the micro-batches
+# and the seed).
+_FIXED_ON_RESUME = {"lr": "optimizer and schedule", "warmup": "optimizer and schedule",
+                    "weight_decay": "optimizer and schedule", "batch_size": "data order",
+                    "accum": "data order", "seed": "data order and shown genes"}
+
 _FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in _TRAIN_FLAGS.items()}
 _FLAG_OF["preset"] = "--preset"
 
@@ -176,7 +185,7 @@ def build_configs(args):
             if changed:
                 d, new, old = changed[0]
                 raise UsageError(f"--{d.replace('_', '-')} {new} with --resume: the run's "
-                                 f"optimizer and schedule continue from its checkpoint "
+                                 f"{_FIXED_ON_RESUME[d]} continue from its checkpoint "
                                  f"({_TRAIN_FLAGS[d]} {old}); start a new run (another --out) "
                                  f"to change it")
         if not args.resume:
@@ -193,14 +202,14 @@ def build_configs(args):
                 changes[_TRAIN_FLAGS[dest]] = None
         if args.compile:
             changes["compile"] = True
-        if args.no_progress:
-            changes["progress"] = False
-        if args.no_plot:
-            changes["plot"] = False
         if args.no_init_bias:
             changes["init_bias"] = False
-        if args.no_tensorboard:
-            changes["tensorboard"] = False
+        # how this command runs and shows its work, not the run's settings: never inherited
+        # from the run's config.json on --resume
+        changes.update(progress=not args.no_progress, plot=not args.no_plot,
+                       tensorboard=not args.no_tensorboard)
+        if args.resume:
+            changes["compile"] = bool(args.compile)
         changes["resume"] = bool(args.resume)
         changes["out"] = str(out)
         train_cfg = dataclasses.replace(train_cfg, **changes)
@@ -219,6 +228,17 @@ def build_configs(args):
             model_changes[key] = _convert(value, getattr(model_cfg, key))
         except ValueError as exc:
             raise UsageError(f"--set {item}: {exc}") from exc
+    if args.resume:  # named by its flag here; Trainer refuses the same in Python
+        from txfm.train.trainer import RUNTIME_MODEL_FIELDS
+
+        for field, value in model_changes.items():
+            if field not in RUNTIME_MODEL_FIELDS and value != getattr(model_cfg, field):
+                given = [item for item in args.set if item.partition("=")[0] == field]
+                dest = next((d for d, f in _MODEL_FLAGS.items() if f == field), field)
+                flag = f"--set {given[-1]}" if given else f"--{dest.replace('_', '-')} {value}"
+                raise UsageError(f"{flag} with --resume: the run's model was trained with "
+                                 f"{field}={getattr(model_cfg, field)!r} (its config.json); "
+                                 f"start a new run (another --out) to change it")
     try:
         return train_cfg, model_cfg.replace(**model_changes)
     except ConfigError as exc:

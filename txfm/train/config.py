@@ -126,9 +126,10 @@ class TrainConfig:
         need(self.accum >= 1, "accum", "must be >= 1")
         need(self.steps is not None or self.epochs is not None, "steps",
              "give steps or epochs (how long to train)")
-        need(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
-        need(self.epochs is None or (finite(self.epochs) and self.epochs > 0), "epochs",
-             "must be a finite number > 0")
+        # steps are counted in int64 (checkpoints, the samplers' offsets)
+        need(self.steps is None or 1 <= self.steps < 2**62, "steps", "must be in [1, 2**62)")
+        need(self.epochs is None or (finite(self.epochs) and 0 < self.epochs <= 1e9), "epochs",
+             "must be a number in (0, 1e9]")
         need(finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
         need(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "betas",
              "must be two numbers in [0, 1)")

@@ -41,7 +41,7 @@ def effective_rank(e: torch.Tensor) -> float:
     dimension standardised (so one high-variance coordinate, common in transformer outputs,
     does not hide the others): 1 = all cells on one line, ``d`` = isotropic."""
     e = e.double()
-    if e.shape[0] < 2:
+    if e.shape[0] < 2 or not bool(torch.isfinite(e).all()):  # too few cells, or a diverged model
         return float("nan")
     e = e - e.mean(0)
     e = e / e.std(0).clamp_min(1e-12)

@@ -18,6 +18,8 @@ sees exactly the cells of a 1-rank run that accumulates ``world_size`` micro-bat
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -50,11 +52,56 @@ class MemoryBatch:
             self.indptr, self.indices, self.counts, self.dataset_ids, self.cell_ids)), self.obs)
 
 
+# RandomCSRSource's numeric arguments: name -> (integer?, the rule in words); and the keys of
+# ``random:`` specs (parse_random_spec) -> argument names.
+_MAX_LIBRARY = 1e7  # counts are int32: a cell's library stays far below 2**31
+_ARGS = {
+    "n_cells": (True, "an integer >= 1"),
+    "n_genes": (True, "an integer >= 1"),
+    "n_datasets": (True, "an integer >= 1"),
+    "n_types": (True, "an integer >= 1"),
+    "mean_library": (False, "a finite number > 0 (at most 1e7)"),
+    "observed_fraction": (False, "a finite number > 0 and <= 1"),
+    "seed": (True, "an integer >= 0"),
+    "batch_size": (True, "an integer >= 1"),
+}
+_SPEC_KEYS = {"cells": "n_cells", "genes": "n_genes", "datasets": "n_datasets",
+              "types": "n_types", "library": "mean_library", "observed": "observed_fraction",
+              "seed": "seed"}
+
+
+def _in_range(name: str, value) -> bool:
+    """Whether ``value`` (already of the argument's type) is allowed for argument ``name``."""
+    if name == "mean_library":
+        return math.isfinite(value) and 0 < value <= _MAX_LIBRARY
+    if name == "observed_fraction":
+        return math.isfinite(value) and 0 < value <= 1
+    return value >= (0 if name == "seed" else 1)
+
+
+def _check_args(**values) -> None:
+    """ValueError naming the first RandomCSRSource argument of the wrong type or range."""
+    for name, value in values.items():
+        integer, rule = _ARGS[name]
+        ok_type = (isinstance(value, numbers.Integral) if integer
+                   else isinstance(value, numbers.Real)) and not isinstance(value, bool)
+        if not ok_type or not _in_range(name, value):
+            raise ValueError(f"RandomCSRSource: {name} must be {rule}, got {value!r}")
+
+
 class RandomCSRSource:
     """``n_cells`` random cells over ``n_genes`` genes, iterated in micro-batches of ``batch_size``.
 
     ``split="val"`` gives different cells (another seed) from the same genes and datasets.
-    ``observed_fraction`` = share of the vocabulary each dataset profiles (first dataset: all).
+    ``observed_fraction`` = share of the vocabulary each dataset profiles (first dataset: all;
+    every dataset at least one gene). ``mean_library`` = mean counts per cell.
+
+    Raises:
+        ValueError: naming the argument: ``n_cells``, ``n_genes``, ``batch_size``,
+            ``n_datasets`` or ``n_types`` not an integer >= 1; ``mean_library`` not a finite
+            number in (0, 1e7]; ``observed_fraction`` not a finite number in (0, 1]; ``seed``
+            not an integer >= 0; ``split`` not "train" or "val"; ``rank`` outside
+            ``[0, world_size)``.
     """
 
     def __init__(self, n_cells: int = 4096, n_genes: int = 2000, batch_size: int = 32, *,
@@ -62,9 +109,9 @@ class RandomCSRSource:
                  observed_fraction: float = 0.6, split: str = "train", shuffle: bool = True,
                  seed: int = 0, drop_last: bool = True, pin_memory: bool = False,
                  rank: int | None = None, world_size: int | None = None):
-        if n_cells < 1 or n_genes < 1 or batch_size < 1:
-            raise ValueError(f"RandomCSRSource: n_cells={n_cells}, n_genes={n_genes}, "
-                             f"batch_size={batch_size} must all be >= 1")
+        _check_args(n_cells=n_cells, n_genes=n_genes, batch_size=batch_size,
+                    n_datasets=n_datasets, n_types=n_types, mean_library=mean_library,
+                    observed_fraction=observed_fraction, seed=seed)
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}: use 'train' or 'val'")
         self.n_cells, self.n_genes, self.batch_size = int(n_cells), int(n_genes), int(batch_size)
@@ -82,6 +129,8 @@ class RandomCSRSource:
         programs = corpus.normal(0.0, 1.5, (n_types, n_genes)) * (corpus.random((n_types, n_genes)) < 0.2)
         obs = corpus.random((n_datasets, n_genes)) < observed_fraction
         obs[0] = True
+        for d in np.flatnonzero(~obs.any(1)):  # a small observed_fraction: >= 1 gene each
+            obs[d, corpus.integers(0, n_genes)] = True
         self.observable = ObservableGenes.from_mask(torch.from_numpy(obs))
         cells = np.random.default_rng([self.seed, 1 if split == "val" else 0])
         self.cell_type = cells.integers(0, n_types, n_cells)
@@ -157,17 +206,40 @@ class RandomCSRSource:
 
 
 def parse_random_spec(spec: str) -> dict:
-    """``"random"`` or ``"random:cells=4096,genes=2000,datasets=2"`` -> RandomCSRSource kwargs."""
+    """``"random"`` or ``"random:cells=4096,genes=2000,datasets=2"`` -> RandomCSRSource kwargs.
+
+    Keys (all optional): ``cells``, ``genes``, ``datasets``, ``types`` (integers >= 1),
+    ``library`` (mean counts per cell: a finite number > 0, at most 1e7), ``observed`` (share
+    of the genes each dataset profiles: a finite number > 0, at most 1) and ``seed`` (an
+    integer >= 0). Empty items (``random:cells=64,``) are ignored.
+
+    Raises:
+        ValueError: ``spec`` is not ``random`` or ``random:key=value,...``; an item is not
+            ``key=value``; a key is unknown (the message lists the valid ones) or given twice;
+            a value is not of its key's type, not finite or out of its range. The message
+            starts with ``--data SPEC:`` and names the key and its valid values.
+    """
     head, _, tail = spec.partition(":")
+    where = f"--data {spec}"
     if head != "random":
-        raise ValueError(f"not a random data spec: {spec!r}")
-    names = {"cells": "n_cells", "genes": "n_genes", "datasets": "n_datasets", "types": "n_types",
-             "library": "mean_library", "observed": "observed_fraction", "seed": "seed"}
-    out = {}
+        raise ValueError(f"{where}: not a random data spec; use random or "
+                         f"random:key=value,... with keys {', '.join(_SPEC_KEYS)}")
+    out: dict = {}
     for item in filter(None, tail.split(",")):
-        key, _, value = item.partition("=")
-        if key not in names or not value:
-            raise ValueError(f"--data {spec!r}: bad item {item!r}; use key=value with keys "
-                             f"{sorted(names)}")
-        out[names[key]] = float(value) if key in ("library", "observed") else int(value)
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in _SPEC_KEYS:
+            what = f"unknown key {key!r}" if eq else f"{item!r} is not key=value"
+            raise ValueError(f"{where}: {what}; valid keys: {', '.join(_SPEC_KEYS)}")
+        kwarg = _SPEC_KEYS[key]
+        integer, rule = _ARGS[kwarg]
+        if kwarg in out:
+            raise ValueError(f"{where}: {key} is given twice")
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            number = None
+        if number is None or not _in_range(kwarg, number):
+            raise ValueError(f"{where}: {key} must be {rule}" + ("" if value else
+                                                                  " (no value given)"))
+        out[kwarg] = number
     return out

@@ -17,8 +17,9 @@ The recipe is the paper's (arXiv:2605.31562, training recipe). One optimizer ste
    schedule (:mod:`txfm.train.schedule`).
 
 Nothing in a step waits for the device: the loss and gradient norm stay on the device and are
-summed there; the host reads them (one sync) every ``log_every`` steps, when it also measures
-samples/s and MFU. Whether a batch needs the attention padding mask is decided on the host from
+summed there; the host reads them (one sync) every ``log_every`` steps and at each checkpoint,
+when it also measures samples/s and MFU, and stops a run whose loss is no longer finite
+(:class:`TrainingDiverged`). Whether a batch needs the attention padding mask is decided on the host from
 the CPU batch's dataset ids (a row is padded only if its dataset profiles fewer than ``K``
 genes), so batches without padding run the mask-free attention kernels.
 
@@ -59,6 +60,15 @@ _VAL_SEED = 0x5EED_0FF5E7  # validation draws: fixed, independent of the trainin
 
 
 RUN_LOCK = ".txfm-train.lock"  # held (flock) by the run writing the folder
+# TxFMConfig fields that only choose how the same model runs (or what it is called); --resume
+# may change these, and no other
+RUNTIME_MODEL_FIELDS = ("name", "backend", "attention")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops at the row that shows it,
+    before it would save a checkpoint of diverged weights (``txfm train``: an ``error:`` line,
+    exit 2). ``metrics.csv`` keeps every row up to it; earlier checkpoints are kept."""
 
 
 @dataclass
@@ -183,6 +193,7 @@ class Trainer:
         self.peak = peak_flops(self.device, "bf16" if self.bf16 else "tf32")
 
         self.step = 0
+        self.step_lr = float("nan")  # the learning rate of the last step taken (metrics' lr)
         self.epoch = 0
         self.samples = 0
         self._resumed_from = None
@@ -294,6 +305,7 @@ class Trainer:
         if cfg.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step ran at
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -385,16 +397,29 @@ class Trainer:
             raise ValueError(f"--resume: {path} was trained on another gene vocabulary "
                              f"({state['n_genes']} genes, hash {state['vocab'].get('hash')}) than "
                              f"the data ({self.n_genes} genes, hash {self.vocab.get('hash')})")
+        saved = state.get("model_config") or {}
+        now = self.model_config.to_dict()
+        # the same shapes are not enough: another loss, token or K would change the run's
+        # meaning midway, silently
+        diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+                         if k in saved and k not in RUNTIME_MODEL_FIELDS and saved[k] != now[k])
         try:
+            if diff:
+                raise RuntimeError(diff)
             self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:  # another shape: the run asks for another model
-            saved = state.get("model_config") or {}
-            now = self.model_config.to_dict()
-            diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
-                             if k in saved and k != "name" and saved[k] != now[k])
+        except RuntimeError as exc:  # another model, or another shape of it
             raise ValueError(f"--resume: {path} holds another model ({diff or 'other shapes'}); "
                              "resume with the run's own model settings, or start a new run in "
                              "another --out") from exc
+        rank = self.dist.rank
+        same_ranks = state.get("world_size") == self.dist.world_size
+        if same_ranks:  # first: a run on other data must not warn about its schedule
+            try:
+                self.loader.load_state_dict(state["loader"][rank])
+            except ValueError as exc:
+                raise ValueError(f"--resume: {path} was written for other data or loader "
+                                 f"settings ({exc}); resume with the run's own --data, or "
+                                 "start a new run in another --out") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.samples = state["step"], state["epoch"], state["samples"]
         saved_total = state["scheduler"].get("total_steps")
@@ -412,9 +437,7 @@ class Trainer:
             self.scheduler = OneCycleSchedule(self.optimizer, peak=self.cfg.lr,
                                               total_steps=self.total_steps,
                                               warmup=self.cfg.warmup, last_epoch=self.step - 1)
-        rank = self.dist.rank
-        if state.get("world_size") == self.dist.world_size:
-            self.loader.load_state_dict(state["loader"][rank])
+        if same_ranks:
             self.epoch = self.loader.epoch
             _set_rng_state(state["rng"][rank], self.device)
         else:
@@ -496,7 +519,8 @@ class Trainer:
             # position must not include batches that no finished step consumed.
             pending = None if (save_now or done) else self._fetch(stream)
             val_now = done or (cfg.val_every and step % cfg.val_every == 0)
-            if val_now or step % cfg.log_every == 0:
+            # a row at every checkpoint too: a diverged run is stopped before it saves
+            if val_now or save_now or step % cfg.log_every == 0:
                 stats = torch.stack([loss_sum, norm_sum]) / n_since
                 dist.all_reduce_mean(stats, self.dist)
                 train_loss, grad_norm = stats.tolist()  # the host waits here, once per log
@@ -504,11 +528,21 @@ class Trainer:
                 sps = n_since * cfg.batch_size / (now - t_last)
                 per_device = sps / self.dist.world_size
                 row = {"step": step, "epoch": self.epoch, "samples": self.samples,
-                       "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0],
+                       "train_loss": train_loss, "lr": self.step_lr,
                        "grad_norm": grad_norm if cfg.grad_clip else None,
                        "samples_per_s": sps, "step_ms": 1e3 * (now - t_last) / n_since,
                        "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
                        "elapsed_s": now - t0}
+                if not math.isfinite(train_loss):
+                    if logger is not None:
+                        logger.log(row)
+                        logger.close()
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"step {step}: the training loss is {train_loss} (mean over the steps "
+                        f"since the last row): the run diverged. Lower --lr (peak "
+                        f"{cfg.lr:g}), keep --grad-clip on, or resume from a checkpoint "
+                        f"before step {step}; {self.run_dir}/metrics.csv has the rows so far")
                 if val_now:
                     live = {**_postfix(row), **shown}
                     row["val_loss"] = self.validate(None if bar.disable else (

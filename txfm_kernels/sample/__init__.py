@@ -97,15 +97,15 @@ from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
 
-__all__ = ["MaskedSample", "masked_sample", "call_key", "TARGET_SUM"]
+__all__ = ["MaskedSample", "masked_sample", "call_key", "TARGET_SUM", "TAU_LIMIT"]
 
 _OP = "masked_sample"
 TARGET_SUM = 1e5  # default L of log1p(L * c / S)
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 _FP32_TINY = float(torch.finfo(torch.float32).tiny)  # a smaller target_sum rounds to 0 in fp32
-_TAU_LIMIT = 100.0  # |tau| * log(cells) stays far inside fp32 for any corpus
+TAU_LIMIT = 100.0  # |tau| * log(cells) stays far inside fp32 for any corpus
 # built here: under torch.compile a module float is symbolic, and an f-string of it breaks the graph
-_TAU_WHAT = f"finite with |tau| <= {_TAU_LIMIT:g}"
+_TAU_WHAT = f"finite with |tau| <= {TAU_LIMIT:g}"
 _M64 = (1 << 64) - 1
 _COUNT_DTYPES = (torch.float32, torch.int32, torch.int16, torch.uint16, torch.uint8)  # read as is
 
@@ -430,7 +430,7 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
             raise ValueError(f"{_OP}: {name} must fit in an int64, [-2^63, 2^63), got {v}")
     # tau * log(m) must stay finite in fp32 for every gene's m, or the keys tie at inf and
     # unobservable genes rank among the drawn ones
-    tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-_TAU_LIMIT, high=_TAU_LIMIT)
+    tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-TAU_LIMIT, high=TAU_LIMIT)
     check_choice(backend, "backend", BACKENDS, _OP)
     for flag, v in (("return_target", return_target), ("validate", validate)):
         if not (isinstance(v, bool) or (flag == "validate" and v is None)):
