@@ -258,6 +258,8 @@ CASES = {
     "resume-seed": (_resume("--seed", "5"), "--seed 5 with --resume"),
     # -- txfm train: values the kernels cannot take ----------------------------------------------
     "train-tau-500": (_train("--tau", "500"), "--tau 500"),
+    "train-out-empty": (["train", "--data", DATA, "--out", ""], "--out is empty"),
+    "train-data-empty": (["train", "--data", "", "--out", "{root}/new"], "--data is empty"),
     "train-target-sum-beyond-fp32": (_train("--target-sum", "1e308"), "--target-sum"),
     "train-layerscale-beyond-fp32": (_train("--set", "layerscale_init=1e308"),
                                      "--set layerscale_init=1e308"),

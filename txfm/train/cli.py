@@ -157,6 +157,10 @@ def build_configs(args):
     from txfm.train.config import ConfigError, TrainConfig
 
     name = args.preset or "tiny"
+    for flag, value in (("--out", args.out), ("--data", args.data)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} is empty: name a folder (or leave {flag} out for its "
+                             "default)")
     out = pathlib.Path(args.out or f"runs/{name}")
     saved = out / "config.json"
     try:
