@@ -329,6 +329,12 @@ def test_rerun_is_a_no_op_and_changed_options_need_overwrite(synth, shards, tmp_
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not txfm shards"):
         convert(synth.datasets, foreign, progress=False, log=lambda s: None)
+    # a manifest that is JSON but not an object is another conversion's, not a crash
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text("[1, 2, 3]")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(synth.datasets, damaged, progress=False, log=lambda s: None)
 
 
 def test_corrupt_or_missing_chunks_are_named(shards, tmp_path):

@@ -109,6 +109,13 @@ def _clean(out: Path) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+def _recorded_fingerprint(path: Path) -> str | None:
+    """The ``fingerprint`` a manifest or plan records; ``"corrupt"`` for a document that is
+    not a JSON object (json errors propagate)."""
+    doc = json.loads(path.read_text())
+    return doc.get("fingerprint") if isinstance(doc, dict) else "corrupt"
+
+
 def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """True when ``out`` already holds this exact conversion, complete."""
     if not out.exists():
@@ -124,12 +131,12 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
     previous = None
     try:
         if manifest.is_file():
-            previous = json.loads(manifest.read_text()).get("fingerprint")
+            previous = _recorded_fingerprint(manifest)
             if previous == fingerprint and not overwrite:
                 return True
         elif plan.is_file():
-            previous = json.loads(plan.read_text()).get("fingerprint")
-    except json.JSONDecodeError:
+            previous = _recorded_fingerprint(plan)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         previous = "corrupt"
     if previous is None:  # nothing, or leftovers of a run killed before it wrote its plan
         _clean(out)

@@ -1,24 +1,27 @@
 """``manifest.json`` of a shard collection: what the loader and the trainer need to know.
 
 Written last by the converter (atomically), so its presence means the collection is
-complete. :meth:`Manifest.load` checks it against the files (every listed shard present,
-vocabulary hash matches ``vocab.tsv``) and raises a clear error otherwise;
+complete. :meth:`Manifest.load` checks its schema (:func:`check_manifest`: keys, types,
+per-gene lengths, counts that agree) and checks it against the files (every listed shard
+present, vocabulary hash matches ``vocab.tsv``), and raises a clear error naming the file
+otherwise;
 :meth:`Manifest.verify` (``txfm data verify``) reads every chunk of every shard and checks
 its checksum and contents.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
-from .layout import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, VOCAB_FILE, ShardedArrayReader,
-                     ShardReadError, missing_chunks, read_dtype, read_metadata)
+from .layout import (_READ_AS as STORED_DTYPES, CODECS, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
+                     ShardedArrayReader, ShardReadError, missing_chunks, read_dtype, read_metadata)
 from .vocab import Vocabulary
 
 
@@ -135,9 +138,18 @@ class Manifest:
     def load(cls, root) -> "Manifest":
         """The manifest of the shard collection in folder ``root``.
 
+        The document is checked before use (:func:`check_manifest`): a JSON object whose
+        required keys are all present with the right types, per-gene arrays as long as the
+        vocabulary, counts and offsets non-negative integers that agree with each other.
+
         Raises:
-            FileNotFoundError: no ``manifest.json`` (an interrupted conversion is named).
-            ValueError: a corrupt manifest, or one of another format or a newer version.
+            FileNotFoundError: no ``manifest.json`` (an interrupted conversion is named), or a
+                shard it lists is missing.
+            ValueError: a corrupt manifest (not JSON, not an object, a key missing or of the
+                wrong type or length, inconsistent counts: the message names the file and the
+                key), one of another format or a newer version, or a vocabulary hash that does
+                not match ``vocab.tsv``.
+            txfm.data.readers.InputError: the vocabulary file cannot be read.
         """
         root = Path(root)
         path = root / MANIFEST
@@ -149,15 +161,15 @@ class Manifest:
                                     f"{MANIFEST}{hint}")
         try:
             doc = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: corrupt manifest ({exc})") from exc
-        if doc.get("format") != FORMAT_NAME or int(doc.get("version", -1)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: not a {FORMAT_NAME} manifest of version <= {FORMAT_VERSION} "
-                             f"(format={doc.get('format')!r}, version={doc.get('version')!r})")
-        vocab = Vocabulary.load(root / doc["vocab"]["file"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt manifest ({exc}); {_RERUN}") from exc
+        check_manifest(doc, path)
+        vocab_file = root / doc["vocab"]["file"]
+        vocab = Vocabulary.load(vocab_file)
         if vocab.hash != doc["vocab"]["hash"]:
-            raise ValueError(f"{root / VOCAB_FILE}: vocabulary hash {vocab.hash} does not match "
+            raise ValueError(f"{vocab_file}: vocabulary hash {vocab.hash} does not match "
                              f"the manifest's {doc['vocab']['hash']} (file edited or replaced)")
+        check_manifest_genes(doc, len(vocab), path)
         datasets = tuple(DatasetInfo(d["name"], d["kind"], int(d["n_cells"]),
                                      np.asarray(d["observable"], dtype=np.int32), d["report"])
                          for d in doc["datasets"])
@@ -244,6 +256,254 @@ class Manifest:
             bar.close()
         report.n_bytes = total
         return report
+
+
+_RERUN = "re-run txfm data convert"
+_STATS_KEYS = ("gene_obs_cells", "gene_frac_sum", "gene_log1p_sum")  # all or none (newer)
+
+
+class _Corrupt(Exception):
+    """What is wrong with a manifest document (internal: becomes a ValueError naming it)."""
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str, bool)) or value is None \
+        else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_name(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "an integer", float: "a number"}.get(type(value),
+                                                                          type(value).__name__)
+
+
+def _get(obj: dict, key: str, where: str, *, optional: bool = False):
+    if key not in obj:
+        if optional:
+            return None
+        raise _Corrupt(f"{where}{key} is missing")
+    return obj[key]
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # JSON integers; not booleans, not 5.0
+
+
+def _check_object(v, name: str) -> dict:
+    if not isinstance(v, dict):
+        raise _Corrupt(f"{name} is {_type_name(v)}, not an object")
+    return v
+
+
+def _check_list(v, name: str) -> list:
+    if not isinstance(v, list):
+        raise _Corrupt(f"{name} is {_type_name(v)}, not a list")
+    return v
+
+
+def _check_str(v, name: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Corrupt(f"{name} is {_show(v)}, not a non-empty string")
+    return v
+
+
+def _check_int(v, name: str, low: int = 0) -> int:
+    if not _is_int(v) or v < low:
+        raise _Corrupt(f"{name} is {_show(v)}, not an integer >= {low}")
+    return v
+
+
+def _check_number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise _Corrupt(f"{name} is {_show(v)}, not a finite number >= 0")
+    return float(v)
+
+
+def _check_relative(v, name: str) -> str:
+    _check_str(v, name)
+    p = PurePosixPath(v)
+    if p.is_absolute() or ".." in p.parts or "\\" in v:
+        raise _Corrupt(f"{name} is {_show(v)}, not a path inside the collection")
+    return v
+
+
+def _check_array(v, name: str, *, integer: bool, length: int | None = None,
+                 high: int | None = None) -> np.ndarray:
+    """A list of integers (or finite numbers) >= 0, of ``length`` entries, each < ``high``."""
+    _check_list(v, name)
+    what = "integers >= 0" if integer else "finite numbers >= 0"
+    if high is not None:
+        what = f"integers >= 0 and < {high}"
+    ok = (lambda x: type(x) is int) if integer else (lambda x: type(x) in (int, float))
+    bad = next((i for i, x in enumerate(v) if not ok(x)), None)
+    if bad is not None:
+        raise _Corrupt(f"{name}[{bad}] is {_show(v[bad])}; {name} must hold {what}")
+    try:
+        a = np.asarray(v, dtype=np.int64 if integer else np.float64)
+    except OverflowError:
+        raise _Corrupt(f"{name} holds an integer out of range; it must hold {what}") from None
+    if length is not None and a.size != length:
+        raise _Corrupt(f"{name} has {a.size} entries, the vocabulary {length}")
+    bad_mask = (a < 0) if integer else ~(np.isfinite(a) & (a >= 0))
+    if high is not None:
+        bad_mask = bad_mask | (a >= high)
+    if bad_mask.any():
+        i = int(np.flatnonzero(bad_mask)[0])
+        raise _Corrupt(f"{name}[{i}] is {_show(v[i])}; {name} must hold {what}")
+    return a
+
+
+def check_manifest(doc, path) -> None:
+    """Check the schema of a parsed ``manifest.json`` (``doc``) of the collection at ``path``,
+    all but what needs the vocabulary (:func:`check_manifest_genes`): a JSON object of format
+    ``txfm-shards`` and a version this txfm reads, every key :meth:`Manifest.load` uses present
+    with its type (strings, non-negative integers, finite numbers), every shard a folder inside
+    the collection, shards in corpus order (train, then val) with contiguous cell offsets,
+    and the optional cell counts (``n_cells``, ``n_train``, ``n_val``) and per-dataset counts
+    agreeing with the shards. Keys that older collections lack (``every_chunk_written``, the
+    gene statistics, ``version``) are checked only when present.
+
+    Raises:
+        ValueError: ``"{path}: corrupt manifest (<what and where>); re-run txfm data
+            convert"``, or ``"{path}: not a txfm-shards manifest ..."`` for another format
+            or a newer version.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: corrupt manifest (the top level is {_type_name(doc)}, not a "
+                         f"JSON object); {_RERUN}")
+    version = doc.get("version", 1)
+    if doc.get("format") != FORMAT_NAME or (_is_int(version) and version > FORMAT_VERSION):
+        raise ValueError(f"{path}: not a {FORMAT_NAME} manifest of version <= {FORMAT_VERSION} "
+                         f"(format={doc.get('format')!r}, version={doc.get('version')!r})")
+    try:
+        _check_doc(doc)
+    except _Corrupt as exc:
+        raise ValueError(f"{path}: corrupt manifest ({exc}); {_RERUN}") from None
+
+
+def check_manifest_genes(doc: dict, n_genes: int, path) -> None:
+    """Check the per-gene parts of a manifest that passed :func:`check_manifest` against the
+    vocabulary's ``n_genes``: ``vocab.n_genes``, ``gene_nnz`` (at most the training cells),
+    the gene statistics (when present), and each dataset's observable gene ids (< n_genes).
+
+    Raises:
+        ValueError: ``"{path}: corrupt manifest (<what>); re-run txfm data convert"``.
+    """
+    try:
+        _check_genes(doc, n_genes)
+    except _Corrupt as exc:
+        raise ValueError(f"{path}: corrupt manifest ({exc}); {_RERUN}") from None
+
+
+def _check_doc(doc: dict) -> None:
+    _check_int(doc.get("version", 1), "version", 1)
+    vocab = _check_object(_get(doc, "vocab", ""), "vocab")
+    _check_relative(_get(vocab, "file", "vocab."), "vocab.file")
+    _check_str(_get(vocab, "hash", "vocab."), "vocab.hash")
+    if "n_genes" in vocab:
+        _check_int(vocab["n_genes"], "vocab.n_genes")
+    for key in ("fingerprint",):
+        _check_str(_get(doc, key, ""), key)
+    for key, role in (("counts_dtype", "counts"), ("indices_dtype", "indices")):
+        name = _check_str(_get(doc, key, ""), key)
+        try:
+            read_dtype(name, role)
+        except (TypeError, ValueError):
+            raise _Corrupt(f"{key} is {_show(name)}, not a dtype txfm stores {role} as "
+                           f"({', '.join(sorted(STORED_DTYPES[role]))})") from None
+    codec = _check_str(_get(doc, "codec", ""), "codec")
+    if codec not in CODECS:
+        raise _Corrupt(f"codec is {_show(codec)}, not one of {', '.join(CODECS)}")
+    _check_number(_get(doc, "max_count", ""), "max_count")
+    for key, optional in (("integer_counts", False), ("every_chunk_written", True)):
+        v = _get(doc, key, "", optional=optional)
+        if key in doc and not isinstance(v, bool):
+            raise _Corrupt(f"{key} is {_show(v)}, not true or false")
+    _check_int(_get(doc, "seed", ""), "seed")
+    for key in ("created", "shuffle"):
+        if key in doc:
+            _check_str(doc[key], key)
+    if "params" in doc:
+        _check_object(doc["params"], "params")
+    if "obs_columns" in doc:
+        for i, c in enumerate(_check_list(doc["obs_columns"], "obs_columns")):
+            _check_str(c, f"obs_columns[{i}]")
+    if "stats_target_sum" in doc:
+        v = doc["stats_target_sum"]
+        if _check_number(v, "stats_target_sum") <= 0:
+            raise _Corrupt(f"stats_target_sum is {_show(v)}, not a finite number > 0")
+    have = [k for k in _STATS_KEYS if k in doc]
+    if have and len(have) < len(_STATS_KEYS):
+        missing = [k for k in _STATS_KEYS if k not in doc]
+        raise _Corrupt(f"{', '.join(missing)} missing beside {', '.join(have)}")
+
+    # shards: train then val, each starting where the previous one ended
+    shards = _check_list(_get(doc, "shards", ""), "shards")
+    n_split = {"train": 0, "val": 0}
+    offset, seen, split_before = 0, set(), "train"
+    for i, s in enumerate(shards):
+        where = f"shards[{i}]"
+        _check_object(s, where)
+        p = _check_relative(_get(s, "path", f"{where}."), f"{where}.path")
+        if p in seen:
+            raise _Corrupt(f"{where}.path {_show(p)} is listed twice")
+        seen.add(p)
+        split = _get(s, "split", f"{where}.")
+        if split not in ("train", "val"):
+            raise _Corrupt(f"{where}.split is {_show(split)}, not \"train\" or \"val\"")
+        if split == "train" and split_before == "val":
+            raise _Corrupt(f"{where} is a training shard after a validation shard")
+        split_before = split
+        n = _check_int(_get(s, "n_cells", f"{where}."), f"{where}.n_cells")
+        _check_int(_get(s, "nnz", f"{where}."), f"{where}.nnz")
+        start = _check_int(_get(s, "cell_offset", f"{where}."), f"{where}.cell_offset")
+        if start != offset:
+            raise _Corrupt(f"{where}.cell_offset is {start}, but the shards before it hold "
+                           f"{offset} cells")
+        offset += n
+        n_split[split] += n
+    for key, expect in (("n_train", n_split["train"]), ("n_val", n_split["val"]),
+                        ("n_cells", offset)):
+        if key in doc and _check_int(doc[key], key) != expect:
+            raise _Corrupt(f"{key} is {doc[key]}, but the shards hold {expect} "
+                           f"{'' if key == 'n_cells' else key[2:] + ' '}cells")
+
+    datasets = _check_list(_get(doc, "datasets", ""), "datasets")
+    names, total = set(), 0
+    for i, d in enumerate(datasets):
+        where = f"datasets[{i}]"
+        _check_object(d, where)
+        name = _check_str(_get(d, "name", f"{where}."), f"{where}.name")
+        if name in names:
+            raise _Corrupt(f"{where}.name {_show(name)} is used twice")
+        names.add(name)
+        kind = _get(d, "kind", f"{where}.")
+        if kind not in ("single-cell", "bulk"):
+            raise _Corrupt(f"{where}.kind is {_show(kind)}, not \"single-cell\" or \"bulk\"")
+        total += _check_int(_get(d, "n_cells", f"{where}."), f"{where}.n_cells")
+        _check_list(_get(d, "observable", f"{where}."), f"{where}.observable")
+        _check_object(_get(d, "report", f"{where}."), f"{where}.report")
+    if total != offset:
+        raise _Corrupt(f"the datasets' n_cells add up to {total}, but the shards hold {offset} "
+                       f"cells")
+    _check_list(_get(doc, "gene_nnz", ""), "gene_nnz")
+
+
+def _check_genes(doc: dict, n_genes: int) -> None:
+    listed = doc["vocab"].get("n_genes", n_genes)
+    if listed != n_genes:
+        raise _Corrupt(f"vocab.n_genes is {listed}, the vocabulary {n_genes}")
+    nnz = _check_array(doc["gene_nnz"], "gene_nnz", integer=True, length=n_genes)
+    n_train = sum(s["n_cells"] for s in doc["shards"] if s["split"] == "train")
+    if nnz.size and int(nnz.max()) > n_train:
+        i = int(nnz.argmax())
+        raise _Corrupt(f"gene_nnz[{i}] is {int(nnz[i])}, more than the {n_train} training cells")
+    if _STATS_KEYS[0] in doc:
+        for key in _STATS_KEYS:
+            _check_array(doc[key], key, integer=key == "gene_obs_cells", length=n_genes)
+    for i, d in enumerate(doc["datasets"]):
+        _check_array(d["observable"], f"datasets[{i}].observable", integer=True, high=n_genes)
 
 
 def _has_crc(meta: dict) -> bool:

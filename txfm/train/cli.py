@@ -281,7 +281,7 @@ def _check_data(data: str | None) -> None:
         try:
             parse_random_spec(str(data))
         except ValueError as exc:
-            raise UsageError(f"--data {data}: {exc}; e.g. random:cells=4096,genes=2000") from exc
+            raise UsageError(f"{exc}; e.g. random:cells=4096,genes=2000") from exc  # names --data
     elif not pathlib.Path(data).is_dir():
         raise UsageError(f"--data {data}: no such folder; give a shards folder written by "
                          "`txfm data convert`, random[:cells=N,genes=G], or leave --data out for "
