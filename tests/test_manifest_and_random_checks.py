@@ -161,7 +161,7 @@ CORRUPT = {
     "dataset-n_cells-wrong": (_set(lambda v: v + 7, "datasets", 0, "n_cells"),
                               "the datasets' n_cells add up to"),
     "dataset-name-twice": (lambda doc: doc["datasets"][1].update(name=doc["datasets"][0]["name"]),
-                           "used twice"),
+                           "listed twice"),
     "gene_nnz-above-train-cells": (_set(lambda v: [10**6] + v[1:], "gene_nnz"),
                                    r"gene_nnz\[0\] is 1000000, more than the \d+ training cells"),
 }

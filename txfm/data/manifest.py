@@ -320,6 +320,20 @@ def _check_number(v, name: str) -> float:
     return float(v)
 
 
+def _unique(v: str, seen: set, name: str) -> None:
+    if v in seen:
+        raise _Corrupt(f"{name} {_show(v)} is listed twice")
+    seen.add(v)
+
+
+def _choice(obj: dict, key: str, where: str, choices: tuple[str, ...]):
+    v = _get(obj, key, f"{where}.")
+    if v not in choices:
+        raise _Corrupt(f"{where}.{key} is {_show(v)}, not "
+                       + " or ".join(json.dumps(c) for c in choices))
+    return v
+
+
 def _check_relative(v, name: str) -> str:
     _check_str(v, name)
     p = PurePosixPath(v)
@@ -445,13 +459,9 @@ def _check_doc(doc: dict) -> None:
     for i, s in enumerate(shards):
         where = f"shards[{i}]"
         _check_object(s, where)
-        p = _check_relative(_get(s, "path", f"{where}."), f"{where}.path")
-        if p in seen:
-            raise _Corrupt(f"{where}.path {_show(p)} is listed twice")
-        seen.add(p)
-        split = _get(s, "split", f"{where}.")
-        if split not in ("train", "val"):
-            raise _Corrupt(f"{where}.split is {_show(split)}, not \"train\" or \"val\"")
+        _unique(_check_relative(_get(s, "path", f"{where}."), f"{where}.path"), seen,
+                f"{where}.path")
+        split = _choice(s, "split", where, ("train", "val"))
         if split == "train" and split_before == "val":
             raise _Corrupt(f"{where} is a training shard after a validation shard")
         split_before = split
@@ -474,13 +484,9 @@ def _check_doc(doc: dict) -> None:
     for i, d in enumerate(datasets):
         where = f"datasets[{i}]"
         _check_object(d, where)
-        name = _check_str(_get(d, "name", f"{where}."), f"{where}.name")
-        if name in names:
-            raise _Corrupt(f"{where}.name {_show(name)} is used twice")
-        names.add(name)
-        kind = _get(d, "kind", f"{where}.")
-        if kind not in ("single-cell", "bulk"):
-            raise _Corrupt(f"{where}.kind is {_show(kind)}, not \"single-cell\" or \"bulk\"")
+        _unique(_check_str(_get(d, "name", f"{where}."), f"{where}.name"), names,
+                f"{where}.name")
+        _choice(d, "kind", where, ("single-cell", "bulk"))
         total += _check_int(_get(d, "n_cells", f"{where}."), f"{where}.n_cells")
         _check_list(_get(d, "observable", f"{where}."), f"{where}.observable")
         _check_object(_get(d, "report", f"{where}."), f"{where}.report")
