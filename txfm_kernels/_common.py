@@ -269,9 +269,9 @@ def resolve_backend(backend: str, device: torch.device, op: str,
     """Turn ``backend`` into a concrete one for op's tensors on ``device`` or raise saying why not.
 
     ``op`` is one of :data:`OPS` or a public function's name (``poisson_nll_loss`` too), which
-    messages then name; ``gpu_order`` is its preference among GPU backends for ``"auto"`` (CPU tensors: ``cpu``, then ``torch``). Raises
-    ``ValueError`` for an unknown backend, op or device, ``RuntimeError`` for a backend that
-    cannot run op's tensors here.
+    messages then name; ``gpu_order`` is its preference among GPU backends for ``"auto"`` (CPU
+    tensors: ``cpu``, then ``torch``). Raises ``ValueError`` for an unknown backend, op or
+    device, ``RuntimeError`` for a backend that cannot run op's tensors here.
     """
     short = canonical_op(op)
     op = op if op != short else OP_FUNCTIONS[short]  # the function messages name

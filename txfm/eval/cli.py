@@ -244,7 +244,8 @@ def _obsm_matrix(value, dtype):
         return None, f"has NaN or inf in {int(bad.sum()):,} of {len(x):,} rows"
     big = np.finfo(dtype).max
     if np.abs(x).max(initial=0.0) > big:
-        return None, f"has values beyond {np.dtype(dtype).name}'s range (|x| > {big:.3g}); rescale it"
+        return None, (f"has values beyond {np.dtype(dtype).name}'s range (|x| > {big:.3g}); "
+                      "rescale it")
     return x.astype(dtype, copy=False), None
 
 

@@ -141,8 +141,8 @@ def read_gene_sets(path: str | pathlib.Path, name: str | None = None, *, min_siz
                 continue
             sets.append(genes)
     if not sets:
-        raise ValueError(f"--db {path}: no gene set with {min_size}..{max_size or 'any'} genes; is it a "
-                         ".gmt (name<TAB>description<TAB>genes) or a cluster TSV "
+        raise ValueError(f"--db {path}: no gene set with {min_size}..{max_size or 'any'} genes; "
+                         "is it a .gmt (name<TAB>description<TAB>genes) or a cluster TSV "
                          "(name<TAB>space-separated genes)?")
     if skipped:
         warnings.warn(f"{path.name}: skipped {skipped} gene sets outside {min_size}.."

@@ -3,9 +3,11 @@
 One CSV row per logged step: ``step, epoch, samples, train_loss, val_loss, lr, grad_norm,
 samples_per_s, step_ms, mfu, elapsed_s, masked_r2, cls_gain, erank, collapsed`` (empty where
 not measured at that step; ``epoch`` counts from 0 and is that of the data the step trained
-on, ``samples`` the cells trained on so far over all ranks; the last four are the learning diagnostics of
-:mod:`txfm.train.diagnostics`, at each validation). On resume
-rows past the resumed step are dropped, so the file always tells one consistent history.
+on, ``samples`` the cells trained on so far over all ranks, ``lr`` the rate the step ran at;
+the last four are the learning diagnostics of :mod:`txfm.train.diagnostics`, at each
+validation). A row is written every ``log_every`` steps and at each validation and
+checkpoint. On resume rows past the resumed step are dropped, so the file always tells one
+consistent history.
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ The recipe is the paper's (arXiv:2605.31562, training recipe). One optimizer ste
 Nothing in a step waits for the device: the loss and gradient norm stay on the device and are
 summed there; the host reads them (one sync) every ``log_every`` steps and at each checkpoint,
 when it also measures samples/s and MFU, and stops a run whose loss is no longer finite
-(:class:`TrainingDiverged`). Whether a batch needs the attention padding mask is decided on the host from
-the CPU batch's dataset ids (a row is padded only if its dataset profiles fewer than ``K``
-genes), so batches without padding run the mask-free attention kernels.
+(:class:`TrainingDiverged`). Whether a batch needs the attention padding mask is decided on
+the host from the CPU batch's dataset ids (a row is padded only if its dataset profiles fewer
+than ``K`` genes), so batches without padding run the mask-free attention kernels.
 
 Checkpoints (:mod:`txfm.train.checkpoint`) every ``ckpt_every`` steps and at the end hold the
 model, optimizer, scheduler, every rank's loader position and RNG state, and the step;
