@@ -392,3 +392,29 @@ def test_trains_and_resumes_on_zarr_shards(tmp_path):
     with pytest.warns(RuntimeWarning, match="12 steps instead of 8"):
         second = train(longer, _small_model())
     assert second.step == 12 and [r["step"] for r in second.history] == [2, 4, 6, 8, 10, 12]
+
+
+def test_an_unreadable_later_checkpoint_does_not_push_out_a_good_one(tmp_path):
+    """Resumed from step 4 past an unreadable step-6 file, the run keeps its ``keep`` newest
+    good checkpoints up to its own step; the step-6 file is overwritten when the run gets there."""
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=6, batch_size=16,
+                                 ckpt_every=2, keep_checkpoints=2, val_every=None,
+                                 progress=False, plot=False)
+    train(cfg, _small_model())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004.pt",
+                                                            "step_00000006.pt"]
+    last = list_checkpoints(tmp_path)[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    resumed = TrainConfig(**{**cfg.to_dict(), "resume": True, "steps": 5, "ckpt_every": 1,
+                             "keep_checkpoints": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train(resumed, _small_model())
+        # the new step-5 checkpoint is kept (counting the step-6 file would have deleted it)
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005.pt",
+                                                                "step_00000006.pt"]
+        path, state = latest_checkpoint(tmp_path)
+        assert path.name == "step_00000005.pt" and state["step"] == 5
+        train(TrainConfig(**{**resumed.to_dict(), "steps": 7}), _small_model())
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_00000007.pt"], names  # 6 rewritten at step 6, then pruned

@@ -68,7 +68,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int,
                     keep: int = 3) -> pathlib.Path:
-    """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest.
+    """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest
+    up to ``step``.
 
     Raises:
         CheckpointError: the file cannot be written (a full disk, say); nothing is left behind,
@@ -91,7 +92,12 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # Files of later steps are unreadable ones a resume skipped (it takes the newest readable
+    # one): they do not count toward ``keep``, or a good older checkpoint would go in their
+    # place; this run overwrites each when it reaches that step.
+    ours = list_checkpoints(run_dir)
+    ours = ours[:ours.index(path) + 1]
+    for old in ours[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
