@@ -41,6 +41,22 @@ def fail(message: str):
     raise SystemExit(2)
 
 
+def check_fits(nbytes: float, what: str, device: torch.device | str) -> None:
+    """``fail`` (one ``error:`` line, exit 2) before any work when a case's tensors, about
+    ``nbytes``, cannot fit in the device's memory (the host's RAM for CPU tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no sysconf here: cannot tell
+            return
+    if nbytes > total:
+        fail(f"{what}: needs about {nbytes / 2**30:,.1f} GiB, more than the "
+             f"{total / 2**30:,.1f} GiB of {device.type} memory here; choose smaller sizes")
+
+
 def _device(text: str) -> str:
     """argparse ``type``: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
     try:
@@ -73,7 +89,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=_output_file, help="write rows + machine info as JSON")
     parser.add_argument("--csv", type=_output_file, help="write rows as CSV")
     parser.add_argument("--reps", type=positive_int, default=None,
-                        help="timed repetitions per case")
+                        help="timed repetitions per case, at most: a case stops at its time "
+                             "budget (with at least 3) and slow reference loops run 3; the "
+                             "table notes fewer, the JSON/CSV 'reps' field has each count")
     parser.add_argument("--quick", action="store_true",
                         help="smallest cases, few repetitions (a smoke test, not a measurement); "
                              "options that set the case sizes are refused beside it")
@@ -219,6 +237,10 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # settings that change what runs or how fast, beside the command line
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TXFM_CPU_POOL",
+                                            "TXFM_DISABLE_NATIVE", "TRITON_INTERPRET")
+                if k in os.environ},
     }
     try:
         import triton
@@ -328,8 +350,15 @@ def emit(name: str, rows: list[dict], columns: list[str], args: argparse.Namespa
     print(f"\n## {name}\n")
     print(format_table(rows, columns))
     desc = info.get("gpu") or info["cpu"]
+    env = "".join(f"{k}={v} " for k, v in info["env"].items())
     print(f"\n{desc}; torch {info['torch']}; triton {info['triton']}; python {info['python']}; "
-          f"{info['torch_threads']} threads; command: {command_line()}")
+          f"{info['torch_threads']} threads; command: {env}{command_line()}")
+    asked = getattr(args, "reps", None)
+    fewer = [r for r in rows if asked and isinstance(r.get("reps"), int) and r["reps"] < asked]
+    if fewer:
+        print(f"note: {len(fewer)} of {len(rows)} rows timed fewer than --reps {asked} "
+              f"repetitions (time budget or a slow reference; as few as "
+              f"{min(r['reps'] for r in fewer)}): see 'reps' in --json / --csv")
     payload = {"benchmark": name, "command": command_line(), "machine": info, "rows": rows, **(extra or {})}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -44,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(BENCHES)} (or 'none')")
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     args = parser.parse_args(argv)
+    only = [n for n in args.only.split(",") if n and n != "none"]
+    unknown = [n for n in only if n not in BENCHES]
+    if unknown:
+        parser.error(f"--only {args.only}: unknown {', '.join(unknown)}; choose from "
+                     f"{','.join(BENCHES)} (or 'none')")
 
     import torch
 
     if not torch.cuda.is_available():
-        print("no CUDA GPU visible to torch: this command is for GPU machines", file=sys.stderr)
+        print("error: no CUDA GPU visible to torch: this command is for GPU machines",
+              file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_tests:
             if run([sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider"], log):
                 failures.append("gpu tests")
-        for name in [n for n in args.only.split(",") if n in BENCHES]:
+        for name in only:
             cmd = [sys.executable, "-m", f"bench.{name}", "--device", "cuda",
                    "--json", str(args.out / f"{name}.json")] + BENCHES[name]
             if args.quick:

@@ -290,13 +290,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [c for c in args.codecs.split(",") if c not in CODECS]
     if bad or not args.codecs:
         p.error(f"--codecs {args.codecs!r}: choose from {', '.join(CODECS)} (comma-separated)")
-    refuse_with_quick(p, args, "--codecs", "--workers")
+    refuse_with_quick(p, args, "--codecs", "--workers", "--cells", "--genes", "--nnz",
+                      "--batch-size")
     if not args.worker:
+        from txfm.cli import folder_problem
+
+        problem = folder_problem(args.cache)
+        if problem is not None:
+            p.error(f"--cache {args.cache}: {problem}")
         warn_if_loaded()
     if args.quick:
-        args.cells, args.genes = min(args.cells, 4096), min(args.genes, 2000)
-        args.nnz = min(args.nnz, 200)
-        args.batch_size = min(args.batch_size, 256)
+        args.cells, args.genes, args.nnz, args.batch_size = 4096, 2000, 200, 256
         args.reps = args.reps or 1
         args.batches = args.batches or 4
         args.workers = 0
@@ -304,6 +308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.no_annbatch = True
         args.warmup = 1
     args.reps = args.reps or 3
+    if not args.worker and args.batch_size > args.cells:  # all cells train (val_fraction 0)
+        p.error(f"--batch-size {args.batch_size}: more than the {args.cells:,} cells (--cells); "
+                "lower it or raise --cells")
     return args
 
 
@@ -314,7 +321,7 @@ def main(argv=None) -> int:
         print(json.dumps(fn(args)))
         return 0
     B = args.batch_size
-    tag = f"{args.cells}x{args.genes}x{args.nnz}"
+    tag = f"{args.cells}x{args.genes}x{args.nnz}" + (f"s{args.seed}" if args.seed else "")
     cache = args.cache / tag
     t = time.perf_counter()
     src = make_source(cache / "source.h5ad", args.cells, args.genes, args.nnz, args.seed)

@@ -26,9 +26,9 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
-                          emit, gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick,
-                          select_impls, sync, time_fn, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
+                          check_fits, compile_fn, emit, gpu_peak_bandwidth_gbs, peak_extra_mib,
+                          refuse_with_quick, select_impls, sync, time_fn, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         G = args.G
         reps = args.reps or (50 if device.type == "cuda" else 5)
         max_s = 10.0 if device.type == "cuda" else 4.0
+    for B in batches:  # inputs, gradients and the eager formula's temporaries: ~6 x [B, G] fp32
+        check_fits(24.0 * B * G, f"--batches {B} with --G {G}", device)
     warn_if_loaded()
 
     rows = []

@@ -26,13 +26,14 @@ import argparse
 import math
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, emit, fail,
-                          gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick, select_impls,
-                          sync, time_fn, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
+                          check_fits, emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib,
+                          refuse_with_quick, select_impls, sync, time_fn, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -102,7 +103,12 @@ def eager_sample(indptr, indices, counts, observable, dataset_ids, G, K, return_
     """Vectorised eager PyTorch: to_dense + log1p + topk over random keys."""
     B = indptr.numel() - 1
     gen = torch.Generator(device=indptr.device).manual_seed(seed)
-    x = torch.sparse_csr_tensor(indptr, indices, counts, (B, G)).to_dense()
+    # check_invariants=False says what PyTorch would otherwise warn about on every call (the
+    # batch is built valid here); its "CSR support is in beta" warning is PyTorch's, not ours
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        x = torch.sparse_csr_tensor(indptr, indices, counts, (B, G),
+                                    check_invariants=False).to_dense()
     lib = x.sum(1, keepdim=True)
     x = torch.log1p(L * x / lib.clamp_min(1e-30))
     keys = torch.rand(B, G, generator=gen, device=x.device)
@@ -224,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cases, G, K = parse_cases(args.cases), G_FULL, args.K
         reps, max_s = args.reps or (20 if device.type == "cuda" else 7), 8.0
+        if K > G:
+            fail(f"--K {K}: more than the {G:,} genes of every case; use --K <= {G}")
+        for B, kind in cases:  # dense rows and random keys of the eager reference: 4 x [B, G]
+            check_fits(16.0 * B * G, f"--cases {B}:{kind}", device)
     rows = []
     for B, kind in cases:
         rows += run_case(B, kind, G, K, device, impls, reps, max_s, **extra)

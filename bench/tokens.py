@@ -24,9 +24,10 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device, compile_fn,
-                          emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib, refuse_with_quick,
-                          select_impls, sync, time_fn, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
+                          check_fits, compile_fn, emit, fail, gpu_peak_bandwidth_gbs,
+                          peak_extra_mib, refuse_with_quick, select_impls, sync, time_fn,
+                          warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 V_FULL = 44_349
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--K {K} > --V {V}: a row's genes are distinct, so K <= V")
         reps = args.reps or (20 if device.type == "cuda" else 5)
         max_s = 10.0
+    for B, d in sizes:  # the draw's [B, V] keys and order, the codebook, tokens and gradients
+        check_fits(24.0 * B * V + 4.0 * V * d + 16.0 * B * (K + 1) * d,
+                   f"size {B}x{d} with --K {K} --V {V}", device)
 
     rows = []
     for dtype_name in dtypes:

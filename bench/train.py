@@ -63,9 +63,10 @@ def _categorise(name: str) -> str:
         return "attention"
     if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "::mm", "addmm", "bmm", "matmul")):
         return "matmul"
-    if "layer_norm" in n or "layernorm" in n:
-        return "layernorm"
-    if any(k in n for k in ("adam", "multi_tensor", "foreach", "norm")):
+    if any(k in n for k in ("layer_norm", "layernorm", "rms_norm", "rmsnorm")):
+        return "layernorm / rmsnorm"
+    # clip_grad_norm_ runs as foreach norms (aten::_foreach_norm, linalg_vector_norm)
+    if any(k in n for k in ("adam", "multi_tensor", "foreach", "vector_norm")):
         return "optimizer / clip"
     if "gelu" in n:
         return "gelu"
@@ -169,6 +170,8 @@ def main(argv=None) -> list[dict]:
         overrides = QUICK.get(name, {}) if args.quick else {}
         if args.quick:
             genes, batch = min(genes, 500), min(batch, 8)
+            # the other presets keep their shape; K cannot exceed the quick corpus's genes
+            overrides = overrides or {"k": min(preset(name).k, genes)}
         batch = args.batch or batch
         for tokens in args.tokens or [None]:
             case = dict(overrides, **({"token_norm": tokens} if tokens else {}))
@@ -183,6 +186,7 @@ def main(argv=None) -> list[dict]:
           "mfu", "peak_mib", "x_eager"], args, args.device, extra={"profiles": profiles})
     for name, prof in profiles.items():
         print(f"\n### where a {name} step's time goes ({kind})\n")
+        print("| part | per step | share |\n|---|---:|---:|")
         for p in prof:
             print(f"| {p['part']} | {p['ms_per_step']:.2f} ms | {100 * p['share']:.1f}% |")
     return rows

@@ -9,12 +9,19 @@ import torch
 CASES = {
     "poisson": [["--impls", "bogus"], ["--dtype", "fp16"], ["--device", "foo"], ["--reps", "-3"],
                 ["--batches", "0"], ["--G", "0"], ["--json", "{tmp}"],
-                ["--csv", "{tmp}/afile/x.csv"], ["--quick", "--G", "100"]],
+                ["--csv", "{tmp}/afile/x.csv"], ["--quick", "--G", "100"],
+                ["--batches", "100000000", "--G", "44349"], ["--batches", "1", "--G", "10**11"]],
     "tokens": [["--sizes", "4x1"], ["--K", "0"], ["--K", "200", "--V", "100"],
-               ["--quick", "--sizes", "2x64"]],
-    "sample": [["--cases", "0:sc"], ["--cases", "256:foo"], ["--K", "0"], ["--quick", "--K", "8"]],
+               ["--quick", "--sizes", "2x64"], ["--sizes", "100000000x768"],
+               ["--V", "10000000000"]],
+    "sample": [["--cases", "0:sc"], ["--cases", "256:foo"], ["--K", "0"], ["--quick", "--K", "8"],
+               ["--cases", "4:sc", "--K", "50000"], ["--cases", "100000000:sc", "--impls", "cpu"]],
     "train": [["--preset", "XL"], ["--batch", "-4"], ["--threads", "-1"], ["--quick", "--batch", "4"]],
-    "loader": [["--batch-size", "0"], ["--codecs", "zstdx"], ["--quick", "--codecs", "lz4"]],
+    "loader": [["--batch-size", "0"], ["--codecs", "zstdx"], ["--quick", "--codecs", "lz4"],
+               ["--quick", "--cells", "100000"], ["--quick", "--batch-size", "64"],
+               ["--quick", "--cache", "{tmp}/afile"],
+               ["--cells", "100", "--batch-size", "256", "--cache", "{tmp}/c"]],
+    "gpu_check": [["--only", "poison"]],
 }
 
 
@@ -27,7 +34,7 @@ def test_bad_benchmark_options_give_one_error_line_before_any_work(bench, argv, 
     module = importlib.import_module(f"bench.{bench}")
     main = module.parse_args if bench == "loader" else module.main
     with pytest.raises(SystemExit) as exc:
-        main([a.format(tmp=tmp_path) for a in argv])
+        main([a.format(tmp=tmp_path).replace("10**11", str(10**11)) for a in argv])
     out, err = capsys.readouterr()
     assert exc.value.code == 2, (out, err)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
