@@ -112,7 +112,7 @@ def refuse_with_quick(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def select_impls(impls, wanted: str | None):
     """Keep the implementations named in ``--impls`` (comma-separated); list or dict in, same out."""
-    if not wanted:
+    if wanted is None:
         return impls
     names = [w.strip() for w in wanted.split(",") if w.strip()]
     unknown = [w for w in names if w not in impls]

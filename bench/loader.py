@@ -400,7 +400,7 @@ def main(argv=None) -> int:
                      "rss_after_import_mib": (round(r["import_rss_mib"]) if "import_rss_mib" in r
                                               else None),
                      "peak_anon_mib": round(r["peak_anon_mib"]) if "peak_anon_mib" in r else None,
-                     "distinct_stretches": f"{r['distinct_stretches']:.1f}",
+                     "distinct_stretches": round(r["distinct_stretches"], 1),
                      "h2d_gb_per_s": round(r["h2d_gb_per_s"], 2) if "h2d_gb_per_s" in r else None,
                      "disk_bytes_per_cell": round(disk_bytes(path) / args.cells)})
         print(f"{impl:22s} {layout:22s} {settings:28s} {rows[-1]['cells_per_s']:>9,} cells/s",
@@ -422,7 +422,7 @@ def main(argv=None) -> int:
                 if on.get(k) and off.get(k)}
     ideal = ideal_distinct(args.cells, B, 1024, args.seed)
     rows.append({"loader": "ideal", "layout": "global permutation", "settings": "",
-                 "distinct_stretches": f"{ideal:.1f}"})
+                 "distinct_stretches": round(ideal, 1)})
     extra = {"corpus": {"cells": args.cells, "genes": args.genes, "nnz_per_cell": args.nnz,
                         "batch_size": B, "source_bytes": disk_bytes(src)},
              "preparation_s": prep, "annbatch": ab_note or "measured",

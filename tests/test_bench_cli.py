@@ -7,7 +7,7 @@ import torch
 
 
 CASES = {
-    "poisson": [["--impls", "bogus"], ["--dtype", "fp16"], ["--device", "foo"], ["--reps", "-3"],
+    "poisson": [["--impls", "bogus"], ["--impls", ""], ["--dtype", "fp16"], ["--device", "foo"], ["--reps", "-3"],
                 ["--batches", "0"], ["--G", "0"], ["--json", "{tmp}"],
                 ["--csv", "{tmp}/afile/x.csv"], ["--quick", "--G", "100"],
                 ["--batches", "100000000", "--G", "44349"], ["--batches", "1", "--G", "10**11"]],
