@@ -358,11 +358,15 @@ def transformed(*tensors) -> bool:
     False under torch.compile, which traces transforms itself (and cannot trace this test)."""
     if torch.compiler.is_compiling():
         return False
-    dual = forward_ad._current_level >= 0
     return any(t is not None and (_functorch.is_functorch_wrapped_tensor(t)
                                   or _functorch.is_legacy_batchedtensor(t)  # is_grads_batched
-                                  or (dual and forward_ad.unpack_dual(t).tangent is not None))
+                                  or _carries_tangent(t))
                for t in tensors)
+
+
+def _carries_tangent(t: torch.Tensor) -> bool:
+    """``t`` is a forward-mode dual tensor (inside a dual level: torch.func.jvp opens one)."""
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
 
 
 def renamed_padding(key_padding_mask, pad_mask, op: str, stacklevel: int = 3):
@@ -413,11 +417,10 @@ def check_reverse_mode_only(op: str, hint: str = "", *, vmap: bool = True, **ten
     words)."""
     if torch.compiler.is_compiling():
         return
-    dual = forward_ad._current_level >= 0  # inside a dual level (torch.func.jvp opens one too)
     for name, t in tensors.items():
         if t is None:
             continue
-        if dual and forward_ad.unpack_dual(t).tangent is not None:
+        if _carries_tangent(t):
             raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, forward_ad) is not "
                                       f"supported ({name} carries a tangent); use reverse mode: "
                                       f".backward() or torch.autograd.grad{hint}")

@@ -146,7 +146,10 @@ def _crc32c(buf) -> int:
 
 def read_dtype(stored, role: str) -> np.dtype:
     """The dtype zarr/anndata return for ``role`` ("counts" or "indices") stored as ``stored``."""
-    name = np.dtype(stored).name
+    try:
+        name = np.dtype(stored).name
+    except TypeError:  # not a dtype at all: refused below like any dtype txfm does not store
+        name = str(stored)
     try:
         return np.dtype(_READ_AS[role][name])
     except KeyError:

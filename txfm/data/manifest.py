@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from .layout import (_READ_AS as STORED_DTYPES, CODECS, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
-                     ShardedArrayReader, ShardReadError, missing_chunks, read_dtype, read_metadata)
+from .layout import (CODECS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardedArrayReader,
+                     ShardReadError, missing_chunks, read_dtype, read_metadata)
 from .vocab import Vocabulary
 
 
@@ -423,9 +423,8 @@ def _check_doc(doc: dict) -> None:
         name = _check_str(_get(doc, key, ""), key)
         try:
             read_dtype(name, role)
-        except (TypeError, ValueError):
-            raise _Corrupt(f"{key} is {_show(name)}, not a dtype txfm stores {role} as "
-                           f"({', '.join(sorted(STORED_DTYPES[role]))})") from None
+        except ValueError as exc:  # its message lists the dtypes txfm stores
+            raise _Corrupt(f"{key} is {_show(name)}: {exc}") from None
     codec = _check_str(_get(doc, "codec", ""), "codec")
     if codec not in CODECS:
         raise _Corrupt(f"codec is {_show(codec)}, not one of {', '.join(CODECS)}")

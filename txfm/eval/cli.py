@@ -232,7 +232,9 @@ def _obsm_matrix(value, dtype):
     import scipy.sparse as sp
 
     try:
-        x = np.asarray(value.toarray() if sp.issparse(value) else value, dtype=np.float64)
+        x = np.asarray(value.toarray() if sp.issparse(value) else value)
+        if not np.issubdtype(x.dtype, np.floating):  # ints, bools; text fails here
+            x = x.astype(np.float64)
     except (TypeError, ValueError):
         return None, "is not a numeric [rows, dims] matrix"
     if x.ndim != 2:
@@ -243,7 +245,8 @@ def _obsm_matrix(value, dtype):
     if bad.any():
         return None, f"has NaN or inf in {int(bad.sum()):,} of {len(x):,} rows"
     big = np.finfo(dtype).max
-    if np.abs(x).max(initial=0.0) > big:
+    # only a wider float can overflow the cast (a float32 input is not copied to check)
+    if x.dtype.itemsize > np.dtype(dtype).itemsize and np.abs(x).max(initial=0.0) > big:
         return None, (f"has values beyond {np.dtype(dtype).name}'s range (|x| > {big:.3g}); "
                       "rescale it")
     return x.astype(dtype, copy=False), None
@@ -551,6 +554,7 @@ def cmd_perturbation(args) -> int:
         BenchmarkOptions,
         Labels,
         best_rows,
+        chance_percent,
         evaluate_embedding,
         min_null_draws,
     )
@@ -640,10 +644,10 @@ def cmd_perturbation(args) -> int:
     if args.batch_key is None:
         print("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
     n_batches = labels.n_batches
+    top1, top5 = chance_percent(n_perts)
     print(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
           f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
-          f"batch{'es' if n_batches != 1 else ''}; chance top-1 {100 / n_perts:.1f}%, top-5 "
-          f"{min(100.0, 500 / n_perts):.1f}%")
+          f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
 
     keys = list(args.obsm_key or [k for k in adata.obsm.keys() if k.startswith("X_")])
     missing = [k for k in keys if k not in adata.obsm]

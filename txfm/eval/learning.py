@@ -310,6 +310,8 @@ def _learn(args, names: list[str]) -> int:
 
     from txfm.data.demo import ensure_demo
 
+    from .perturbation import chance_percent
+
     demo = ensure_demo(root, progress=not args.no_progress, log=print)
     n_perts = _perturbations(demo, root)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +342,7 @@ def _learn(args, names: list[str]) -> int:
           "--out", str(table_dir), *threads, *quiet])
 
     best = _best(table_dir / "perturbation_all.csv")
-    chance = 100.0 / n_perts
+    chance, chance5 = chance_percent(n_perts)
     model, pca = best.loc["X_txfm"], best.loc["pca"]
     checks = {
         "average >= PCA's": bool(model["average"] >= pca["average"]),
@@ -349,7 +351,7 @@ def _learn(args, names: list[str]) -> int:
         f"knn_top1 >= {CHANCE_FACTOR:g}x chance ({CHANCE_FACTOR * chance:.1f})":
             bool(model["knn_top1"] >= CHANCE_FACTOR * chance),
     }
-    print(f"\nchance: top-1 {chance:.1f}%, top-5 {5 * chance:.1f}% ({n_perts} perturbations)")
+    print(f"\nchance: top-1 {chance:.1f}%, top-5 {chance5:.1f}% ({n_perts} perturbations)")
     for what, ok in checks.items():
         print(f"  X_txfm {what}: {'yes' if ok else 'NO'}")
     summary = {"chance_top1": chance, "checks": checks,

@@ -311,6 +311,11 @@ def _null_loo_cosine(pool: np.ndarray, idx: np.ndarray, chunk_elems: int = 1 << 
     return np.sort(out)
 
 
+def chance_percent(n_perts: int) -> tuple[float, float]:
+    """Top-1 and top-5 chance (%) of a perturbation's label among ``n_perts`` balanced ones."""
+    return 100.0 / n_perts, min(100.0, 500.0 / n_perts)
+
+
 # ----------------------------------------------------------------------------- lin / knn
 
 def _folds(labels: Labels, keep: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

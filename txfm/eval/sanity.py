@@ -108,6 +108,7 @@ def run(out: pathlib.Path, *, cells: int, genes: int, perturbations: int, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .perturbation import chance_percent
     from .plots import markdown_table
 
     p = ArgumentParser(prog="python -m txfm.eval.sanity", description=__doc__,
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     n_perts = int(pert.attrs["n_perturbations"])
     cols = ["labels", "postprocess", "pcst", "lin_top1", "lin_top5", "knn_top1", "knn_top5",
             "bmdb", "ilisi", "average"]
-    print(f"\nPerturbation benchmark (%) of the true effects (chance: top-1 {100 / n_perts:.1f}, "
-          f"top-5 {500 / n_perts:.1f}):\n")
+    top1, top5 = chance_percent(n_perts)
+    print(f"\nPerturbation benchmark (%) of the true effects (chance: top-1 {top1:.1f}, "
+          f"top-5 {top5:.1f}):\n")
     print(markdown_table(pert[cols]))
     return 0
 

@@ -237,10 +237,7 @@ def build_configs(args):
 
         for field, value in model_changes.items():
             if field not in RUNTIME_MODEL_FIELDS and value != getattr(model_cfg, field):
-                given = [item for item in args.set if item.partition("=")[0] == field]
-                dest = next((d for d, f in _MODEL_FLAGS.items() if f == field), field)
-                flag = f"--set {given[-1]}" if given else f"--{dest.replace('_', '-')} {value}"
-                raise UsageError(f"{flag} with --resume: the run's model was trained with "
+                raise UsageError(f"{_model_flag(args, field)} with --resume: the run's model was trained with "
                                  f"{field}={getattr(model_cfg, field)!r} (its config.json); "
                                  f"start a new run (another --out) to change it")
     try:
@@ -255,13 +252,11 @@ def _config_error(exc, args) -> UsageError:
     field, rule = exc.field, exc.rule
     if not exc.owner.startswith("TxFMConfig"):
         return UsageError(f"{_FLAG_OF.get(field, field)} {exc.value}: {rule}")
-    given = [item for item in args.set if item.partition("=")[0] == field]
-    dest = next((d for d, f in _MODEL_FLAGS.items() if f == field and getattr(args, d) is not None),
-                None)
-    if given:  # --set is applied after the flags: it wins
-        where = f"--set {given[-1]}"
-    elif dest is not None:
-        where = f"--{dest.replace('_', '-')} {getattr(args, dest)} ({field}={exc.value!r})"
+    flag = _model_flag(args, field)
+    if flag is not None and flag.startswith("--set "):
+        where = flag
+    elif flag is not None:
+        where = f"{flag} ({field}={exc.value!r})"
     else:
         out = pathlib.Path(args.out or f"runs/{args.preset or 'tiny'}")
         saved = out / "config.json"
@@ -269,6 +264,17 @@ def _config_error(exc, args) -> UsageError:
                   else f"--preset {args.preset or 'tiny'}")
         where = f"{field}={exc.value!r} (from {source})"
     return UsageError(f"{where}: {rule}")
+
+
+def _model_flag(args, field: str) -> str | None:
+    """How the command line set TxFMConfig ``field``: ``--set FIELD=VALUE`` (applied after the
+    flags, so it wins) or its own flag with the value (``--k 5000``); None when neither did."""
+    given = [item for item in args.set if item.partition("=")[0] == field]
+    if given:
+        return f"--set {given[-1]}"
+    dest = next((d for d, f in _MODEL_FLAGS.items() if f == field and getattr(args, d) is not None),
+                None)
+    return None if dest is None else f"--{dest.replace('_', '-')} {getattr(args, dest)}"
 
 
 def _check_data(data: str | None) -> None:
