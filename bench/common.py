@@ -27,6 +27,7 @@ import torch
 
 from txfm.cli import UsageError, file_in_path, folder_problem, positive_int
 from txfm.cli import check_device as _check_device_name
+from txfm_kernels._common import device_memory
 
 # Inductor's cache: warm compiles are fast across runs, in the user's cache folder (never in
 # the installed package)
@@ -45,14 +46,8 @@ def check_fits(nbytes: float, what: str, device: torch.device | str) -> None:
     """``fail`` (one ``error:`` line, exit 2) before any work when a case's tensors, about
     ``nbytes``, cannot fit in the device's memory (the host's RAM for CPU tensors)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # no sysconf here: cannot tell
-            return
-    if nbytes > total:
+    total = device_memory(device)
+    if total is not None and nbytes > total:
         fail(f"{what}: needs about {nbytes / 2**30:,.1f} GiB, more than the "
              f"{total / 2**30:,.1f} GiB of {device.type} memory here; choose smaller sizes")
 

@@ -95,6 +95,18 @@ def make_ours(src: pathlib.Path, out: pathlib.Path, codec: str) -> pathlib.Path:
     return out
 
 
+def annbatch_versions(python: pathlib.Path) -> dict[str, str | None]:
+    """The versions of annbatch, zarrs and zarr in the venv of ``python`` (None: absent), so
+    the table and the JSON name what was measured."""
+    code = ("import importlib.metadata as m, json\n"
+            "def v(n):\n"
+            "    try:\n        return m.version(n)\n"
+            "    except m.PackageNotFoundError:\n        return None\n"
+            "print(json.dumps({n: v(n) for n in ('annbatch', 'zarrs', 'zarr')}))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def make_annbatch(python: pathlib.Path, src: pathlib.Path, out: pathlib.Path) -> None:
     if (out / "zarr.json").is_file() and any(out.glob("dataset_*")):
         return
@@ -365,14 +377,17 @@ def main(argv=None) -> int:
         cases.append(("txfm", "txfm none", f"DataLoader workers={args.workers}", ours["none"],
                       base + ["--worker", "ours", "--path", str(ours["none"]), "--workers",
                               str(args.workers), "--threads", "1", "--batches", str(batches)]))
+    ab_versions = annbatch_versions(ab_python) if ab_note is None else None
     if ab_note is None:
+        ab_label = f"annbatch {ab_versions['annbatch']}" + (
+            f"+zarrs {ab_versions['zarrs']}" if ab_versions["zarrs"] else "")
         abw = [str(ab_python), str(ROOT / "bench" / "_annbatch_worker.py"), "read"]
         for layout, path in (("annbatch (blosc-lz4)", ab_path),
                              *((("txfm none", ours["none"]),) if "none" in ours else ())):
             for cs, pn in ((512, 32), (32, 256)):
                 if layout.startswith("txfm") and cs == 32:
                     continue
-                cases.append(("annbatch 0.3.1+zarrs", layout, f"chunk={cs} preload={pn}", path,
+                cases.append((ab_label, layout, f"chunk={cs} preload={pn}", path,
                               abw + [str(path), "--batch-size", str(B), "--chunk-size", str(cs),
                                      "--preload-nchunks", str(pn), "--batches", str(batches),
                                      "--warmup", str(args.warmup)]))
@@ -426,6 +441,7 @@ def main(argv=None) -> int:
     extra = {"corpus": {"cells": args.cells, "genes": args.genes, "nnz_per_cell": args.nnz,
                         "batch_size": B, "source_bytes": disk_bytes(src)},
              "preparation_s": prep, "annbatch": ab_note or "measured",
+             "annbatch_versions": ab_versions,
              "verify_cost": verify_cost,
              "load": os.getloadavg()}
     columns = ["loader", "layout", "settings", "cells_per_s", "x_annbatch", "runs",

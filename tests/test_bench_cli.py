@@ -58,3 +58,22 @@ def test_cpu_peak_memory_sees_buffers_the_heap_had_freed():
         fn()
     got = peak_extra_mib(fn, "cpu")
     assert got is not None and got > 20, got
+
+
+def test_annbatch_label_names_the_installed_versions(tmp_path):
+    """The loader table names the annbatch it measured, read from its venv (not a fixed
+    string): a venv without it reports None."""
+    import importlib.metadata
+    import pathlib
+    import sys
+
+    from bench.loader import annbatch_versions
+
+    got = annbatch_versions(pathlib.Path(sys.executable))
+    assert set(got) == {"annbatch", "zarrs", "zarr"}
+    assert got["zarr"] == importlib.metadata.version("zarr")
+    try:
+        expected = importlib.metadata.version("annbatch")
+    except importlib.metadata.PackageNotFoundError:
+        expected = None
+    assert got["annbatch"] == expected

@@ -182,6 +182,7 @@ CASES = {
     "train-set-unknown-field": (_train("--set", "blocks=3"), "--set"),
     "train-set-bad-value": (_train("--set", "mlp_ratio=wide"), "--set"),
     "train-set-out-of-range": (_train("--set", "drop_path=2"), "drop_path"),
+    "train-set-backend-against-eager": (_train("--set", "backend=cpu"), "contradicts --eager"),
     "train-data-missing": (_train("--data", "{root}/no_shards"), "--data"),
     "train-data-not-shards": (_train("--data", "{empty_dir}"), "empty_dir"),
     "train-data-bad-random": (_train("--data", "random:cells=many"), "--data"),

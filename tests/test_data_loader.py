@@ -293,3 +293,22 @@ def test_a_split_smaller_than_a_batch_is_refused_not_silently_empty(shards):
     (b,) = list(ShardLoader(shards, n_val + 1, split="val", drop_last=False))
     assert b.batch_size == n_val
     assert len(ShardLoader(shards, n_val, split="val")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pin_memory works where CUDA is")
+def test_pin_memory_without_cuda_is_refused_at_construction(shards):
+    with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+        ShardLoader(shards, 128, pin_memory=True, **KW)
+
+
+def test_every_iter_continues_where_the_last_stopped(shards):
+    """As documented: a peek consumes its batch; set_epoch(epoch) restarts the epoch."""
+    loader = ShardLoader(shards, 64, **KW)
+    n = len(loader)
+    first = next(iter(loader))
+    assert sum(1 for _ in loader) == n - 1
+    loader.set_epoch(1)
+    again = next(iter(loader))
+    loader.set_epoch(1)
+    assert torch.equal(next(iter(loader)).cell_ids, again.cell_ids)
+    assert first.cell_ids.shape == again.cell_ids.shape

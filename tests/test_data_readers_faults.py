@@ -729,3 +729,24 @@ def test_cli_process_reports_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "txfm.cli", "data", "convert", str(folder), "--out",
                         str(tmp_path / "out"), "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert_refused(r.returncode, r.stderr, str(mtx), "truncated")
+
+
+def test_input_columns_named_like_the_converters_get_a_free_name(tmp_path, capsys):
+    """An input holding both ``dataset`` and ``dataset_input`` (a shard read back and converted
+    again) keeps both: ``dataset_input_2``; names equal as strings are refused by file."""
+    obs = pd.DataFrame({"dataset": ["x"] * 30, "dataset_input": ["y"] * 30,
+                        "source_row": np.arange(30), "source_row_input": np.ones(30, int)},
+                       index=[f"c{i}" for i in range(30)])
+    src = write_h5ad(tmp_path / "again.h5ad", np.random.default_rng(0).poisson(2, (30, 6)),
+                     obs=obs)
+    convert([src], tmp_path / "out", **QUIET)
+    back = ad.read_zarr(tmp_path / "out" / "dataset_0").obs  # the training cells
+    assert set(back["dataset_input_2"].astype(str)) == {"x"}
+    assert set(back["dataset_input"].astype(str)) == {"y"}
+    # the input's source_row, now source_row_input_2, beside the converter's own
+    np.testing.assert_array_equal(back["source_row_input_2"].to_numpy(),
+                                  back["source_row"].to_numpy())
+    assert (back["source_row_input"].to_numpy() == 1).all()
+    t = pd.DataFrame({1: np.zeros(4), "1": np.ones(4)}, index=list("abcd"))
+    with pytest.raises(InputError, match=r"in\.h5ad: obs has two columns named '1'"):
+        ObsTables([t], ["d"], [4], ["in.h5ad"])

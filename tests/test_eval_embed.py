@@ -595,3 +595,86 @@ def test_embed_api_defaults_and_inputs(trained):
     backed.file.close()
     ad.AnnData(X=sp.csr_matrix(dense)).write_zarr(root / "cells.zarr")
     assert read_input(root / "cells.zarr", "--input").shape == dense.shape  # AnnData zarr
+
+
+def test_embed_python_api_as_a_pytorch_user_calls_it(trained, tmp_path):
+    """What a user reusing the model from Python meets: a model left in train mode, NaN under
+    padding, small batch sizes, device and map_location names, a gene table by path, a
+    bf16-cast model's record, and configs that are copies."""
+    import anndata as ad
+    import torch
+
+    from txfm.cli import UsageError
+    from txfm.eval.embed import embed_anndata, embed_counts, load_model
+    from txfm.model import PRESETS, TxFM, preset
+    from txfm.train import load_checkpoint
+
+    root, synth = trained
+    model, config, vocab, info = load_model(str(root / "run"))
+    rng = np.random.default_rng(1)
+    counts = sp.csr_matrix(rng.poisson(2.0, (70, len(vocab))).astype(np.float32))
+    obs = np.ones(len(vocab), bool)
+    ref = embed_counts(model, counts, obs, k=24, progress=False)
+    # train mode with stochastic depth: embedded in eval mode, and the mode is given back
+    noisy = TxFM(config.replace(drop_path=0.5), len(vocab))
+    noisy.load_state_dict(model.state_dict())
+    assert noisy.training
+    np.testing.assert_allclose(embed_counts(noisy, counts, obs, k=24, progress=False), ref,
+                               atol=1e-5)
+    assert noisy.training
+    # the forward takes batch_size cells (memory), and the embeddings do not change
+    sizes = []
+    real = model.embed
+    model.embed = lambda *a, **kw: (sizes.append(a[0].shape[0]), real(*a, **kw))[1]
+    got = embed_counts(model, counts, obs, k=24, batch_size=8, progress=False)
+    del model.embed
+    assert max(sizes) == 8 and sum(sizes) == 70
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # values under padding are never read, a NaN sentinel included
+    ids = torch.tensor([[3, 7, 0], [1, 2, 5]])
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    vals = torch.tensor([[2.0, 5.0, 0.0], [1.0, 1.0, 1.0]])
+    with torch.inference_mode():
+        clean = model.embed(ids, vals, pad)
+        for sentinel in (float("nan"), float("inf")):
+            dirty = vals.clone()
+            dirty[0, 2] = sentinel
+            torch.testing.assert_close(model.embed(ids, dirty, pad), clean)
+    # device / map_location names: auto and cpu:0 work, others are refused by name
+    assert next(load_model(str(root / "run"), device="auto")[0].parameters()).device.type \
+        in ("cpu", "cuda")
+    assert load_checkpoint(root / "run", map_location="cpu:0")[0] is not None
+    with pytest.raises(ValueError, match="map_location='gpu' is not a device"):
+        load_checkpoint(root / "run", map_location="gpu")
+    with pytest.raises(UsageError, match="device 'gpu': use auto, cpu, cuda or cuda:N"):
+        load_model(str(root / "run"), device="gpu")
+    # a gene table given by its path, as txfm embed --gene-table takes it
+    screen = ad.read_h5ad(synth.datasets[0])[:40].copy()
+    table = tmp_path / "genes.tsv"
+    pd.DataFrame({"ensembl_gene_id": list(screen.var_names),
+                  "gene_symbol": [f"S{i}" for i in range(screen.n_vars)]}
+                 ).to_csv(table, sep="\t", index=False)
+    by_path = embed_anndata(screen.copy(), str(root / "run"), gene_table=str(table),
+                            progress=False)
+    np.testing.assert_allclose(by_path, embed_anndata(screen.copy(), str(root / "run"),
+                                                      progress=False), atol=1e-6)
+    with pytest.raises(TypeError, match="gene_table must be a GeneTable"):
+        embed_anndata(screen.copy(), str(root / "run"), gene_table=3, progress=False)
+    # genes named in a column 'Gene' (any case) are found
+    renamed = screen.copy()
+    renamed.var["Gene"] = list(renamed.var_names)
+    renamed.var_names = [f"x{i}" for i in range(renamed.n_vars)]
+    np.testing.assert_allclose(embed_anndata(renamed, str(root / "run"), progress=False),
+                               by_path, atol=1e-6)
+    # a model cast to bf16 computes in bf16, and the record says so
+    cast = (model.to(torch.bfloat16), config, vocab, info)
+    bf = screen.copy()
+    embed_anndata(bf, cast, progress=False, device="cpu")
+    assert bf.uns["txfm_embed"]["X_txfm"]["precision"] == "bf16"
+    model.float()
+    # configs are copies: a preset's extra, and a model's backend switch
+    p = preset("tiny")
+    p.extra["note"] = 1
+    assert PRESETS["tiny"].extra == {}
+    TxFM(PRESETS["tiny"], 10).set_use_fused_ops(False)
+    assert PRESETS["tiny"].backend == preset("tiny").backend == "auto"

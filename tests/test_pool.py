@@ -66,3 +66,40 @@ def test_sampler_targets_held_by_the_caller_stay_intact():
     second = masked_sample(indptr, indices.int(), counts * 3, n_genes=g, k=16, seed=2)
     assert torch.equal(first.target, kept)
     assert first.target.data_ptr() != second.target.data_ptr()
+
+
+def test_buffer_moved_to_shared_memory_leaves_the_pool():
+    """A result sent through a DataLoader queue is moved into shared memory and read by
+    another process: the pool must not hand it out again once the sender drops it."""
+    _pool.clear()
+    a = _pool.cpu_empty(SHAPE, torch.float32)
+    a.share_memory_()  # what a worker's queue does to a tensor it sends
+    del a
+    b = _pool.cpu_empty(SHAPE, torch.float32)
+    assert not b.is_shared()  # a fresh buffer, not the block the receiver maps
+
+
+class _Targets(torch.utils.data.Dataset):
+    """Sampler targets made in a DataLoader worker (each above the pool's threshold)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return _target(i)
+
+
+def _target(i):
+    g, rows = 40_000, 64
+    gen = torch.Generator().manual_seed(i)
+    indices = torch.cat([torch.randperm(g, generator=gen)[:50].sort().values
+                         for _ in range(rows)])
+    indptr = torch.arange(0, 50 * rows + 1, 50, dtype=torch.int64)
+    counts = torch.randint(1, 9, (50 * rows,), generator=gen).float()
+    return masked_sample(indptr, indices.int(), counts, n_genes=g, k=16, seed=i).target
+
+
+def test_targets_made_in_dataloader_workers_stay_intact():
+    held = list(torch.utils.data.DataLoader(_Targets(), batch_size=None, num_workers=1))
+    for i, t in enumerate(held):
+        assert torch.equal(t, _target(i)), f"batch {i} was overwritten by a later one"

@@ -714,3 +714,37 @@ def test_numpy_integers_are_ints():
     assert ObservableGenes.all_genes(np.int64(3)).mask.shape == (1, 3)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         masked_sample(indptr, indices, counts, n_genes=6, k=np.float64(4.0), seed=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sizes_beyond_memory_are_refused_by_name(backend):
+    """A k (or a vocabulary) whose outputs cannot fit in the device's memory gets one error
+    naming k and the rows, before any allocation (not the allocator's byte count)."""
+    if backend == "cpu" and not CPU_OK:
+        pytest.skip("the cpu backend is not built: TXFM_BUILD_CPU=1 pip install -e .")
+    indptr, indices = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 2], dtype=torch.int32)
+    counts = torch.tensor([3.0, 1.0, 5.0])
+    with pytest.raises(ValueError, match=r"masked_sample: B=2 rows of k=1099511627776 shown "
+                                         r"genes .*GiB.*pass a smaller k"):
+        masked_sample(indptr, indices, counts, n_genes=6, k=2**40, seed=0, backend=backend)
+    with pytest.raises(ValueError, match=r"target \[B, 1073741823\]"):
+        masked_sample(torch.tensor([0] + [3] * 2**12), indices, counts, n_genes=2**30 - 1,
+                      k=4, seed=0, backend=backend)
+    # more k than genes is allowed (padded), as documented
+    s = masked_sample(indptr, indices, counts, n_genes=6, k=9, seed=0, backend=backend)
+    assert s.gene_ids.shape == (2, 9) and bool(s.key_padding_mask[:, 6:].all())
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("counts,target_sum", [([0.1, 0.1], 1e38), ([1e-36, 3e-36], 1e5),
+                                               ([3.0, 1.0], 3e38)])
+def test_normalisation_beyond_fp32_range_of_l_over_s(backend, counts, target_sum):
+    """L / S can exceed fp32 while L * c / S <= L fits: the values are log1p(L c / S), never
+    NaN or inf (reference: the formula in float64)."""
+    c = torch.tensor(counts)
+    s = masked_sample(torch.tensor([0, 2]), torch.tensor([0, 1], dtype=torch.int32), c,
+                      n_genes=2, k=2, seed=0, target_sum=target_sum, backend=backend)
+    expected = torch.log1p(float(torch.tensor(target_sum, dtype=torch.float32))
+                           * c.double() / c.double().sum())
+    torch.testing.assert_close(s.target[0].double(), expected, rtol=2e-7, atol=0)
+    assert bool(torch.isfinite(s.values).all())

@@ -100,6 +100,32 @@ def test_no_validation_split_is_announced_at_start_up(raw, tmp_path, capsys):
     root = _shards(raw, tmp_path / "shards", 0.0)
     _, result = _run(root, tmp_path / "run")
     out = capsys.readouterr().out
-    line = next(s for s in out.splitlines() if s.startswith("no validation:"))
+    line = next(s for s in out.splitlines() if s.startswith("warning: no validation:"))
     assert "'val'" in line and "--val-fraction" in line
     assert result.val_losses == [] and result.step == 4
+
+
+def test_progress_bar_shows_the_step_being_validated(raw, tmp_path, monkeypatch):
+    """The bar counts a step before its validation runs, so a long validation of step N is
+    shown at N, not N - 1."""
+    import txfm.train.trainer as trainer_mod
+
+    bars = []
+    real = trainer_mod._progress
+
+    def keep(total, initial, enabled):
+        bars.append(real(total, initial, True))
+        return bars[-1]
+
+    root = _shards(raw, tmp_path / "shards", 0.2)
+    monkeypatch.setattr(trainer_mod, "_progress", keep)
+    seen = []
+    real_validate = Trainer.validate
+
+    def validate(self, progress=None):
+        seen.append((self.step, bars[-1].n))
+        return real_validate(self, progress)
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    _run(root, tmp_path / "run")
+    assert seen == [(2, 2), (4, 4)]

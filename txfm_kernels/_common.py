@@ -456,6 +456,36 @@ def check_int(value, name: str, op: str, low: int, high: int | None = None,
         raise ValueError(f"{op}: {name} must be an int {span}{what}, got {value!r}")
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory that tensors on ``device`` can use at most: the GPU's total memory (no
+    sync), the host's RAM for CPU tensors; None when it cannot be told."""
+    return _device_memory(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_memory(kind: str, index: int | None) -> int | None:
+    if kind == "cuda":
+        return torch.cuda.get_device_properties(torch.device(kind, index)).total_memory
+    if kind != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf here
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, op: str, what: str, hint: str) -> None:
+    """``ValueError`` naming ``what`` (the sizes) and ``hint`` (the fix) when ``nbytes`` of
+    new tensors exceed all of ``device``'s memory: one clear line instead of the allocator's.
+    Call it outside torch.compile (a symbolic size checks nothing)."""
+    if not isinstance(nbytes, int):
+        return
+    total = device_memory(device)
+    if total is not None and nbytes > total:
+        raise ValueError(f"{op}: {what} needs about {nbytes / 2**30:,.1f} GiB, more than the "
+                         f"{total / 2**30:,.1f} GiB of {device.type} memory here; {hint}")
+
+
 def as_int(value):
     """A numpy (or other ``numbers.Integral``) integer as a Python int, which the custom ops
     take; anything else as it is (a bool, a symbolic int, or a wrong type for the checks)."""

@@ -7,7 +7,9 @@ every training step pays the faults again. The ops therefore take their big CPU 
 Poisson gradient, the sampler's dense target) from this small pool: a buffer is handed out
 again only when nothing but the pool references its storage any more (the previous caller
 dropped every tensor and view of it, and autograd freed its graph), so a result is never
-overwritten while still in use. The pool keeps at most ``_PER_KEY`` buffers per
+overwritten while still in use. A buffer whose storage went to shared memory (a result a
+DataLoader worker sent to the main process) leaves the pool, as its reader is in another
+process and cannot be counted. The pool keeps at most ``_PER_KEY`` buffers per
 (shape, dtype) and ``_KEYS`` shapes, i.e. one or two outputs' worth of memory per shape.
 CUDA tensors never come from here: the caching allocator already reuses device memory.
 """
@@ -60,8 +62,12 @@ def cpu_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         bufs = _pool.get(key)
         if bufs is not None:
             _pool.move_to_end(key)
-            for buf in bufs:
-                if _use_count(buf) == _FREE:
+            for buf in list(bufs):
+                if buf.is_shared():
+                    # sent to another process (a DataLoader worker's queue moves a result
+                    # into shared memory), which may still read it: never hand it out again
+                    bufs.remove(buf)
+                elif _use_count(buf) == _FREE:
                     return _alias(buf)
         buf = torch.empty(shape, dtype=dtype)
         if bufs is None:

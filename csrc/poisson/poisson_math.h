@@ -212,21 +212,25 @@ template <typename C> struct LossGrad {
 };
 
 // tanh(u) and sech^2(u) for u = z / beta > 0 (callers zero the result for z <= 0), returned
-// as {tanh, sech^2}. With m = expm1(2u) and r = 1 / (m + 2): tanh = m * r, sech^2 = 4r(1 - r),
-// accurate for small u (m has no cancellation) and for large u (u is capped at 40, where
-// tanh is 1 and sech^2 ~ 7e-35, so nothing overflows or goes subnormal). NaN propagates.
+// as {tanh, sech^2}. With m = expm1(-2u) and w = exp(-2u) (= 1 + m): tanh = -m / (2 + m),
+// sech^2 = 4w / (2 + m)^2, accurate for small u (m has no cancellation) and for large u: w
+// decays as sech^2 does, so a saturated logit's gradient decays with it (no constant left by
+// a cap), and nothing overflows. Beyond u = 43.75 the exp's argument is clamped and w
+// flushes to 0 (no subnormals): sech^2 is exactly 0 where its true value is below 1e-37.
+// NaN propagates.
 template <typename C> TXFM_HD LossGrad<C> tanh_sech2(C u);
 
 template <> TXFM_HD LossGrad<float> tanh_sech2<float>(float u) {
-  float uc = u < 0.0f ? 0.0f : u;
-  uc = uc > 40.0f ? 40.0f : uc;
+  float v = u < 0.0f ? 0.0f : -2.0f * u;  // NaN compares false and passes through
+  v = v < -87.5f ? -87.5f : v;
 #if defined(__CUDA_ARCH__)
-  const float m = expm1f(2.0f * uc);
+  const float m = expm1f(v), w = __expf(v);
 #else
-  const float m = exp_core(2.0f * uc).em1;
+  const ExpM1 ex = exp_core(v);
+  const float m = ex.em1, w = ex.e;  // w, not 1 + m: that rounds to 0 once w < 6e-8
 #endif
-  const float r = 1.0f / (m + 2.0f);
-  return {m * r, 4.0f * r * (1.0f - r)};
+  const float r = 1.0f / (2.0f + m);
+  return {-m * r, 4.0f * w * r * r};
 }
 
 template <> TXFM_HD LossGrad<double> tanh_sech2<double>(double u) {

@@ -63,8 +63,8 @@ int64_t draw_row(uint32_t n, int64_t kk, const uint32_t* keys, uint32_t* out) {
 
 template <typename C>
 TXFM_CPU_DISPATCH
-void scale_counts(const C* c, int64_t len, float scale, float* out) {
-  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(c[i]) * scale;
+void scale_counts(const C* c, int64_t len, double scale, float* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = normalised(static_cast<float>(c[i]), scale);
 }
 
 TXFM_CPU_DISPATCH
@@ -164,7 +164,7 @@ int run(const Args& a, int64_t* bad_row) {
       // the target then receives it with streaming stores: no read-for-ownership of the
       // target's cache lines, so DRAM sees the 4 * G bytes once.
       const double sum = row_sum(c, len);
-      const float scale = norm_scale(a.target_sum, sum);
+      const double scale = norm_scale(a.target_sum, sum);
       float* dense = scratch.data();
       for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, len - i0);

@@ -46,13 +46,15 @@ masked_sample_kernel(const int64_t* __restrict__ indptr, const int32_t* __restri
   __syncthreads();
   double sum = 0.0;
   for (int w = 0; w < kWarps; ++w) sum += s_part[w];
-  const float scale = norm_scale(L, sum);
+  const double scale = norm_scale(L, sum);
 
   float* trow = target ? target + b * G : nullptr;
   if (trow) {  // zeroed by the caller (a full-bandwidth memset)
     for (int64_t i = start + tid; i < end; i += kThreads) {
       const int32_t g = indices[i];
-      if (g >= 0 && g < G) trow[g] = log1p_nonneg(static_cast<float>(counts[i]) * scale);
+      if (g >= 0 && g < G) {
+        trow[g] = log1p_nonneg(normalised(static_cast<float>(counts[i]), scale));
+      }
     }
     __syncthreads();
   }
@@ -106,7 +108,7 @@ masked_sample_kernel(const int64_t* __restrict__ indptr, const int32_t* __restri
           if (indices[mid] < g) lo = mid + 1; else hi = mid;
         }
         v = (lo < end && indices[lo] == g)
-                ? log1p_nonneg(static_cast<float>(counts[lo]) * scale) : 0.0f;
+                ? log1p_nonneg(normalised(static_cast<float>(counts[lo]), scale)) : 0.0f;
       }
       ids[pos] = g;
       vals[pos] = v;

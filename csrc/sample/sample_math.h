@@ -117,11 +117,18 @@ TXFM_HD float log1p_nonneg(float x) {
   return (f + y) + 0.693359375f * fe + corr;
 }
 
-// Normalisation factor L / sum(counts); a row without counts gets 0 so its values are 0, not NaN.
-// The sum is accumulated in fp64 by every backend: fp32 sums of large libraries (> 2^24 counts)
-// would depend on the summation order, fp64 ones round to the same fp32 value.
-TXFM_HD float norm_scale(float target_sum, double row_sum) {
-  return row_sum > 0.0 ? static_cast<float>(static_cast<double>(target_sum) / row_sum) : 0.0f;
+// Normalisation factor L / sum(counts) in fp64; a row without counts gets 0 so its values are 0,
+// not NaN. The sum is accumulated in fp64 by every backend: fp32 sums of large libraries
+// (> 2^24 counts) would depend on the summation order, fp64 ones round to the same fp32 value.
+// The factor stays fp64 because it can exceed fp32's range (a row of tiny float counts, or a
+// huge target_sum) while every normalised value L * c / S <= L still fits.
+TXFM_HD double norm_scale(float target_sum, double row_sum) {
+  return row_sum > 0.0 ? static_cast<double>(target_sum) / row_sum : 0.0;
+}
+
+// L * c / S of one count (already read as fp32), rounded once to fp32.
+TXFM_HD float normalised(float count, double scale) {
+  return static_cast<float>(static_cast<double>(count) * scale);
 }
 
 }  // namespace txfm_sample

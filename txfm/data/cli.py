@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                     "anndata-on-zarr-v3 shards that anndata.read_zarr and annbatch read. "
                     "Interrupted? Run the same command again: finished shards are kept.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help=".h5ad files (or AnnData zarr stores), 10x folders or 10x .h5 files")
+                   help=".h5ad files, 10x folders (matrix.mtx[.gz]) or 10x .h5 files; an AnnData "
+                        "zarr store: write it as .h5ad first")
     p.add_argument("--out", required=True, help="output shards folder")
     p.add_argument("--vocab", default=None, help="existing vocabulary TSV (gene_id[, symbol]); "
                                                  "genes outside it are reported and dropped")

@@ -240,7 +240,7 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
             (default all).
         seed, val_fraction: the shuffle and the share of cells held out for validation.
         shard_cells, shard_mb, codec, counts_dtype, chunk_nnz: the shards' layout (cells or
-            MB per shard, ``none`` / ``lz4`` / ``zstd``, stored dtype, entries per chunk).
+            MiB per shard, ``none`` / ``lz4`` / ``zstd``, stored dtype, entries per chunk).
         overwrite: replace a collection of another conversion in ``out``.
         progress: progress bars; log: where the per-dataset report lines go (stderr).
 

@@ -12,8 +12,9 @@ A collection (the output of ``txfm data convert``) is a directory::
       manifest.json      written last: shards, cell counts, vocabulary hash, observable genes, m_i
 
 Each shard ``dataset_k`` holds ``X`` as ``csr_matrix`` (``data`` = counts, ``indices`` =
-vocabulary ids sorted within each row, ``indptr`` int64), ``obs`` and ``var`` (= the
-vocabulary), so ``anndata.read_zarr(SHARDS / "dataset_0")`` reads it.
+vocabulary ids sorted within each row, ``indptr`` int32 while the shard's non-zeros fit,
+else int64), ``obs`` and ``var`` (= the vocabulary), so
+``anndata.read_zarr(SHARDS / "dataset_0")`` reads it.
 
 What readers get and what is stored differ (format version 2):
 

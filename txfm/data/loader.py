@@ -35,9 +35,12 @@ gene ids are checked against the vocabulary (``validate``), and a corrupt chunk 
 
 Epochs and resume: :meth:`state_dict` records ``(epoch, batches consumed, lanes)``; after
 :meth:`load_state_dict` the next iteration continues with exactly the next batch (windows
-already consumed are skipped without reading). Iterating to the end advances the epoch;
-:meth:`set_epoch` jumps to the start of any epoch. Where DataLoader workers start is kept in
-a small shared-memory table, so the epoch also advances under a plain
+already consumed are skipped without reading). Every ``iter()`` continues from the batch
+the last one stopped at, as a resumed run must: a peek, ``next(iter(loader))``, or a loop
+left by ``break`` consumes those batches of the epoch (unlike a map-style DataLoader, which
+restarts). Iterating to the end advances the epoch; :meth:`set_epoch` jumps to the start of
+any epoch (``set_epoch(loader.epoch)`` restarts the current one). Where DataLoader workers
+start is kept in a small shared-memory table, so the epoch also advances under a plain
 ``torch.utils.data.DataLoader(loader, batch_size=None, num_workers=N)`` (fresh, persistent
 or spawned workers; ``set_epoch`` reaches them too). :meth:`dataloader` wraps such a
 DataLoader and counts the batches it hands out, so that its state is exact at any batch and
@@ -308,7 +311,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
         seed: base seed; the epoch's order depends on ``(seed, epoch)``.
         drop_last: drop the incomplete last batch (keep True for DDP: equal batch counts).
         obs_columns: ``obs`` columns to return per batch (e.g. ``("cell_type", "batch")``).
-        pin_memory: allocate batch tensors in pinned memory (needs CUDA).
+        pin_memory: allocate batch tensors in pinned memory (needs CUDA: ValueError without).
         rank, world_size: DDP partition; default from ``torch.distributed`` when initialised.
         chunk_size: rows per contiguous read (the shuffle's granularity on disk).
         buffer_size: cells in the in-memory shuffle buffer (rounded to a multiple of
@@ -332,7 +335,8 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     Raises:
         FileNotFoundError: ``shards_dir`` holds no complete collection (no ``manifest.json``).
-        ValueError: a bad argument (sizes, ``seed``, ``rank``: integers, not bools or floats);
+        ValueError: a bad argument (sizes, ``seed``, ``rank``: integers, not bools or floats;
+            ``pin_memory`` without CUDA);
             a split without shards; a split (per rank) smaller than one batch with
             ``drop_last`` (it would yield no batch), or with fewer cells than ranks.
         TypeError: ``obs_columns`` given as one string, or a bad ``counts_dtype``.
@@ -380,6 +384,11 @@ class ShardLoader(torch.utils.data.IterableDataset):
         self.chunk_size = int(chunk_size)
         self.buffer_size = max(1, math.ceil(buffer_size / self.batch_size)) * self.batch_size
         self.num_threads = num_threads
+        if pin_memory and not torch.cuda.is_available():
+            # pinned memory serves copies to a GPU; torch itself fails only at the first batch
+            raise ValueError("ShardLoader: pin_memory=True needs CUDA (pinned host memory is "
+                             "for copies to a GPU), which this machine or torch build lacks; "
+                             "leave pin_memory=False")
         self.pin = bool(pin_memory)
         self.validate = bool(validate)
         self.verify = bool(verify)
@@ -433,6 +442,7 @@ class ShardLoader(torch.utils.data.IterableDataset):
     # ------------------------------------------------------------------ public properties
     @property
     def n_genes(self) -> int:
+        """``G``, the vocabulary size: every batch's gene ids lie in ``[0, G)``."""
         return self.manifest.n_genes
 
     @property
@@ -448,13 +458,15 @@ class ShardLoader(torch.utils.data.IterableDataset):
 
     @property
     def observable(self):
-        """:class:`txfm_kernels.ObservableGenes`, row ``d`` = dataset id ``d``."""
+        """:class:`txfm_kernels.ObservableGenes`: mask ``[D datasets, G]`` bool, row ``d`` =
+        the genes dataset ``d`` (a batch's ``dataset_ids``) profiles."""
         if self._observable is None:
             self._observable = self.manifest.observable()
         return self._observable
 
     @property
     def n_cells(self) -> int:
+        """Cells of this split (all ranks together), before ``drop_last``."""
         return self._n_cells
 
     def __len__(self) -> int:

@@ -125,7 +125,8 @@ class Manifest:
         raise KeyError(f"no dataset {name!r}; datasets: {[d.name for d in self.datasets]}")
 
     def observable(self):
-        """Observable genes as :class:`txfm_kernels.ObservableGenes` (row = dataset id)."""
+        """Observable genes as :class:`txfm_kernels.ObservableGenes`: mask ``[D datasets, G]``
+        bool, row ``d`` = the genes dataset ``d`` profiles."""
         import torch
         from txfm_kernels.masks import ObservableGenes
 

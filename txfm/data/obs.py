@@ -120,10 +120,37 @@ def _unify(parts: list[pd.Series | None], lens: list[int]):
     return _as_text(parts, lens)
 
 
+def _input_columns(frame: pd.DataFrame, path: str) -> pd.DataFrame:
+    """``frame`` with string column names, the reserved ones (:data:`RESERVED`) renamed to
+    ``<name>_input`` (``_input_2``, ... when that name is taken too).
+
+    Raises:
+        InputError: two columns whose names are equal as strings (``1`` and ``"1"``).
+    """
+    names = [str(c) for c in frame.columns]
+    seen = pd.Index(names)
+    if seen.has_duplicates:
+        dup = seen[seen.duplicated()][0]
+        raise InputError(f"{path}: obs has two columns named {dup!r} (as strings); rename one "
+                         f"(adata.obs.rename(columns=...)) and convert again")
+    taken = set(names)
+    for i, c in enumerate(names):
+        if c in RESERVED:
+            new, n = f"{c}_input", 2
+            while new in taken:
+                new, n = f"{c}_input_{n}", n + 1
+            taken.add(new)
+            names[i] = new
+    out = frame.copy(deep=False)
+    out.columns = names
+    return out
+
+
 class ObsTables:
     """Per-dataset ``obs`` columns unified across datasets (see the module docstring), looked
     up by (dataset, row). Input columns named like the ones the converter adds (``dataset``,
-    ``source_row``) get an ``_input`` suffix; column names become strings.
+    ``source_row``) get an ``_input`` suffix (``_input_2``, ... if that name is taken too);
+    column names become strings, and two that are equal as strings are refused.
 
     ``frames``: each dataset's ``obs`` (rows = its cells); ``names``: dataset names;
     ``n_cells``: rows expected per dataset; ``paths``: each dataset's input file, named in
@@ -138,10 +165,7 @@ class ObsTables:
         for f, n, path in zip(frames, n_cells, paths):
             if len(f) != n:
                 raise InputError(f"{path}: obs has {len(f)} rows for {n} cells")
-        renamed = []
-        for f in frames:
-            f = f.rename(columns=str)
-            renamed.append(f.rename(columns={c: f"{c}_input" for c in RESERVED if c in f.columns}))
+        renamed = [_input_columns(f, path) for f, path in zip(frames, paths)]
         self.obs_names = [np.asarray(f.index.astype(str), dtype=object) for f in renamed]
         self.offsets = np.concatenate([[0], np.cumsum(n_cells)]).astype(np.int64)
         cols: list[str] = []

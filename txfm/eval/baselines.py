@@ -401,18 +401,19 @@ def align_to_reference(var, counts, reference: Reference, table=None):
         ValueError: fewer than 2 genes in common (the message says how to map names).
     """
     from .embed import map_input_genes, remap_to_vocabulary
+    from .genemap import GENE_TABLE
 
     match = map_input_genes(var, list(reference.genes), table, reference.symbols)
     if match.n_mapped == 0:
         raise ValueError(f"no gene of the screen is among the genes of the reference "
-                         f"{reference.source}: check the gene names or pass --gene-table to "
+                         f"{reference.source}: check the gene names or pass {GENE_TABLE} to "
                          "translate Ensembl ids <-> symbols")
     moved, observable = remap_to_vocabulary(as_csr(counts), match.index, len(reference.genes))
     shared = observable & reference.profiled
     if shared.sum() < 2:
         raise ValueError(f"only {int(shared.sum())} genes are both in the screen and profiled by "
                          f"the reference {reference.source}: check the gene names or pass "
-                         "--gene-table to translate Ensembl ids <-> symbols")
+                         f"{GENE_TABLE} to translate Ensembl ids <-> symbols")
     return moved, observable, shared, match
 
 

@@ -261,9 +261,8 @@ def _table(path):
     try:
         return GeneTable.read(path)
     except (OSError, ValueError) as exc:  # missing file, no id/symbol columns, bad CSV
-        msg = error_message(exc)
-        raise UsageError(msg if msg.startswith("--gene-table") else f"--gene-table {path}: {msg}"
-                         ) from exc
+        msg = error_message(exc).removeprefix(f"gene table {path}: ")
+        raise UsageError(f"--gene-table {path}: {msg}") from exc
 
 
 def _writable(path: pathlib.Path, option: str) -> None:
@@ -293,12 +292,10 @@ def _output(path, *, folder: bool) -> pathlib.Path:
 # ----------------------------------------------------------------------------- embed / genes
 
 def cmd_embed(args) -> int:
-    from txfm.cli import check_device
-
     from .embed import check_embed_options, embed_anndata, load_model, resolve_device
     from .io import read_input, write_h5ad
 
-    device = resolve_device(check_device("--device", args.device))
+    device = resolve_device(args.device, "--device")
     out = _output(args.out, folder=False)
     check_embed_options(key=args.key, k=args.k, draws=args.draws, seed=args.seed, cli=True)
     table = _table(args.gene_table)
@@ -334,7 +331,9 @@ def cmd_genes(args) -> int:
     if symbols is not None or args.gene_table:
         obs["symbol"] = gene_symbols(vocab, symbols, table)
     a = ad.AnnData(obs=obs, obsm=reps)
-    a.uns["txfm_genes"] = {"checkpoint": str(args.checkpoint)}
+    # the file actually read and its step, as txfm embed records them
+    a.uns["txfm_genes"] = {"checkpoint": str(info.get("path", args.checkpoint)),
+                           "step": int(info.get("step") or 0)}
     write_h5ad(a, out)
     print(f"wrote {out}: {len(vocab):,} genes; " +
           ", ".join(f"obsm[{k!r}] {v.shape[1]} dims" for k, v in reps.items()))

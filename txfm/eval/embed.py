@@ -13,7 +13,7 @@
   ``seed, seed+1, ...``). Only the genes the input profiles *and* the vocabulary holds are
   observable, so unprofiled genes are never shown as zeros.
 * :func:`gene_representations` — the encoder codebook ``E [G, d-1]`` and the decoder's gene
-  weights ``W [G, hidden]``.
+  weights ``W [G, hidden]`` (``[G, d]`` with ``decoder_depth=0``).
 * :func:`remap_to_vocabulary` — an input's counts with their columns moved onto the
   vocabulary (unmapped genes dropped, genes mapped twice summed).
 
@@ -23,6 +23,8 @@ unless the model was trained in fp32 (:func:`resolve_precision`).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -30,25 +32,29 @@ import scipy.sparse as sp
 from txfm.model.config import PRECISIONS
 
 from . import EMBED_K_FACTOR
-from .genemap import GeneMatch, GeneTable, match_genes
+from .genemap import GENE_TABLE, GeneMatch, GeneTable, match_genes
 
 KEY_BLOCK = 64
 
 
 def load_model(checkpoint: str, device: str = "cpu"):
-    """``(model, config, vocab_genes, info)`` from a run folder or checkpoint file (issue 6),
-    the model in eval mode on ``device``; ``info["path"]`` and ``info["step"]`` name the
-    checkpoint file actually read.
+    """``(model, config, vocab_genes, info)`` from a run folder or checkpoint file, the model
+    in eval mode on ``device`` (``auto``: CUDA when there is one; ``cpu``, ``cuda``,
+    ``cuda:N``); ``info["path"]`` and ``info["step"]`` name the checkpoint file actually read.
+    A tuple, so ``model, config, vocab, info = load_model(RUN)``.
 
     Raises:
         CheckpointError: unreadable; no gene vocabulary of the model's size; a parameter
             that is NaN or infinite (a diverged run: use an earlier checkpoint).
+        txfm.cli.UsageError: (a ``ValueError``) ``device`` not a device name, or CUDA where
+            there is none.
     """
     import torch
 
     from txfm.train import load_checkpoint
     from txfm.train.checkpoint import CheckpointError
 
+    device = resolve_device(device)
     model, config, vocab, info = load_checkpoint(checkpoint, map_location="cpu")
     where = info.get("path", checkpoint)
     vocab = list(vocab or [])
@@ -88,14 +94,21 @@ def resolve_precision(precision: str, device: str, trained: str | None = None) -
     return "fp32" if trained == "fp32" else "bf16"
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, option: str = "device") -> str:
+    """``cpu`` or ``cuda[:N]`` for ``device``: ``auto`` (CUDA when there is one), ``cpu``,
+    ``cuda`` or ``cuda:N``.
+
+    Raises:
+        txfm.cli.UsageError: (a ``ValueError``) another name, or CUDA this machine lacks; the
+            message names ``option`` (``--device`` for the CLI).
+    """
     import torch
 
+    from txfm.cli import check_device
+
+    device = check_device(option, str(device))
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available here (torch "
-                           f"{torch.__version__}); use --device cpu")
     return device
 
 
@@ -160,8 +173,8 @@ def remap_to_vocabulary(counts: sp.csr_matrix, index: np.ndarray, n_genes: int
                          f"n_genes={n_genes} is the vocabulary size")
     if (index >= 0).sum() == 0:
         raise ValueError("no input gene maps onto the model's vocabulary: check the gene "
-                         "names (var_names / var['gene_ids'] / var['symbol']) or pass "
-                         "--gene-table to translate Ensembl ids <-> symbols")
+                         f"names (var_names / var['gene_ids'] / var['symbol']) or pass "
+                         f"{GENE_TABLE} to translate Ensembl ids <-> symbols")
     kept = np.flatnonzero(index >= 0)
     sub = counts.tocsc()[:, kept]
     # Column j of ``sub`` goes to vocabulary gene index[kept[j]]; a selection matrix does the
@@ -233,13 +246,18 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
             subsetting the cells changes which genes each is shown.
         target_sum: the library-size normalisation; default the model's own
             (``model.config.target_sum``, what it was trained with).
-        batch_size: cells per forward (memory ``O(batch_size * k * d)`` activations).
+        batch_size: cells per forward (memory ``O(batch_size * k * d)`` activations); it
+            changes no embedding.
         device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
         progress: a tqdm bar over the batches.
         library_size: the deprecated name of ``target_sum`` (a warning; kept for one release).
         precision: ``fp32``, ``bf16`` (autocast) or ``auto``: fp32 on the CPU; on CUDA the
             model's ``trained_precision`` (set by :func:`load_model`), bf16 when unknown
             (:func:`resolve_precision`).
+
+    The model runs in eval mode (no dropout or stochastic depth) and is left in the mode it
+    came in.
+
     Returns:
         ``[cells, d]`` float32. ``k`` above the number of observable genes shows them all.
     Raises:
@@ -302,35 +320,42 @@ def embed_counts(model, counts: sp.csr_matrix, observable: np.ndarray, *, k: int
         raise ValueError("observable marks no gene: the input profiles none of the model's "
                          "genes (see remap_to_vocabulary)")
     k = min(int(k), int(observable.sum()))  # more would only add padding
-    from txfm.cli import check_device
-
-    device = resolve_device(check_device("device", str(device)))
+    device = resolve_device(device)
     obs = txfm_kernels.ObservableGenes.from_mask(torch.as_tensor(observable)).to(device)
     use_bf16 = resolve_precision(precision, device,
                                  getattr(model, "trained_precision", None)) == "bf16"
-    batch_size = max(KEY_BLOCK, batch_size // KEY_BLOCK * KEY_BLOCK)
+    # the draw is keyed by whole blocks of KEY_BLOCK cells; the forward takes batch_size of them
+    chunk = -(-batch_size // KEY_BLOCK) * KEY_BLOCK
     out = None
     bar = tqdm(total=counts.shape[0], desc="embed", unit="cell", disable=not progress)
-    with torch.inference_mode():
-        for start in range(0, counts.shape[0], batch_size):
-            stop = min(start + batch_size, counts.shape[0])
-            acc = None
-            for r in range(draws):
-                parts = [_sample_block(counts, b0, min(b0 + KEY_BLOCK, stop), obs, k=k,
-                                       target_sum=target_sum, seed=seed + r, device=device,
-                                       config=getattr(model, "config", None))
-                         for b0 in range(start, stop, KEY_BLOCK)]
-                gene_ids, values, pad = (torch.cat(t) for t in zip(*parts))
-                with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
-                                    dtype=torch.bfloat16, enabled=use_bf16):
-                    e = model.embed(gene_ids, values, pad).float()
-                acc = e if acc is None else acc + e
-            emb = (acc / draws).cpu().numpy()
-            if out is None:
-                out = np.empty((counts.shape[0], emb.shape[1]), dtype=np.float32)
-            out[start:stop] = emb
-            bar.update(stop - start)
-    bar.close()
+    training = model.training
+    model.eval()  # dropout and stochastic depth off, whatever mode the caller left it in
+    try:
+        with torch.inference_mode():
+            for start in range(0, counts.shape[0], chunk):
+                stop = min(start + chunk, counts.shape[0])
+                acc = None
+                for r in range(draws):
+                    parts = [_sample_block(counts, b0, min(b0 + KEY_BLOCK, stop), obs, k=k,
+                                           target_sum=target_sum, seed=seed + r, device=device,
+                                           config=getattr(model, "config", None))
+                             for b0 in range(start, stop, KEY_BLOCK)]
+                    gene_ids, values, pad = (torch.cat(t) for t in zip(*parts))
+                    with torch.autocast(device_type="cuda" if device.startswith("cuda")
+                                        else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                        e = torch.cat([model.embed(gene_ids[a:a + batch_size],
+                                                   values[a:a + batch_size],
+                                                   pad[a:a + batch_size]).float()
+                                       for a in range(0, stop - start, batch_size)])
+                    acc = e if acc is None else acc + e
+                emb = (acc / draws).cpu().numpy()
+                if out is None:
+                    out = np.empty((counts.shape[0], emb.shape[1]), dtype=np.float32)
+                out[start:stop] = emb
+                bar.update(stop - start)
+    finally:
+        model.train(training)
+        bar.close()
     if not np.isfinite(out).all():
         raise RuntimeError("the model produced NaN/inf embeddings; check the checkpoint and the "
                            "input counts (cells with no counts in the mapped genes?)")
@@ -394,8 +419,9 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
             x the model's training K.
         draws, seed, batch_size, device, precision: as :func:`embed_counts` (device ``auto``:
             CUDA when there is one; precision ``auto``: the model's training precision).
-        gene_table: a :class:`~txfm.eval.genemap.GeneTable` (Ensembl id <-> symbol) for inputs
-            named otherwise than the model's genes.
+        gene_table: a :class:`~txfm.eval.genemap.GeneTable` (Ensembl id <-> symbol), or the
+            path of its file (``GeneTable.read``), for inputs named otherwise than the model's
+            genes.
         allow_non_integer: embed non-integer (normalised, log) values instead of refusing.
         log: called with the one-line summary of the gene mapping (default: silent).
         source: how messages name the input (``txfm embed``: ``--input FILE``); cli: name
@@ -416,7 +442,8 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
 
     from txfm.cli import UsageError
 
-    from .io import count_alternatives, counts_matrix, counts_source, with_counts
+    from .io import (GENE_NAME_COLUMNS, count_alternatives, counts_matrix, counts_source,
+                     with_counts)
 
     if isinstance(checkpoint, torch.nn.Module):
         raise TypeError("checkpoint must be a run folder, a checkpoint file or the tuple "
@@ -442,6 +469,11 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
         raise UsageError(f"{_named('key', key, cli)}: {source} already has .obsm[{key!r}]; "
                          f"choose another key or pass {'--overwrite' if cli else 'overwrite=True'}"
                          f" to replace it")
+    if isinstance(gene_table, (str, os.PathLike)):  # what txfm embed --gene-table takes
+        gene_table = GeneTable.read(gene_table)
+    elif gene_table is not None and not isinstance(gene_table, GeneTable):
+        raise TypeError(f"gene_table must be a GeneTable, a path to its file or None, got "
+                        f"{type(gene_table).__name__}")
     match = map_input_genes(counted.var, vocab, gene_table, info.get("symbols"))
     if log is not None:
         log(f"{counted.n_obs:,} cells; {match.summary(len(vocab))}")
@@ -458,7 +490,10 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     try:
         counts, observable = remap_to_vocabulary(raw, match.index, len(vocab))
     except ValueError as err:
-        raise UsageError(str(err)) from err
+        cols = list(map(str, counted.var.columns))
+        raise UsageError(f"{source}: {err} (var columns: {cols or 'none'}; names tried: "
+                         f"var_names and any column named {', '.join(GENE_NAME_COLUMNS)})"
+                         ) from err
     if int(observable.sum()) < int(config.k):
         warnings.warn(f"the input profiles {int(observable.sum()):,} of the model's genes, fewer "
                       f"than the K={config.k} it was shown per cell in training: the embeddings "
@@ -475,6 +510,8 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
         warnings.warn(f"{empty:,} cells have no counts in the mapped genes (their embedding is "
                       "that of an empty profile)", stacklevel=2)
     precision = resolve_precision(precision, device, getattr(model, "trained_precision", None))
+    if next(model.parameters()).dtype == torch.bfloat16:
+        precision = "bf16"  # a model cast to bf16 computes in bf16 whatever autocast says
     emb = embed_counts(model, counts, observable, k=k, draws=draws, seed=seed,
                        batch_size=batch_size, device=device, target_sum=float(config.target_sum),
                        precision=precision, progress=progress)
@@ -516,7 +553,8 @@ def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, targe
 
 
 def gene_representations(model) -> dict[str, np.ndarray]:
-    """``{"codebook": [G, d-1], "decoder": [G, hidden]}`` float32 from a TxFM model."""
+    """``{"codebook": [G, d-1], "decoder": [G, hidden]}`` float32 from a TxFM model (the
+    decoder ``[G, d]`` with ``decoder_depth=0``)."""
     import torch
 
     with torch.no_grad():

@@ -42,6 +42,10 @@ def normalise_ids(names: Sequence[str]) -> np.ndarray:
     return out
 
 
+# how messages that both the CLI and the Python API raise name the gene table
+GENE_TABLE = "a gene table (--gene-table; gene_table= in Python)"
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneTable:
     """Ensembl id <-> symbol translation, read from a TSV/CSV gene table."""
@@ -55,13 +59,16 @@ class GeneTable:
 
         Columns are found by name (one containing ``ensembl`` or ``gene_id``, one containing
         ``symbol`` or ``name``); a headerless two-column file is read as (ensembl, symbol).
+
+        Raises:
+            FileNotFoundError: no such file, or a folder. ValueError: no id and symbol columns.
         """
         path = pathlib.Path(path)
         if path.is_dir():
-            raise FileNotFoundError(f"--gene-table {path}: is a folder; give the table file "
+            raise FileNotFoundError(f"gene table {path}: is a folder; give the table file "
                                     "(e.g. shared/data/gene_tables/genes_grch38_sceptre.tsv)")
         if not path.is_file():
-            raise FileNotFoundError(f"--gene-table {path}: no such file (expected a TSV/CSV with "
+            raise FileNotFoundError(f"gene table {path}: no such file (expected a TSV/CSV with "
                                     "Ensembl id and gene symbol columns, e.g. "
                                     "shared/data/gene_tables/genes_grch38_sceptre.tsv)")
         sep = "," if path.suffix.lower() == ".csv" else "\t"

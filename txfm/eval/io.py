@@ -184,14 +184,20 @@ def read_cells(path: str | pathlib.Path, *, layer: str | None = None, option: st
 
 
 def gene_name_columns(var: pd.DataFrame) -> tuple[list[np.ndarray], list[str]]:
-    """Alternative gene names of an AnnData's genes: ``var_names`` and any id/symbol column."""
+    """Alternative gene names of an AnnData's genes: ``var_names`` and any id/symbol column
+    (:data:`GENE_NAME_COLUMNS`, matched ignoring case: ``Gene``, ``gene_ids``, ``SYMBOL``)."""
     alts, names = [np.asarray(var.index, dtype=object)], ["var_names"]
-    for col in ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "symbol", "gene_symbol",
-                "gene_symbols", "gene_name", "feature_name"):
-        if col in var.columns:
+    for col in var.columns:
+        if str(col).lower() in GENE_NAME_COLUMNS:
             alts.append(var[col].astype(str).to_numpy(dtype=object))
             names.append(f"var[{col!r}]")
     return alts, names
+
+
+# var columns that may name genes (lower case), besides var_names
+GENE_NAME_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "ensembl",
+                     "symbol", "gene_symbol", "gene_symbols", "gene_name", "gene_names",
+                     "feature_name", "gene", "genes")
 
 
 @contextlib.contextmanager

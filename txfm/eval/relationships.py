@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .genemap import GENE_TABLE
+
 RECALL_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.05, 0.95), (0.10, 0.90))
 BENCHMARK_SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
 N_NULL = 20_000
@@ -330,13 +332,13 @@ def recall_table(rep: GeneRepresentation, databases: Sequence[Database], *,
     rows_idx, genes = rep.unique_genes()
     if len(genes) < 3:
         raise ValueError(f"{rep.name}: only {len(genes)} genes with a known symbol; map gene ids "
-                         "to symbols with --gene-table")
+                         f"to symbols with {GENE_TABLE}")
     pairs = {db.name: db.index_pairs(genes) for db in databases}
     nonempty = [p for p in pairs.values() if len(p)]
     if not nonempty:
         raise ValueError(f"{rep.name}: none of the {len(genes):,} genes pairs up in any database "
                          f"({', '.join(d.name for d in databases)}): are the genes named by "
-                         "symbol? (pass --gene-table to map Ensembl ids)")
+                         f"symbol? (pass {GENE_TABLE} to map Ensembl ids)")
     code = np.unique(np.concatenate([p[:, 0] * len(genes) + p[:, 1] for p in nonempty]))
     pairs["combined"] = np.stack([code // len(genes), code % len(genes)], axis=1)
 

@@ -22,6 +22,7 @@ The recipe fields of the table (global batch 1,536, epochs) live in
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -169,11 +170,12 @@ class TxFMConfig:
         need(self.attention in ATTENTION, "attention", f"is not one of {ATTENTION}")
         # what the kernels take: fp32 numbers, and a tau whose draw weights m ** tau stay
         # inside fp32 for any corpus
-        from txfm_kernels.sample import TAU_LIMIT
+        from txfm_kernels.sample import TARGET_SUM_RANGE, TAU_LIMIT
 
+        low, high = TARGET_SUM_RANGE
+        need(low <= self.target_sum <= high, "target_sum",
+             f"must be > 0 and an fp32 number (<= {high:.3g})")
         fp32 = np.finfo(np.float32)
-        need(fp32.tiny <= self.target_sum <= fp32.max, "target_sum",
-             f"must be > 0 and an fp32 number (<= {fp32.max:.3g})")
         need(abs(self.tau) <= TAU_LIMIT, "tau", f"must be in [-{TAU_LIMIT:g}, {TAU_LIMIT:g}]")
         need(abs(self.layerscale_init) <= fp32.max, "layerscale_init",
              f"must be an fp32 number (|x| <= {fp32.max:.3g})")
@@ -220,6 +222,8 @@ class TxFMConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"TxFMConfig: unknown fields {unknown}; known: {sorted(known)}")
+        if "extra" not in overrides:  # a copy's extra is its own, not the original's dict
+            overrides["extra"] = copy.deepcopy(self.extra)
         return dataclasses.replace(self, **overrides)
 
 

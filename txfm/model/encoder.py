@@ -184,10 +184,12 @@ class Encoder(nn.Module):
                         deterministic=tok.deterministic, backend=cfg.backend)
         if cfg.token_norm == "split":
             h, d = (t.shape[-1] - 1) // 2, t.shape[-1]
-            # CLS (position 0) keeps its scale; padded genes have value 0 and stay zero. Only the
+            # CLS (position 0) keeps its scale; padded genes are zero tokens and stay zero,
+            # whatever their values hold (a NaN sentinel times 0 would be NaN). Only the
             # scaled half is multiplied, so backward keeps the [B, K+1, 1] scale, not a
             # token-sized factor.
-            scale = F.pad(values.to(t.dtype) / SPLIT_VALUE_SCALE, (1, 0), value=1.0)[..., None]
+            v = values if key_padding_mask is None else values.masked_fill(key_padding_mask, 0)
+            scale = F.pad(v.to(t.dtype) / SPLIT_VALUE_SCALE, (1, 0), value=1.0)[..., None]
             t = torch.cat([t[..., :h], t[..., h:d - 1] * scale, t[..., d - 1:]], dim=-1)
         return t
 

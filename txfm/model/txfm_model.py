@@ -37,6 +37,9 @@ class TxFM(nn.Module):
         if int(n_genes) < 1:
             raise ValueError(f"n_genes={n_genes} must be >= 1 (the vocabulary size G)")
         config.validate()
+        # its own copy: set_use_fused_ops must not switch the caller's config (a preset, or
+        # the config of another model)
+        config = config.replace()
         self.config = config
         self.n_genes = int(n_genes)
         self.encoder = Encoder(config, self.n_genes)
@@ -53,11 +56,13 @@ class TxFM(nn.Module):
         return self.encoder.tokenizer
 
     def decoder_gene_weights(self) -> torch.Tensor:
-        """``[G, hidden]``: the decoder's last weight matrix, one row per gene (arXiv:2605.31562, evaluation)."""
+        """``[G, hidden]`` (``[G, d]`` with ``decoder_depth=0``): the decoder's last weight
+        matrix, one row per gene (arXiv:2605.31562, evaluation)."""
         return self.decoder.gene_weights()
 
     def set_use_fused_ops(self, flag: bool) -> "TxFM":
-        """Switch between the fused ``txfm_kernels`` ops and the eager reference ops in place."""
+        """Switch between the fused ``txfm_kernels`` ops and the eager reference ops in place
+        (this model's ``config.backend``; the config it was built from is not changed)."""
         self.config.backend = "auto" if flag else "torch"  # tokenizer, loss and sampler read it
         return self
 
@@ -77,10 +82,25 @@ class TxFM(nn.Module):
     def embed(self, gene_ids: torch.Tensor, values: torch.Tensor,
               key_padding_mask: torch.Tensor | None = None, *,
               pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """CLS embeddings ``[B, d]`` of shown genes ``gene_ids [B, K]`` with ``values [B, K]``
-        (log1p-normalised); ``key_padding_mask [B, K]`` bool marks padding (True; torch's name,
-        ``pad_mask=`` its deprecated alias). Uses the module's mode: call ``model.eval()``
-        first for deterministic embeddings (no stochastic depth)."""
+        """CLS embeddings ``[B, d]`` (the parameters' dtype) of the shown genes of B cells.
+
+        Args:
+            gene_ids: ``[B, K]`` int32 or int64 vocabulary ids in ``[0, G)``, distinct per row.
+            values: ``[B, K]`` float (fp32; other float dtypes are computed as given): each
+                shown gene's ``log1p(config.target_sum * c / S)``, ``c`` its count and ``S`` the
+                cell's total count over the vocabulary; a shown gene with no count is 0 (what
+                :func:`txfm_kernels.masked_sample` builds).
+            key_padding_mask: ``[B, K]`` bool, True on padding (torch's name; ``pad_mask=`` is
+                its deprecated alias), or None when no row is padded. What lies under padding,
+                ids or values (NaN too), is never read.
+
+        Uses the module's mode: call ``model.eval()`` first for deterministic embeddings (no
+        stochastic depth); :func:`txfm.eval.embed.embed_counts` does.
+
+        Raises (from :func:`txfm_kernels.gene_tokens`, naming the argument):
+            ValueError: shapes that differ. IndexError: an id outside ``[0, G)``.
+            TypeError: non-integer ids, a non-bool mask.
+        """
         key_padding_mask = renamed_padding(key_padding_mask, pad_mask, "TxFM.embed")
         return self.encoder(gene_ids, values, key_padding_mask)
 

@@ -115,17 +115,41 @@ def _fsync_dir(folder: pathlib.Path) -> None:
         os.close(fd)
 
 
+def check_map_location(map_location):
+    """``map_location`` as ``torch.load`` takes it: a device name or ``torch.device`` becomes
+    ``"cpu"`` or ``"cuda:N"`` (``"cpu:0"`` is a CPU too); a dict or a callable is passed on.
+
+    Raises:
+        ValueError: not a device, or a CUDA device this machine does not have. torch.load's
+            own error for these reads like a damaged file.
+    """
+    if not isinstance(map_location, (str, torch.device)):
+        return map_location
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"map_location={map_location!r} is not a device; pass 'cpu', 'cuda' "
+                         f"or 'cuda:N'") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"map_location={map_location!r}: CUDA is not available here "
+                             f"(torch {torch.__version__}); load on 'cpu' and move the model")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"map_location={map_location!r}: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}")
+    return str(device)
+
+
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """Load one checkpoint file or raise :class:`CheckpointError` naming it and why."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder (the --out "
                               "of `txfm train`) or one of its checkpoints/step_*.pt files")
-    loc = str(map_location) if isinstance(map_location, (str, torch.device)) else ""
-    if loc.startswith("cuda") and not torch.cuda.is_available():
-        # torch.load's own error here reads like a damaged file
-        raise ValueError(f"map_location={loc!r}: CUDA is not available here (torch "
-                         f"{torch.__version__}); load on 'cpu' and move the model")
+    map_location = check_map_location(map_location)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
@@ -176,10 +200,12 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
 
     Raises:
         CheckpointError: no checkpoint there, or none readable (names each file and why).
-        ValueError: ``map_location`` is CUDA on a machine without it.
+        ValueError: ``map_location`` is not a device, or a CUDA device this machine lacks
+            (:func:`check_map_location`).
     """
     from txfm.model import TxFM, TxFMConfig
 
+    map_location = check_map_location(map_location)  # before any file is blamed
     target = pathlib.Path(path_or_run_dir)
     if target.is_dir():
         if target.name == "checkpoints" and list_checkpoints(target.parent):

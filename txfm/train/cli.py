@@ -232,14 +232,20 @@ def build_configs(args):
             model_changes[key] = _convert(value, getattr(model_cfg, key))
         except ValueError as exc:
             raise UsageError(f"--set {item}: {exc}") from exc
+        if args.eager and key == "backend" and model_changes[key] != "torch":
+            # --set wins over a value flag (documented); --eager names what runs, so say so
+            raise UsageError(f"--set {item} contradicts --eager (the eager reference ops, "
+                             f"backend='torch'); give one of them")
     if args.resume:  # named by its flag here; Trainer refuses the same in Python
-        from txfm.train.trainer import RUNTIME_MODEL_FIELDS
+        from txfm.train.trainer import changed_model_fields
 
-        for field, value in model_changes.items():
-            if field not in RUNTIME_MODEL_FIELDS and value != getattr(model_cfg, field):
-                raise UsageError(f"{_model_flag(args, field)} with --resume: the run's model was trained with "
-                                 f"{field}={getattr(model_cfg, field)!r} (its config.json); "
-                                 f"start a new run (another --out) to change it")
+        saved = {field: getattr(model_cfg, field) for field in model_changes}
+        changed = changed_model_fields(saved, model_changes)
+        if changed:
+            field = changed[0]
+            raise UsageError(f"{_model_flag(args, field)} with --resume: the run's model was "
+                             f"trained with {field}={saved[field]!r} (its config.json); start a "
+                             f"new run (another --out) to change it")
     try:
         return train_cfg, model_cfg.replace(**model_changes)
     except ConfigError as exc:

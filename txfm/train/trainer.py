@@ -65,6 +65,13 @@ RUN_LOCK = ".txfm-train.lock"  # held (flock) by the run writing the folder
 RUNTIME_MODEL_FIELDS = ("name", "backend", "attention")
 
 
+def changed_model_fields(saved, now) -> list[str]:
+    """The TxFMConfig fields (keys of both mappings) whose value differs between a run's
+    ``saved`` model settings and the ``now`` asked for, other than RUNTIME_MODEL_FIELDS: what
+    ``--resume`` refuses (``txfm train`` names each by its flag, :class:`Trainer` by field)."""
+    return [k for k in now if k in saved and k not in RUNTIME_MODEL_FIELDS and saved[k] != now[k]]
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite: the run stops at the row that shows it,
     before it would save a checkpoint of diverged weights (``txfm train``: an ``error:`` line,
@@ -147,7 +154,8 @@ class Trainer:
         if self.val_loader is not None and len(self.val_loader) == 0:
             self.val_loader = None
         if self.val_loader is None:
-            self._say(f"no validation: {why}; only the training loss is logged")
+            self._say(f"warning: no validation: {why}; only the training loss is logged "
+                      f"(val_loss and the learning diagnostics stay empty)")
         if len(self.loader) < cfg.accum:
             raise ValueError(f"the training data yields {len(self.loader)} micro-batches of "
                              f"{self.micro} cells per rank per epoch, fewer than accum="
@@ -169,6 +177,7 @@ class Trainer:
             self.gene_weights = torch.as_tensor(nnz).to(self.device, torch.float32).clamp_min(1.0)
 
         self.model = TxFM(self.model_config, self.n_genes)
+        self.model_config = self.model.config  # one object for the model and its sampler
         stats = self._gene_stats(factory)
         if cfg.init_bias and not cfg.resume:
             self.model.init_output_bias(stats)
@@ -401,8 +410,8 @@ class Trainer:
         now = self.model_config.to_dict()
         # the same shapes are not enough: another loss, token or K would change the run's
         # meaning midway, silently
-        diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
-                         if k in saved and k not in RUNTIME_MODEL_FIELDS and saved[k] != now[k])
+        diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})"
+                         for k in changed_model_fields(saved, now))
         try:
             if diff:
                 raise RuntimeError(diff)
@@ -513,6 +522,7 @@ class Trainer:
             if norm is not None:
                 norm_sum += norm.detach().float()
             n_since += 1
+            bar.update(1)  # before validating, so the bar shows the step being validated
             step, done = self.step, self.step >= self.total_steps
             save_now = done or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
             # Prefetch now, so the copy overlaps this step; not across a checkpoint, whose loader
@@ -555,7 +565,6 @@ class Trainer:
                 bar.set_postfix({**_postfix(row), **shown}, refresh=False)
                 loss_sum.zero_(), norm_sum.zero_()
                 n_since, t_last = 0, time.perf_counter()
-            bar.update(1)
             if save_now:
                 last_path = self.save()
                 if not done:

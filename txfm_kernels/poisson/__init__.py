@@ -375,7 +375,8 @@ def _check_choices(reduction: str, backend: str, op: str) -> None:
 
 
 def rectified_tanh(z: torch.Tensor, alpha: float = ALPHA, beta: float = BETA) -> torch.Tensor:
-    """``alpha * relu(tanh(z / beta))``: the decoder's prediction ``x_hat`` in ``[0, alpha)``.
+    """``alpha * relu(tanh(z / beta))``: the decoder's prediction ``x_hat`` in ``[0, alpha)``
+    (``(alpha, 0]`` for a negative ``alpha``; ``|alpha| <= 80``, ``beta >= 1e-3``).
 
     Any shape and float dtype (output in ``z``'s dtype); differentiable (plain PyTorch ops,
     which torch.compile fuses into one kernel).
@@ -395,9 +396,10 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     in nats, on the log1p-normalised scale of ``target``.
 
     Args:
-        logits: ``[B, G]`` (or ``[G]``) fp32 / bf16 / fp16 decoder logits ``z``; dense
-            (``.to_dense()`` a sparse tensor).
-        target: same shape, fp32 / bf16, log1p-normalised expression ``x`` (the loss uses
+        logits: ``[B, G]`` (or ``[G]``) fp32 / bf16 / fp16 / fp64 decoder logits ``z``
+            (fp64 is computed in fp64); dense (``.to_dense()`` a sparse tensor).
+        target: same shape, fp32 / bf16 (another float dtype is converted to fp32, or to
+            fp64 with fp64 logits), log1p-normalised expression ``x`` (the loss uses
             ``exp(x)``: NaN, or ``x`` above ~88.7 where ``exp`` overflows fp32, gives a NaN or
             infinite loss, as the eager formula does); must not require grad.
         gene_mask: None, bool ``[G]`` or ``[B, G]`` (True = keep), or

@@ -20,14 +20,14 @@ from .._triton import round_to_bf16
 
 @triton.jit
 def _tanh_sech2(u):
-    """(tanh(u), sech^2(u)) for u > 0 as in poisson_math.h: m = expm1(2u), r = 1/(m + 2)."""
-    uc = tl.where(u < 0.0, 0.0, u)  # NaN compares false and passes through
-    uc = tl.where(uc > 40.0, 40.0, uc)
-    v = 2.0 * uc
+    """(tanh(u), sech^2(u)) for u > 0 as in poisson_math.h: m = expm1(-2u), w = 1 + m,
+    tanh = -m / (2 + m), sech^2 = 4w / (2 + m)^2 (w decays as sech^2: no cap, no overflow)."""
+    v = tl.where(u < 0.0, 0.0, -2.0 * u)  # NaN compares false and passes through
+    w = tl.exp(v)  # w itself, not 1 + m: that rounds to 0 once w < 6e-8
     series = v * (1.0 + v * (0.5 + v * (1.0 / 6.0 + v * (1.0 / 24.0 + v * (1.0 / 120.0 + v / 720.0)))))
-    m = tl.where(v < 0.25, series, tl.exp(v) - 1.0)  # expm1 without cancellation
-    r = 1.0 / (m + 2.0)
-    return m * r, 4.0 * r * (1.0 - r)
+    m = tl.where(v > -0.25, series, w - 1.0)  # expm1 without cancellation
+    r = 1.0 / (2.0 + m)
+    return -m * r, 4.0 * w * r * r
 
 
 @triton.jit

@@ -91,18 +91,19 @@ from typing import NamedTuple
 import torch
 
 from .. import _pool
-from .._common import (BACKENDS, Number, as_int, backend_module, check_choice, check_int,
-                       check_number, check_tensor, op_backend, resolve, traced)
+from .._common import (BACKENDS, Number, as_int, backend_module, check_choice, check_fits,
+                       check_int, check_number, check_tensor, op_backend, resolve, traced)
 from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
 
-__all__ = ["MaskedSample", "masked_sample", "call_key", "TARGET_SUM", "TAU_LIMIT"]
+__all__ = ["MaskedSample", "masked_sample", "call_key", "TARGET_SUM", "TARGET_SUM_RANGE",
+           "TAU_LIMIT"]
 
 _OP = "masked_sample"
 TARGET_SUM = 1e5  # default L of log1p(L * c / S)
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-_FP32_TINY = float(torch.finfo(torch.float32).tiny)  # a smaller target_sum rounds to 0 in fp32
+# target_sum's accepted [low, high]: an fp32 number; a smaller one rounds to 0 in fp32
+TARGET_SUM_RANGE = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))
 TAU_LIMIT = 100.0  # |tau| * log(cells) stays far inside fp32 for any corpus
 # built here: under torch.compile a module float is symbolic, and an f-string of it breaks the graph
 _TAU_WHAT = f"finite with |tau| <= {TAU_LIMIT:g}"
@@ -400,7 +401,9 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
 
     Raises:
         TypeError / ValueError naming the argument; ``ValueError`` naming the row for invalid
-        CSR data (when validated); ``RuntimeError`` for a backend that cannot run here.
+        CSR data (when validated), and naming ``k`` and ``B`` when the outputs (9 bytes per
+        shown slot, 4 per target entry) exceed the device's whole memory; ``RuntimeError`` for
+        a backend that cannot run here.
 
     >>> import torch
     >>> from txfm_kernels import masked_sample
@@ -418,8 +421,8 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
             raise TypeError(f"{_OP}: pass target_sum only (library_size is its deprecated alias)")
         target_sum, name_L = library_size, "library_size"
     target_sum = check_number(TARGET_SUM if target_sum is None else target_sum, name_L, _OP,
-                              "finite and > 0 (an fp32 number)", low=_FP32_TINY,
-                              high=_FP32_MAX)
+                              "finite and > 0 (an fp32 number)", low=TARGET_SUM_RANGE[0],
+                              high=TARGET_SUM_RANGE[1])
     n_genes, k, seed, offset = as_int(n_genes), as_int(k), as_int(seed), as_int(offset)
     for name, v in (("seed", seed), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
@@ -449,6 +452,13 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         ds = dataset_ids if dataset_ids is not None else torch.zeros(
             B, dtype=torch.int32, device=device)
         gene_mask = RowGeneMask(observable.mask, ds)
+    if out is None and not torch.compiler.is_compiling():
+        # gene_ids, values, key_padding_mask [B, K], target [B, G], library_size [B]
+        check_fits(B * (k * 9 + (4 * n_genes if return_target else 0) + 4), device, _OP,
+                   f"B={B} rows of k={k} shown genes" + (f" and target [B, {n_genes}]"
+                                                         if return_target else ""),
+                   "a row cannot show more than its observable genes, so pass a smaller k "
+                   "(at most n_genes) or fewer rows")
     seed, offset = _int64(seed), _int64(offset)
     if out is None and tau == 0:
         ids, values, pad, target, libsize = _masked_sample_op(

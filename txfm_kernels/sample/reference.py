@@ -118,7 +118,7 @@ def _normalised(c: Call, target):
     counts = c.counts.to(torch.float32)
     total = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, row, counts.double())
     scale = torch.where(total > 0, c.target_sum / torch.where(total > 0, total, 1.0), 0.0)
-    x = counts * scale.float()[row]
+    x = (counts.double() * scale[row]).float()  # one rounding; L / S may exceed fp32
     if target is not None:
         target.zero_()
         target[row, c.indices.long()] = torch.log1p(x)
