@@ -212,25 +212,28 @@ template <typename C> struct LossGrad {
 };
 
 // tanh(u) and sech^2(u) for u = z / beta > 0 (callers zero the result for z <= 0), returned
-// as {tanh, sech^2}. With m = expm1(-2u) and w = exp(-2u) (= 1 + m): tanh = -m / (2 + m),
-// sech^2 = 4w / (2 + m)^2, accurate for small u (m has no cancellation) and for large u: w
-// decays as sech^2 does, so a saturated logit's gradient decays with it (no constant left by
-// a cap), and nothing overflows. Beyond u = 43.75 the exp's argument is clamped and w
-// flushes to 0 (no subnormals): sech^2 is exactly 0 where its true value is below 1e-37.
-// NaN propagates.
+// as {tanh, sech^2}, from one exp. Up to u = 40, m = expm1(2u) and r = 1 / (m + 2): tanh =
+// m * r, sech^2 = 4r(1 - r), accurate for small u (m has no cancellation), with nothing
+// overflowing or going subnormal. Beyond, w = exp(-2u): tanh = 1 and sech^2 = 4w, so sech^2
+// decays with u as it should (a saturated logit's gradient decays with it; a cap on u would
+// leave a constant). Past u = 43.75 the exp's argument is clamped and w flushes to 0 (no
+// subnormals): sech^2 is exactly 0 where its true value is below 1e-37. NaN propagates.
 template <typename C> TXFM_HD LossGrad<C> tanh_sech2(C u);
 
 template <> TXFM_HD LossGrad<float> tanh_sech2<float>(float u) {
-  float v = u < 0.0f ? 0.0f : -2.0f * u;  // NaN compares false and passes through
+  const float uc = u < 0.0f ? 0.0f : u;  // NaN compares false and passes through
+  const bool far = uc > 40.0f;
+  float v = far ? -2.0f * uc : 2.0f * uc;
   v = v < -87.5f ? -87.5f : v;
 #if defined(__CUDA_ARCH__)
-  const float m = expm1f(v), w = __expf(v);
+  const float m = expm1f(v), e = __expf(v);
 #else
   const ExpM1 ex = exp_core(v);
-  const float m = ex.em1, w = ex.e;  // w, not 1 + m: that rounds to 0 once w < 6e-8
+  const float m = ex.em1, e = ex.e;
 #endif
-  const float r = 1.0f / (2.0f + m);
-  return {-m * r, 4.0f * w * r * r};
+  const float r = 1.0f / (m + 2.0f);
+  // far: e = exp(-2u) < 2e-35, so tanh = 1 and sech^2 = 4e / (1 + e)^2 = 4e in fp32
+  return {far ? 1.0f : m * r, far ? 4.0f * e : 4.0f * r * (1.0f - r)};
 }
 
 template <> TXFM_HD LossGrad<double> tanh_sech2<double>(double u) {

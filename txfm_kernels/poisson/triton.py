@@ -20,14 +20,17 @@ from .._triton import round_to_bf16
 
 @triton.jit
 def _tanh_sech2(u):
-    """(tanh(u), sech^2(u)) for u > 0 as in poisson_math.h: m = expm1(-2u), w = 1 + m,
-    tanh = -m / (2 + m), sech^2 = 4w / (2 + m)^2 (w decays as sech^2: no cap, no overflow)."""
-    v = tl.where(u < 0.0, 0.0, -2.0 * u)  # NaN compares false and passes through
-    w = tl.exp(v)  # w itself, not 1 + m: that rounds to 0 once w < 6e-8
+    """(tanh(u), sech^2(u)) for u > 0 as in poisson_math.h, from one exp: up to u = 40
+    m = expm1(2u), r = 1/(m + 2), tanh = m r, sech^2 = 4r(1 - r); beyond, w = exp(-2u),
+    tanh = 1, sech^2 = 4w (decays with u: no cap, no overflow)."""
+    uc = tl.where(u < 0.0, 0.0, u)  # NaN compares false and passes through
+    far = uc > 40.0
+    v = tl.where(far, -2.0 * uc, 2.0 * uc)
+    e = tl.exp(v)
     series = v * (1.0 + v * (0.5 + v * (1.0 / 6.0 + v * (1.0 / 24.0 + v * (1.0 / 120.0 + v / 720.0)))))
-    m = tl.where(v > -0.25, series, w - 1.0)  # expm1 without cancellation
-    r = 1.0 / (2.0 + m)
-    return -m * r, 4.0 * w * r * r
+    m = tl.where(v < 0.25, series, e - 1.0)  # expm1 without cancellation (u <= 40)
+    r = 1.0 / (m + 2.0)
+    return tl.where(far, 1.0, m * r), tl.where(far, 4.0 * e, 4.0 * r * (1.0 - r))
 
 
 @triton.jit

@@ -118,7 +118,10 @@ def _normalised(c: Call, target):
     counts = c.counts.to(torch.float32)
     total = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, row, counts.double())
     scale = torch.where(total > 0, c.target_sum / torch.where(total > 0, total, 1.0), 0.0)
-    x = (counts.double() * scale[row]).float()  # one rounding; L / S may exceed fp32
+    scale32 = scale.float()[row]
+    # L / S can exceed fp32 (then the product is formed in fp64: L * c / S <= L fits)
+    x = torch.where(torch.isfinite(scale32), counts * scale32,
+                    (counts.double() * scale[row]).float())
     if target is not None:
         target.zero_()
         target[row, c.indices.long()] = torch.log1p(x)

@@ -92,6 +92,8 @@ def _masked_sample_kernel(
     total = tl.sum(acc, 0)
     # fp64, as sample_math.h: L / S can exceed fp32's range while L * c / S <= L fits
     scale = tl.where(total > 0, L / tl.where(total > 0, total, 1.0), 0.0)
+    scale32 = scale.to(tl.float32)
+    fits = scale32 <= 3.40282347e38
 
     trow = target_ptr + b * n_genes
     if WRITE_TARGET:  # the caller zeroed the target (a full-bandwidth memset)
@@ -100,7 +102,7 @@ def _masked_sample_kernel(
             m = offs < end
             g = tl.load(indices_ptr + offs, mask=m, other=0)
             c = tl.load(counts_ptr + offs, mask=m, other=0).to(tl.float32)
-            x = (c.to(tl.float64) * scale).to(tl.float32)
+            x = tl.where(fits, c * scale32, (c.to(tl.float64) * scale).to(tl.float32))
             tl.store(trow + g, _log1p_nonneg(x), mask=m & (g >= 0) & (g < n_genes))
         tl.debug_barrier()  # the gather below reads what other threads scattered
 
@@ -156,7 +158,8 @@ def _masked_sample_kernel(
             inside = w & (lo < end)
             hit = inside & (tl.load(indices_ptr + lo, mask=inside, other=-1) == gene)
             c = tl.load(counts_ptr + lo, mask=hit, other=0).to(tl.float32)
-            val = tl.where(hit, _log1p_nonneg((c.to(tl.float64) * scale).to(tl.float32)), 0.0)
+            x = tl.where(fits, c * scale32, (c.to(tl.float64) * scale).to(tl.float32))
+            val = tl.where(hit, _log1p_nonneg(x), 0.0)
         tl.store(ids_ptr + out + pos, gene, mask=w)
         tl.store(values_ptr + out + pos, val, mask=w)
         tl.store(pad_ptr + out + pos, tl.zeros([BLOCK_J], tl.uint8), mask=w)
