@@ -63,7 +63,14 @@ int64_t draw_row(uint32_t n, int64_t kk, const uint32_t* keys, uint32_t* out) {
 
 template <typename C>
 TXFM_CPU_DISPATCH
-void scale_counts(const C* c, int64_t len, double scale, float* out) {
+void scale_counts(const C* c, int64_t len, float scale, float* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(c[i]) * scale;
+}
+
+// The same where L / S exceeds fp32 (normalised() of sample_math.h): a separate loop, so that
+// the usual one above stays vectorised.
+template <typename C>
+void scale_counts_wide(const C* c, int64_t len, double scale, float* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = normalised(static_cast<float>(c[i]), scale);
 }
 
@@ -165,10 +172,16 @@ int run(const Args& a, int64_t* bad_row) {
       // target's cache lines, so DRAM sees the 4 * G bytes once.
       const double sum = row_sum(c, len);
       const double scale = norm_scale(a.target_sum, sum);
+      const float scale32 = static_cast<float>(scale);
+      const bool fits = scale32 <= 3.40282347e38f;  // else normalised() forms it in fp64
       float* dense = scratch.data();
       for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, len - i0);
-        scale_counts(c + i0, n, scale, chunk.data());
+        if (fits) {
+          scale_counts(c + i0, n, scale32, chunk.data());
+        } else {
+          scale_counts_wide(c + i0, n, scale, chunk.data());
+        }
         if (a.target) log1p_inplace(chunk.data(), n);
         for (int64_t i = 0; i < n; ++i) dense[idx[i0 + i]] = chunk[i];
       }
