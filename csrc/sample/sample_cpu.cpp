@@ -67,10 +67,10 @@ void scale_counts(const C* c, int64_t len, float scale, float* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(c[i]) * scale;
 }
 
-// The same where L / S exceeds fp32 (normalised() of sample_math.h): a separate loop, so that
-// the usual one above stays vectorised.
+// The same where L / S exceeds fp32 (normalised() of sample_math.h): a separate loop, never
+// inlined, so that the usual path above compiles as it did before this rare one existed.
 template <typename C>
-void scale_counts_wide(const C* c, int64_t len, double scale, float* out) {
+__attribute__((noinline)) void scale_counts_wide(const C* c, int64_t len, double scale, float* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = normalised(static_cast<float>(c[i]), scale);
 }
 
