@@ -742,9 +742,17 @@ def test_normalisation_beyond_fp32_range_of_l_over_s(backend, counts, target_sum
     """L / S can exceed fp32 while L * c / S <= L fits: the values are log1p(L c / S), never
     NaN or inf (reference: the formula in float64)."""
     c = torch.tensor(counts)
-    s = masked_sample(torch.tensor([0, 2]), torch.tensor([0, 1], dtype=torch.int32), c,
-                      n_genes=2, k=2, seed=0, target_sum=target_sum, backend=backend)
-    expected = torch.log1p(float(torch.tensor(target_sum, dtype=torch.float32))
-                           * c.double() / c.double().sum())
-    torch.testing.assert_close(s.target[0].double(), expected, rtol=2e-7, atol=0)
-    assert bool(torch.isfinite(s.values).all())
+    # the row beside an ordinary one (whose values must not change), with and without target
+    both = torch.cat([c, torch.tensor([1.0, 3.0])])
+    indptr, ids = torch.tensor([0, 2, 4]), torch.tensor([0, 1, 0, 1], dtype=torch.int32)
+    L = float(torch.tensor(target_sum, dtype=torch.float32))
+    expected = torch.log1p(L * c.double() / c.double().sum())
+    plain = torch.log1p(torch.tensor([1.0, 3.0]) * torch.tensor(L / 4.0, dtype=torch.float32))
+    for target in (True, False):
+        s = masked_sample(indptr, ids, both, n_genes=2, k=2, seed=0, target_sum=target_sum,
+                          return_target=target, backend=backend)
+        got = torch.zeros(2, 2).scatter_(1, s.gene_ids.long(), s.values)
+        torch.testing.assert_close(got[0].double(), expected, rtol=2e-7, atol=0)
+        torch.testing.assert_close(got[1], plain, rtol=2e-7, atol=0)
+        if target:
+            torch.testing.assert_close(s.target, got, rtol=0, atol=0)

@@ -67,17 +67,11 @@ void scale_counts(const C* c, int64_t len, float scale, float* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(c[i]) * scale;
 }
 
-// The same where L / S exceeds fp32 (normalised() of sample_math.h): a separate loop, never
-// inlined, so that the usual path above compiles as it did before this rare one existed.
-template <typename C>
-__attribute__((noinline)) void scale_counts_wide(const C* c, int64_t len, double scale, float* out) {
-  for (int64_t i = 0; i < len; ++i) out[i] = normalised(static_cast<float>(c[i]), scale);
-}
-
 TXFM_CPU_DISPATCH
 void log1p_inplace(float* x, int64_t len) {
   for (int64_t i = 0; i < len; ++i) x[i] = log1p_nonneg(x[i]);
 }
+
 
 // dst[0:n] = src[0:n] with non-temporal stores (dst is written once and not read back soon).
 void stream_copy(float* dst, const float* src, int64_t n) {
@@ -129,6 +123,28 @@ int check_row(const int32_t* idx, const C* c, int64_t len, int64_t G) {
   return TXFM_OK;
 }
 
+// A row whose L / S exceeds fp32 (a huge target_sum, or tiny float counts): the fp32 factor
+// is inf, so its dense row, target row and values are rebuilt here from normalised() of
+// sample_math.h (L * c / S in fp64, rounded once; it is <= L, so it fits). Rare: its own
+// function, never inlined, so that the usual path compiles as if it did not exist.
+template <typename C>
+__attribute__((noinline)) void redo_wide_row(const C* c, const int32_t* idx, int64_t len,
+                                             double scale, float* target_row, int64_t G,
+                                             float* dense, const int32_t* ids, float* vals,
+                                             int64_t kk) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = normalised(static_cast<float>(c[i]), scale);
+    dense[idx[i]] = target_row ? log1p_nonneg(v) : v;
+  }
+  if (target_row) {
+    stream_fence();  // the row's streaming stores land before these overwrite them
+    stream_copy(target_row, dense, G);
+  }
+  for (int64_t p = 0; p < kk; ++p) {
+    vals[p] = target_row ? dense[ids[p]] : log1p_nonneg(dense[ids[p]]);
+  }
+}
+
 template <typename C>
 int run(const Args& a, int64_t* bad_row) {
   const C* counts = static_cast<const C*>(a.counts);
@@ -171,17 +187,11 @@ int run(const Args& a, int64_t* bad_row) {
       // the target then receives it with streaming stores: no read-for-ownership of the
       // target's cache lines, so DRAM sees the 4 * G bytes once.
       const double sum = row_sum(c, len);
-      const double scale = norm_scale(a.target_sum, sum);
-      const float scale32 = static_cast<float>(scale);
-      const bool fits = scale32 <= 3.40282347e38f;  // else normalised() forms it in fp64
+      const float scale = static_cast<float>(norm_scale(a.target_sum, sum));
       float* dense = scratch.data();
       for (int64_t i0 = 0; i0 < len; i0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, len - i0);
-        if (fits) {
-          scale_counts(c + i0, n, scale32, chunk.data());
-        } else {
-          scale_counts_wide(c + i0, n, scale, chunk.data());
-        }
+        scale_counts(c + i0, n, scale, chunk.data());
         if (a.target) log1p_inplace(chunk.data(), n);
         for (int64_t i = 0; i < n; ++i) dense[idx[i0 + i]] = chunk[i];
       }
@@ -209,6 +219,10 @@ int run(const Args& a, int64_t* bad_row) {
         vals[p] = dense[g];
       }
       if (!a.target) log1p_inplace(vals, kk);
+      if (!(scale <= 3.40282347e38f)) {  // L / S beyond fp32: rebuild the row in fp64
+        redo_wide_row(c, idx, len, norm_scale(a.target_sum, sum), a.target ? a.target + b * a.G
+                      : nullptr, a.G, dense, ids, vals, kk);
+      }
       if (len * 16 < a.G) {
         for (int64_t i = 0; i < len; ++i) dense[idx[i]] = 0.0f;
       } else {
