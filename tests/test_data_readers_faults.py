@@ -750,3 +750,16 @@ def test_input_columns_named_like_the_converters_get_a_free_name(tmp_path, capsy
     t = pd.DataFrame({1: np.zeros(4), "1": np.ones(4)}, index=list("abcd"))
     with pytest.raises(InputError, match=r"in\.h5ad: obs has two columns named '1'"):
         ObsTables([t], ["d"], [4], ["in.h5ad"])
+
+
+def test_reserved_column_names_are_chosen_across_inputs():
+    """One input with ``dataset`` and ``dataset_input``, another with ``dataset`` only: each
+    input's ``dataset`` lands in the same column, never beside the other's
+    ``dataset_input``."""
+    a = pd.DataFrame({"dataset": ["A"], "dataset_input": ["x"]}, index=["a0"])
+    b = pd.DataFrame({"dataset": ["B"]}, index=["b0"])
+    t = ObsTables([a, b], ["a", "b"], [1, 1], ["a.h5ad", "b.h5ad"])
+    frame = t.frame(np.array([0, 1], np.int32), np.array([0, 0]))
+    assert list(frame["dataset_input_2"].astype(str)) == ["A", "B"]
+    assert frame["dataset_input"].astype(object).tolist()[0] == "x"
+    assert pd.isna(frame["dataset_input"].astype(object).tolist()[1])

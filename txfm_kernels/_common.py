@@ -494,6 +494,9 @@ def as_int(value):
     return value
 
 
+_CHECK_MESSAGES = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def check_number(value, name: str, op: str, what: str, *, low: float = -math.inf,
                  high: float = math.inf, low_open: bool = False) -> float:
     """``value`` is a real number with ``low <(=) value <= high``; returns it as a float.
@@ -507,9 +510,13 @@ def check_number(value, name: str, op: str, what: str, *, low: float = -math.inf
     if torch.compiler.is_compiling() or isinstance(value, (torch.SymFloat, torch.SymInt)):
         v = torch.sym_float(value)
         msg = f"{op}: {name} must be {what}"
-        torch._check(v > low if low_open else v >= low, lambda: msg)
-        torch._check(v <= high, lambda: msg)
-        torch._check(v == v, lambda: msg)  # NaN
+        for ok in (v > low if low_open else v >= low, v <= high, v == v):  # v == v: NaN
+            if _CHECK_MESSAGES:
+                torch._check(ok, lambda: msg)
+            else:
+                # torch < 2.13 cannot trace a message argument here, None included (a graph
+                # break, an error under fullgraph=True): torch's own message instead
+                torch._check(ok)
         return v
     # float() would take a one-element tensor (dropping its autograd: a silent constant) or a
     # numeric string; both are a caller's mistake here

@@ -216,8 +216,9 @@ template <typename C> struct LossGrad {
 // m * r, sech^2 = 4r(1 - r), accurate for small u (m has no cancellation), with nothing
 // overflowing or going subnormal. Beyond, w = exp(-2u): tanh = 1 and sech^2 = 4w, so sech^2
 // decays with u as it should (a saturated logit's gradient decays with it; a cap on u would
-// leave a constant). Past u = 43.75 the exp's argument is clamped and w flushes to 0 (no
-// subnormals): sech^2 is exactly 0 where its true value is below 1e-37. NaN propagates.
+// leave a constant). Past u ~ 43.5 the host exp flushes w to 0 (no subnormals): sech^2 is
+// then exactly 0 where its true value is below ~1.2e-38; the device's __expf keeps
+// subnormals (built with --ftz=false). NaN propagates.
 template <typename C> TXFM_HD LossGrad<C> tanh_sech2(C u);
 
 template <> TXFM_HD LossGrad<float> tanh_sech2<float>(float u) {

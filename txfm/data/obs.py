@@ -120,29 +120,37 @@ def _unify(parts: list[pd.Series | None], lens: list[int]):
     return _as_text(parts, lens)
 
 
-def _input_columns(frame: pd.DataFrame, path: str) -> pd.DataFrame:
-    """``frame`` with string column names, the reserved ones (:data:`RESERVED`) renamed to
-    ``<name>_input`` (``_input_2``, ... when that name is taken too).
+def _input_columns(frames: list[pd.DataFrame], paths: list[str]) -> list[pd.DataFrame]:
+    """``frames`` with string column names, the reserved ones (:data:`RESERVED`) renamed to
+    ``<name>_input`` (``_input_2``, ... when that name is taken too). The new names are chosen
+    once, from every frame's columns, so that one output column never holds one input's
+    ``dataset`` and another input's ``dataset_input``.
 
     Raises:
-        InputError: two columns whose names are equal as strings (``1`` and ``"1"``).
+        InputError: two columns of one input whose names are equal as strings (``1``, ``"1"``).
     """
-    names = [str(c) for c in frame.columns]
-    seen = pd.Index(names)
-    if seen.has_duplicates:
-        dup = seen[seen.duplicated()][0]
-        raise InputError(f"{path}: obs has two columns named {dup!r} (as strings); rename one "
-                         f"(adata.obs.rename(columns=...)) and convert again")
-    taken = set(names)
-    for i, c in enumerate(names):
-        if c in RESERVED:
+    names = []
+    for frame, path in zip(frames, paths):
+        cols = pd.Index([str(c) for c in frame.columns])
+        if cols.has_duplicates:
+            dup = cols[cols.duplicated()][0]
+            raise InputError(f"{path}: obs has two columns named {dup!r} (as strings); rename "
+                             f"one (adata.obs.rename(columns=...)) and convert again")
+        names.append(list(cols))
+    taken = {c for cols in names for c in cols}
+    rename = {}
+    for c in RESERVED:
+        if any(c in cols for cols in names):
             new, n = f"{c}_input", 2
             while new in taken:
                 new, n = f"{c}_input_{n}", n + 1
             taken.add(new)
-            names[i] = new
-    out = frame.copy(deep=False)
-    out.columns = names
+            rename[c] = new
+    out = []
+    for frame, cols in zip(frames, names):
+        f = frame.copy(deep=False)
+        f.columns = [rename.get(c, c) for c in cols]
+        out.append(f)
     return out
 
 
@@ -165,7 +173,7 @@ class ObsTables:
         for f, n, path in zip(frames, n_cells, paths):
             if len(f) != n:
                 raise InputError(f"{path}: obs has {len(f)} rows for {n} cells")
-        renamed = [_input_columns(f, path) for f, path in zip(frames, paths)]
+        renamed = _input_columns(frames, paths)
         self.obs_names = [np.asarray(f.index.astype(str), dtype=object) for f in renamed]
         self.offsets = np.concatenate([[0], np.cumsum(n_cells)]).astype(np.int64)
         cols: list[str] = []

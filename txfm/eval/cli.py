@@ -261,7 +261,7 @@ def _table(path):
     try:
         return GeneTable.read(path)
     except (OSError, ValueError) as exc:  # missing file, no id/symbol columns, bad CSV
-        msg = error_message(exc).removeprefix(f"gene table {path}: ")
+        msg = error_message(exc).removeprefix(f"gene table {pathlib.Path(path)}: ")
         raise UsageError(f"--gene-table {path}: {msg}") from exc
 
 

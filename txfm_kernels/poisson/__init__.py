@@ -400,8 +400,9 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
             (fp64 is computed in fp64); dense (``.to_dense()`` a sparse tensor).
         target: same shape, fp32 / bf16 (another float dtype is converted to fp32, or to
             fp64 with fp64 logits), log1p-normalised expression ``x`` (the loss uses
-            ``exp(x)``: NaN, or ``x`` above ~88.7 where ``exp`` overflows fp32, gives a NaN or
-            infinite loss, as the eager formula does); must not require grad.
+            ``exp(x)``: NaN, or ``x`` above ``88.72 - ln|alpha|`` (86.3 at the default
+            ``alpha``, 84.3 at ``|alpha| = 80``) where ``phi * exp(x)`` overflows fp32, gives
+            a NaN or infinite loss, as the eager formula does); must not require grad.
         gene_mask: None, bool ``[G]`` or ``[B, G]`` (True = keep), or
             :class:`~txfm_kernels.RowGeneMask` ``(mask [D, G], dataset_ids [B])``.
         alpha, beta: rectified-tanh constants (defaults :data:`ALPHA` = ``log(1e5 + 1)``,

@@ -454,11 +454,13 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
         gene_mask = RowGeneMask(observable.mask, ds)
     if out is None and not torch.compiler.is_compiling():
         # gene_ids, values, key_padding_mask [B, K], target [B, G], library_size [B]
+        big_target = return_target and n_genes > 2 * k
         check_fits(B * (k * 9 + (4 * n_genes if return_target else 0) + 4), device, _OP,
                    f"B={B} rows of k={k} shown genes" + (f" and target [B, {n_genes}]"
                                                          if return_target else ""),
-                   "a row cannot show more than its observable genes, so pass a smaller k "
-                   "(at most n_genes) or fewer rows")
+                   "pass return_target=False (the values alone) or fewer rows" if big_target
+                   else "a row cannot show more than its observable genes, so pass a smaller "
+                   "k (at most n_genes) or fewer rows")
     seed, offset = _int64(seed), _int64(offset)
     if out is None and tau == 0:
         ids, values, pad, target, libsize = _masked_sample_op(
