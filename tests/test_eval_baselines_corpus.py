@@ -313,3 +313,15 @@ def test_lib_log_and_embed_counts_refuse_a_bad_target_sum():
             lib_log(m, bad)
     np.testing.assert_allclose(lib_log(m, 10.0).toarray(),
                                np.log1p(10.0 * m.toarray() / m.sum(1).A))
+
+
+def test_lib_log_where_target_sum_over_the_library_exceeds_fp32():
+    """Tiny float counts (L / S beyond fp32): log1p(L c / S) as the sampler forms it, not inf;
+    an ordinary row beside it is untouched (reference: the formula in float64)."""
+    from txfm.eval.baselines import lib_log
+
+    m = sp.csr_matrix(np.array([[1e-40, 3e-40, 0.0], [1.0, 3.0, 0.0]], dtype=np.float32))
+    got = lib_log(m, 1e5).toarray()
+    c = m.toarray().astype(np.float64)  # the stored values (1e-40 is an fp32 subnormal)
+    np.testing.assert_allclose(got, np.log1p(1e5 * c / c.sum(1, keepdims=True)), rtol=2e-7)
+    assert np.isfinite(got).all()

@@ -644,6 +644,8 @@ def test_embed_python_api_as_a_pytorch_user_calls_it(trained, tmp_path):
     assert next(load_model(str(root / "run"), device="auto")[0].parameters()).device.type \
         in ("cpu", "cuda")
     assert load_checkpoint(root / "run", map_location="cpu:0")[0] is not None
+    assert next(load_model(str(root / "run"), device="cpu:0")[0].parameters()).device.type \
+        == "cpu"  # the same names as map_location
     with pytest.raises(ValueError, match="map_location='gpu' is not a device"):
         load_checkpoint(root / "run", map_location="gpu")
     with pytest.raises(UsageError, match="device 'gpu': use auto, cpu, cuda or cuda:N"):

@@ -159,13 +159,16 @@ nonnegative_int = int_at_least(0)
 
 
 def check_device(option: str, device: str) -> str:
-    """``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) if usable here, else UsageError."""
+    """``device`` (``auto``, ``cpu`` or ``cpu:0``, ``cuda`` or ``cuda:N``) if usable here (``cpu``
+    for either CPU name), else UsageError."""
     import torch
 
     kind, _, index = device.partition(":")
     if device != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())
-                             or (kind == "cpu" and index)):
+                             or (kind == "cpu" and index not in ("", "0"))):
         raise UsageError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
+    if kind == "cpu":
+        return "cpu"  # cpu:0 too, as torch.device takes it
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"{option} {device}: CUDA is not available here (torch "

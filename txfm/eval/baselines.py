@@ -73,9 +73,18 @@ def lib_log(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_mat
         raise ValueError(f"target_sum must be a finite number > 0, got {target_sum!r}")
     m = as_csr(counts)
     total = np.asarray(m.sum(axis=1)).ravel()
-    scale = np.where(total > 0, target_sum / np.maximum(total, 1e-12), 0.0).astype(np.float32)
+    with np.errstate(over="ignore"):  # L / S beyond fp32: those rows are redone below
+        scale = np.where(total > 0, target_sum / np.where(total > 0, total, 1),
+                         0.0).astype(np.float32)
     out = m.copy()
-    out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr)))
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(out.indptr))
+    out.data = np.log1p(out.data * scale[rows])
+    wide = ~np.isfinite(scale)
+    if wide.any():  # tiny float counts: L * c / S <= L fits in fp32 when formed in fp64
+        at = wide[rows]
+        s64 = target_sum / total[wide].astype(np.float64)
+        out.data[at] = np.log1p(m.data[at].astype(np.float64)
+                                * np.repeat(s64, np.diff(out.indptr)[wide]))
     return out
 
 
