@@ -72,7 +72,6 @@ void log1p_inplace(float* x, int64_t len) {
   for (int64_t i = 0; i < len; ++i) x[i] = log1p_nonneg(x[i]);
 }
 
-
 // dst[0:n] = src[0:n] with non-temporal stores (dst is written once and not read back soon).
 void stream_copy(float* dst, const float* src, int64_t n) {
 #if defined(__SSE2__)
@@ -219,7 +218,7 @@ int run(const Args& a, int64_t* bad_row) {
         vals[p] = dense[g];
       }
       if (!a.target) log1p_inplace(vals, kk);
-      if (!(scale <= 3.40282347e38f)) {  // L / S beyond fp32: rebuild the row in fp64
+      if (!scale_fits(scale)) {  // L / S beyond fp32: rebuild the row in fp64
         redo_wide_row(c, idx, len, norm_scale(a.target_sum, sum), a.target ? a.target + b * a.G
                       : nullptr, a.G, dense, ids, vals, kk);
       }

@@ -126,13 +126,18 @@ TXFM_HD double norm_scale(float target_sum, double row_sum) {
   return row_sum > 0.0 ? static_cast<double>(target_sum) / row_sum : 0.0;
 }
 
+constexpr float kFp32Max = 3.40282347e38f;
+
+// Whether the factor rounded to fp32 is finite (else L / S exceeds fp32's range).
+TXFM_HD bool scale_fits(float scale32) { return scale32 <= kFp32Max; }
+
 // L * c / S of one count (already read as fp32): the fp32 product with the factor rounded to
 // fp32, as every backend computes it, unless that factor overflows fp32; then the product is
 // formed in fp64 and rounded once (it is <= L, so it fits).
 TXFM_HD float normalised(float count, double scale) {
   const float sf = static_cast<float>(scale);
   const float wide = static_cast<float>(static_cast<double>(count) * scale);
-  return sf <= 3.40282347e38f ? count * sf : wide;
+  return scale_fits(sf) ? count * sf : wide;
 }
 
 }  // namespace txfm_sample

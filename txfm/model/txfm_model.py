@@ -36,9 +36,8 @@ class TxFM(nn.Module):
                             f"got {type(config).__name__}")
         if int(n_genes) < 1:
             raise ValueError(f"n_genes={n_genes} must be >= 1 (the vocabulary size G)")
-        config.validate()
-        # its own copy: set_use_fused_ops must not switch the caller's config (a preset, or
-        # the config of another model)
+        # its own copy (validated as it is made): set_use_fused_ops must not switch the
+        # caller's config (a preset, or the config of another model)
         config = config.replace()
         self.config = config
         self.n_genes = int(n_genes)

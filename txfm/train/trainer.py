@@ -412,14 +412,17 @@ class Trainer:
         # meaning midway, silently
         diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})"
                          for k in changed_model_fields(saved, now))
+
+        def another_model(what: str) -> ValueError:
+            return ValueError(f"--resume: {path} holds another model ({what}); resume with the "
+                              "run's own model settings, or start a new run in another --out")
+
+        if diff:
+            raise another_model(diff)
         try:
-            if diff:
-                raise RuntimeError(diff)
             self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:  # another model, or another shape of it
-            raise ValueError(f"--resume: {path} holds another model ({diff or 'other shapes'}); "
-                             "resume with the run's own model settings, or start a new run in "
-                             "another --out") from exc
+        except RuntimeError as exc:  # the same settings, other shapes
+            raise another_model("other shapes") from exc
         rank = self.dist.rank
         same_ranks = state.get("world_size") == self.dist.world_size
         if same_ranks:  # first: a run on other data must not warn about its schedule

@@ -43,6 +43,14 @@ def _feistel(x, rs, la, lb, ROUNDS: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
+def _normalised(c, scale):
+    """L * c / S as sample_math.h's normalised(): ``c`` fp32 times the fp64 factor ``scale``
+    rounded to fp32, or the fp64 product rounded once where that factor overflows fp32."""
+    sf = scale.to(tl.float32)
+    return tl.where(sf <= 3.40282347e38, c * sf, (c.to(tl.float64) * scale).to(tl.float32))
+
+
+@triton.jit
 def _log1p_nonneg(x):
     # same steps as sample_math.h: Cephes logf polynomial + correction of 1 + x's rounding
     u = 1.0 + x
@@ -92,8 +100,6 @@ def _masked_sample_kernel(
     total = tl.sum(acc, 0)
     # fp64, as sample_math.h: L / S can exceed fp32's range while L * c / S <= L fits
     scale = tl.where(total > 0, L / tl.where(total > 0, total, 1.0), 0.0)
-    scale32 = scale.to(tl.float32)
-    fits = scale32 <= 3.40282347e38
 
     trow = target_ptr + b * n_genes
     if WRITE_TARGET:  # the caller zeroed the target (a full-bandwidth memset)
@@ -102,8 +108,8 @@ def _masked_sample_kernel(
             m = offs < end
             g = tl.load(indices_ptr + offs, mask=m, other=0)
             c = tl.load(counts_ptr + offs, mask=m, other=0).to(tl.float32)
-            x = tl.where(fits, c * scale32, (c.to(tl.float64) * scale).to(tl.float32))
-            tl.store(trow + g, _log1p_nonneg(x), mask=m & (g >= 0) & (g < n_genes))
+            tl.store(trow + g, _log1p_nonneg(_normalised(c, scale)),
+                     mask=m & (g >= 0) & (g < n_genes))
         tl.debug_barrier()  # the gather below reads what other threads scattered
 
     # the row's observable genes: n of them at obs_genes[o0:]
@@ -158,8 +164,7 @@ def _masked_sample_kernel(
             inside = w & (lo < end)
             hit = inside & (tl.load(indices_ptr + lo, mask=inside, other=-1) == gene)
             c = tl.load(counts_ptr + lo, mask=hit, other=0).to(tl.float32)
-            x = tl.where(fits, c * scale32, (c.to(tl.float64) * scale).to(tl.float32))
-            val = tl.where(hit, _log1p_nonneg(x), 0.0)
+            val = tl.where(hit, _log1p_nonneg(_normalised(c, scale)), 0.0)
         tl.store(ids_ptr + out + pos, gene, mask=w)
         tl.store(values_ptr + out + pos, val, mask=w)
         tl.store(pad_ptr + out + pos, tl.zeros([BLOCK_J], tl.uint8), mask=w)
