@@ -437,3 +437,28 @@ def test_odd_obsm_entries_are_densified_or_skipped_by_name(files, capsys, monkey
     assert "skipping .obsm['nan']" in err and "has NaN or inf in 1 of" in err
     summary = pd.read_csv(files["root"] / "rel_odd" / "relationships_summary.csv")
     assert {"codebook", "sparse"} <= set(summary.iloc[:, 0])
+
+
+def test_every_command_with_progress_bars_takes_no_progress():
+    """One name for one switch: each command that draws progress bars hides them with
+    --no-progress (data convert / verify keep --quiet as its older name)."""
+    import argparse
+
+    from txfm.cli import build_parser
+
+    def leaves(parser, path=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield " ".join(path), parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from leaves(child, (*path, name))
+
+    commands = dict(leaves(build_parser()))
+    with_bars = {"data convert", "data verify", "data demo", "train", "embed",
+                 "eval perturbation", "eval relationships"}
+    assert with_bars <= set(commands), sorted(commands)
+    for name, parser in commands.items():
+        flags = parser._option_string_actions
+        if name in with_bars or "--quiet" in flags:
+            assert isinstance(flags.get("--no-progress"), argparse._StoreTrueAction), name

@@ -141,6 +141,19 @@ def test_dataloader_workers_disjoint_and_predictable(shards):
     assert all(np.array_equal(x, y) for x, y in zip(plain, got))
 
 
+
+def test_plain_dataloader_default_batch_size_passes_batches_through(shards):
+    """DataLoader(loader) keeps torch's default batch_size=1: each item is already a batch, so
+    it comes through unchanged (it was default_collate's TypeError); stacking is refused."""
+    ref = ids(ShardLoader(shards, 64, seed=2, **KW))
+    batches = list(torch.utils.data.DataLoader(ShardLoader(shards, 64, seed=2, **KW)))
+    assert all(isinstance(b, CSRBatch) and b.batch_size == 64 for b in batches)
+    assert all(np.array_equal(b.cell_ids.numpy(), r) for b, r in zip(batches, ref))
+    assert len(batches) == len(ref)
+    with pytest.raises(ValueError, match=r"batch_size=3\) would join 3 batches.*batch_size=None"):
+        next(iter(torch.utils.data.DataLoader(ShardLoader(shards, 64, seed=2, **KW),
+                                              batch_size=3)))
+
 def test_resume_in_process_is_exact(shards):
     full = ids(ShardLoader(shards, 100, seed=9, **KW))
     for k in (0, 1, 7, len(full) - 1):

@@ -680,3 +680,30 @@ def test_embed_python_api_as_a_pytorch_user_calls_it(trained, tmp_path):
     assert PRESETS["tiny"].extra == {}
     TxFM(PRESETS["tiny"], 10).set_use_fused_ops(False)
     assert PRESETS["tiny"].backend == preset("tiny").backend == "auto"
+
+
+def test_every_device_argument_checks_cuda_devices_the_same_way(monkeypatch):
+    """--device / device= and map_location= share one check of what CUDA devices exist
+    (txfm.devices.device_problem), each naming its own argument."""
+    import torch
+
+    from txfm.cli import UsageError, check_device
+    from txfm.devices import device_problem
+    from txfm.train.checkpoint import check_map_location
+
+    assert device_problem(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UsageError, match="--device cuda: CUDA is not available here"):
+        check_device("--device", "cuda")
+    with pytest.raises(ValueError, match="map_location='cuda': CUDA is not available here"):
+        check_map_location("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("--device", "cuda:1") == "cuda:1"
+    assert check_map_location(torch.device("cuda", 1)) == "cuda:1"
+    has_two = r"this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"
+    with pytest.raises(UsageError, match="--device cuda:2: " + has_two):
+        check_device("--device", "cuda:2")
+    with pytest.raises(ValueError, match="map_location='cuda:2': " + has_two):
+        check_map_location("cuda:2")

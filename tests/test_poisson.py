@@ -573,7 +573,7 @@ def test_out_of_range_dataset_ids_raise_the_same_error_on_every_backend(backend,
     z, x = _inputs(3, 8)
     bad = RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.tensor([0, bad_id, 1]))
     got = "-1, 1" if bad_id < 0 else "0, 2"
-    with pytest.raises(ValueError, match=r"dataset_ids must lie in \[0, 2\).*\[" + got + r"\]"):
+    with pytest.raises(ValueError, match=r"rectified_tanh_poisson_nll: gene_mask.dataset_ids must lie in \[0, 2\).*\[" + got + r"\]"):
         rectified_tanh_poisson_nll(z, x, bad, backend=backend)
     with pytest.raises(ValueError, match=r"RowGeneMask.dataset_ids must lie in \[0, 2\)"):
         bad.dense()

@@ -163,19 +163,17 @@ def check_device(option: str, device: str) -> str:
     for either CPU name), else UsageError."""
     import torch
 
+    from txfm.devices import device_problem
+
     kind, _, index = device.partition(":")
     if device != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())
                              or (kind == "cpu" and index not in ("", "0"))):
         raise UsageError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
     if kind == "cpu":
         return "cpu"  # cpu:0 too, as torch.device takes it
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"{option} {device}: CUDA is not available here (torch "
-                             f"{torch.__version__}); use {option} cpu or auto")
-        if index and int(index) >= torch.cuda.device_count():
-            raise UsageError(f"{option} {device}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+    problem = device_problem(torch.device(device)) if kind == "cuda" else None
+    if problem:
+        raise UsageError(f"{option} {device}: {problem}; use {option} cpu or auto")
     return device
 
 

@@ -94,7 +94,8 @@ def register(subparsers) -> None:
                    help="stored count dtype (auto: uint16 if all counts fit, else uint32/float32)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing conversion made with other inputs/options")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bars (--quiet: its older name)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="summarise a shards folder",
@@ -109,7 +110,8 @@ def register(subparsers) -> None:
                                    "Exit status 0: intact; 2: corrupt or unreadable (each "
                                    "problem is listed, naming the shard, cells and file).")
     p.add_argument("shards", help="shard collection folder (from `txfm data convert`)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bar (--quiet: its older name)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", formatter_class=fmt,
@@ -117,6 +119,7 @@ def register(subparsers) -> None:
                        description="Generate and convert the default synthetic data (skipped "
                                    "when already complete).")
     p.add_argument("--root", default="txfm-demo", help="folder of the demo (made if absent)")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
 
@@ -211,6 +214,6 @@ def cmd_verify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import ensure_demo
 
-    d = ensure_demo(args.root, progress=True, log=lambda s: print(s, file=sys.stderr))
+    d = ensure_demo(args.root, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr))
     print(f"demo shards: {d.shards}\nsynthetic inputs: {d.raw}\nground truth: {d.truth}")
     return 0

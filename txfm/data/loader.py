@@ -60,6 +60,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .layout import (ShardedArrayReader, ShardReadError, damaged_metadata, missing_chunks,
                      read_metadata)
@@ -176,6 +177,22 @@ class CSRBatch:
         out = torch.zeros(b, self.n_genes, dtype=torch.float32, device=self.indptr.device)
         out[rows, self.indices.long()] = self.counts.float()
         return out
+
+
+def _collate_loader_batches(batch: list, *, collate_fn_map=None) -> CSRBatch:
+    """torch's ``default_collate`` for :class:`CSRBatch` items: the loader already yields whole
+    batches, so a ``DataLoader(loader)`` left at its default ``batch_size=1`` passes each one
+    through; stacking several would join batches the loader drew apart, so that is refused."""
+    if len(batch) == 1:
+        return batch[0]
+    raise ValueError(f"DataLoader(loader, batch_size={len(batch)}) would join {len(batch)} "
+                     "batches of a ShardLoader, which already yields whole batches: pass "
+                     "batch_size=None to the DataLoader and set the ShardLoader's batch_size")
+
+
+# default_collate's per-type registry, which the docstring of torch's `collate` invites
+# extending in place
+default_collate_fn_map[CSRBatch] = _collate_loader_batches
 
 
 class _Shard:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from txfm.devices import device_problem
+
 FORMAT = "txfm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -132,14 +134,10 @@ def check_map_location(map_location):
                          f"or 'cuda:N'") from None
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"map_location={map_location!r}: CUDA is not available here "
-                             f"(torch {torch.__version__}); load on 'cpu' and move the model")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"map_location={map_location!r}: this machine has {count} CUDA "
-                             f"device(s), cuda:0 to cuda:{count - 1}")
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"map_location={map_location!r}: {problem}; load on 'cpu' and move "
+                         f"the model")
     return str(device)
 
 

@@ -197,9 +197,9 @@ def _check_gene_mask(gene_mask, B, G, device: torch.device, op: str):
     return gene_mask, None
 
 
-def _check_ids(mask, ids) -> None:
+def _check_ids(mask, ids, op: str) -> None:
     if ids is not None:
-        check_row_ids(ids, mask.shape[0], "gene_mask: dataset_ids")
+        check_row_ids(ids, mask.shape[0], f"{op}: gene_mask.dataset_ids")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
     name = op_backend(backend, logits.device.type, _OP)
     z = logits.contiguous()
     x = target.to(_supported_target_dtype(z, target, mode)).contiguous()
-    _check_ids(mask, dataset_ids)
+    _check_ids(mask, dataset_ids, "txfm::poisson_nll")  # the op called directly
     if name == "torch":
         loss, grad = reference.forward(z, x, mask, dataset_ids, mode, full, alpha, beta, eps,
                                        reduction, need_grad)
@@ -437,8 +437,8 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     if name != "torch":
         check_reverse_mode_only(op, ", or backend='torch' (eager autograd)", vmap=False,
                                 logits=z)
+    _check_ids(mask, ids, op)
     if name == "torch":
-        _check_ids(mask, ids)
         loss = reference.poisson_nll(z, x, mask, ids, mode=RTANH, alpha=alpha, beta=beta,
                                      reduction=reduction)
     else:
