@@ -23,7 +23,11 @@ def small_demo(monkeypatch):
 
 def test_demo_is_built_once_and_atomically(tmp_path, small_demo, monkeypatch):
     root = tmp_path / "txfm-demo"
-    shards = demo.ensure_demo_shards(root)
+    lines = []
+    shards = demo.ensure_demo_shards(root, log=lines.append)
+    # the log names the folder the demo ends in, not the temporary one it was built in
+    assert any(line.startswith(f"{shards}:") for line in lines), lines
+    assert not any(".tmp-" in line for line in lines), lines
     m = Manifest.load(shards)
     assert m.n_split_cells("val") > 0 and len(m.datasets) == 3
     d = demo.ensure_demo(root)

@@ -150,7 +150,8 @@ def test_plain_dataloader_default_batch_size_passes_batches_through(shards):
     assert all(isinstance(b, CSRBatch) and b.batch_size == 64 for b in batches)
     assert all(np.array_equal(b.cell_ids.numpy(), r) for b, r in zip(batches, ref))
     assert len(batches) == len(ref)
-    with pytest.raises(ValueError, match=r"batch_size=3\) would join 3 batches.*batch_size=None"):
+    with pytest.raises(ValueError, match=r"collating 3 ShardLoader batches.*batch_size=3\).*"
+                                         r"pass batch_size=None"):
         next(iter(torch.utils.data.DataLoader(ShardLoader(shards, 64, seed=2, **KW),
                                               batch_size=3)))
 

@@ -682,28 +682,54 @@ def test_embed_python_api_as_a_pytorch_user_calls_it(trained, tmp_path):
     assert PRESETS["tiny"].backend == preset("tiny").backend == "auto"
 
 
-def test_every_device_argument_checks_cuda_devices_the_same_way(monkeypatch):
-    """--device / device= and map_location= share one check of what CUDA devices exist
-    (txfm.devices.device_problem), each naming its own argument."""
+def test_every_device_argument_checks_devices_the_same_way(monkeypatch):
+    """--device, device=, TrainConfig.device, map_location= and the trainer's device share one
+    parser of device names and one check of what CUDA devices exist (txfm.devices), each
+    naming its own argument, before torch reads a name it would refuse or a file it would
+    blame."""
     import torch
 
     from txfm.cli import UsageError, check_device
-    from txfm.devices import device_problem
+    from txfm.devices import device_problem, parse_device
+    from txfm.train import distributed
     from txfm.train.checkpoint import check_map_location
+    from txfm.train.config import ConfigError, TrainConfig
 
     assert device_problem(torch.device("cpu")) is None
+    assert parse_device("cpu:0") == torch.device("cpu") == parse_device(torch.device("cpu"))
+    # names torch.device refuses ("cuda:01", non-ASCII digits) or TxFM cannot load on
+    for bad in ("cuda:01", "cuda:\u0663", "cuda:\u00b2", "cpu:1", "gpu", "mps", "meta", "",
+                "auto", 0, torch.device("meta")):
+        assert parse_device(bad) is None, bad
+        with pytest.raises(ValueError, match=r"map_location=.* is not a device .* 'cuda:N'"):
+            check_map_location(bad)
+    for bad in ("cuda:01", "cuda:\u0663", "cpu:1", "gpu"):
+        with pytest.raises(UsageError, match="use auto, cpu, cuda or cuda:N"):
+            check_device("--device", bad)
+        with pytest.raises(ConfigError, match="device=.*use auto, cpu, cuda or cuda:N"):
+            TrainConfig(device=bad)
+    assert check_device("--device", "cpu:0") == "cpu" == check_map_location("cpu:0")
+    assert TrainConfig(device="cpu:0").device == "cpu:0"
+    assert distributed.init("cpu:0").device == torch.device("cpu")
+    assert check_map_location({"cuda:0": "cpu"}) == {"cuda:0": "cpu"}  # passed on to torch.load
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(UsageError, match="--device cuda: CUDA is not available here"):
+    with pytest.raises(UsageError, match="--device 'cuda': CUDA is not available here"):
         check_device("--device", "cuda")
     with pytest.raises(ValueError, match="map_location='cuda': CUDA is not available here"):
         check_map_location("cuda")
+    with pytest.raises(ValueError, match=r"device='cuda:3' \(this rank: cuda:3\): CUDA is not "
+                                         r"available here"):
+        distributed.init("cuda:3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert check_device("--device", "cuda:1") == "cuda:1"
     assert check_map_location(torch.device("cuda", 1)) == "cuda:1"
     has_two = r"this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"
-    with pytest.raises(UsageError, match="--device cuda:2: " + has_two):
+    with pytest.raises(UsageError, match="--device 'cuda:2': " + has_two):
         check_device("--device", "cuda:2")
     with pytest.raises(ValueError, match="map_location='cuda:2': " + has_two):
         check_map_location("cuda:2")
+    with pytest.raises(ValueError, match="device='cuda:2' .*" + has_two):
+        distributed.init("cuda:2")  # refused before torch.cuda.set_device

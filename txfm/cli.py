@@ -161,20 +161,17 @@ nonnegative_int = int_at_least(0)
 def check_device(option: str, device: str) -> str:
     """``device`` (``auto``, ``cpu`` or ``cpu:0``, ``cuda`` or ``cuda:N``) if usable here (``cpu``
     for either CPU name), else UsageError."""
-    import torch
+    from txfm.devices import DEVICE_NAMES, device_problem, parse_device
 
-    from txfm.devices import device_problem
-
-    kind, _, index = device.partition(":")
-    if device != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())
-                             or (kind == "cpu" and index not in ("", "0"))):
-        raise UsageError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
-    if kind == "cpu":
-        return "cpu"  # cpu:0 too, as torch.device takes it
-    problem = device_problem(torch.device(device)) if kind == "cuda" else None
+    if device == "auto":
+        return device
+    parsed = parse_device(device)
+    if parsed is None:
+        raise UsageError(f"{option} {device!r}: use {DEVICE_NAMES}")
+    problem = device_problem(parsed)
     if problem:
-        raise UsageError(f"{option} {device}: {problem}; use {option} cpu or auto")
-    return device
+        raise UsageError(f"{option} {device!r}: {problem}; use {option} cpu or auto")
+    return str(parsed)
 
 
 def build_parser() -> argparse.ArgumentParser:

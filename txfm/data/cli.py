@@ -119,7 +119,8 @@ def register(subparsers) -> None:
                        description="Generate and convert the default synthetic data (skipped "
                                    "when already complete).")
     p.add_argument("--root", default="txfm-demo", help="folder of the demo (made if absent)")
-    p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bars (--quiet: as data convert takes it)")
     p.set_defaults(func=cmd_demo)
 
 

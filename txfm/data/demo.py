@@ -132,7 +132,9 @@ def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
                               "another location") from exc
     try:
         result = generate(tmp / "raw", **DEMO_SYNTH)
-        convert(result.datasets, tmp / "shards", progress=progress, log=log, **DEMO_CONVERT)
+        # the converter's summary names the folder the demo is renamed to, not the temporary one
+        convert(result.datasets, tmp / "shards", progress=progress,
+                log=lambda line: log(line.replace(str(tmp), str(root))), **DEMO_CONVERT)
         (tmp / MARKER).write_text(json.dumps({**_marker(), "files": _files(tmp)}))
         try:
             if root.exists():

@@ -185,9 +185,9 @@ def _collate_loader_batches(batch: list, *, collate_fn_map=None) -> CSRBatch:
     through; stacking several would join batches the loader drew apart, so that is refused."""
     if len(batch) == 1:
         return batch[0]
-    raise ValueError(f"DataLoader(loader, batch_size={len(batch)}) would join {len(batch)} "
-                     "batches of a ShardLoader, which already yields whole batches: pass "
-                     "batch_size=None to the DataLoader and set the ShardLoader's batch_size")
+    raise ValueError(f"collating {len(batch)} ShardLoader batches (what DataLoader(loader, "
+                     f"batch_size={len(batch)}) does) would join batches the loader already made: "
+                     "pass batch_size=None to the DataLoader and set the ShardLoader's batch_size")
 
 
 # default_collate's per-type registry, which the docstring of torch's `collate` invites

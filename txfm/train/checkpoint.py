@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from txfm.devices import device_problem
+from txfm.devices import device_problem, parse_device
 
 FORMAT = "txfm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -118,22 +118,23 @@ def _fsync_dir(folder: pathlib.Path) -> None:
 
 
 def check_map_location(map_location):
-    """``map_location`` as ``torch.load`` takes it: a device name or ``torch.device`` becomes
-    ``"cpu"`` or ``"cuda:N"`` (``"cpu:0"`` is a CPU too); a dict or a callable is passed on.
+    """``map_location`` as ``torch.load`` takes it: a CPU or CUDA device name or ``torch.device``
+    becomes ``"cpu"`` or ``"cuda[:N]"`` (``"cpu:0"`` is a CPU too); a dict or a callable is
+    passed on.
 
     Raises:
-        ValueError: not a device, or a CUDA device this machine does not have. torch.load's
-            own error for these reads like a damaged file.
+        ValueError: not a CPU or CUDA device (``mps``, ``meta``, a malformed name, a number),
+            or a CUDA device this machine does not have. torch.load's own error for these
+            reads like a damaged file.
     """
-    if not isinstance(map_location, (str, torch.device)):
+    if isinstance(map_location, dict) or (callable(map_location)
+                                          and not isinstance(map_location, torch.device)):
         return map_location
-    try:
-        device = torch.device(map_location)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"map_location={map_location!r} is not a device; pass 'cpu', 'cuda' "
-                         f"or 'cuda:N'") from None
-    if device.type == "cpu":
-        return "cpu"
+    device = parse_device(map_location)
+    if device is None:
+        raise ValueError(f"map_location={map_location!r} is not a device TxFM checkpoints load "
+                         f"on; pass 'cpu', 'cuda' or 'cuda:N' (or a dict or a function, as "
+                         f"torch.load takes)")
     problem = device_problem(device)
     if problem:
         raise ValueError(f"map_location={map_location!r}: {problem}; load on 'cpu' and move "

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 
+from txfm.devices import DEVICE_NAMES, parse_device
 from txfm.model.config import _FIELD_TYPES, PRECISIONS, ConfigError  # noqa: F401 - also raised for TrainConfig
 
 RECIPES = {
@@ -140,8 +140,8 @@ class TrainConfig:
         need(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
              "grad_clip", "must be a finite number > 0 (0 on the command line: no clipping)")
         need(self.precision in PRECISIONS, "precision", f"use one of {PRECISIONS}")
-        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None, "device",
-             "use auto, cpu, cuda or cuda:N")
+        need(self.device == "auto" or parse_device(self.device) is not None, "device",
+             f"use {DEVICE_NAMES}")
         # the samplers key their draws by a signed 64-bit seed
         need(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         need(self.log_every >= 1, "log_every", "must be >= 1")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from txfm.devices import DEVICE_NAMES, device_problem, parse_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,12 +41,15 @@ def init(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
+    if dev is None:
+        raise ValueError(f"device={device!r}: use {DEVICE_NAMES}")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' but torch sees no GPU (torch.cuda.is_available() is "
-                               "False): use --device cpu or a CUDA build of torch")
         dev = torch.device("cuda", local if dev.index is None else dev.index)
+        problem = device_problem(dev)
+        if problem:  # checked before set_device, whose own error names no argument
+            raise ValueError(f"device={device!r} (this rank: {dev}): {problem}; train with "
+                             f"device='cpu' or 'auto'")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",

@@ -57,9 +57,10 @@ backward (``create_graph=True``) is an error; the ``torch`` backend (eager autog
 ``auto`` falls back to) supports both. Memory traffic per training step, fp32: 12 bytes per
 element (read z, x; write dz); bf16 logits and target: 6 bytes.
 
-A dataset id outside ``[0, D)`` raises a ``ValueError`` on CPU tensors; on GPU tensors (and
-under torch.compile) it is not checked on the host (that needs a sync): its row's loss and
-gradient come out NaN.
+A dataset id outside ``[0, D)`` raises a ``ValueError`` on CPU tensors, under torch.compile
+too on the fused backends (their op body sees the real ids). It is not checked on GPU tensors
+(that needs a sync), nor on the ``torch`` backend under torch.compile (traced into the graph):
+there its row's loss and gradient come out NaN.
 
 torch.compile: the fused forward is the ``torch.library`` custom op ``txfm::poisson_nll``
 (fake and autograd registered), so ``torch.compile(model, fullgraph=True, dynamic=True)``
@@ -238,7 +239,8 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
     name = op_backend(backend, logits.device.type, _OP)
     z = logits.contiguous()
     x = target.to(_supported_target_dtype(z, target, mode)).contiguous()
-    _check_ids(mask, dataset_ids, "txfm::poisson_nll")  # the op called directly
+    # under torch.compile the public function's check saw only traced ids: the same message here
+    _check_ids(mask, dataset_ids, "rectified_tanh_poisson_nll")
     if name == "torch":
         loss, grad = reference.forward(z, x, mask, dataset_ids, mode, full, alpha, beta, eps,
                                        reduction, need_grad)
