@@ -77,14 +77,13 @@ def lib_log(counts: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_mat
         scale = np.where(total > 0, target_sum / np.where(total > 0, total, 1),
                          0.0).astype(np.float32)
     out = m.copy()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(out.indptr))
-    out.data = np.log1p(out.data * scale[rows])
+    lengths = np.diff(out.indptr)
+    out.data = np.log1p(out.data * np.repeat(scale, lengths))
     wide = ~np.isfinite(scale)
     if wide.any():  # tiny float counts: L * c / S <= L fits in fp32 when formed in fp64
-        at = wide[rows]
+        at = np.repeat(wide, lengths)
         s64 = target_sum / total[wide].astype(np.float64)
-        out.data[at] = np.log1p(m.data[at].astype(np.float64)
-                                * np.repeat(s64, np.diff(out.indptr)[wide]))
+        out.data[at] = np.log1p(m.data[at].astype(np.float64) * np.repeat(s64, lengths[wide]))
     return out
 
 

@@ -439,8 +439,8 @@ def rectified_tanh_poisson_nll(logits: torch.Tensor, target: torch.Tensor, gene_
     if name != "torch":
         check_reverse_mode_only(op, ", or backend='torch' (eager autograd)", vmap=False,
                                 logits=z)
-    _check_ids(mask, ids, op)
-    if name == "torch":
+    if name == "torch":  # the fused backends check in their op body (_forward)
+        _check_ids(mask, ids, op)
         loss = reference.poisson_nll(z, x, mask, ids, mode=RTANH, alpha=alpha, beta=beta,
                                      reduction=reduction)
     else:
