@@ -68,3 +68,23 @@ def test_observable_genes_round_trip():
                                      [False, True, False, True, False]]
     with pytest.raises(ValueError, match=r"gene_lists\[0\]"):
         txfm_kernels.ObservableGenes.from_lists([[7]], n_genes=5)
+
+
+def test_observable_genes_refuses_what_the_kernels_cannot_index():
+    """An empty table gave the triton sampler an out-of-bounds read (a segfault), the C++ one
+    an 'internal error' and the torch one an IndexError; a float id was truncated to a gene."""
+    OG = txfm_kernels.ObservableGenes
+    for make in (lambda: OG.from_lists([], n_genes=6),
+                 lambda: OG.from_mask(torch.zeros(0, 6, dtype=torch.bool)),
+                 lambda: OG.from_mask(torch.zeros(2, 0, dtype=torch.bool)),
+                 lambda: OG(torch.zeros(0, 6, dtype=torch.bool), torch.zeros(1, dtype=torch.int64),
+                            torch.zeros(0, dtype=torch.int32))):
+        with pytest.raises(ValueError, match="at least one dataset|gene_lists is empty"):
+            make()
+    for ids in ([0.5], [True], [1, 2.0]):
+        with pytest.raises(TypeError, match=r"gene_lists\[1\] must hold integer gene ids"):
+            OG.from_lists([[0], ids], n_genes=3)
+    # numpy integer ids and empty datasets beside non-empty ones still work
+    import numpy as np
+    obs = OG.from_lists([np.array([2, 0], dtype=np.uint8), []], n_genes=3)
+    assert obs.mask.tolist() == [[True, False, True], [False, False, False]]

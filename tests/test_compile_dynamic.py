@@ -233,6 +233,29 @@ def test_masked_sample_variable_arguments(backend, messages, monkeypatch):
     assert set(rec.nodes("txfm.masked_sample")) == {1}
 
 
+@pytest.mark.parametrize("name,good,bad,msg", [
+    ("seed", 3, 2**63, "seed must fit in an int64"),
+    ("offset", 5, -2**63 - 1, "offset must fit in an int64"),
+    ("k", 3, 0, "k must be an int >= 1"),
+])
+def test_masked_sample_bad_traced_int_keeps_its_message(name, good, bad, msg):
+    """A bad int that dynamo traces as a symbol: formatting the symbol into the message stopped
+    tracing with 'BUILD_STRING type error', which hid the library's message."""
+    indptr, indices, counts = _csr(3, 60, 0)
+
+    def f(v):
+        args = dict(n_genes=60, k=2, seed=0)
+        args[name] = v
+        return tk.masked_sample(indptr, indices, counts, **args).gene_ids
+
+    compiled, _ = _compile(f)
+    compiled(good)
+    with pytest.raises(Exception, match=msg):
+        compiled(bad)
+    with pytest.raises(ValueError, match=f"{msg}.*got {bad}"):  # eager names the value
+        f(bad)
+
+
 def test_masked_sample_into_preallocated_outputs_compiles():
     G = 40
     out = tk.masked_sample(*_csr(3, G, 0), n_genes=G, k=5, seed=0)

@@ -542,8 +542,17 @@ def test_bad_inputs_raise_clear_errors():
         f(z, x, torch.ones(8))
     with pytest.raises(ValueError, match="gene_mask must have shape"):
         f(z, x, torch.ones(9, dtype=torch.bool))
-    with pytest.raises(ValueError, match="dataset_ids must be an int32/int64"):
+    # a wrong dtype is a TypeError, as RowGeneMask.dense() and every other tensor argument say
+    with pytest.raises(TypeError, match="gene_mask.dataset_ids must be int32 or int64, got "
+                                        "torch.float32"):
         f(z, x, RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.zeros(3)))
+    with pytest.raises(TypeError, match="gene_mask.dataset_ids must be a torch.Tensor"):
+        f(z, x, RowGeneMask(torch.ones(2, 8, dtype=torch.bool), [0, 0, 0]))
+    with pytest.raises(ValueError, match="gene_mask.dataset_ids must have shape \\[B\\] = \\(3,\\)"):
+        f(z, x, RowGeneMask(torch.ones(2, 8, dtype=torch.bool), torch.zeros(4, dtype=torch.int64)))
+    with pytest.raises(TypeError, match="gene_mask.mask must be a bool \\[D, G\\] tensor, got "
+                                        "torch.float32"):
+        f(z, x, RowGeneMask(torch.ones(2, 8), torch.zeros(3, dtype=torch.int64)))
     with pytest.raises(ValueError, match="gene_mask.mask must be a bool \\[D, G=8\\]"):
         f(z, x, RowGeneMask(torch.ones(2, 7, dtype=torch.bool), torch.zeros(3, dtype=torch.int64)))
     with pytest.raises(ValueError, match="reduction='avg'"):

@@ -453,7 +453,17 @@ def check_int(value, name: str, op: str, low: int, high: int | None = None,
         ok = value >= low and (high is None or value < high)
     if not ok:
         span = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{op}: {name} must be an int {span}{what}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be an int {span}{what}, got {shown(value)}")
+
+
+def shown(value) -> str:
+    """``repr(value)`` for an error message. An int being traced by ``torch.compile`` (symbolic
+    under ``dynamic=True``) is left out: dynamo cannot format a symbol, and trying stops tracing
+    with an error that hides the whole message."""
+    if isinstance(value, torch.SymInt) or (torch.compiler.is_compiling()
+                                           and isinstance(value, int)):
+        return "a traced int (call the function eagerly to see its value)"
+    return repr(value)
 
 
 def device_memory(device: torch.device) -> int | None:

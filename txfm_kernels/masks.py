@@ -65,11 +65,16 @@ class ObservableGenes:
         if self.genes.dtype != torch.int32 or self.genes.dim() != 1:
             raise TypeError("ObservableGenes.genes must be a 1-D int32 tensor; build it with "
                             "from_mask()/from_lists()")
+        if self.mask.shape[0] < 1 or self.mask.shape[1] < 1:
+            # the kernels index row dataset_ids[b] of the table: an empty one has no row to read
+            raise ValueError(f"ObservableGenes needs at least one dataset and one gene, got a "
+                             f"[D, G] = {list(self.mask.shape)} table; every row's dataset must "
+                             f"be in it (ObservableGenes.all_genes(G) when all rows see every gene)")
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "ObservableGenes":
         """From a ``[D, G]`` bool mask (or ``[G]`` for a single dataset), on its device.
-        Raises ``TypeError`` for another dtype or shape."""
+        Raises ``TypeError`` for another dtype or shape, ``ValueError`` for ``D = 0`` or ``G = 0``."""
         mask = torch.as_tensor(mask)
         if mask.dim() == 1:
             mask = mask[None]
@@ -86,13 +91,23 @@ class ObservableGenes:
         """From one list of observable gene ids per dataset (duplicates are ignored); CPU.
 
         Raises:
-            ValueError: ``n_genes`` not an int >= 1, or an id outside ``[0, n_genes)``.
+            ValueError: ``n_genes`` not an int >= 1, no dataset, or an id outside
+                ``[0, n_genes)``.
+            TypeError: an id that is not an integer (``0.5``, ``True``).
         """
         n_genes = as_int(n_genes)
         check_int(n_genes, "n_genes", "ObservableGenes.from_lists", 1)
+        if len(gene_lists) == 0:
+            raise ValueError("ObservableGenes.from_lists: gene_lists is empty; give one list of "
+                             "gene ids per dataset")
         mask = torch.zeros(len(gene_lists), n_genes, dtype=torch.bool)
         for d, ids in enumerate(gene_lists):
-            ids = torch.as_tensor(ids, dtype=torch.int64)
+            ids = torch.as_tensor(ids)
+            if ids.numel() and (ids.is_floating_point() or ids.is_complex()
+                                or ids.dtype == torch.bool):
+                # as_tensor(..., dtype=int64) would truncate 0.5 to gene 0 silently
+                raise TypeError(f"gene_lists[{d}] must hold integer gene ids, got {ids.dtype}")
+            ids = ids.to(torch.int64)
             if ids.numel() and (ids.min() < 0 or ids.max() >= n_genes):
                 raise ValueError(f"gene_lists[{d}] has ids outside [0, {n_genes})")
             mask[d, ids] = True

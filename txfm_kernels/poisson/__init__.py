@@ -169,16 +169,17 @@ def _check_gene_mask(gene_mask, B, G, device: torch.device, op: str):
             raise TypeError(f"{op}: gene_mask as a tuple must be RowGeneMask(mask [D, G], "
                             f"dataset_ids [B]), got {len(gene_mask)} items")
         mask, ids = gene_mask
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 \
-                or mask.shape[1] != G or mask.shape[0] < 1:
+        # a wrong type or dtype is a TypeError, a wrong shape a ValueError, as for every tensor
+        check_tensor(mask, "gene_mask.mask", op, (torch.bool,), desc="a bool [D, G] tensor",
+                     hint="use mask.bool() or mask != 0")
+        if mask.dim() != 2 or mask.shape[1] != G or mask.shape[0] < 1:
             raise ValueError(f"{op}: gene_mask.mask must be a bool [D, G={G}] tensor with D >= 1, "
-                             f"got {getattr(mask, 'dtype', type(mask))} "
-                             f"{tuple(getattr(mask, 'shape', ()))}")
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) \
-                or ids.shape != (B,):
-            raise ValueError(f"{op}: gene_mask.dataset_ids must be an int32/int64 [B={B}] tensor, "
-                             f"got {getattr(ids, 'dtype', type(ids))} "
-                             f"{tuple(getattr(ids, 'shape', ()))}")
+                             f"got shape {tuple(mask.shape)}")
+        check_tensor(ids, "gene_mask.dataset_ids", op, (torch.int32, torch.int64),
+                     hint="dataset ids are row indices of gene_mask.mask; use .long()")
+        if ids.shape != (B,):
+            raise ValueError(f"{op}: gene_mask.dataset_ids must have shape [B] = ({B},), got "
+                             f"{tuple(ids.shape)}")
         for name, t in (("mask", mask), ("dataset_ids", ids)):
             if t.device != device:
                 raise ValueError(f"{op}: gene_mask.{name} is on {t.device} but logits is on "

@@ -92,7 +92,8 @@ import torch
 
 from .. import _pool
 from .._common import (BACKENDS, Number, as_int, backend_module, check_choice, check_fits,
-                       check_int, check_number, check_tensor, op_backend, resolve, traced)
+                       check_int, check_number, check_tensor, op_backend, resolve, shown,
+                       traced)
 from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
@@ -430,7 +431,7 @@ def masked_sample(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Ten
                             f", got {v!r}")
         # the custom op's int is an int64, as under torch.compile: one range in both modes
         if isinstance(v, int) and not -2**63 <= v < 2**63:
-            raise ValueError(f"{_OP}: {name} must fit in an int64, [-2^63, 2^63), got {v}")
+            raise ValueError(f"{_OP}: {name} must fit in an int64, [-2^63, 2^63), got {shown(v)}")
     # tau * log(m) must stay finite in fp32 for every gene's m, or the keys tie at inf and
     # unobservable genes rank among the drawn ones
     tau = check_number(tau, "tau", _OP, _TAU_WHAT, low=-TAU_LIMIT, high=TAU_LIMIT)
