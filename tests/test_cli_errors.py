@@ -73,6 +73,10 @@ def files(tmp_path_factory):
     paths = {"root": root, "run": run}
     paths["cells"] = root / "cells.h5ad"
     cells.write_h5ad(paths["cells"])
+    paths["one_perturbation"] = root / "one_perturbation.h5ad"
+    keep = cells.obs["perturbation"].isin(["non-targeting", labels[1]]).to_numpy()
+    assert 0 < keep.sum() < N_CELLS
+    cells[keep].copy().write_h5ad(paths["one_perturbation"])
     data = paths["cells"].read_bytes()
     paths["truncated"] = root / "truncated.h5ad"
     paths["truncated"].write_bytes(data[: len(data) // 2])
@@ -186,7 +190,12 @@ CASES = {
     "train-data-missing": (_train("--data", "{root}/no_shards"), "--data"),
     "train-data-not-shards": (_train("--data", "{empty_dir}"), "empty_dir"),
     "train-data-bad-random": (_train("--data", "random:cells=many"), "--data"),
-    "train-data-smaller-than-a-batch": (_train("--data", "random:cells=4,genes=50"), "batch"),
+    # the trainer's words, with the command's option instead of the Python argument
+    "train-data-smaller-than-a-batch": (_train("--data", "random:cells=4,genes=50"),
+                                        "lower --batch-size"),
+    "train-data-is-a-file": (_train("--data", "{cells}"), "is a file; txfm train reads a shards"),
+    "train-resume-on-other-data": (_resume("--data", "random:cells=64,genes=3"),
+                                   "resume it with the data it was trained on"),
     "train-out-is-a-file": (_train("--out", "{a_file}"), "--out"),
     "train-twice-into-one-out": (_train("--out", "{run}"), "--resume"),
     "train-resume-without-checkpoint": (_train("--resume"), "--resume"),
@@ -274,6 +283,8 @@ CASES = {
     "pert-obsm-key-missing": (_pert("--obsm-key", "X_scgpt"), "X_scgpt"),
     "pert-gene-table-missing": (_pert("--gene-table", "{root}/genes.tsv"), "--gene-table"),
     "pert-db-missing": (_pert("--db", "{root}/no_db"), "--db"),
+    "pert-db-missing-unused": (_pert("--db", "{root}/no_db", "--metrics", "lin"), "--db"),
+    "pert-one-perturbation": (_pert(emb="{one_perturbation}"), "needs at least 2"),
     "pert-counts-nan": (_pert(emb="{nan}"), "NaN"),
     "pert-min-cells-0": (_pert("--min-cells", "0"), "--min-cells"),
     "pert-max-cells-negative": (_pert("--max-cells", "-5"), "--max-cells"),
@@ -462,3 +473,68 @@ def test_every_command_with_progress_bars_takes_no_progress():
         flags = parser._option_string_actions
         if name in with_bars or "--quiet" in flags:
             assert isinstance(flags.get("--no-progress"), argparse._StoreTrueAction), name
+
+
+def test_help_is_plain_text_fast_and_interruptible(monkeypatch, capsys):
+    """`txfm --help` imported torch through the packages' __init__ (~5 s on a 2-core box), so
+    a Ctrl-C in those seconds printed a traceback; the help showed RST markup and
+    '(default: None)' on required options (a fresh user's finds)."""
+    import argparse
+    import subprocess
+    import sys
+
+    import txfm.cli
+    from txfm.cli import build_parser
+
+    # reading the options imports neither torch nor anndata
+    code = ("import sys, txfm.cli; txfm.cli.build_parser().parse_args(['train', '--steps', '5']);"
+            "print(sorted(m for m in ('torch', 'anndata', 'zarr', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+    def parsers(parser, path=("txfm",)):
+        yield " ".join(path), parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from parsers(child, (*path, name))
+
+    for name, parser in parsers(build_parser()):
+        text = parser.format_help()
+        for markup in ("``", ":class:", ":func:", ":data:", ":mod:", "(default: None)"):
+            assert markup not in text, (name, markup)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(txfm.cli, "build_parser", interrupted)
+    assert txfm.cli.main(["data", "info", "x"]) == 130
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "interrupted" in err
+
+
+def test_model_config_states_the_kernels_limits():
+    """TxFMConfig restates two of txfm_kernels' limits so that building a config needs no
+    torch; they must stay the kernels' own."""
+    from txfm.model import config
+    from txfm_kernels import sample
+
+    assert config.TARGET_SUM_RANGE == sample.TARGET_SUM_RANGE
+    assert config.TAU_LIMIT == sample.TAU_LIMIT
+
+
+def test_convert_warns_about_repeated_cell_names(tmp_path, capsys):
+    import warnings
+
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (30, N_GENES)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning about the names
+        a = ad.AnnData(X=counts, var=pd.DataFrame(index=GENES),
+                       obs=pd.DataFrame(index=[f"c{i % 20}" for i in range(30)]))
+        a.write_h5ad(tmp_path / "dup.h5ad")
+    status = main(["data", "convert", str(tmp_path / "dup.h5ad"), "--out", str(tmp_path / "s"),
+                   "--quiet", "--min-cells", "1", "--min-genes", "1"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "10 cell names repeat an earlier one (e.g. 'c0')" in err, err
+    assert "obs_names_make_unique" in err

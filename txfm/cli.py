@@ -2,7 +2,8 @@
 ``txfm genes``, ``txfm eval relationships|perturbation``.
 
 Each subpackage registers its own subcommands (``register(subparsers)`` in its ``cli``
-module) and imports its heavy dependencies only when its command runs.
+module) and imports its heavy dependencies (torch, anndata, zarr, scikit-learn) only when its
+command runs: reading the options and ``--help`` take a fraction of a second.
 
 A user's mistake (bad option value, missing or unreadable input, an output that would
 overwrite something the command did not make: a run folder, a shard collection, an
@@ -82,6 +83,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         report(f"error: {message} (see {self.prog} --help)")
         self.exit(2)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ``(default: ...)`` after each option's help, except where it says nothing:
+    a required option, a default of None, or a help that already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def file_in_path(path) -> "pathlib.Path | None":
@@ -174,12 +186,29 @@ def check_device(option: str, device: str) -> str:
     return str(parsed)
 
 
+DESCRIPTION = """\
+TxFM (arXiv:2605.31562): make and convert training data, train the model, embed cells and
+evaluate the embeddings. `txfm COMMAND --help` describes each command.
+
+A mistake in the options or the inputs ends in one `error:` line and exit status 2; Ctrl-C
+exits with 130 and SIGTERM with 143, leaving no half-written output."""
+
+
+def help_text(doc: str) -> str:
+    """A docstring as ``--help`` text: reStructuredText markup (double backquotes, ``:role:``
+    references, a literal block's ``::``) as plain text."""
+    import re
+
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"`\1`", doc)
+    return doc.replace("``", "`").replace("::\n", ":\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from txfm.data.cli import register as register_data
     from txfm.eval.cli import register as register_eval
     from txfm.train.cli import register as register_train
 
-    parser = ArgumentParser(prog="txfm", description=__doc__,
+    parser = ArgumentParser(prog="txfm", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_data(sub)
@@ -218,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     import threading
     import warnings
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        # inside the try: Ctrl-C while the options are read (or a command's modules load) is
+        # an interruption like any other, not a traceback
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = _warning_lines()
             return int(args.func(args) or 0)

@@ -5,8 +5,7 @@ words the error for its own argument."""
 from __future__ import annotations
 
 import re
-
-import torch
+import sys
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 # ASCII digits without leading zeros: what torch.device parses ("cuda:01" and "cuda:٣" it
@@ -14,22 +13,27 @@ DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 _NAME = re.compile(r"cpu(:0)?|cuda(:(0|[1-9][0-9]*))?", re.ASCII)
 
 
-def parse_device(name) -> torch.device | None:
+def parse_device(name) -> "torch.device | None":
     """``name`` (a ``str`` or ``torch.device``) as a CPU or CUDA ``torch.device``, or None when
     it is neither (``auto``, another device type, a malformed name). Reads no hardware."""
-    if isinstance(name, torch.device):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(name, torch.device):
         return name if name.type in ("cpu", "cuda") else None
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
         return None
+    import torch  # here, not at the top: option parsing and --help need no torch
+
     device = torch.device(name)
     return torch.device("cpu") if device.type == "cpu" else device
 
 
-def device_problem(device: torch.device) -> str | None:
+def device_problem(device: "torch.device") -> str | None:
     """Why ``device`` cannot be used here (a CUDA device this machine lacks), or None.
     Checks availability only, never allocates; other device types are left to torch."""
     if device.type != "cuda":
         return None
+    import torch
+
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         return f"CUDA is not available here (torch {torch.__version__})"

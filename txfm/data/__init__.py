@@ -18,7 +18,7 @@ Names are imported lazily so that ``txfm data convert`` does not pay for importi
 """
 from __future__ import annotations
 
-import importlib
+from txfm._lazy import lazy_exports
 
 _EXPORTS = {
     "Manifest": "manifest", "DatasetInfo": "manifest", "ShardInfo": "manifest",
@@ -29,17 +29,4 @@ _EXPORTS = {
     "InputError": "readers", "ShardReadError": "layout",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'txfm.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from txfm.cli import finite_float, int_at_least, nonnegative_int, positive_int
+from txfm.cli import (DefaultsHelpFormatter, finite_float, int_at_least, nonnegative_int,
+                      positive_int)
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     data = subparsers.add_parser("data", help="synthetic data, conversion to Zarr shards, info, "
                                                "verify, the demo",
                                  description="Make, convert and inspect training data.")

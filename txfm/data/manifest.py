@@ -157,7 +157,9 @@ class Manifest:
         if not path.is_file():
             work = root / ".txfm-convert"
             hint = (" (a conversion was interrupted: re-run the same `txfm data convert` "
-                    "command to finish it)") if work.exists() else ""
+                    "command to finish it)") if work.exists() else (
+                "; a shard collection is the folder that `txfm data convert INPUT... --out "
+                "FOLDER` writes")
             raise FileNotFoundError(f"{root} is not a complete txfm shard collection: no "
                                     f"{MANIFEST}{hint}")
         try:

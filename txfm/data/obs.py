@@ -175,6 +175,17 @@ class ObsTables:
                 raise InputError(f"{path}: obs has {len(f)} rows for {n} cells")
         renamed = _input_columns(frames, paths)
         self.obs_names = [np.asarray(f.index.astype(str), dtype=object) for f in renamed]
+        for names_d, path in zip(self.obs_names, paths):
+            dup = pd.Index(names_d).duplicated()
+            if dup.any():
+                # kept as they are (source_row tells the cells apart), but said now rather than
+                # by anndata when the shards are read
+                warnings.warn(f"{path}: {int(dup.sum()):,} cell names repeat an earlier one "
+                              f"(e.g. {names_d[np.flatnonzero(dup)[0]]!r}); the shards keep "
+                              f"them, and their source_row column tells the cells apart. Make "
+                              f"them unique first (AnnData.obs_names_make_unique()) to join "
+                              f"the shards back to the input by name", UserWarning,
+                              stacklevel=2)
         self.offsets = np.concatenate([[0], np.cumsum(n_cells)]).astype(np.int64)
         cols: list[str] = []
         for f in renamed:

@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 from txfm.cli import (
+    DefaultsHelpFormatter,
     UsageError,
     error_message,
     file_in_path,
@@ -27,7 +28,7 @@ from . import EMBED_K_FACTOR
 def register(subparsers) -> None:
     from txfm.model.config import PRECISIONS  # the train subparser imports it (and torch) too
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
 
     p = subparsers.add_parser(
         "embed", formatter_class=fmt,
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
                     ".X, .raw and layers; uns['txfm_embed'][KEY] records the checkpoint file, "
                     "step and settings).")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
-    p.add_argument("--input", required=True, help=".h5ad, 10x matrix folder, or 10x .h5")
+    p.add_argument("--input", required=True,
+                   help=".h5ad, AnnData zarr store, 10x matrix folder, or 10x .h5")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--layer", default=None, help="counts from .layers[LAYER] ('raw' = .raw.X)")
     p.add_argument("--gene-table", default=None,
@@ -598,6 +600,12 @@ def cmd_perturbation(args) -> int:
         return _fail(f"--fit-on {args.fit_on}: no such file or folder (a shard collection "
                      "from `txfm data convert`, or an .h5ad of raw counts)")
     dbs = []
+    if args.db and "bmdb" not in metrics:
+        # a typo in an option that goes unused is still a typo: say so rather than ignore it
+        missing = [d for d in args.db if not pathlib.Path(d).exists()]
+        if missing:
+            return _fail(f"--db {missing[0]}: no such file or folder")
+        print("warning: --db is used only by the bmdb metric, which --metrics leaves out")
     if "bmdb" in metrics and args.db:  # read before the long work: a typo costs nothing
         try:
             dbs = load_databases(args.db)
@@ -635,6 +643,11 @@ def cmd_perturbation(args) -> int:
     except ValueError as err:
         return _fail(str(err))
     n_perts = len(labels.pert_names) - 1
+    n_given = int((counts.index != args.control).sum())
+    if n_given < 2 and not args.max_cells:  # no option can help: the input has too few
+        return _fail(f"{args.embeddings}: --perturbation-key {args.perturbation_key!r} has "
+                     f"{n_given} perturbation(s) besides the control {args.control!r}; the "
+                     f"benchmark compares perturbations, so it needs at least 2")
     if n_perts < 2:
         sub = f" in the --max-cells {args.max_cells} subsample" if args.max_cells else ""
         return _fail(f"need >= 2 perturbations with >= {args.min_cells} cells (--min-cells) "

@@ -8,8 +8,12 @@
 * ``TxFMConfig.backend`` picks the :mod:`txfm_kernels` backend of every op; ``"torch"`` runs
   each op's one torch reference, for comparison and debugging
 """
-from .config import ACTIVATIONS, LOSSES, PRESETS, TxFMConfig, preset
-from .losses import CountLoss
-from .txfm_model import TxFM
+from __future__ import annotations
 
-__all__ = ["TxFMConfig", "PRESETS", "preset", "TxFM", "CountLoss", "LOSSES", "ACTIVATIONS"]
+from txfm._lazy import lazy_exports
+
+_EXPORTS = {
+    "ACTIVATIONS": "config", "LOSSES": "config", "PRESETS": "config", "TxFMConfig": "config",
+    "preset": "config", "CountLoss": "losses", "TxFM": "txfm_model",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

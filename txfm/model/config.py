@@ -36,6 +36,10 @@ ACTIVATIONS = ("rectified_tanh", "relu", "clamped_relu", "softmax")
 ATTENTION = ("auto", "sdpa", "flash", "math")
 TOKEN_NORMS = ("split", "none", "rms")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
+# txfm_kernels.sample's TARGET_SUM_RANGE and TAU_LIMIT, restated so that building a config (and
+# so `txfm --help`) needs no torch; tests/test_cli_errors.py checks that they agree
+TARGET_SUM_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+TAU_LIMIT = 100.0
 # arithmetic of a training run or an embedding forward; auto: bf16 autocast on CUDA, fp32 on
 # the CPU (txfm embed: the precision the model was trained in)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -170,8 +174,6 @@ class TxFMConfig:
         need(self.attention in ATTENTION, "attention", f"is not one of {ATTENTION}")
         # what the kernels take: fp32 numbers, and a tau whose draw weights m ** tau stay
         # inside fp32 for any corpus
-        from txfm_kernels.sample import TARGET_SUM_RANGE, TAU_LIMIT
-
         low, high = TARGET_SUM_RANGE
         need(low <= self.target_sum <= high, "target_sum",
              f"must be > 0 and an fp32 number (<= {high:.3g})")

@@ -7,11 +7,15 @@
 
 Nothing here imports anndata or zarr until a run reads on-disk shards.
 """
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .config import RECIPES, TrainConfig
-from .synthetic import MemoryBatch, RandomCSRSource
-from .trainer import Trainer, TrainingDiverged, TrainResult, sample_batch, train
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "RECIPES", "Trainer", "TrainResult", "TrainingDiverged", "train",
-           "load_checkpoint", "latest_checkpoint", "CheckpointError", "RandomCSRSource",
-           "MemoryBatch", "sample_batch"]
+from txfm._lazy import lazy_exports
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "RECIPES": "config", "TrainConfig": "config",
+    "MemoryBatch": "synthetic", "RandomCSRSource": "synthetic", "Trainer": "trainer",
+    "TrainingDiverged": "trainer", "TrainResult": "trainer", "sample_batch": "trainer",
+    "train": "trainer",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -23,7 +23,7 @@ import json
 import pathlib
 import sys
 
-from txfm.cli import UsageError, error_message, finite_float
+from txfm.cli import UsageError, error_message, finite_float, help_text
 
 _TRAIN_FLAGS = {  # argparse dest -> TrainConfig field
     "data": "data", "out": "out", "steps": "steps", "epochs": "epochs",
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     from txfm.model.config import ACTIVATIONS, ATTENTION, LOSSES, PRECISIONS
 
     p = subparsers.add_parser("train", help="train TxFM (plain `txfm train`: the CPU demo)",
-                              description=__doc__,
+                              description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default=None, help="tiny (default), S, B or L")
@@ -266,9 +266,14 @@ def _config_error(exc, args) -> UsageError:
     else:
         out = pathlib.Path(args.out or f"runs/{args.preset or 'tiny'}")
         saved = out / "config.json"
-        source = (f"the run's {saved}" if args.resume and saved.exists()
-                  else f"--preset {args.preset or 'tiny'}")
-        where = f"{field}={exc.value!r} (from {source})"
+        if args.resume and saved.exists():
+            # the run's model is fixed, so the advice to change the value cannot be followed:
+            # the data is what does not fit
+            return UsageError(f"{field}={exc.value!r} (from the run's {saved}): "
+                              f"{rule.split(';')[0]}; a resumed run keeps its model, so resume "
+                              f"it with the data it was trained on, or start a new run (another "
+                              f"--out) on this data")
+        where = f"{field}={exc.value!r} (from --preset {args.preset or 'tiny'})"
     return UsageError(f"{where}: {rule}")
 
 
@@ -294,10 +299,28 @@ def _check_data(data: str | None) -> None:
             parse_random_spec(str(data))
         except ValueError as exc:
             raise UsageError(f"{exc}; e.g. random:cells=4096,genes=2000") from exc  # names --data
+    elif pathlib.Path(data).is_file():
+        raise UsageError(f"--data {data} is a file; txfm train reads a shards folder: convert "
+                         f"it first (`txfm data convert {data} --out SHARDS`), then --data SHARDS")
     elif not pathlib.Path(data).is_dir():
         raise UsageError(f"--data {data}: no such folder; give a shards folder written by "
                          "`txfm data convert`, random[:cells=N,genes=G], or leave --data out for "
                          "the demo")
+
+
+def _in_flags(message: str) -> str:
+    """A library message about sizes in this command's words: its options, not the Python
+    arguments behind them (the trainer always drops a last partial batch)."""
+    import re
+
+    message = message.replace("so drop_last=True leaves no batch; lower batch_size or pass "
+                              "drop_last=False", "so not one whole batch can be drawn; lower "
+                              "batch_size")
+    for name in ("batch_size", "accum"):
+        flag = _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+        message = re.sub(rf"(?<![\w.-]){name}=", flag + " ", message)
+        message = re.sub(rf"(?<![\w.-]){name}\b", flag, message)
+    return message
 
 
 def run(args) -> int:
@@ -315,7 +338,7 @@ def run(args) -> int:
         except ConfigError as exc:  # what only the data or this machine tell: k, backend, ...
             raise _config_error(exc, args) from exc
         except (ValueError, OSError) as exc:  # setting up: the data, --out, --resume, sizes
-            raise UsageError(error_message(exc)) from exc
+            raise UsageError(_in_flags(error_message(exc))) from exc
         result = trainer.fit()
     finally:
         dist.shutdown()
