@@ -77,6 +77,11 @@ def files(tmp_path_factory):
     keep = cells.obs["perturbation"].isin(["non-targeting", labels[1]]).to_numpy()
     assert 0 < keep.sum() < N_CELLS
     cells[keep].copy().write_h5ad(paths["one_perturbation"])
+    from txfm.data.convert import convert
+
+    paths["shards"] = root / "shards"  # 40 cells: fewer than a batch of 64
+    convert([paths["cells"]], paths["shards"], min_cells=1, min_genes=1, val_fraction=0.0,
+            progress=False)
     data = paths["cells"].read_bytes()
     paths["truncated"] = root / "truncated.h5ad"
     paths["truncated"].write_bytes(data[: len(data) // 2])
@@ -193,6 +198,9 @@ CASES = {
     # the trainer's words, with the command's option instead of the Python argument
     "train-data-smaller-than-a-batch": (_train("--data", "random:cells=4,genes=50"),
                                         "lower --batch-size"),
+    # the loader's words (drop_last=True, a ShardLoader argument) in the command's
+    "train-shards-smaller-than-a-batch": (_train("--data", "{shards}", "--batch-size", "64"),
+                                          "not one whole batch can be drawn; lower --batch-size"),
     "train-data-is-a-file": (_train("--data", "{cells}"), "is a file; txfm train reads a shards"),
     "train-resume-on-other-data": (_resume("--data", "random:cells=64,genes=3"),
                                    "resume it with the data it was trained on"),

@@ -317,7 +317,7 @@ def _in_flags(message: str) -> str:
                               "drop_last=False", "so not one whole batch can be drawn; lower "
                               "batch_size")
     for name in ("batch_size", "accum"):
-        flag = _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+        flag = _FLAG_OF[name]
         message = re.sub(rf"(?<![\w.-]){name}=", flag + " ", message)
         message = re.sub(rf"(?<![\w.-]){name}\b", flag, message)
     return message
