@@ -42,6 +42,43 @@ def fail(message: str):
     raise SystemExit(2)
 
 
+def check_distinct(option: str, items: list) -> list:
+    """``fail`` when a list option names one case twice: the rows of both would share one
+    group, and the speed-up columns (``x_eager``, ``x_compile``) would divide by the wrong
+    reference. Returns ``items``."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            shown_item = "x".join(map(str, item)) if isinstance(item, tuple) else item
+            fail(f"{option}: {shown_item} is given twice; name each case once")
+        seen.add(item)
+    return items
+
+
+def run(main: Callable[[], Any]) -> int:
+    """Run a benchmark's ``main``; Ctrl-C ends it with exit status 130 and one line instead of
+    a traceback (output files are only written, whole, once every case has run)."""
+    try:
+        rc = main()
+        return rc if isinstance(rc, int) else 0
+    except KeyboardInterrupt:
+        print("interrupted: no results written", file=sys.stderr)
+        return 130
+
+
+def _write_atomic(path: pathlib.Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file in its folder and rename it into place, so an
+    interrupted write leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_fits(nbytes: float, what: str, device: torch.device | str) -> None:
     """``fail`` (one ``error:`` line, exit 2) before any work when a case's tensors, about
     ``nbytes``, cannot fit in the device's memory (the host's RAM for CPU tensors)."""
@@ -110,10 +147,12 @@ def select_impls(impls, wanted: str | None):
     if wanted is None:
         return impls
     names = [w.strip() for w in wanted.split(",") if w.strip()]
+    if not names:
+        fail(f"--impls {wanted!r}: name at least one of {list(impls)} (comma-separated)")
     unknown = [w for w in names if w not in impls]
-    if unknown or not names:
-        fail(f"--impls {wanted!r}: {unknown or 'none named'} not available here; choose from "
-             f"{list(impls)}")
+    if unknown:
+        fail(f"--impls {wanted!r}: {unknown} not available here; choose from {list(impls)}")
+    check_distinct("--impls", names)
     if isinstance(impls, dict):
         return {k: v for k, v in impls.items() if k in names}
     return [i for i in impls if i in names]
@@ -356,12 +395,14 @@ def emit(name: str, rows: list[dict], columns: list[str], args: argparse.Namespa
               f"{min(r['reps'] for r in fewer)}): see 'reps' in --json / --csv")
     payload = {"benchmark": name, "command": command_line(), "machine": info, "rows": rows, **(extra or {})}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        text = json.dumps(payload, indent=2, default=str)
+        _write_atomic(args.json, lambda f: f.write(text))
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
+
+        def write_csv(f):
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
+
+        _write_atomic(args.csv, write_csv)

@@ -37,7 +37,8 @@ import time
 
 import numpy as np
 
-from bench.common import add_common_args, emit, refuse_with_quick, warn_if_loaded
+from bench.common import (add_common_args, check_distinct, emit, refuse_with_quick, run,
+                          warn_if_loaded)
 from txfm.cli import ArgumentParser, nonnegative_int, positive_int
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -167,6 +168,19 @@ def _rss_now_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def _endless(epoch):
+    """Batches of ``epoch()`` (a fresh pass each time one ends): a small corpus runs out during
+    the warm-up or the timed batches, and the timing goes on into the next epoch."""
+    while True:
+        empty = True
+        for batch in epoch():
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the loader gave no batch in a whole pass: fewer usable cells than "
+                               "--batch-size")
+
+
 def worker_ours(args) -> dict:
     import torch
 
@@ -179,7 +193,7 @@ def worker_ours(args) -> dict:
     loader = ShardLoader(args.path, args.batch_size, obs_columns=("orig",), seed=args.seed,
                          num_threads=args.threads or None, pin_memory=cuda,
                          verify=not args.no_verify)
-    it = iter(loader.dataloader(args.workers) if args.workers else loader)
+    it = _endless(lambda: loader.dataloader(args.workers) if args.workers else loader)
     next(it)
     first = time.perf_counter() - t_open
     for _ in range(args.warmup):
@@ -190,11 +204,7 @@ def worker_ours(args) -> dict:
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), _cpu_s()
     for _ in range(args.batches):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader.dataloader(args.workers) if args.workers else loader)
-            b = next(it)
+        b = next(it)
         n += b.batch_size
         if cuda:  # what a trainer does: async copy from pinned memory, no sync per batch
             on_device = b.to(args.device, non_blocking=True)
@@ -302,6 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [c for c in args.codecs.split(",") if c not in CODECS]
     if bad or not args.codecs:
         p.error(f"--codecs {args.codecs!r}: choose from {', '.join(CODECS)} (comma-separated)")
+    check_distinct("--codecs", args.codecs.split(","))
     refuse_with_quick(p, args, "--codecs", "--workers", "--cells", "--genes", "--nnz",
                       "--batch-size")
     if not args.worker:
@@ -464,4 +475,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

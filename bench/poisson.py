@@ -27,8 +27,8 @@ import argparse
 import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_fits, compile_fn, emit, gpu_peak_bandwidth_gbs, peak_extra_mib,
-                          refuse_with_quick, select_impls, sync, time_fn, warn_if_loaded)
+                          check_distinct, check_fits, compile_fn, emit, gpu_peak_bandwidth_gbs, peak_extra_mib,
+                          refuse_with_quick, run, select_impls, sync, time_fn, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = (args.dtype or ("fp32" if args.quick else "fp32,bf16")).split(",")
     if any(d not in DTYPES for d in dtypes):
         parser.error(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
+    check_distinct("--dtype", dtypes)
     if args.quick:
         batches, G, reps, max_s = [4], 2048, args.reps or 2, 2.0
     else:
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             batches = []
         if not batches or min(batches) < 1:
             parser.error(f"--batches {args.batches!r}: give integers >= 1 such as 64,256")
+        check_distinct("--batches", batches)
         G = args.G
         reps = args.reps or (50 if device.type == "cuda" else 5)
         max_s = 10.0 if device.type == "cuda" else 4.0
@@ -155,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_fits, emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib,
-                          refuse_with_quick, select_impls, sync, time_fn, warn_if_loaded)
+                          check_distinct, check_fits, emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib,
+                          refuse_with_quick, run, select_impls, sync, time_fn, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -206,7 +206,7 @@ def parse_cases(text: str | None) -> list[tuple[int, str]]:
     bad = [k for _, k in cases if k not in KINDS]
     if bad:
         fail(f"--cases: unknown kinds {bad}; choose from {list(KINDS)}")
-    return cases
+    return check_distinct("--cases", cases)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,4 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -25,8 +25,8 @@ import argparse
 import torch
 
 from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_fits, compile_fn, emit, fail, gpu_peak_bandwidth_gbs,
-                          peak_extra_mib, refuse_with_quick, select_impls, sync, time_fn,
+                          check_distinct, check_fits, compile_fn, emit, fail, gpu_peak_bandwidth_gbs,
+                          peak_extra_mib, refuse_with_quick, run, select_impls, sync, time_fn,
                           warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
@@ -132,7 +132,7 @@ def parse_sizes(text: str | None, device: torch.device) -> list[tuple[int, int]]
     if not sizes or any(len(s) != 2 or s[0] < 1 or s[1] < 2 for s in sizes):
         fail(f"--sizes {text!r}: give BxD pairs (B >= 1, D >= 2) such as 32x384,192x768, "
              f"or 'all'")
-    return sizes
+    return check_distinct("--sizes", sizes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtype.split(",")
     if any(d not in DTYPES for d in dtypes):
         parser.error(f"--dtype {args.dtype!r}: choose from {list(DTYPES)}")
+    check_distinct("--dtype", dtypes)
     warn_if_loaded()
     if args.quick:
         sizes, K, V, reps, max_s = [(2, 64)], 256, 1000, args.reps or 2, 2.0
@@ -180,4 +181,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

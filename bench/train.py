@@ -15,13 +15,15 @@ MFU = samples/s x train FLOPs per sample (:mod:`txfm.train.flops`) / the device'
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, check_device, emit, refuse_with_quick, sync,
-                          warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, check_device, check_distinct, emit,
+                          refuse_with_quick, run, sync, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 from txfm.model import preset
 from txfm.model.config import TOKEN_NORMS
@@ -156,6 +158,11 @@ def main(argv=None) -> list[dict]:
     if unknown:
         parser.error(f"--preset {unknown[0]}: choose from "
                      f"{sorted(set(CASES['cuda']) | set(CASES['cpu']))}")
+    check_distinct("--preset", args.preset or [])
+    check_distinct("--tokens", args.tokens or [])
+    if args.threads and args.threads > (os.cpu_count() or 1):
+        print(f"warning: --threads {args.threads} is more than this machine's {os.cpu_count()} "
+              "CPUs; oversubscribed threads slow each step down", file=sys.stderr)
     kind = torch.device(args.device).type
     check_device(torch.device(args.device))
     warn_if_loaded()
@@ -193,4 +200,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -10,17 +10,21 @@ CASES = {
     "poisson": [["--impls", "bogus"], ["--impls", ""], ["--dtype", "fp16"], ["--device", "foo"], ["--reps", "-3"],
                 ["--batches", "0"], ["--G", "0"], ["--json", "{tmp}"],
                 ["--csv", "{tmp}/afile/x.csv"], ["--quick", "--G", "100"],
-                ["--batches", "100000000", "--G", "44349"], ["--batches", "1", "--G", "10**11"]],
+                ["--batches", "100000000", "--G", "44349"], ["--batches", "1", "--G", "10**11"],
+                ["--batches", "4,4"], ["--dtype", "fp32,fp32"], ["--impls", "eager,eager"]],
     "tokens": [["--sizes", "4x1"], ["--K", "0"], ["--K", "200", "--V", "100"],
                ["--quick", "--sizes", "2x64"], ["--sizes", "100000000x768"],
-               ["--V", "10000000000"]],
+               ["--V", "10000000000"], ["--sizes", "2x64,2x64"], ["--dtype", "fp32,fp32"]],
     "sample": [["--cases", "0:sc"], ["--cases", "256:foo"], ["--K", "0"], ["--quick", "--K", "8"],
-               ["--cases", "4:sc", "--K", "50000"], ["--cases", "100000000:sc", "--impls", "cpu"]],
-    "train": [["--preset", "XL"], ["--batch", "-4"], ["--threads", "-1"], ["--quick", "--batch", "4"]],
+               ["--cases", "4:sc", "--K", "50000"], ["--cases", "100000000:sc", "--impls", "cpu"],
+               ["--cases", "4:sc,4:sc"]],
+    "train": [["--preset", "XL"], ["--batch", "-4"], ["--threads", "-1"], ["--quick", "--batch", "4"],
+              ["--preset", "tiny", "--preset", "tiny"]],
     "loader": [["--batch-size", "0"], ["--codecs", "zstdx"], ["--quick", "--codecs", "lz4"],
                ["--quick", "--cells", "100000"], ["--quick", "--batch-size", "64"],
                ["--quick", "--cache", "{tmp}/afile"],
-               ["--cells", "100", "--batch-size", "256", "--cache", "{tmp}/c"]],
+               ["--cells", "100", "--batch-size", "256", "--cache", "{tmp}/c"],
+               ["--codecs", "none,none"]],
     "gpu_check": [["--only", "poison"]],
 }
 
@@ -77,3 +81,49 @@ def test_annbatch_label_names_the_installed_versions(tmp_path):
     except importlib.metadata.PackageNotFoundError:
         expected = None
     assert got["annbatch"] == expected
+
+
+def test_interrupted_benchmark_exits_130_with_one_line(capsys):
+    from bench.common import run
+
+    def main():
+        raise KeyboardInterrupt
+
+    assert run(main) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: no results written"
+    assert run(lambda: [{"row": 1}]) == 0  # bench.train's main returns its rows
+
+
+def test_result_files_are_whole_or_absent(tmp_path):
+    from bench.common import _write_atomic
+
+    out = tmp_path / "r.csv"
+    _write_atomic(out, lambda f: f.write("old\n"))
+
+    def broken(f):
+        f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(out, broken)
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
+
+
+def test_loader_benchmark_runs_on_past_the_end_of_a_small_corpus():
+    """The warm-up and timed batches ran past a small corpus's one epoch: StopIteration."""
+    from bench.loader import _endless
+
+    it = _endless(lambda: iter([1, 2]))
+    assert [next(it) for _ in range(5)] == [1, 2, 1, 2, 1]
+    with pytest.raises(RuntimeError, match="--batch-size"):
+        next(_endless(lambda: iter([])))
+
+
+def test_kernels_info_refuses_an_unknown_backend(capsys):
+    from txfm_kernels.info import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--require", "bogus"])
+    assert exc.value.code == 2
+    assert "--require 'bogus': not a backend" in capsys.readouterr().err

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-built", action="append", default=[], choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
     infos = available_backends()
+    unknown = [n for n in args.require if n not in infos]
+    if unknown:
+        parser.error(f"--require {unknown[0]!r}: not a backend; choose from {', '.join(infos)}")
     for name, info in infos.items():
         mark = "yes" if info.available else "no "
         print(f"{name:7s} {mark}  {info.detail}")

@@ -51,8 +51,9 @@ logits and target once and writes one ``[B, G]`` gradient, and holds no other ``
 buffer.
 
 Consequences of that in-place scaling: a second backward through the same graph
-(``retain_graph=True``) after one with ``grad_output != 1`` (or any on a GPU) raises PyTorch's
-"modified by an inplace operation" error instead of returning a wrong gradient, and double
+(``retain_graph=True``) after one with ``grad_output != 1`` (or any on a GPU), or after the
+caller changed the gradient the first one returned in place, raises PyTorch's "modified by an
+inplace operation" error instead of returning a wrong gradient, and double
 backward (``create_graph=True``) is an error; the ``torch`` backend (eager autograd, also what
 ``auto`` falls back to) supports both. Memory traffic per training step, fp32: 12 bytes per
 element (read z, x; write dz); bf16 logits and target: 6 bytes.
@@ -68,7 +69,9 @@ keeps it as one node; ``alpha``, ``beta`` (and ``eps`` of the drop-in) may be Py
 that change between calls: new shapes reuse the compiled graph, a new float value recompiles
 once under inductor (it specialises floats that reach a custom op). In eager mode the same
 forward and backward run through a plain ``torch.autograd.Function``: the custom-op dispatch
-alone costs ~100 us of CPU per step.
+alone costs ~100 us of CPU per step. The custom op returns its gradient buffer as a second
+output, so its backward scales out of place: a direct caller of ``torch.ops.txfm.poisson_nll``
+keeps that output as it was (``torch.library.opcheck`` passes in full).
 """
 from __future__ import annotations
 
@@ -316,7 +319,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad_output):
+def _backward(ctx, grad_loss, _grad_of_grad_output, in_place: bool = True):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss is not None:
         raise RuntimeError("poisson_nll: the forward ran without a gradient (logits did not "
@@ -330,12 +333,13 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
                            "gradients")
     if ctx.reduction == "none":
         dz = (grad * grad_loss).to(grad.dtype)
-    elif (traced(grad_loss) or transformed(grad_loss) or ctx.view_input
+    elif (not in_place or traced(grad_loss) or transformed(grad_loss) or ctx.view_input
           or getattr(ctx, "handed_out", False)):
         # handed_out: an earlier backward of this graph (retain_graph=True) returned the saved
         # buffer itself, which is now the caller's gradient: scaling it in place would change
         # that gradient under them. transformed: batched gradients (is_grads_batched, vmap'd
-        # vector-Jacobian products) have no single value to test or scale by.
+        # vector-Jacobian products) have no single value to test or scale by. not in_place:
+        # the custom op hands its gradient buffer to whoever called it, so the buffer is theirs.
         dz = grad * grad_loss.to(grad.dtype)
     else:
         ctx.handed_out = True
@@ -343,7 +347,16 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
     return (dz,) + (None,) * 11
 
 
-_poisson_nll_op.register_autograd(_backward, setup_context=_setup_context)
+def _backward_op(ctx, grad_loss, grad_of_grad_output):
+    # The custom op returns its gradient buffer as an output: a direct caller of
+    # torch.ops.txfm.poisson_nll holds it, so the backward must not scale it under them (and
+    # torch.library's contract, checked by opcheck, is that outputs are not mutated). Under
+    # torch.compile the backward is traced, which is out of place anyway; the eager path
+    # (_PoissonNLLFunction) never hands the buffer out and keeps the in-place scaling.
+    return _backward(ctx, grad_loss, grad_of_grad_output, in_place=False)
+
+
+_poisson_nll_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 class _PoissonNLLFunction(torch.autograd.Function):
