@@ -46,6 +46,19 @@ def _anon_mib() -> float:
     return float("nan")
 
 
+def _endless(loader):
+    """Batches of fresh passes over ``loader``: a small corpus runs out during the warm-up or
+    the timed batches (as in bench.loader; this file runs in annbatch's own venv)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("annbatch gave no batch in a whole pass: fewer cells than "
+                               "--batch-size")
+
+
 def read(path: str, args) -> None:
     import annbatch
     import numpy as np
@@ -57,7 +70,7 @@ def read(path: str, args) -> None:
                              batch_size=args.batch_size, shuffle=True, drop_last=True,
                              preload_to_gpu=False, rng=np.random.default_rng(args.seed))
     loader.use_collection(col)
-    it = iter(loader)
+    it = _endless(loader)
     next(it)
     first = time.perf_counter() - t_open
     for _ in range(args.warmup):
@@ -67,11 +80,7 @@ def read(path: str, args) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     t0, c0 = time.perf_counter(), ru.ru_utime + ru.ru_stime
     for _ in range(args.batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
+        batch = next(it)
         x = batch["X"]
         n += x.shape[0]
         orig = batch["obs"]["orig"].to_numpy()
