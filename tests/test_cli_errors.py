@@ -127,6 +127,10 @@ def files(tmp_path_factory):
     feat.write_bytes(feat.read_bytes()[: feat.stat().st_size // 2])
     paths["tenx_empty_features"] = _write_10x(root / "tenx_empty_features", counts, gz=False)
     (paths["tenx_empty_features"] / "features.tsv").write_text("")
+    paths["run_corrupt"] = root / "run_corrupt"
+    shutil.copytree(run, paths["run_corrupt"])
+    for pt in (paths["run_corrupt"] / "checkpoints").glob("*.pt"):  # a zip header, then noise:
+        pt.write_bytes(b"PK\x03\x04" + rng.bytes(1000))  # torch's long miniz error text
     paths["run_bad_config"] = root / "run_bad_config"
     shutil.copytree(run, paths["run_bad_config"])
     (paths["run_bad_config"] / "config.json").write_text("{not json")
@@ -213,6 +217,8 @@ CASES = {
     "embed-checkpoint-missing": (_embed(checkpoint="{root}/nowhere.pt"), "nowhere.pt"),
     "embed-checkpoint-not-a-checkpoint": (_embed(checkpoint="{not_ckpt}"), "not_a_checkpoint"),
     "embed-checkpoint-folder-without-run": (_embed(checkpoint="{empty_dir}"), "empty_dir"),
+    "embed-every-checkpoint-unreadable": (_embed(checkpoint="{run_corrupt}"),
+                                          "no readable checkpoint"),
     "embed-gene-table-folder": (_embed("--gene-table", "{empty_dir}"), "is a folder"),
     "embed-input-missing": (_embed(input="{root}/nowhere.h5ad"), "--input"),
     "embed-input-truncated": (_embed(input="{truncated}"), "truncated.h5ad"),

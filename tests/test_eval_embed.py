@@ -314,6 +314,14 @@ def test_embed_anndata_in_memory_matches_the_command(trained, tmp_path):
         embed_anndata(backed[:10], loaded, key="X_view", progress=False)
     with pytest.raises(TypeError, match="not the model alone"):
         embed_anndata(a, loaded[0], key="X_bad", progress=False)
+    # wrong types name the argument (they were AttributeErrors and unpacking errors)
+    for not_adata in (a.X, str(synth.datasets[0])):
+        with pytest.raises(TypeError, match="adata must be an anndata.AnnData.*read_h5ad"):
+            embed_anndata(not_adata, loaded, key="X_bad", progress=False)
+    with pytest.raises(TypeError, match="4 items load_model.*got 3"):
+        embed_anndata(a, loaded[:3], key="X_bad", progress=False)
+    with pytest.raises(TypeError, match="checkpoint must be .*not int"):
+        embed_anndata(a, 7, key="X_bad", progress=False)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(UsageError, match="k=.*must be an integer >= 1"):
             embed_anndata(a, loaded, key="X_bad", k=bad, progress=False)

@@ -238,3 +238,7 @@ def test_learning_command_rejects_unknown_variant(capsys):
         main(["--variants", "mse,bogus", "--root", "/nonexistent"])
     assert exit_info.value.code == 2
     assert "error: --variants: unknown ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--variants", "mse,mse", "--root", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert "mse is named twice" in capsys.readouterr().err

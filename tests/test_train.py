@@ -347,6 +347,29 @@ def test_cli_overrides_and_resume_reuse_the_saved_config(tmp_path):
         build_configs(parser.parse_args(["train", "--set", "blocks=3"]))
 
 
+def test_run_records_its_data_folder_absolute_so_resume_works_from_anywhere(tmp_path,
+                                                                            monkeypatch):
+    """RUN/config.json kept `--data demo/shards` as typed: `--resume` from another folder then
+    failed with "no such folder ... leave --data out", though --data had been left out."""
+    from txfm.train.cli import _check_data
+
+    (tmp_path / "demo" / "shards").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    tcfg, _ = build_configs(parser.parse_args(["train", "--data", "demo/shards",
+                                               "--out", "runs/a"]))
+    assert tcfg.data == str(tmp_path / "demo" / "shards")
+    saved = tmp_path / "runs" / "a" / "config.json"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match=r"--data demo/shards \(from .*config.json; relative to "
+                                         r"the folder the run was started from\)"):
+        _check_data("demo/shards", saved)
+    with pytest.raises(UsageError, match=r"\(from .*config.json\): no such folder; pass --data"):
+        _check_data(str(tmp_path / "gone"), saved)
+
+
 def test_flop_formula():
     cfg = preset("B")
     f = forward_flops(cfg, 44_349)

@@ -433,6 +433,7 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
             existing ``key`` without ``overwrite``; counts that are not raw counts; no gene
             mapped onto the vocabulary.
         CheckpointError: an unreadable checkpoint.
+        TypeError: ``adata`` that is not an AnnData; a ``checkpoint`` of another type.
     Warns (``UserWarning``): genes summed into one vocabulary gene, case-only matches (another
     species?), fewer profiled genes than the training K, 0/1 data, cells without counts.
     """
@@ -445,9 +446,21 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     from .io import (GENE_NAME_COLUMNS, count_alternatives, counts_matrix, counts_source,
                      with_counts)
 
+    import anndata
+
+    if not isinstance(adata, anndata.AnnData):
+        raise TypeError(f"adata must be an anndata.AnnData (cells x genes), not "
+                        f"{type(adata).__name__}: read a file with anndata.read_h5ad(path), or "
+                        f"wrap a matrix with anndata.AnnData(X, var=...) naming its genes")
     if isinstance(checkpoint, torch.nn.Module):
         raise TypeError("checkpoint must be a run folder, a checkpoint file or the tuple "
                         "load_model(...) returns, not the model alone")
+    if isinstance(checkpoint, tuple) and len(checkpoint) != 4:
+        raise TypeError(f"checkpoint: a tuple must be the 4 items load_model(...) returns "
+                        f"(model, config, vocab, info), got {len(checkpoint)}")
+    if not isinstance(checkpoint, (tuple, str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a run folder or checkpoint file (str or Path) or "
+                        f"the tuple load_model(...) returns, not {type(checkpoint).__name__}")
     check_embed_options(key=key, k=k, draws=draws, seed=seed, cli=cli)
     if adata.isbacked and adata.is_view:
         raise UsageError(f"{source} is a view of a backed AnnData, which cannot take .obsm: "
@@ -519,8 +532,9 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
     runs = adata.uns.get("txfm_embed")
     # a record of before per-key records (one run's fields at the top level) is replaced
     runs = dict(runs) if isinstance(runs, dict) and "checkpoint" not in runs else {}
-    runs[key] = {"checkpoint": str(info.get("path", checkpoint if not isinstance(checkpoint, tuple)
-                                                else "")),
+    source = info.get("path", checkpoint if not isinstance(checkpoint, tuple) else "")
+    # absolute: the file is read later, from other folders, than the embedding was made
+    runs[key] = {"checkpoint": os.path.abspath(source) if str(source) else "",
                  "step": int(info.get("step") or 0), "k": k, "draws": int(draws),
                  "seed": int(seed), "precision": precision, "layer": layer or "X",
                  "genes_mapped": match.n_mapped, "genes_input": len(match.index),

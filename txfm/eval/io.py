@@ -137,8 +137,8 @@ def read_input(path: str | pathlib.Path, option: str = "input"):
     elif suffix == ".h5ad":
         a = read_h5ad(path, option)
     else:
-        raise UsageError(f"{option} {path}: unknown input type; give an .h5ad file, a 10x matrix "
-                         "folder or a 10x .h5 file")
+        raise UsageError(f"{option} {path}: unknown input type; give an .h5ad file, an AnnData "
+                         ".zarr store, a 10x matrix folder or a 10x .h5 file")
     if a.n_obs == 0 or a.n_vars == 0:
         raise UsageError(f"{option} {path}: empty input ({a.n_obs} cells x {a.n_vars} genes)")
     return a

@@ -121,6 +121,9 @@ def _names(p: argparse.ArgumentParser, args) -> list[str]:
     bad = [v for v in picked if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    twice = sorted({v for v in picked if picked.count(v) > 1})
+    if twice:
+        p.error(f"--variants {args.variants!r}: {twice[0]} is named twice; name each once")
     return ["txfm"] + [v for v in dict.fromkeys(picked) if v != "txfm"]
 
 

@@ -142,6 +142,14 @@ def check_map_location(map_location):
     return str(device)
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """The cause's first line and sentence: torch's zip errors append a paragraph of advice
+    that would bury the file's name in a CLI's one error line."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    head, dot, _ = text.partition(". ")
+    return head + ("." if dot else "")
+
+
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """Load one checkpoint file or raise :class:`CheckpointError` naming it and why."""
     path = pathlib.Path(path)
@@ -154,7 +162,8 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
         raise CheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read: it is truncated or "
-            f"corrupt, or not a TxFM checkpoint ({type(exc).__name__}: {exc})") from exc
+            f"corrupt, or not a TxFM checkpoint ({type(exc).__name__}: "
+            f"{_first_sentence(exc)})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a TxFM checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else type(state)})")
@@ -182,8 +191,8 @@ def latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
             warnings.warn("skipping unreadable checkpoint(s); using the previous good one "
                           f"{path}:\n  " + "\n  ".join(problems), RuntimeWarning, stacklevel=2)
         return path, state
-    raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(run_dir)}:\n  "
-                          + "\n  ".join(problems))
+    raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(run_dir)}: "
+                          + "; ".join(problems))
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -197,6 +198,10 @@ def build_configs(args):
             model_cfg = preset(name)
         changes = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items()
                    if getattr(args, dest) is not None}
+        data = changes.get("data")
+        if data is not None and not str(data).startswith("random") and os.path.isdir(data):
+            # absolute in RUN/config.json: `--resume` may run from another folder
+            changes["data"] = os.path.abspath(data)
         if args.steps is not None:
             changes["epochs"] = None
         elif args.epochs is not None:
@@ -288,8 +293,9 @@ def _model_flag(args, field: str) -> str | None:
     return None if dest is None else f"--{dest.replace('_', '-')} {getattr(args, dest)}"
 
 
-def _check_data(data: str | None) -> None:
-    """UsageError unless ``--data`` is absent (the demo), a folder, or a valid random spec."""
+def _check_data(data: str | None, saved: pathlib.Path | None = None) -> None:
+    """UsageError unless ``--data`` is absent (the demo), a folder, or a valid random spec;
+    ``saved``: the run's config.json the value came from (``--resume`` without ``--data``)."""
     if data is None:
         return
     if str(data).startswith("random"):
@@ -302,6 +308,13 @@ def _check_data(data: str | None) -> None:
     elif pathlib.Path(data).is_file():
         raise UsageError(f"--data {data} is a file; txfm train reads a shards folder: convert "
                          f"it first (`txfm data convert {data} --out SHARDS`), then --data SHARDS")
+    elif not pathlib.Path(data).is_dir() and saved is not None:
+        if os.path.isabs(data):
+            raise UsageError(f"--data {data} (from {saved}): no such folder; pass --data with "
+                             f"the shards' new path")
+        raise UsageError(f"--data {data} (from {saved}; relative to the folder the run was "
+                         f"started from): no such folder here; resume from that folder, or "
+                         f"pass --data with the shards' path")
     elif not pathlib.Path(data).is_dir():
         raise UsageError(f"--data {data}: no such folder; give a shards folder written by "
                          "`txfm data convert`, random[:cells=N,genes=G], or leave --data out for "
@@ -330,7 +343,8 @@ def run(args) -> int:
     from txfm.train.trainer import Trainer
 
     train_cfg, model_cfg = build_configs(args)
-    _check_data(train_cfg.data)
+    from_run = args.resume and args.data is None
+    _check_data(train_cfg.data, pathlib.Path(train_cfg.out) / "config.json" if from_run else None)
     check_device("--device", train_cfg.device)
     try:
         try:

@@ -35,6 +35,7 @@ import json
 import math
 import pathlib
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -473,7 +474,7 @@ class Trainer:
                           f"validation cells to tell a collapse, this validation has "
                           f"{self.diagnostics['cells']}: raise --val-batches "
                           f"({self.cfg.val_batches}) or --batch-size ({self.cfg.batch_size}); "
-                          "until then 'collapsed' stays empty")
+                          "until then 'collapsed' stays empty", file=sys.stderr)
             return
         # early on a model may still ignore its CLS; judge after a quarter of the run
         if row["step"] < 0.25 * self.total_steps:
@@ -483,7 +484,7 @@ class Trainer:
             self._warned_collapse = True
             bar.write(f"warning: step {row['step']}: the CLS embeddings carry no cell state "
                       f"(cls_gain={row['cls_gain']:.3g}, erank={row['erank']:.2f}): the model is "
-                      "collapsing; see docs/learning.md")
+                      "collapsing; see docs/learning.md", file=sys.stderr)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> TrainResult:
