@@ -72,9 +72,11 @@ class Pipeline:
             import pandas as pd
 
             os.makedirs(arg["--out"], exist_ok=True)
-            rows = [dict(embedding=e, postprocess="none", pcst=100.0, lin_top1=40.0,
-                         knn_top1=30.0, bmdb=self.bmdb, average=a)
-                    for e, a in (("X_txfm", self.average), ("pca", 65.0))]
+            rows = [dict(embedding=e, postprocess="none", pcst=100.0, lin_top1=lin,
+                         knn_top1=knn, bmdb=self.bmdb, average=a)
+                    for e, a, lin, knn in (("X_txfm", self.average, 40.0, 30.0),
+                                           ("pca", 65.0, 40.0, 30.0),
+                                           ("X_untrained", 53.0, 30.0, 17.0))]
             pd.DataFrame(rows).to_csv(os.path.join(arg["--out"], "perturbation_all.csv"),
                                       index=False)
 
@@ -176,8 +178,14 @@ def test_finished_run_is_reused_and_said(fake, tmp_path, capsys):
     _checkpoint(tmp_path / "out" / "run_txfm", 20, 20, 0)
     code, out, _ = _main(capsys, "--out", "out", "--steps", "20")
     assert code == 0
-    assert "train" not in fake.commands()
+    trains = [c for c in fake.calls if c[0] == "train"]
+    # only the untrained baseline trains (one step at its initial weights, no weight decay)
+    assert len(trains) == 1 and trains[0][trains[0].index("--out") + 1] == "out/run_untrained"
+    assert trains[0][trains[0].index("--steps") + 1] == "1" and "--weight-decay" in trains[0]
     assert "reusing out/run_txfm: finished (20 of 20 steps, seed 0)" in out
+    fake.calls.clear()
+    assert _main(capsys, "--out", "out", "--steps", "20")[0] == 0
+    assert "train" not in fake.commands()  # the baseline is reused too
 
 
 def test_interrupted_run_is_resumed(fake, tmp_path, capsys):
@@ -213,7 +221,8 @@ def test_seed_reaches_every_training(fake, capsys):
                        "--out", "out")
     assert code == 0
     trains = [c for c in fake.calls if c[0] == "train"]
-    assert [t[t.index("--out") + 1] for t in trains] == ["out/run_txfm", "out/run_relu"]
+    assert [t[t.index("--out") + 1] for t in trains] == ["out/run_txfm", "out/run_relu",
+                                                         "out/run_untrained"]
     assert all(t[t.index("--seed") + 1] == "7" for t in trains)
     assert "--activation" in trains[1]
     # run again: both runs are complete for these settings, so nothing trains
@@ -350,3 +359,23 @@ def test_failed_step_status_is_returned(fake, capsys, monkeypatch):
     monkeypatch.setattr(learning, "_run", embed_fails)
     assert learning.main(["--root", "demo", "--out", "out", "--steps", "5"]) == 2
     assert not (fake.calls and (fake.calls[-1][0] == "eval"))
+
+
+def test_model_no_better_than_untrained_fails_the_check(fake, capsys, monkeypatch):
+    """A model that beats chance but not its own initial weights has not shown that it
+    learned (on the demo a random encoder reaches lin top-1 ~30, 6x chance)."""
+    def same_as_untrained(argv):
+        fake(argv)
+        if argv[0] == "eval":
+            import pandas as pd
+
+            path = os.path.join(dict(zip(argv, argv[1:]))["--out"], "perturbation_all.csv")
+            table = pd.read_csv(path)
+            table.loc[table.embedding == "X_untrained", ["lin_top1", "knn_top1"]] = (40.0, 30.0)
+            table.to_csv(path, index=False)
+
+    monkeypatch.setattr(learning, "_run", same_as_untrained)
+    code, out, _ = _main(capsys, "--out", "out")
+    assert code == 1
+    assert "X_txfm lin_top1 > the untrained model's (40.0): NO" in out
+    assert "X_txfm knn_top1 > the untrained model's (30.0): NO" in out
