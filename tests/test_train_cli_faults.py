@@ -209,7 +209,9 @@ def test_tiny_validation_set_is_not_called_collapsed(tmp_path, capsys):
     result = train(cfg, _model())
     rows = [r for r in result.history if r.get("erank") is not None]
     assert len(rows) == 4 and all(r["collapsed"] is None for r in rows), rows
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "warning:" not in captured.out  # warnings go to stderr, as the CLI's others do
+    out = captured.err
     assert out.count("warning:") == 1, out
     assert f"at least {MIN_CELLS} validation cells" in out and "--val-batches" in out
     assert "--batch-size" in out and "collapsing" not in out
@@ -235,7 +237,7 @@ class _Bar:
     def update(self, n=1):
         pass
 
-    def write(self, line):
+    def write(self, line, file=None):  # tqdm.write's signature
         self.lines.append(line)
 
     def close(self):
