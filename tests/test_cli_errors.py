@@ -8,6 +8,7 @@ on stderr, no traceback, and that the message names the offending argument or fi
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import pytest
@@ -527,6 +528,17 @@ def test_help_is_plain_text_fast_and_interruptible(monkeypatch, capsys):
     assert "Traceback" not in out + err and "interrupted" in err
 
 
+def test_size_errors_name_each_flag_once():
+    from txfm.train.cli import _in_flags
+    from txfm.train.config import TrainConfig
+
+    with pytest.raises(ValueError) as exc:
+        TrainConfig(batch_size=33).micro_batch(2)
+    text = _in_flags(str(exc.value))
+    assert text.startswith("--batch-size 33 must be divisible by"), text
+    assert text.count("--batch-size") == 1
+
+
 def test_model_config_states_the_kernels_limits():
     """TxFMConfig restates two of txfm_kernels' limits so that building a config needs no
     torch; they must stay the kernels' own."""
@@ -552,3 +564,13 @@ def test_convert_warns_about_repeated_cell_names(tmp_path, capsys):
     assert status == 0, err
     assert "10 cell names repeat an earlier one (e.g. 'c0')" in err, err
     assert "obs_names_make_unique" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder "
+                    "that exists but takes no new entries")
+def test_a_folder_that_takes_no_entries_is_not_called_missing():
+    from txfm.cli import folder_problem
+
+    problem = folder_problem("/proc/txfm-out")
+    assert "(in /proc): it takes no new files or folders" in problem, problem
+    assert "No such file" not in problem

@@ -128,8 +128,13 @@ def folder_problem(path) -> str | None:
             base = base.parent
         os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
     except OSError as exc:
+        import errno
+
         where = "" if base == path else f" (in {base})"
-        return f"cannot write there{where}: {exc.strerror}; give a folder you can write to"
+        # /proc and the like exist but take no new entries, which the OS words as "no such file"
+        why = ("it takes no new files or folders" if exc.errno == errno.ENOENT and base.is_dir()
+               else exc.strerror)
+        return f"cannot write there{where}: {why}; give a folder you can write to"
     return None
 
 

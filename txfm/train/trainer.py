@@ -454,8 +454,9 @@ class Trainer:
             self.epoch = self.loader.epoch
             _set_rng_state(state["rng"][rank], self.device)
         else:
-            warnings.warn(f"--resume: {path} was written by {state.get('world_size')} ranks, this "
-                          f"run has {self.dist.world_size}: the data restarts at epoch "
+            had = state.get("world_size")
+            warnings.warn(f"--resume: {path} was written by {had} rank{'' if had == 1 else 's'}, "
+                          f"this run has {self.dist.world_size}: the data restarts at epoch "
                           f"{self.epoch}'s beginning", RuntimeWarning, stacklevel=2)
             self.loader.set_epoch(self.epoch)
         self._resumed_from = path
