@@ -371,11 +371,11 @@ def test_model_no_better_than_untrained_fails_the_check(fake, capsys, monkeypatc
 
             path = os.path.join(dict(zip(argv, argv[1:]))["--out"], "perturbation_all.csv")
             table = pd.read_csv(path)
-            table.loc[table.embedding == "X_untrained", ["lin_top1", "knn_top1"]] = (40.0, 30.0)
+            table.loc[table.embedding == "X_untrained", ["lin_top1", "knn_top1"]] = (38.5, 29.0)
             table.to_csv(path, index=False)
 
     monkeypatch.setattr(learning, "_run", same_as_untrained)
     code, out, _ = _main(capsys, "--out", "out")
-    assert code == 1
-    assert "X_txfm lin_top1 > the untrained model's (40.0): NO" in out
-    assert "X_txfm knn_top1 > the untrained model's (30.0): NO" in out
+    assert code == 1  # ahead by 1.5 and 1.0 points: within noise (a 20-step model is that far)
+    assert "X_txfm lin_top1 >= the untrained model's + 2 (40.5): NO" in out
+    assert "X_txfm knn_top1 >= the untrained model's + 2 (31.0): NO" in out

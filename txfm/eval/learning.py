@@ -9,8 +9,8 @@ hand (``docs/learning.md``)::
                                     # training corpus, and the oracle ceiling for K shown genes
 
 and prints the benchmark with the checks that say whether the model learned: its average at
-least PCA's, linear-probe / kNN top-1 at least 5x chance, and above those of the same model
-untrained (``X_untrained``: the tiny preset after one step at the warm-up's first learning
+least PCA's, linear-probe / kNN top-1 at least 5x chance, and at least 2 points above those
+of the same model untrained (``X_untrained``: the tiny preset after one step at the warm-up's first learning
 rate, 4e-5, with no weight decay, i.e. its initial weights). That last baseline matters: a
 randomly initialised encoder already passes a 208-gene profile through largely intact, so
 chance is a weak bar on the demo. ``--ablation`` also trains the
@@ -66,6 +66,10 @@ CHANCE_FACTOR = 5.0
 # learning rate (peak / 25) with no weight decay, the smallest run the trainer checkpoints.
 UNTRAINED = "untrained"
 UNTRAINED_ARGS = ["--steps", "1", "--weight-decay", "0"]
+# Percentage points by which lin / kNN top-1 must beat the untrained model's: a top-1 rate
+# over the demo's ~9,000 test cells has a sampling sd of about 0.5 points, and a 20-step model
+# is already 0.4-0.7 points ahead, so a bare ">" would pass a model that has not learned.
+LEARNED_MARGIN = 2.0
 # train and embed run in this process: torch's and the BLAS libraries' pools, and these for
 # anything they start
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -364,10 +368,12 @@ def _learn(args, names: list[str]) -> int:
             bool(model["lin_top1"] >= CHANCE_FACTOR * chance),
         f"knn_top1 >= {CHANCE_FACTOR:g}x chance ({CHANCE_FACTOR * chance:.1f})":
             bool(model["knn_top1"] >= CHANCE_FACTOR * chance),
-        f"lin_top1 > the untrained model's ({untrained['lin_top1']:.1f})":
-            bool(model["lin_top1"] > untrained["lin_top1"]),
-        f"knn_top1 > the untrained model's ({untrained['knn_top1']:.1f})":
-            bool(model["knn_top1"] > untrained["knn_top1"]),
+        f"lin_top1 >= the untrained model's + {LEARNED_MARGIN:g} "
+        f"({untrained['lin_top1'] + LEARNED_MARGIN:.1f})":
+            bool(model["lin_top1"] >= untrained["lin_top1"] + LEARNED_MARGIN),
+        f"knn_top1 >= the untrained model's + {LEARNED_MARGIN:g} "
+        f"({untrained['knn_top1'] + LEARNED_MARGIN:.1f})":
+            bool(model["knn_top1"] >= untrained["knn_top1"] + LEARNED_MARGIN),
     }
     print(f"\nchance: top-1 {chance:.1f}%, top-5 {chance5:.1f}% ({n_perts} perturbations)")
     for what, ok in checks.items():
