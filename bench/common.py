@@ -42,15 +42,14 @@ def fail(message: str):
     raise SystemExit(2)
 
 
-def check_distinct(option: str, items: list) -> list:
+def check_distinct(option: str, items: list, show: Callable[[Any], str] = str) -> list:
     """``fail`` when a list option names one case twice: the rows of both would share one
     group, and the speed-up columns (``x_eager``, ``x_compile``) would divide by the wrong
-    reference. Returns ``items``."""
+    reference. ``show`` writes a parsed case as the option spells it. Returns ``items``."""
     seen = set()
     for item in items:
         if item in seen:
-            shown_item = "x".join(map(str, item)) if isinstance(item, tuple) else item
-            fail(f"{option}: {shown_item} is given twice; name each case once")
+            fail(f"{option}: {show(item)} is given twice; name each case once")
         seen.add(item)
     return items
 

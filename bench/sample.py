@@ -206,7 +206,7 @@ def parse_cases(text: str | None) -> list[tuple[int, str]]:
     bad = [k for _, k in cases if k not in KINDS]
     if bad:
         fail(f"--cases: unknown kinds {bad}; choose from {list(KINDS)}")
-    return check_distinct("--cases", cases)
+    return check_distinct("--cases", cases, show=lambda case: f"{case[0]}:{case[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:

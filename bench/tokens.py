@@ -132,7 +132,7 @@ def parse_sizes(text: str | None, device: torch.device) -> list[tuple[int, int]]
     if not sizes or any(len(s) != 2 or s[0] < 1 or s[1] < 2 for s in sizes):
         fail(f"--sizes {text!r}: give BxD pairs (B >= 1, D >= 2) such as 32x384,192x768, "
              f"or 'all'")
-    return check_distinct("--sizes", sizes)
+    return check_distinct("--sizes", sizes, show=lambda size: f"{size[0]}x{size[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,18 @@ def test_bad_benchmark_options_give_one_error_line_before_any_work(bench, argv, 
     assert out == ""  # nothing measured, nothing printed
 
 
+@pytest.mark.parametrize("bench, argv, named", [
+    ("sample", ["--cases", "4:sc,4:sc"], "--cases: 4:sc is given twice"),
+    ("tokens", ["--sizes", "2x64,2x64"], "--sizes: 2x64 is given twice"),
+    ("poisson", ["--batches", "4,4"], "--batches: 4 is given twice")])
+def test_a_case_given_twice_is_named_as_written(bench, argv, named, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"bench.{bench}").main(argv)
+    assert named in capsys.readouterr().err
+
+
 def test_cpu_peak_memory_sees_buffers_the_heap_had_freed():
     """After a few calls glibc serves a call's 10.8 MiB temporaries from freed heap blocks that
     are still resident, so the RSS would not rise (this read 0 MiB); trimming the heap first

@@ -333,8 +333,7 @@ def _in_flags(message: str) -> str:
         flag = _FLAG_OF[name]
         message = re.sub(rf"(?<![\w.-]){name}=", flag + " ", message)
         message = re.sub(rf"(?<![\w.-]){name}\b", flag, message)
-    # "batch_size=33 (--batch-size)" has become "--batch-size 33 (--batch-size)"
-    return re.sub(r"(--[\w-]+) (\S+) \(\1\)", r"\1 \2", message)
+    return message
 
 
 def run(args) -> int:

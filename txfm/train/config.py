@@ -156,9 +156,9 @@ class TrainConfig:
         """Rows per micro-batch on each rank."""
         parts = world_size * self.accum
         if self.batch_size % parts:
-            raise ValueError(f"batch_size={self.batch_size} (--batch-size) must be divisible by "
-                             f"world_size x accum = {world_size} x {self.accum} (processes x "
-                             "--accum)")
+            # Python's names: txfm train's _in_flags puts its flags in their place
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size x "
+                             f"accum = {world_size} x {self.accum} (processes x accum)")
         return self.batch_size // parts
 
     def to_dict(self) -> dict:
