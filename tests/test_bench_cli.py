@@ -17,7 +17,7 @@ CASES = {
                ["--V", "10000000000"], ["--sizes", "2x64,2x64"], ["--dtype", "fp32,fp32"]],
     "sample": [["--cases", "0:sc"], ["--cases", "256:foo"], ["--K", "0"], ["--quick", "--K", "8"],
                ["--cases", "4:sc", "--K", "50000"], ["--cases", "100000000:sc", "--impls", "cpu"],
-               ["--cases", "4:sc,4:sc"]],
+               ["--cases", "4:sc,4:sc"], ["--cases", "-4:sc"]],
     "train": [["--preset", "XL"], ["--batch", "-4"], ["--threads", "-1"], ["--quick", "--batch", "4"],
               ["--preset", "tiny", "--preset", "tiny"]],
     "loader": [["--batch-size", "0"], ["--codecs", "zstdx"], ["--quick", "--codecs", "lz4"],
@@ -49,8 +49,9 @@ def test_bad_benchmark_options_give_one_error_line_before_any_work(bench, argv, 
 @pytest.mark.parametrize("bench, argv, named", [
     ("sample", ["--cases", "4:sc,4:sc"], "--cases: 4:sc is given twice"),
     ("tokens", ["--sizes", "2x64,2x64"], "--sizes: 2x64 is given twice"),
-    ("poisson", ["--batches", "4,4"], "--batches: 4 is given twice")])
-def test_a_case_given_twice_is_named_as_written(bench, argv, named, capsys):
+    ("poisson", ["--batches", "4,4"], "--batches: 4 is given twice"),
+    ("sample", ["--cases", "-4:sc"], "--cases '-4:sc': give B:kind pairs with B >= 1")])
+def test_a_repeated_or_negative_case_is_named_as_written(bench, argv, named, capsys):
     import importlib
 
     with pytest.raises(SystemExit):

@@ -174,7 +174,10 @@ CASES = {
     "train-preset": (_train("--preset", "XL"), "--preset"),
     "train-batch-size-0": (_train("--batch-size", "0"), "--batch-size"),
     "train-lr-nan": (_train("--lr", "nan"), "--lr"),
-    "train-lr-negative": (_train("--lr", "-1e-3"), "--lr"),
+    # a negative value in exponent form reaches the option's own check (argparse alone calls
+    # it a missing argument)
+    "train-lr-negative": (_train("--lr", "-1e-3"), "--lr -0.001: must be a finite number > 0"),
+    "train-target-sum-negative": (_train("--target-sum", "-1e4"), "--target-sum: must be > 0"),
     "train-steps-0": (_train("--steps", "0"), "--steps"),
     "train-steps-negative": (_train("--steps", "-3"), "--steps"),
     "train-epochs-0": (_train("--epochs", "0"), "--epochs"),

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 import sys
 
 
@@ -78,7 +79,16 @@ def report(line: str) -> None:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose refusals (an unknown option, a bad value) are one ``error:``
     line naming the option and exit status 2, like every other mistake: argparse's own print
-    the whole usage first, which buries the line that matters. ``--help`` still shows it."""
+    the whole usage first, which buries the line that matters. ``--help`` still shows it.
+
+    A value that starts with a minus and a digit (``--lr -1e-3``, ``--cases -4:sc``) is a value,
+    so its own check can name what is wrong with it: argparse takes only plain numbers such as
+    ``-5`` for values and reports the others as a missing argument. No option name here starts
+    with a digit, so nothing is lost."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         report(f"error: {message} (see {self.prog} --help)")
