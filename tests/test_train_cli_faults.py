@@ -369,6 +369,28 @@ def test_a_second_run_in_the_same_folder_fails_at_once(capsys, monkeypatch, tmp_
     assert not (out / RUN_LOCK).exists()
 
 
+def test_resume_before_the_first_checkpoint_names_the_run_still_writing(capsys, monkeypatch,
+                                                                       tmp_path):
+    """--resume in a folder whose run has not written its first checkpoint said "no
+    checkpoint yet; leave out --resume", which would start a second run in the busy folder."""
+    import os
+
+    from txfm.locks import folder_lock, lock_holder
+    from txfm.train.trainer import RUN_LOCK
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    argv = ["--out", str(out), "--resume", *TINY]
+    with folder_lock(out, RUN_LOCK, "txfm train run"):
+        assert lock_holder(out, RUN_LOCK) == f"pid {os.getpid()}"
+        msg = _error(argv, capsys, monkeypatch, tmp_path)
+    assert f"is being trained by another txfm train run (pid {os.getpid()})" in msg, msg
+    assert lock_holder(out, RUN_LOCK) is None and not (out / RUN_LOCK).exists()
+    (out / RUN_LOCK).write_text("pid 1")  # left by a killed run: nobody holds it
+    assert lock_holder(out, RUN_LOCK) is None
+    assert "has no checkpoint yet" in _error(argv, capsys, monkeypatch, tmp_path)
+
+
 def test_train_config_from_dict_refuses_an_unknown_field():
     import json
 

@@ -49,3 +49,22 @@ def folder_lock(folder: Path, name: str, what: str):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         os.close(fd)
+
+
+def lock_holder(folder: Path, name: str) -> str | None:
+    """Who holds ``folder/name``'s lock now (``"pid N"``), or None when nobody does. Only looks:
+    a lock file with no holder is left as it is, and none is created."""
+    try:
+        fd = os.open(Path(folder) / name, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        # a shared lock conflicts only with a writer's exclusive one
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 100).decode(errors="replace").strip() or "another process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -154,7 +154,9 @@ def build_configs(args):
     ``--resume`` without a checkpoint, or an ``--out`` that is not a folder one can write in.
     """
     from txfm.model import TxFMConfig, preset
+    from txfm.locks import lock_holder
     from txfm.train.checkpoint import check_run_dir, checkpoint_dir, list_checkpoints
+    from txfm.train.trainer import RUN_LOCK
     from txfm.train.config import ConfigError, TrainConfig
 
     name = args.preset or "tiny"
@@ -168,6 +170,11 @@ def build_configs(args):
         check_run_dir(out)
         if args.resume:
             if not list_checkpoints(out):
+                busy = lock_holder(out, RUN_LOCK)
+                if busy:
+                    raise UsageError(f"--resume: {out} is being trained by another txfm train "
+                                     f"run ({busy}) that has not written its first checkpoint "
+                                     "yet; wait for it to finish, or stop it and resume then")
                 raise UsageError(f"--resume: {out} has no checkpoint yet (nothing in "
                                  f"{checkpoint_dir(out)}); leave out --resume to start a new run")
             if saved.exists():

@@ -442,8 +442,11 @@ class Trainer:
             if self.step >= self.total_steps:
                 raise ValueError(f"--resume: {path} is at step {self.step}, not before the "
                                  f"requested end {self.total_steps}: ask for more steps")
-            warnings.warn(f"--resume: the run now has {self.total_steps} steps instead of "
-                          f"{saved_total}: the learning-rate schedule and the weight decay "
+            # name the checkpoint: after a fallback past a damaged one, its plan can differ
+            # from the one the run last had
+            warnings.warn(f"--resume: the run now has {self.total_steps} steps instead of the "
+                          f"{saved_total} that {path.name} was planned for: the learning-rate "
+                          f"schedule and the weight decay "
                           f"(1 / (lr x steps)) follow the new length from step {self.step} on",
                           RuntimeWarning, stacklevel=2)
             self.optimizer.param_groups[0]["weight_decay"] = self.weight_decay
