@@ -153,11 +153,11 @@ def build_configs(args):
     Raises :class:`txfm.cli.UsageError` naming the option for any value out of range, a
     ``--resume`` without a checkpoint, or an ``--out`` that is not a folder one can write in.
     """
-    from txfm.model import TxFMConfig, preset
     from txfm.locks import lock_holder
+    from txfm.model import TxFMConfig, preset
     from txfm.train.checkpoint import check_run_dir, checkpoint_dir, list_checkpoints
-    from txfm.train.trainer import RUN_LOCK
     from txfm.train.config import ConfigError, TrainConfig
+    from txfm.train.trainer import RUN_LOCK
 
     name = args.preset or "tiny"
     for flag, value in (("--out", args.out), ("--data", args.data)):
@@ -174,7 +174,8 @@ def build_configs(args):
                 if busy:
                     raise UsageError(f"--resume: {out} is being trained by another txfm train "
                                      f"run ({busy}) that has not written its first checkpoint "
-                                     "yet; wait for it to finish, or stop it and resume then")
+                                     "yet; let it run, or stop it after its first checkpoint "
+                                     "and resume then")
                 raise UsageError(f"--resume: {out} has no checkpoint yet (nothing in "
                                  f"{checkpoint_dir(out)}); leave out --resume to start a new run")
             if saved.exists():
