@@ -14,6 +14,7 @@ bad-input errors (:data:`USER_ERRORS`) that way.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import math
 import os
@@ -138,8 +139,6 @@ def folder_problem(path) -> str | None:
             base = base.parent
         os.rmdir(tempfile.mkdtemp(prefix=".txfm-write-test-", dir=base))
     except OSError as exc:
-        import errno
-
         where = "" if base == path else f" (in {base})"
         # /proc and the like exist but take no new entries, which the OS words as "no such file"
         why = ("it takes no new files or folders" if exc.errno == errno.ENOENT and base.is_dir()

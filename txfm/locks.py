@@ -13,6 +13,11 @@ class FolderBusyError(FileExistsError):
     """Another process holds the folder's lock; the message names the folder and the holder."""
 
 
+def _holder(fd: int) -> str:
+    """What the lock's holder wrote into the lock file (``"pid N"``)."""
+    return os.read(fd, 100).decode(errors="replace").strip() or "another process"
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, name: str, what: str):
     """Hold an exclusive lock on the existing ``folder`` (lock file ``folder/name``) for the
@@ -29,7 +34,7 @@ def folder_lock(folder: Path, name: str, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise FolderBusyError(f"--out {folder} is being written by another {what} "
                                   f"({holder}); wait for it to finish or choose another "
@@ -62,7 +67,7 @@ def lock_holder(folder: Path, name: str) -> str | None:
         # a shared lock conflicts only with a writer's exclusive one
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.read(fd, 100).decode(errors="replace").strip() or "another process"
+        return _holder(fd)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None

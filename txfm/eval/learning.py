@@ -137,7 +137,7 @@ def _names(p: argparse.ArgumentParser, args) -> list[str]:
     twice = sorted({v for v in picked if picked.count(v) > 1})
     if twice:
         p.error(f"--variants {args.variants!r}: {twice[0]} is named twice; name each once")
-    return ["txfm"] + [v for v in dict.fromkeys(picked) if v != "txfm"]
+    return ["txfm"] + [v for v in picked if v != "txfm"]
 
 
 @contextlib.contextmanager
