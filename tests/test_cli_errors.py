@@ -468,9 +468,10 @@ def test_odd_obsm_entries_are_densified_or_skipped_by_name(files, capsys, monkey
     assert {"codebook", "sparse"} <= set(summary.iloc[:, 0])
 
 
-def test_every_command_with_progress_bars_takes_no_progress():
+def test_every_command_takes_no_progress():
     """One name for one switch: each command that draws progress bars hides them with
-    --no-progress (data convert / verify keep --quiet as its older name)."""
+    --no-progress (data convert / verify keep --quiet as its older name), and the others
+    accept it too, so a script can pass it to every txfm command."""
     import argparse
 
     from txfm.cli import build_parser
@@ -489,8 +490,7 @@ def test_every_command_with_progress_bars_takes_no_progress():
     assert with_bars <= set(commands), sorted(commands)
     for name, parser in commands.items():
         flags = parser._option_string_actions
-        if name in with_bars or "--quiet" in flags:
-            assert isinstance(flags.get("--no-progress"), argparse._StoreTrueAction), name
+        assert isinstance(flags.get("--no-progress"), argparse._StoreTrueAction), name
 
 
 def test_help_is_plain_text_fast_and_interruptible(monkeypatch, capsys):

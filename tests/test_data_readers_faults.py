@@ -644,6 +644,29 @@ def test_bad_synth_numbers_are_refused(tmp_path, capsys, option, value):
     assert not (tmp_path / "raw").exists()
 
 
+def test_synth_refuses_more_perturbations_than_it_has_targets(tmp_path, capsys):
+    # it used to cap them silently (22 of 100,000) and exit 0
+    rc, err = cli(capsys, "data", "synth", "--out", tmp_path / "raw", "--cells", "100",
+                  "--genes", "50", "--perturbations", "100000")
+    assert_refused(rc, err, "--perturbations")
+    assert "at most" in err and "--genes" in err
+    assert not (tmp_path / "raw").exists()
+    from txfm.data.synth import generate
+
+    with pytest.raises(ValueError, match="gene programs"):
+        generate(tmp_path / "api", cells=100, genes=250, perturbations=30, programs=22,
+                 program_size=(4, 6), distinct_programs=True)
+    assert not (tmp_path / "api").exists()
+    from txfm.eval import sanity  # the metrics' ground-truth check makes its data the same way
+
+    with pytest.raises(SystemExit) as exc:
+        sanity.main(["--cells", "100", "--genes", "50", "--perturbations", "1000",
+                     "--out", str(tmp_path / "sanity")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error:") and "--perturbations" in err
+    assert "Traceback" not in err and not (tmp_path / "sanity").exists()
+
+
 @pytest.mark.parametrize("kw, needle", [
     (dict(shard_mb=0), "shard_mb (--shard-mb)"), (dict(shard_cells=-5), "shard_cells"),
     (dict(shard_mb=float("nan")), "shard_mb"), (dict(val_fraction=float("nan")), "val_fraction"),

@@ -39,6 +39,37 @@ def test_match_genes_routes_versions_case_and_tables():
     assert m.index.tolist() == [0] and "Ensembl->symbol" in m.how
 
 
+def test_match_genes_maps_names_mixing_ids_and_symbols_gene_by_gene():
+    # Genes without a symbol often keep their Ensembl id as the name: no single route maps
+    # such a list, so each gene takes the best route that maps it.
+    table = GeneTable(normalise_ids(["ENSG00000141510", "ENSG00000012048", "ENSG00000000003"]),
+                      np.array(["TP53", "BRCA1", "TSPAN6"], dtype=object))
+    vocab = ["ENSG00000012048", "ENSG00000141510", "ENSG00000000003"]
+    m = match_genes(["TP53", "ENSG00000000003.4", "NOPE"], vocab, table)
+    assert m.index.tolist() == [1, 2, -1]
+    assert m.how == "1 by names[0] as given + 1 by names[0] symbol->Ensembl via gene table"
+    # a lesser route neither remaps a gene nor sums a second gene into a reached target
+    m = match_genes(["ENSG00000012048", "BRCA1"], vocab, table)
+    assert m.index.tolist() == [0, -1] and m.how == "names[0] as given"
+    # one route enough: reported as before
+    m = match_genes(["ENSG00000012048", "ENSG00000141510"], vocab, table)
+    assert m.how == "names[0] as given" and m.n_mapped == 2
+
+
+def test_map_input_genes_combines_vocabulary_ids_and_symbols():
+    from txfm.eval.embed import map_input_genes
+
+    vocab = [f"ENSG9{i:010d}" for i in range(6)]
+    symbols = [f"SYN{i:05d}" for i in range(6)]
+    var = pd.DataFrame(index=["SYN00000", "syn00001", vocab[2], vocab[3] + ".7", "MYGENE", "ab"],
+                       data={"feature_types": ["Gene Expression"] * 5 + ["Antibody Capture"]})
+    m = map_input_genes(var, vocab, None, symbols)
+    assert m.index.tolist() == [0, 1, 2, 3, -1, -1]
+    assert m.n_case == 1 and "onto vocabulary symbols" in m.how and "1 feature of other types" in m.how
+    # without the symbols only the ids map
+    assert map_input_genes(var, vocab).index.tolist() == [-1, -1, 2, 3, -1, -1]
+
+
 def test_read_cells_reads_the_real_10x_folders(shared_data):
     from txfm.eval.io import read_cells
 

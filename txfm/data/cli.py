@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--programs", type=positive_int, default=None,
                    help="gene programs (default genes/75)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generator")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="accepted, as by every txfm command; this one shows no progress bar")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -103,6 +105,8 @@ def register(subparsers) -> None:
                        description="Print the manifest summary of a shards folder.")
     p.add_argument("shards", help="shard collection folder (from `txfm data convert`)")
     p.add_argument("--json", action="store_true", help="print the whole manifest.json")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="accepted, as by every txfm command; this one shows no progress bar")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check every chunk of a shards folder for corruption",

@@ -254,6 +254,11 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     default targets are drawn among all program genes and several may share a program.
     ``batch_effect``: ``(sd of the gene-wise log shifts beta, sd of the log depth factor)`` of
     each batch of a dataset.
+
+    Raises:
+        ValueError: a size out of range, a bad ``batch_effect``, or more ``perturbations``
+            than this universe has program genes (with ``distinct_programs``: programs) to
+            target; nothing is written then.
     """
     if cells < 20 or genes < 50:
         raise ValueError(f"need cells >= 20 and genes >= 50, got cells={cells}, genes={genes}")
@@ -262,9 +267,6 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
     if len(batch_effect) != 2 or not all(np.isfinite(v) and v >= 0 for v in batch_effect):
         raise ValueError(f"batch_effect must be two finite standard deviations >= 0 "
                          f"(gene shift, log depth), got {batch_effect!r}")
-    out = Path(out_dir)
-    truth = out / "truth"
-    truth.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_prog = programs or max(6, genes // 75)
     model = _Model(rng, genes, n_prog, cell_types, tuple(program_size))
@@ -274,13 +276,21 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
 
     # perturbation targets: program genes, spread over programs
     prog_genes = np.flatnonzero(model.program >= 0)
+    room = model.n_programs if distinct_programs else prog_genes.size
+    if perturbations > room:
+        what = "gene programs (one target each)" if distinct_programs else "program genes"
+        raise ValueError(f"perturbations={perturbations:,} (--perturbations): this universe of "
+                         f"{genes:,} genes has only {room:,} {what} to target; lower "
+                         f"perturbations to at most {room:,} or raise genes (--genes)")
+    n_targets = perturbations
+    out = Path(out_dir)
+    truth = out / "truth"
+    truth.mkdir(parents=True, exist_ok=True)  # after every check: a refused call writes nothing
     if distinct_programs:  # one target per program: every perturbation moves its own program
-        n_targets = min(perturbations, model.n_programs)
         progs = rng.choice(model.n_programs, n_targets, replace=False)
         targets = np.array([rng.choice(np.flatnonzero(model.program == p)) for p in progs],
                            dtype=np.int64)
     else:
-        n_targets = min(perturbations, prog_genes.size)
         targets = rng.choice(prog_genes, n_targets, replace=False)
     kd_t = rng.uniform(1.5, 3.0, n_targets)
     shift_t = rng.uniform(*shift, n_targets) * rng.choice([-1.0, 1.0], n_targets)

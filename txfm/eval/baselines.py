@@ -25,6 +25,7 @@ matrix it returns; :func:`check_dense_size` refuses sizes beyond a memory budget
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -124,9 +125,8 @@ def make_pca(n_components: int, shape: tuple[int, int], seed: int = 0):
     """An sklearn PCA with the solver that suits ``shape`` (rows, cols) of the data it fits:
     the covariance eigendecomposition when there are few columns and many rows (``O(n d^2)``,
     far faster than an SVD there), LAPACK otherwise for small problems, randomized SVD for
-    large ones."""
-    from sklearn.decomposition import PCA
-
+    large ones. Data with no variance gives zero components without numpy's 0/0 warning
+    (callers name that case in their own words)."""
     n, d = shape
     if d <= 1000 and n >= 2 * d:
         solver = "covariance_eigh"
@@ -134,7 +134,25 @@ def make_pca(n_components: int, shape: tuple[int, int], seed: int = 0):
         solver = "full"
     else:
         solver = "randomized"
-    return PCA(n_components=n_components, svd_solver=solver, random_state=seed)
+    return _quiet_pca()(n_components=n_components, svd_solver=solver, random_state=seed)
+
+
+@functools.cache
+def _quiet_pca():
+    from sklearn.decomposition import PCA
+
+    class QuietPCA(PCA):
+        """sklearn's PCA; its explained-variance ratio is 0/0 on data with no variance."""
+
+        def fit(self, X, y=None):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return super().fit(X, y)
+
+        def fit_transform(self, X, y=None):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return super().fit_transform(X, y)
+
+    return QuietPCA
 
 
 def fit_pca(logged: sp.csr_matrix, n_components: int = PCA_COMPONENTS, seed: int = 0, *,

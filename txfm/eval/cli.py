@@ -83,6 +83,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--gene-table", default=None, help="add obs['symbol'] for Ensembl-id "
                                                       "vocabularies")
+    p.add_argument("--no-progress", action="store_true",
+                   help="accepted, as by every txfm command; this one shows no progress bar")
     p.set_defaults(func=cmd_genes)
 
     ev = subparsers.add_parser("eval", help="relationship recall / perturbation benchmark")

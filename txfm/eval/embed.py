@@ -23,6 +23,7 @@ unless the model was trained in fp32 (:func:`resolve_precision`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -32,7 +33,7 @@ import scipy.sparse as sp
 from txfm.model.config import PRECISIONS
 
 from . import EMBED_K_FACTOR
-from .genemap import GENE_TABLE, GeneMatch, GeneTable, match_genes
+from .genemap import GENE_TABLE, GeneMatch, GeneTable, combine_routes, match_routes
 
 KEY_BLOCK = 64
 
@@ -115,7 +116,9 @@ def resolve_device(device: str, option: str = "device") -> str:
 def map_input_genes(var, vocab: list[str], table: GeneTable | None = None,
                     vocab_symbols: list[str] | None = None) -> GeneMatch:
     """Match an AnnData's genes (``var_names`` and any id/symbol column) onto ``vocab`` (the
-    checkpoint's gene ids), or onto its symbols when that reaches more distinct genes.
+    checkpoint's gene ids) or its symbols: each gene by the best route that maps it
+    (:func:`txfm.eval.genemap.combine_routes`), so names mixing Ensembl ids and symbols map
+    whole.
 
     Args:
         var: the AnnData's ``var`` (a DataFrame indexed by gene name), or a list of names.
@@ -127,20 +130,24 @@ def map_input_genes(var, vocab: list[str], table: GeneTable | None = None,
     if not isinstance(var, pd.DataFrame):
         var = pd.DataFrame(index=pd.Index([str(v) for v in var]))
     alts, names = gene_name_columns(var)
-    best = match_genes(alts, vocab, table, query_names=names)
+    routes = match_routes(alts, vocab, table, query_names=names)
     if vocab_symbols is not None and len(vocab_symbols) == len(vocab):
-        by_symbol = match_genes(alts, [str(s) for s in vocab_symbols], table, query_names=names)
-        if by_symbol.better_than(best):
-            best = GeneMatch(by_symbol.index, by_symbol.how + ", onto vocabulary symbols",
-                             by_symbol.n_case)
+        routes += [dataclasses.replace(m, how=m.how + ", onto vocabulary symbols")
+                   for m in match_routes(alts, [str(s) for s in vocab_symbols], table,
+                                         query_names=names)]
     ftype = next((c for c in ("feature_types", "feature_type") if c in var.columns), None)
-    if ftype is not None:
-        other = (var[ftype].astype(str) != "Gene Expression").to_numpy()
-        if other.any():
-            index = np.where(other, -1, best.index)
-            best = GeneMatch(index, f"{best.how}; {int(other.sum()):,} features of other types "
-                                    f"({', '.join(sorted(set(var[ftype][other].astype(str))))}) "
-                                    f"left out", best.n_case)
+    other = (var[ftype].astype(str) != "Gene Expression").to_numpy() if ftype is not None \
+        else np.zeros(len(var), bool)
+    if other.any():  # left out before combining, so they take no vocabulary gene from a gene
+        routes = [dataclasses.replace(m, index=np.where(other, -1, m.index),
+                                      case=m.case & ~other,
+                                      n_case=int((m.case & ~other).sum())) for m in routes]
+    best = combine_routes(routes)
+    if other.any():
+        n = int(other.sum())
+        best = dataclasses.replace(
+            best, how=f"{best.how}; {n:,} feature{'' if n == 1 else 's'} of other types "
+                      f"({', '.join(sorted(set(var[ftype][other].astype(str))))}) left out")
     return best
 
 

@@ -11,8 +11,10 @@ Rules (the same everywhere in :mod:`txfm.eval`):
   ``ENSG00000141510``); symbols exactly, then, for what is still unmatched, upper-cased.
 * A name that occurs more than once on the target side maps to its first occurrence.
 * :func:`match_genes` tries every way of matching it can (directly; with a table, query
-  Ensembl -> symbol and query symbol -> Ensembl) and keeps the one that matches most genes,
-  reporting which.
+  Ensembl -> symbol and query symbol -> Ensembl). Each gene takes the best route that maps it
+  (routes ranked by how many genes they match), so inputs whose names mix Ensembl ids and
+  symbols map whole; a later route never remaps a gene or reaches a target an earlier one
+  reached. The report names each route used and how many genes it mapped.
 """
 from __future__ import annotations
 
@@ -117,9 +119,9 @@ class GeneTable:
         return out
 
 
-def _lookup(query: np.ndarray, target: Sequence[str]) -> tuple[np.ndarray, int]:
+def _lookup(query: np.ndarray, target: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Index of each query name in ``target`` (first occurrence) or -1, exact, then ignoring
-    case; and how many matched only ignoring case."""
+    case; and which matched only ignoring case (``[n]`` bool)."""
     target = normalise_ids(target)
     pos = pd.Series(np.arange(len(target)), index=target)
     pos = pos[~pos.index.duplicated()]
@@ -133,7 +135,7 @@ def _lookup(query: np.ndarray, target: Sequence[str]) -> tuple[np.ndarray, int]:
     out = np.where(np.isnan(idx), -1, idx).astype(np.int64)
     blank = np.array([v is None or v == "" for v in query], dtype=bool)
     out[blank] = -1
-    return out, int((missing & (out >= 0)).sum())
+    return out, missing & (out >= 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class GeneMatch:
     index: np.ndarray  # [n_query] int64
     how: str
     n_case: int = 0  # of the mapped, how many only ignoring upper/lower case
+    case: np.ndarray | None = None  # [n_query] bool: matched only ignoring case (None: unknown)
 
     @property
     def n_mapped(self) -> int:
@@ -171,16 +174,17 @@ class GeneMatch:
     def better_than(self, other: "GeneMatch | None") -> bool:
         """More distinct targets (genes summed together count once), then more genes mapped,
         then fewer matched only ignoring case."""
-        if other is None:
-            return True
-        return (self.n_targets, self.n_mapped, -self.n_case) > \
-            (other.n_targets, other.n_mapped, -other.n_case)
+        return other is None or self._rank() > other._rank()
+
+    def _rank(self) -> tuple[int, int, int]:
+        return self.n_targets, self.n_mapped, -self.n_case
 
 
 def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence[str],
                 table: GeneTable | None = None, *,
                 query_names: Sequence[str] | None = None) -> GeneMatch:
-    """Map query genes onto ``target`` names, the best of every available route.
+    """Map query genes onto ``target`` names: each gene by the best route that maps it
+    (:func:`combine_routes` of :func:`match_routes`).
 
     Args:
         query: one sequence of names, or several alternative sequences for the same genes
@@ -188,14 +192,24 @@ def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence
         target: names to map onto (e.g. a model vocabulary or an annotation's symbols).
         table: optional Ensembl <-> symbol table, tried in both directions.
         query_names: labels for the alternatives in ``query`` (for the report).
+    Raises:
+        ValueError: an empty ``query``.
     """
+    return combine_routes(match_routes(query, target, table, query_names=query_names))
+
+
+def match_routes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence[str],
+                 table: GeneTable | None = None, *,
+                 query_names: Sequence[str] | None = None) -> list[GeneMatch]:
+    """One :class:`GeneMatch` per route of :func:`match_genes` (each alternative of ``query``
+    as given and, with a ``table``, translated in both directions), in the order tried."""
     if len(query) and isinstance(query[0], str):
         alternatives = [query]
     else:
         alternatives = list(query)
     names = list(query_names) if query_names is not None else \
         [f"names[{i}]" for i in range(len(alternatives))]
-    best: GeneMatch | None = None
+    out = []
     for name, alt in zip(names, alternatives):
         alt = normalise_ids(alt)
         routes = [(f"{name} as given", alt)]
@@ -203,13 +217,40 @@ def match_genes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequence
             routes.append((f"{name} Ensembl->symbol via gene table", table.ensembl_to_symbol(alt)))
             routes.append((f"{name} symbol->Ensembl via gene table", table.symbol_to_ensembl(alt)))
         for how, q in routes:
-            index, n_case = _lookup(np.asarray(q, dtype=object), target)
-            m = GeneMatch(index, how, n_case)
-            if m.better_than(best):
-                best = m
-    if best is None:
+            index, case = _lookup(np.asarray(q, dtype=object), target)
+            out.append(GeneMatch(index, how, int(case.sum()), case))
+    return out
+
+
+def combine_routes(routes: Sequence[GeneMatch]) -> GeneMatch:
+    """Each gene mapped by the best route that maps it.
+
+    Routes are ranked by :meth:`GeneMatch.better_than`. The best one's mapping is kept whole;
+    each next route only fills genes still unmapped, and only onto targets no route before it
+    reached (so a fill never sums two input genes into one target). ``how`` names the best
+    route alone when no other added a gene, else every contributing route with its count.
+
+    Raises:
+        ValueError: no route (an empty query).
+    """
+    if not routes:
         raise ValueError("match_genes: empty query")
-    return best
+    ranked = sorted(routes, key=GeneMatch._rank, reverse=True)
+    best = ranked[0]
+    index = best.index.copy()
+    case = best.case.copy() if best.case is not None else np.zeros(len(index), bool)
+    used = [(best.how, best.n_mapped)]
+    for m in ranked[1:]:
+        free = (index < 0) & (m.index >= 0) & ~np.isin(m.index, index[index >= 0])
+        if free.any():
+            index[free] = m.index[free]
+            if m.case is not None:
+                case[free] = m.case[free]
+            used.append((m.how, int(free.sum())))
+    if len(used) == 1:
+        return best
+    how = " + ".join(f"{n:,} by {h}" for h, n in used)
+    return GeneMatch(index, how, int(case.sum()), case)
 
 
 def gene_symbols(names: Sequence[str], symbols: Sequence[str] | None = None,

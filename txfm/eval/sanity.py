@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-from txfm.cli import ArgumentParser
+from txfm.cli import ArgumentParser, folder_problem, int_at_least
 
 
 def truth_gene_representation(programs: pd.DataFrame, noise: float, rng: np.random.Generator,
@@ -115,15 +115,20 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="where to write the synthetic data (default: a "
                                                "temporary folder)")
-    p.add_argument("--cells", type=int, default=8000)
-    p.add_argument("--genes", type=int, default=1500)
-    p.add_argument("--perturbations", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells", type=int_at_least(20), default=8000)
+    p.add_argument("--genes", type=int_at_least(50), default=1500)
+    p.add_argument("--perturbations", type=int_at_least(1), default=30)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     args = p.parse_args(argv)
+    if args.out is not None and (why := folder_problem(args.out)):
+        p.error(f"--out {args.out}: {why}")
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(args.out or tmp)
-        rel, pert = run(out, cells=args.cells, genes=args.genes,
-                        perturbations=args.perturbations, seed=args.seed)
+        try:
+            rel, pert = run(out, cells=args.cells, genes=args.genes,
+                            perturbations=args.perturbations, seed=args.seed)
+        except ValueError as exc:  # the generator refuses a size it cannot honour
+            p.error(str(exc))
     rel = rel.assign(**{c: 100 * rel[c] for c in rel.columns if c.startswith("recall")})
     print("Relationship recall (%) of the true gene programs, combined over the truth pairs:\n")
     print(markdown_table(rel))

@@ -474,11 +474,18 @@ class Trainer:
         if verdict is None:
             if not self._warned_few_cells and self.dist.is_main:
                 self._warned_few_cells = True
+                split = getattr(self.val_loader, "n_cells", None)
+                if split is not None and split < MIN_CELLS:
+                    # more or larger batches cannot show cells the split does not hold
+                    fix = (f"the shards' validation split holds only {split}: convert them again "
+                           f"with a larger --val-fraction (txfm data convert)")
+                else:
+                    fix = (f"raise --val-batches ({self.cfg.val_batches}) or --batch-size "
+                           f"({self.cfg.batch_size})")
                 bar.write(f"warning: the learning diagnostics need at least {MIN_CELLS} "
                           f"validation cells to tell a collapse, this validation has "
-                          f"{self.diagnostics['cells']}: raise --val-batches "
-                          f"({self.cfg.val_batches}) or --batch-size ({self.cfg.batch_size}); "
-                          "until then 'collapsed' stays empty", file=sys.stderr)
+                          f"{self.diagnostics['cells']}: {fix}; until then 'collapsed' stays "
+                          "empty", file=sys.stderr)
             return
         # early on a model may still ignore its CLS; judge after a quarter of the run
         if row["step"] < 0.25 * self.total_steps:
