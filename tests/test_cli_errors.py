@@ -284,6 +284,8 @@ CASES = {
     "resume-batch-size": (_resume("--batch-size", "16"), "--batch-size 16 with --resume"),
     "resume-accum": (_resume("--accum", "2"), "--accum 2 with --resume"),
     "resume-seed": (_resume("--seed", "5"), "--seed 5 with --resume"),
+    "resume-preset": (_resume("--preset", "S"), "--preset S with --resume"),
+    "resume-preset-unknown": (_resume("--preset", "XL"), "--preset XL: unknown preset"),
     # -- txfm train: values the kernels cannot take ----------------------------------------------
     "train-tau-500": (_train("--tau", "500"), "--tau 500"),
     "train-out-empty": (["train", "--data", DATA, "--out", ""], "--out is empty"),
@@ -529,6 +531,74 @@ def test_help_is_plain_text_fast_and_interruptible(monkeypatch, capsys):
     assert txfm.cli.main(["data", "info", "x"]) == 130
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and "interrupted" in err
+
+
+@pytest.mark.parametrize("signame, code, word", [("SIGINT", 130, "interrupted"),
+                                                   ("SIGTERM", 143, "terminated")])
+def test_a_signal_a_library_turns_into_its_own_error_still_ends_the_command(
+        monkeypatch, capsys, signame, code, word):
+    """pandas' C parser catches the interrupt raised inside a read and raises "Calling
+    read(nbytes) on source failed": `txfm data convert` of a 10x .mtx.gz then blamed the file
+    ("malformed MatrixMarket entries", exit 2) for a Ctrl-C (a fresh user's find)."""
+    import argparse
+    import signal
+    import time
+
+    import txfm.cli
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), getattr(signal, signame))
+            time.sleep(5)
+        except KeyboardInterrupt:  # SIGTERM arrives as txfm.cli.Terminated, a KeyboardInterrupt
+            pass
+        assert txfm.cli.interrupted()
+        raise pd.errors.ParserError("Error tokenizing data. C error: Calling read(nbytes) on "
+                                    "source failed. Try engine='python'.")
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(func=swallowing)
+
+    monkeypatch.setattr(txfm.cli, "build_parser", Parser)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert txfm.cli.main(["data", "convert"]) == code
+    err = capsys.readouterr().err
+    assert err.strip() == word and "error" not in err
+    # the handlers are the caller's again, and a later command starts with a clean slate
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not txfm.cli.interrupted()
+
+
+def test_the_mtx_reader_reraises_an_interrupt_the_parser_swallowed(tmp_path, monkeypatch):
+    """...and the 10x reader does not scan the whole file again to find a fault that is not
+    there: it raises the interrupt straight away."""
+    import txfm.cli
+    from txfm.data import readers
+
+    d = tmp_path / "tenx"
+    d.mkdir()
+    scipy.io.mmwrite(d / "matrix.mtx", sp.random(5, 4, density=0.6, format="coo", random_state=0,
+                                                 data_rvs=lambda n: np.arange(1, n + 1)))
+    pd.DataFrame({"id": [f"ENSG{i:011d}" for i in range(5)], "name": [f"G{i}" for i in range(5)],
+                  "type": ["Gene Expression"] * 5}).to_csv(d / "features.tsv", sep="\t",
+                                                           header=False, index=False)
+    pd.Series([f"C{i}" for i in range(4)]).to_csv(d / "barcodes.tsv", header=False, index=False)
+
+    def failing_read(*args, **kwargs):
+        txfm.cli._signalled.append(2)
+        raise pd.errors.ParserError("Calling read(nbytes) on source failed")
+
+    reader = readers.open_input(d)
+    monkeypatch.setattr(readers.pd, "read_csv", failing_read)
+    monkeypatch.setattr(readers.TenxDirReader, "_fail_at",
+                        lambda *a: pytest.fail("scanned the file for a fault"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in reader.iter_chunks(10):
+                pass
+    finally:
+        txfm.cli._signalled.clear()
 
 
 def test_size_errors_name_each_flag_once():

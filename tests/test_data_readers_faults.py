@@ -734,6 +734,10 @@ def test_second_conversion_into_the_same_out_fails_and_a_killed_holder_does_not_
         assert_refused(rc, err, str(out), "being written by another conversion",
                        f"pid {holder.pid}")
         assert (out / LOCK).is_file()  # the refused run removed nothing of the holder's
+        # a reader of the half-written folder is told to wait, not to re-run the conversion
+        rc, err = cli(capsys, "data", "info", out)
+        assert_refused(rc, err, str(out), f"(pid {holder.pid}) is writing it now")
+        assert "interrupted" not in err
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

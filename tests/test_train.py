@@ -169,6 +169,41 @@ def test_validation_of_shards_does_not_depend_on_the_number_of_ranks(tmp_path, t
 
 
 # -- checkpoints and resume ------------------------------------------------------------------------
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_after_a_checkpoint_of_its_last_step(tmp_path, sig, code):
+    """A scheduler's SIGTERM (or Ctrl-C) threw away every step since the last checkpoint (500
+    for tiny by default): the step under way now finishes and is saved, then the run stops
+    with the signal's status, and --resume continues as if nothing happened (a fresh user's
+    find)."""
+    common = ["--data", DATA, "--batch-size", "16", "--steps", "60", "--log-every", "1",
+              "--val-every", "0", "--ckpt-every", "0", *SMALL]
+    run = tmp_path / "run"
+    proc = _cli([*common, "--out", str(run)])
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a row being written
+            if (run / "metrics.csv").exists() and max(_losses(run), default=0) >= 5:
+                break
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out
+    assert f"{signal.Signals(sig).name}: stopping after this step" in out and "Traceback" not in out
+    saved = sorted((run / "checkpoints").glob("step_*.pt"))
+    last = max(_losses(run))
+    assert len(saved) == 1 and saved[0].name == f"step_{last:08d}.pt" and last < 60, (saved, last)
+    if sig == signal.SIGTERM:  # the resumed run is the uninterrupted one, bit for bit
+        full = tmp_path / "full"
+        _run_cli([*common, "--out", str(full)])
+        out = _run_cli([*common, "--out", str(run), "--resume"])
+        assert f"(step {last})" in out
+        a, b = _losses(full), _losses(run)
+        assert sorted(a) == sorted(b) == list(range(1, 61))
+        assert [a[s] for s in a] == [b[s] for s in a]
+
+
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     # 512 cells / 16 = 32 steps per epoch: the kill lands at the epoch boundary (step 32) or
     # just after it, so the resumed run crosses into a new epoch from a saved position.

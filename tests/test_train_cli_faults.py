@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from txfm.cli import main
 from txfm.model import preset
 from txfm.train import TrainConfig, train
 from txfm.train.diagnostics import MIN_CELLS, effective_rank, is_collapsed
+from txfm.train.metrics import COLUMNS
 from txfm.train.metrics import read_metrics
 from txfm.train.trainer import Trainer
 
@@ -139,7 +141,9 @@ def test_flash_attention_without_flash_attn(capsys, monkeypatch, tmp_path, no_da
 
 
 @pytest.mark.parametrize("damage,named", [
-    (lambda text: text + "garbage,line\n", "step='garbage' is not an integer"),
+    (lambda text: text + "garbage" + "," * (len(COLUMNS) - 1) + "\n",
+     "step='garbage' is not an integer"),
+    (lambda text: text + "40,1\n", f"has 2 fields, its header {len(COLUMNS)}"),
     (lambda text: "\n".join(",".join(line.split(",")[1:]) for line in text.splitlines()),
      "no 'step' column"),
 ])
@@ -152,6 +156,43 @@ def test_resume_with_a_damaged_metrics_csv(run, damage, named, capsys, monkeypat
                  tmp_path)
     assert msg.startswith(f"{metrics}: ") and named in msg and "delete" in msg, msg
     assert metrics.read_text() == before
+
+
+def test_steps_and_epochs_together_warn_that_epochs_is_ignored(tmp_path, monkeypatch):
+    from txfm.cli import build_parser
+    from txfm.train.cli import build_configs
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--data", DATA, "--steps", "3", "--epochs", "2"])
+    with pytest.warns(UserWarning, match=r"--epochs 2 is ignored: --steps 3 sets"):
+        train_cfg, _ = build_configs(args)
+    assert train_cfg.steps == 3 and train_cfg.epochs is None
+
+
+def test_a_metrics_csv_cut_off_mid_row_is_named_not_taken(tmp_path):
+    """A run stopped while writing a row left it cut short; resume kept it (later columns
+    empty) and said nothing about the rows lost up to the checkpoint (a fresh user's find)."""
+    from txfm.train.metrics import MetricsError, MetricsLogger, read_metrics
+
+    path = tmp_path / "metrics.csv"
+    full = "step,epoch,train_loss\n10,0,1.5\n20,0,1.25\n"
+    path.write_text(full + "30,1,1.1")  # cut inside its last value
+    with pytest.warns(RuntimeWarning, match="last line .* was cut off"):
+        assert [r["step"] for r in read_metrics(path)] == [10, 20]
+    path.write_text("step,epoch,train_loss\n10,0\n20,0,1.25\n")  # a short row inside
+    with pytest.raises(MetricsError, match="line 2 has 2 fields, its header 3"):
+        read_metrics(path)
+    path.write_text(full + "30,1,1.1")
+    with pytest.warns(RuntimeWarning) as said:
+        MetricsLogger(tmp_path, 30, tensorboard=False).close()
+    said = [str(w.message) for w in said]
+    assert any("cut off" in m for m in said), said
+    assert any("ends at step 20, before the checkpoint's step 30" in m for m in said), said
+    assert [r["step"] for r in read_metrics(path)] == [10, 20]
+    path.unlink()  # deleted on purpose (the errors' advice): logs from the checkpoint on, quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetricsLogger(tmp_path, 30, tensorboard=False).close()
 
 
 def test_resume_with_another_model_shape(run, capsys, monkeypatch, tmp_path):

@@ -250,8 +250,27 @@ class Terminated(KeyboardInterrupt):
     the commands' cleanup (temporary files, partial outputs) runs as it does on Ctrl-C."""
 
 
+# Signals received while a command runs. Some libraries catch the interrupt a signal raises
+# inside their own code and raise an error of theirs instead (pandas' C parser reports
+# "Calling read(nbytes) on source failed"): a command that fails after a signal was
+# interrupted, whatever the error says.
+_signalled: list[int] = []
+
+
+def interrupted() -> bool:
+    """True once Ctrl-C or SIGTERM reached the running ``txfm`` command: a caller that catches
+    a library's error re-raises :class:`KeyboardInterrupt` instead of blaming its input."""
+    return bool(_signalled)
+
+
 def _terminate(signum, frame):
+    _signalled.append(signum)
     raise Terminated()
+
+
+def _interrupt(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     main_thread = threading.current_thread() is threading.main_thread()
+    _signalled.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # Python's own Ctrl-C handler only, never one the caller installed
+    own_int = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_int:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         # inside the try: Ctrl-C while the options are read (or a command's modules load) is
         # an interruption like any other, not a traceback
@@ -277,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         report("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
+        if _signalled:  # a library turned the interrupt into an error of its own
+            report("terminated" if signal.SIGTERM in _signalled else "interrupted")
+            return 143 if signal.SIGTERM in _signalled else 130
         if not _is_user_error(exc):
             raise
         report(f"error: {error_message(exc)}")
@@ -284,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if own_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signalled.clear()  # a later command, or the Python API, starts with a clean slate
 
 
 if __name__ == "__main__":

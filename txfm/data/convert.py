@@ -45,9 +45,9 @@ import scipy.sparse as sp
 
 from txfm.locks import folder_lock
 
-from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
-                     SHARD_PREFIX, VAL_GROUP, VOCAB_FILE, write_csr_store, write_group_json,
-                     write_json_atomic)
+from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST,
+                     SHARD_PREFIX, VAL_GROUP, VOCAB_FILE, WORK, write_csr_store,
+                     write_group_json, write_json_atomic)
 from .manifest import Manifest
 from .obs import ObsTables
 from .stats import GeneStats
@@ -55,8 +55,6 @@ from .readers import ENSEMBL_RE, InputError, InputReader, input_name, open_input
 from .vocab import (Vocabulary, dataset_keys, read_gene_table, symbol_to_id_map,
                     union_vocabulary)
 
-WORK = ".txfm-convert"
-LOCK = ".txfm-convert.lock"  # held (flock) by the conversion writing the folder
 _META = np.dtype([("pos", "<i8"), ("nnz", "<i8"), ("ds", "<i4"), ("row", "<i8")])
 
 

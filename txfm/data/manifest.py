@@ -20,8 +20,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from .layout import (CODECS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardedArrayReader,
-                     ShardReadError, missing_chunks, read_dtype, read_metadata)
+from txfm.locks import lock_holder
+
+from .layout import (CODECS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, WORK,
+                     ShardedArrayReader, ShardReadError, missing_chunks, read_dtype,
+                     read_metadata)
 from .vocab import Vocabulary
 
 
@@ -155,11 +158,16 @@ class Manifest:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            work = root / ".txfm-convert"
-            hint = (" (a conversion was interrupted: re-run the same `txfm data convert` "
-                    "command to finish it)") if work.exists() else (
-                "; a shard collection is the folder that `txfm data convert INPUT... --out "
-                "FOLDER` writes")
+            writer = lock_holder(root, LOCK)
+            if writer is not None:
+                hint = (f": a `txfm data convert` ({writer}) is writing it now; wait for it to "
+                        f"finish")
+            elif (root / WORK).exists():
+                hint = (" (a conversion was interrupted: re-run the same `txfm data convert` "
+                        "command to finish it)")
+            else:
+                hint = ("; a shard collection is the folder that `txfm data convert INPUT... "
+                        "--out FOLDER` writes")
             raise FileNotFoundError(f"{root} is not a complete txfm shard collection: no "
                                     f"{MANIFEST}{hint}")
         try:

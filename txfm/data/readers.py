@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from txfm.cli import interrupted
+
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _SYMBOL_COLUMNS = ("symbol", "gene_symbol", "gene_symbols", "gene_name", "gene_names",
                    "feature_name", "name")
@@ -514,6 +516,8 @@ class TenxDirReader(InputReader):
         except InputError:
             raise
         except (*_READ_ERRORS, ValueError, pd.errors.ParserError) as exc:
+            if interrupted():  # pandas' parser reports Ctrl-C during a read as a read error
+                raise KeyboardInterrupt() from exc
             self._fail_at(None, exc)
         if seen != self._nnz:
             raise InputError(f"{self._mtx}: the header (line {self._header_lines}) declares "

@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import sys
+import warnings
 
 from txfm.cli import UsageError, error_message, finite_float, help_text
 
@@ -189,6 +190,15 @@ def build_configs(args):
         if args.resume and not saved.exists():
             raise UsageError(f"--resume: {saved} is missing, so the run's settings are unknown; "
                              f"restore it, or start a new run in another --out")
+        if args.resume and args.preset is not None:
+            try:
+                asked = preset(args.preset).name
+            except ValueError as exc:
+                raise UsageError(f"--preset {args.preset}: {exc}") from exc
+            if asked != model_cfg.name:
+                raise UsageError(f"--preset {args.preset} with --resume: the run's model is "
+                                 f"{model_cfg.name!r} (its config.json) and goes on as it is; "
+                                 f"leave out --preset, or start a new run (another --out)")
         if args.resume:
             # the optimizer's and the schedule's state come back from the checkpoint as they
             # were; a new value would be recorded but never used
@@ -211,6 +221,9 @@ def build_configs(args):
             # absolute in RUN/config.json: `--resume` may run from another folder
             changes["data"] = os.path.abspath(data)
         if args.steps is not None:
+            if args.epochs is not None:
+                warnings.warn(f"--epochs {args.epochs:g} is ignored: --steps {args.steps} sets "
+                              f"the run's length (give one of them)", UserWarning, stacklevel=2)
             changes["epochs"] = None
         elif args.epochs is not None:
             changes["steps"] = None

@@ -12,8 +12,10 @@ consistent history.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pathlib
+import warnings
 
 COLUMNS = ["step", "epoch", "samples", "train_loss", "val_loss", "lr", "grad_norm",
            "samples_per_s", "step_ms", "mfu", "elapsed_s", "masked_r2", "cls_gain", "erank",
@@ -28,8 +30,11 @@ class MetricsError(ValueError):
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
     """Rows of a metrics CSV with numbers parsed (None where empty; :data:`INT_COLUMNS` as int).
 
+    A last line without its newline was cut off while being written (the run stopped): it is
+    dropped with a warning, as its last value may be cut short too.
+
     Raises :class:`MetricsError` for a file that is not one (no ``step`` column, a line with
-    more fields than the header, a value that is not a number).
+    more or fewer fields than the header, a value that is not a number).
     """
     path = pathlib.Path(path)
     fix = (f"repair it or delete {path} (a resumed run then logs from its checkpoint's "
@@ -37,26 +42,35 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     rows = []
     try:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            if "step" not in header:
-                raise MetricsError(f"{path}: line 1 has no 'step' column (header {header}): not "
-                                   f"a txfm metrics file; {fix}")
-            for r in reader:
-                line = reader.line_num
-                if None in r:  # DictReader's key for the fields beyond the header
-                    raise MetricsError(f"{path}: line {line} has {len(header) + len(r[None])} "
-                                       f"fields, its header {len(header)}; {fix}")
-                row = {}
-                for key, text in r.items():
-                    integer = key in INT_COLUMNS
-                    row[key] = None if text in ("", None) else _number(text, integer)
-                    if row[key] is None and text not in ("", None):
-                        raise MetricsError(f"{path}: line {line}: {key}={text!r} is not "
-                                           f"{'an integer' if integer else 'a number'}; {fix}")
-                if row["step"] is None:
-                    raise MetricsError(f"{path}: line {line} has no step; {fix}")
-                rows.append(row)
+            text = f.read()
+        cut = None
+        if text and not text.endswith("\n") and "\n" in text:
+            text, _, cut = text.rpartition("\n")
+            text += "\n"
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        if "step" not in header:
+            raise MetricsError(f"{path}: line 1 has no 'step' column (header {header}): not "
+                               f"a txfm metrics file; {fix}")
+        if cut is not None:
+            warnings.warn(f"{path}: its last line ({cut[:40]!r}...) was cut off while being "
+                          f"written: dropped", RuntimeWarning, stacklevel=2)
+        for r in reader:
+            line = reader.line_num
+            if None in r or None in r.values():  # fields beyond / short of the header
+                n = len(header) + len(r.get(None, ())) - sum(v is None for v in r.values())
+                raise MetricsError(f"{path}: line {line} has {n} fields, its header "
+                                   f"{len(header)}; {fix}")
+            row = {}
+            for key, value in r.items():
+                integer = key in INT_COLUMNS
+                row[key] = None if value == "" else _number(value, integer)
+                if row[key] is None and value != "":
+                    raise MetricsError(f"{path}: line {line}: {key}={value!r} is not "
+                                       f"{'an integer' if integer else 'a number'}; {fix}")
+            if row["step"] is None:
+                raise MetricsError(f"{path}: line {line} has no step; {fix}")
+            rows.append(row)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise MetricsError(f"{path}: cannot be read ({exc}); {fix}") from exc
     return rows
@@ -87,6 +101,13 @@ class MetricsLogger:
             if rows is None and self.path.exists():
                 rows = read_metrics(self.path)
             kept = [r for r in rows or () if r["step"] <= resume_step]
+            # every checkpoint's step has a row (the trainer logs one before it saves)
+            last = kept[-1]["step"] if kept else None
+            if rows is not None and last != resume_step:  # no file: deleted on purpose
+                warnings.warn(f"{self.path} ends at {'step ' + str(last) if kept else 'its header'}"
+                              f", before the checkpoint's step {resume_step}: the rows between "
+                              f"are lost (the file was cut short or replaced), so the curves "
+                              f"have a gap there", RuntimeWarning, stacklevel=2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The kept history goes to a new file that replaces the old one whole: a crash here
         # leaves the old file, not a truncated one. The open handle follows the rename.

@@ -35,7 +35,9 @@ import json
 import math
 import pathlib
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -530,60 +532,71 @@ class Trainer:
         norm_sum = torch.zeros((), device=self.device)
         n_since, t_last, t0 = 0, time.perf_counter(), time.perf_counter()
         last_path = None
-        while self.step < self.total_steps:
-            self.epoch = self._fetched_epoch
-            loss, norm = self.train_step(pending)
-            loss_sum += loss
-            if norm is not None:
-                norm_sum += norm.detach().float()
-            n_since += 1
-            bar.update(1)  # before validating, so the bar shows the step being validated
-            step, done = self.step, self.step >= self.total_steps
-            save_now = done or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-            # Prefetch now, so the copy overlaps this step; not across a checkpoint, whose loader
-            # position must not include batches that no finished step consumed.
-            pending = None if (save_now or done) else self._fetch(stream)
-            val_now = done or (cfg.val_every and step % cfg.val_every == 0)
-            # a row at every checkpoint too: a diverged run is stopped before it saves
-            if val_now or save_now or step % cfg.log_every == 0:
-                stats = torch.stack([loss_sum, norm_sum]) / n_since
-                dist.all_reduce_mean(stats, self.dist)
-                train_loss, grad_norm = stats.tolist()  # the host waits here, once per log
-                now = time.perf_counter()
-                sps = n_since * cfg.batch_size / (now - t_last)
-                per_device = sps / self.dist.world_size
-                row = {"step": step, "epoch": self.epoch, "samples": self.samples,
-                       "train_loss": train_loss, "lr": self.step_lr,
-                       "grad_norm": grad_norm if cfg.grad_clip else None,
-                       "samples_per_s": sps, "step_ms": 1e3 * (now - t_last) / n_since,
-                       "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
-                       "elapsed_s": now - t0}
-                if not math.isfinite(train_loss):
+        stop = _StopRequest(self.dist.world_size == 1,
+                            lambda msg: bar.write(f"warning: {msg}", file=sys.stderr))
+        with stop:
+            while self.step < self.total_steps:
+                self.epoch = self._fetched_epoch
+                loss, norm = self.train_step(pending)
+                loss_sum += loss
+                if norm is not None:
+                    norm_sum += norm.detach().float()
+                n_since += 1
+                bar.update(1)  # before validating, so the bar shows the step being validated
+                step, done = self.step, self.step >= self.total_steps
+                save_now = (done or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                            or stop.signum is not None)
+                # Prefetch now, so the copy overlaps this step; not across a checkpoint, whose
+                # loader position must not include batches that no finished step consumed.
+                pending = None if (save_now or done) else self._fetch(stream)
+                val_now = done or (cfg.val_every and step % cfg.val_every == 0)
+                # a row at every checkpoint too: a diverged run is stopped before it saves
+                if val_now or save_now or step % cfg.log_every == 0:
+                    stats = torch.stack([loss_sum, norm_sum]) / n_since
+                    dist.all_reduce_mean(stats, self.dist)
+                    train_loss, grad_norm = stats.tolist()  # the host waits here, once per log
+                    now = time.perf_counter()
+                    sps = n_since * cfg.batch_size / (now - t_last)
+                    per_device = sps / self.dist.world_size
+                    row = {"step": step, "epoch": self.epoch, "samples": self.samples,
+                           "train_loss": train_loss, "lr": self.step_lr,
+                           "grad_norm": grad_norm if cfg.grad_clip else None,
+                           "samples_per_s": sps, "step_ms": 1e3 * (now - t_last) / n_since,
+                           "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
+                           "elapsed_s": now - t0}
+                    if not math.isfinite(train_loss):
+                        if logger is not None:
+                            logger.log(row)
+                            logger.close()
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"step {step}: the training loss is {train_loss} (mean over the steps "
+                            f"since the last row): the run diverged. Lower --lr (peak "
+                            f"{cfg.lr:g}), keep --grad-clip on, or resume from a checkpoint "
+                            f"before step {step}; {self.run_dir}/metrics.csv has the rows so far")
+                    if val_now:
+                        live = {**_postfix(row), **shown}
+                        row["val_loss"] = self.validate(None if bar.disable else (
+                            lambda i, n: bar.set_postfix({**live, "val": f"{i}/{n}"})))
+                        row.update(self.diagnostics)
+                        self._judge(row, bar)
+                        shown = _val_postfix(row)
                     if logger is not None:
                         logger.log(row)
-                        logger.close()
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"step {step}: the training loss is {train_loss} (mean over the steps "
-                        f"since the last row): the run diverged. Lower --lr (peak "
-                        f"{cfg.lr:g}), keep --grad-clip on, or resume from a checkpoint "
-                        f"before step {step}; {self.run_dir}/metrics.csv has the rows so far")
-                if val_now:
-                    live = {**_postfix(row), **shown}
-                    row["val_loss"] = self.validate(None if bar.disable else (
-                        lambda i, n: bar.set_postfix({**live, "val": f"{i}/{n}"})))
-                    row.update(self.diagnostics)
-                    self._judge(row, bar)
-                    shown = _val_postfix(row)
-                if logger is not None:
-                    logger.log(row)
-                bar.set_postfix({**_postfix(row), **shown}, refresh=False)
-                loss_sum.zero_(), norm_sum.zero_()
-                n_since, t_last = 0, time.perf_counter()
-            if save_now:
-                last_path = self.save()
-                if not done:
-                    pending = self._fetch(stream)
+                    bar.set_postfix({**_postfix(row), **shown}, refresh=False)
+                    loss_sum.zero_(), norm_sum.zero_()
+                    n_since, t_last = 0, time.perf_counter()
+                if save_now:
+                    last_path = self.save()
+                    if stop.signum is not None:
+                        break
+                    if not done:
+                        pending = self._fetch(stream)
+        if stop.signum is not None:  # the checkpoint of the last step is written: stop
+            bar.close()
+            if logger is not None:
+                logger.close()
+            stop.act()
         bar.close()
         result = TrainResult(self.run_dir, last_path, None, None, self.step)
         if main:
@@ -599,6 +612,51 @@ class Trainer:
                     result.plot = plot_losses(result.metrics, self.run_dir / "loss.png",
                                               title=f"TxFM-{self.model_config.name}")
         return result
+
+
+class _StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's time limit) during a one-process run: the step under way
+    finishes, a checkpoint is written, and then the signal acts as it would have (``txfm
+    train``: exit 130 / 143), so ``--resume`` loses nothing. A second signal acts at once.
+
+    Off under several ranks, which would have to agree on the step to stop at (a collective,
+    and with it a host sync, every step); there the signal stops each rank at once and
+    ``--resume`` continues from the last checkpoint. Off outside the main thread, where Python
+    takes no signal handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool, say):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._say = say
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            # a signal the process ignores (a background job's SIGINT) stays ignored
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _request(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()  # a second signal acts at once
+        self._say(f"{signal.Signals(signum).name}: stopping after this step, once a checkpoint "
+                  f"is written (send it again to stop at once)")
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def act(self) -> None:
+        """Let the signal that asked for the stop act now, as it would have without us."""
+        self._restore()
+        signal.raise_signal(self.signum)
 
 
 def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
