@@ -561,13 +561,16 @@ def test_a_signal_a_library_turns_into_its_own_error_still_ends_the_command(
             return argparse.Namespace(func=swallowing)
 
     monkeypatch.setattr(txfm.cli, "build_parser", Parser)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert txfm.cli.main(["data", "convert"]) == code
+    # as in a terminal: a test run in the background (nohup, CI) starts with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert txfm.cli.main(["data", "convert"]) == code
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err.strip() == word and "error" not in err
-    # the handlers are the caller's again, and a later command starts with a clean slate
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert not txfm.cli.interrupted()
+    assert not txfm.cli.interrupted()  # a later command starts with a clean slate
 
 
 def test_the_mtx_reader_reraises_an_interrupt_the_parser_swallowed(tmp_path, monkeypatch):

@@ -178,7 +178,10 @@ def test_a_signal_stops_the_run_after_a_checkpoint_of_its_last_step(tmp_path, si
     common = ["--data", DATA, "--batch-size", "16", "--steps", "60", "--log-every", "1",
               "--val-every", "0", "--ckpt-every", "0", *SMALL]
     run = tmp_path / "run"
-    proc = _cli([*common, "--out", str(run)])
+    # Python takes Ctrl-C only where it starts with SIGINT at its default; a test run in the
+    # background (nohup, CI) hands its children an ignored SIGINT
+    proc = _cli([*common, "--out", str(run)],
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while True:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
