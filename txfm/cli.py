@@ -281,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     main_thread = threading.current_thread() is threading.main_thread()
-    _signalled.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     # Python's own Ctrl-C handler only, never one the caller installed
     own_int = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler

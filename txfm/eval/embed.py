@@ -140,8 +140,7 @@ def map_input_genes(var, vocab: list[str], table: GeneTable | None = None,
         else np.zeros(len(var), bool)
     if other.any():  # left out before combining, so they take no vocabulary gene from a gene
         routes = [dataclasses.replace(m, index=np.where(other, -1, m.index),
-                                      case=m.case & ~other,
-                                      n_case=int((m.case & ~other).sum())) for m in routes]
+                                      case=m.case & ~other) for m in routes]
     best = combine_routes(routes)
     if other.any():
         n = int(other.sum())

@@ -144,8 +144,12 @@ class GeneMatch:
 
     index: np.ndarray  # [n_query] int64
     how: str
-    n_case: int = 0  # of the mapped, how many only ignoring upper/lower case
+    n_case: int = 0  # of the mapped, how many only ignoring upper/lower case (from case)
     case: np.ndarray | None = None  # [n_query] bool: matched only ignoring case (None: unknown)
+
+    def __post_init__(self):
+        if self.case is not None:
+            object.__setattr__(self, "n_case", int(self.case.sum()))
 
     @property
     def n_mapped(self) -> int:
@@ -218,7 +222,7 @@ def match_routes(query: Sequence[str] | Sequence[Sequence[str]], target: Sequenc
             routes.append((f"{name} symbol->Ensembl via gene table", table.symbol_to_ensembl(alt)))
         for how, q in routes:
             index, case = _lookup(np.asarray(q, dtype=object), target)
-            out.append(GeneMatch(index, how, int(case.sum()), case))
+            out.append(GeneMatch(index, how, case=case))
     return out
 
 
@@ -250,7 +254,7 @@ def combine_routes(routes: Sequence[GeneMatch]) -> GeneMatch:
     if len(used) == 1:
         return best
     how = " + ".join(f"{n:,} by {h}" for h, n in used)
-    return GeneMatch(index, how, int(case.sum()), case)
+    return GeneMatch(index, how, case=case)
 
 
 def gene_symbols(names: Sequence[str], symbols: Sequence[str] | None = None,
