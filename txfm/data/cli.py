@@ -221,5 +221,7 @@ def cmd_demo(args) -> int:
     from .demo import ensure_demo
 
     d = ensure_demo(args.root, progress=not args.quiet, log=lambda s: print(s, file=sys.stderr))
-    print(f"demo shards: {d.shards}\nsynthetic inputs: {d.raw}\nground truth: {d.truth}")
+    print(f"demo shards: {d.shards} (the training corpus: atlas and bulk samples)\n"
+          f"synthetic inputs: {d.raw} (screen.h5ad: the screen, held out of training)\n"
+          f"ground truth: {d.truth}")
     return 0

@@ -1,10 +1,10 @@
-"""Does TxFM learn? Train on the demo corpus, embed its screen, benchmark against baselines.
+"""Does TxFM learn? Train on the demo corpus, embed its held-out screen, benchmark against baselines.
 
 ``python -m txfm.eval.learning`` runs, in one process and with fixed seeds, what a user runs by
 hand (``docs/learning.md``)::
 
-    txfm train                      # the demo corpus (txfm-demo/shards), tiny preset
-    txfm embed                      # the demo screen -> .obsm["X_txfm"]
+    txfm train                      # the demo corpus (txfm-demo/shards: atlas + bulk), tiny
+    txfm embed                      # the demo screen, held out of training -> .obsm["X_txfm"]
     txfm eval perturbation          # model vs Lib+Log / PCA fit on the screen and on the
                                     # training corpus, and the oracle ceiling for K shown genes
 
@@ -12,8 +12,8 @@ and prints the benchmark with the checks that say whether the model learned: its
 least PCA's, linear-probe / kNN top-1 at least 5x chance, and at least 2 points above those
 of the same model untrained (``X_untrained``: the tiny preset after one step at the warm-up's first learning
 rate, 4e-5, with no weight decay, i.e. its initial weights). That last baseline matters: a
-randomly initialised encoder already passes a 208-gene profile through largely intact, so
-chance is a weak bar on the demo. ``--ablation`` also trains the
+randomly initialised encoder already passes much of a 208-gene profile through, so chance is
+a weak bar on the demo. ``--ablation`` also trains the
 paper's Table 5 alternatives with the same budget and seeds (MSE instead of the Poisson loss,
 ReLU instead of the rectified tanh) and our design choices undone (the paper's literal token
 ``[E_g ; x]`` or RMS-normalised token embeddings instead of the "split" token, one constant
