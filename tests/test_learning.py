@@ -35,14 +35,15 @@ def _dense_targets(source, target_sum):
     return np.concatenate(xs), np.concatenate(masks)
 
 
+@pytest.mark.parametrize("target_sum", [1e5, 1e4])
 @pytest.mark.parametrize("loss,activation", [("poisson", "rectified_tanh"), ("poisson", "relu"),
                                              ("mse", "rectified_tanh"), ("poisson", "softmax")])
-def test_output_bias_starts_at_each_genes_optimum(loss, activation):
+def test_output_bias_starts_at_each_genes_optimum(loss, activation, target_sum):
     source = RandomCSRSource(n_cells=256, n_genes=60, batch_size=64, n_datasets=2,
                              observed_fraction=0.7, shuffle=False)
     config = preset("tiny", dim=16, depth=1, heads=2, decoder_hidden=16, k=16, loss=loss,
-                    activation=activation)
-    stats = accumulate(source, max_cells=10_000)
+                    activation=activation, target_sum=target_sum)
+    stats = accumulate(source, max_cells=10_000, target_sum=target_sum)
     x, mask = _dense_targets(source, config.target_sum)
     assert np.array_equal(stats.n_cells, mask.sum(0))
     # independent optimum of a constant prediction per gene, over the cells that profile it
@@ -76,8 +77,9 @@ def test_bias_is_a_stationary_point_of_the_poisson_loss():
     assert (z.grad[live].abs() / scale[live]).max() < 1e-6
 
 
-def test_converter_keeps_the_gene_statistics(tmp_path):
-    """The manifest's sums equal an independent float64 computation over the training cells."""
+def _small_shards(tmp_path):
+    """A converted synthetic corpus of 300 cells (270 training cells) at ``tmp_path/shards``:
+    its manifest, raw counts [cells, genes] (CSR) and obs, read back independently."""
     pytest.importorskip("anndata")
     pytest.importorskip("zarr")
     from tests._shards import read_shards
@@ -87,7 +89,12 @@ def test_converter_keeps_the_gene_statistics(tmp_path):
     res = generate(tmp_path / "raw", cells=300, genes=80, perturbations=4, batches=2, seed=3)
     convert(res.datasets, tmp_path / "shards", min_cells=1, min_genes=1, val_fraction=0.1,
             progress=False)
-    manifest, x, obs = read_shards(tmp_path / "shards")
+    return read_shards(tmp_path / "shards")
+
+
+def test_converter_keeps_the_gene_statistics(tmp_path):
+    """The manifest's sums equal an independent float64 computation over the training cells."""
+    manifest, x, obs = _small_shards(tmp_path)
     stats = manifest.gene_stats
     train = np.array([s.split == "train" for s in manifest.shards for _ in range(s.n_cells)])
     xt = x[train].astype(np.float64)
@@ -221,6 +228,45 @@ def _rows(run_dir):
     from txfm.train.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.csv")
+
+
+def test_mean_log1p_values_are_not_taken_at_another_target_sum():
+    """The mean of log1p(L c / S) does not rescale with L: stats kept at 1e5 refuse 1e4."""
+    s = GeneStats(np.array([2]), np.array([0.5]), np.array([np.log1p(1e5 * 0.5) * 2]))
+    np.testing.assert_allclose(s.mean_target(1e5), [np.log1p(5e4)])
+    with pytest.raises(ValueError, match="target_sum 100000, not 10000"):
+        s.mean_target(1e4)
+    with pytest.raises(ValueError, match="target_sum"):
+        optimal_logits(s, preset("tiny", loss="mse", target_sum=1e4))
+
+
+@pytest.mark.parametrize("loss", ["mse", "poisson"])
+def test_trainer_starts_the_bias_at_its_own_target_sums_optimum(tmp_path, loss):
+    """Shards whose manifest keeps mean log1p values at 1e5, a model at 1e4: the starting bias
+    and the diagnostics' per-gene-mean predictor are the optimum at 1e4, computed here
+    independently from the shards' counts."""
+    manifest, x, obs = _small_shards(tmp_path)
+    assert manifest.gene_stats.target_sum == 1e5
+    config = preset("tiny", dim=16, depth=1, heads=2, decoder_hidden=16, k=16, loss=loss,
+                    target_sum=1e4)
+    cfg = TrainConfig.for_preset("tiny", data=str(tmp_path / "shards"), out=str(tmp_path / "run"),
+                                 steps=1, batch_size=18, progress=False)  # 270 = 15 x 18
+    tr = Trainer(cfg, config)
+    train = np.array([s.split == "train" for s in manifest.shards for _ in range(s.n_cells)])
+    assert train.sum() == 270  # the trainer's pass (full batches only) sees every cell
+    xt = np.asarray(x[train].todense(), np.float64)
+    t = np.log1p(1e4 * xt / xt.sum(1, keepdims=True))
+    dsid = obs["dataset"].astype(str).to_numpy()[train]
+    names = [d.name for d in manifest.datasets]
+    mask = manifest.observable().mask.numpy()[[names.index(d) for d in dsid]]
+    n = mask.sum(0)
+    want = ((t * mask).sum(0) / n if loss == "mse"
+            else np.log((np.exp(t) * mask).sum(0) / n))
+    live = n > 0
+    want = np.clip(want, 0.01, config.alpha * 0.999)
+    for z in (tr.model.decoder.head.bias.detach(), tr._mean_logits):
+        got = tr.model.loss.predict(z[None].float().cpu())[0].double().numpy()
+        np.testing.assert_allclose(got[live], want[live], rtol=2e-4, atol=1e-5)
 
 
 def test_gene_stats_json_round_trip():

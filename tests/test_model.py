@@ -16,8 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _batch(b=6, g=G, k=32, seed=0, n_datasets=2, small_dataset=None):
-    """A MaskedSample from the eager (torch backend) sampler on random CSR rows."""
+def _batch(b=6, g=G, k=32, seed=0, n_datasets=2, small_dataset=None, target_sum=None):
+    """A MaskedSample from the eager (torch backend) sampler on random CSR rows, normalised at
+    ``target_sum`` (default: the tiny preset's, as the models of these tests are)."""
     gen = torch.Generator().manual_seed(seed)
     nnz = torch.randint(5, g // 3, (b,), generator=gen)
     indptr = torch.zeros(b + 1, dtype=torch.int64)
@@ -32,7 +33,8 @@ def _batch(b=6, g=G, k=32, seed=0, n_datasets=2, small_dataset=None):
     obs = ObservableGenes.from_mask(mask)
     ds = torch.arange(b) % n_datasets
     return masked_sample(indptr, idx, counts, n_genes=g, k=k, observable=obs, dataset_ids=ds,
-                         seed=seed, backend="torch")
+                         seed=seed, backend="torch",
+                         target_sum=target_sum or PRESETS["tiny"].target_sum)
 
 
 def _tiny(**over):
@@ -51,6 +53,7 @@ def test_presets_match_spec_table_and_parameter_counts(name):
     depth, heads, dim, drop, k, params = PAPER_TABLE6[name]
     cfg = preset(name)
     assert (cfg.depth, cfg.heads, cfg.dim, cfg.drop_path, cfg.k) == (depth, heads, dim, drop, k)
+    assert cfg.target_sum == 1e5  # the paper's L; only tiny, for shallow screens, takes 1e4
     with torch.device("meta"):  # count without allocating 1.6 GB for L
         model = TxFM(cfg, 44_349)
     n = sum(p.numel() for p in model.parameters())
@@ -215,7 +218,7 @@ def test_nb_and_zinb_match_scipy_likelihoods():
                 model.loss.pi_logit.uniform_(-2, 0)
             z = model.logits(s.gene_ids, s.values)
             xh = model.loss.predict(z).double()
-            size = (s.library_size.double() / 1e5)[:, None]
+            size = (s.library_size.double() / model.config.target_sum)[:, None]
             c = (size * torch.expm1(s.target.double())).round()
             mu = size * torch.expm1(xh) + 1e-8
             theta = torch.exp(model.loss.log_theta.double())[None].expand_as(mu)

@@ -9,8 +9,10 @@ predicted at one constant value ``x_hat`` over the cells that profile it is
 
 * ``n_cells [G]``: training cells whose dataset profiles the gene,
 * ``frac_sum [G]``: the sum over those cells of ``c / S`` (count over the row's total count),
-* ``log1p_sum [G]``: the sum of ``log1p(target_sum * c / S)`` at ``STATS_TARGET_SUM``
-  (the mean-squared-error optimum, ``mean(x)``).
+* ``log1p_sum [G]``: the sum of ``log1p(L * c / S)`` at one ``L``, ``GeneStats.target_sum``
+  (the converter's: ``STATS_TARGET_SUM``), for the mean-squared-error optimum ``mean(x)``.
+  Unlike ``frac_sum`` it cannot be rescaled to another ``L``: a model trained at another
+  ``target_sum`` with an MSE-type loss needs the sums again (:func:`accumulate`).
 
 The converter accumulates them while it writes the shards (``manifest.json`` keys
 ``gene_obs_cells``, ``gene_frac_sum``, ``gene_log1p_sum``); :func:`accumulate` is the same
@@ -18,11 +20,12 @@ computation on CSR batches, used for collections written before these keys exist
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-STATS_TARGET_SUM = 1e5  # the target sum at which log1p_sum is kept (the model default)
+STATS_TARGET_SUM = 1e5  # the L at which the converter keeps log1p_sum (the paper's)
 
 
 @dataclass
@@ -35,8 +38,9 @@ class GeneStats:
     target_sum: float = STATS_TARGET_SUM
 
     @classmethod
-    def zeros(cls, n_genes: int) -> "GeneStats":
-        return cls(np.zeros(n_genes, np.int64), np.zeros(n_genes), np.zeros(n_genes))
+    def zeros(cls, n_genes: int, target_sum: float = STATS_TARGET_SUM) -> "GeneStats":
+        return cls(np.zeros(n_genes, np.int64), np.zeros(n_genes), np.zeros(n_genes),
+                   float(target_sum))
 
     def add_csr(self, indptr: np.ndarray, indices: np.ndarray, counts: np.ndarray,
                 observable_cells: np.ndarray) -> None:
@@ -59,8 +63,17 @@ class GeneStats:
         (1.0 for a gene no cell profiles)."""
         return 1.0 + target_sum * self.frac_sum / np.maximum(self.n_cells, 1)
 
-    def mean_target(self) -> np.ndarray:
-        """``[G]`` mean log1p-normalised value at ``self.target_sum``."""
+    def mean_target(self, target_sum: float) -> np.ndarray:
+        """``[G]`` mean of ``x = log1p(target_sum * c / S)`` over the cells profiling each gene.
+
+        Raises:
+            ValueError: ``target_sum`` is not the ``L`` these sums were kept at (the mean of a
+                log does not rescale); :func:`accumulate` at that ``target_sum`` gives them.
+        """
+        if not math.isclose(target_sum, self.target_sum, rel_tol=1e-12):
+            raise ValueError(f"these gene statistics hold mean log1p values at target_sum "
+                             f"{self.target_sum:g}, not {target_sum:g}; accumulate them again at "
+                             f"{target_sum:g} (txfm.data.stats.accumulate(..., target_sum=))")
         return self.log1p_sum / np.maximum(self.n_cells, 1)
 
     def to_json(self) -> dict:
@@ -78,10 +91,12 @@ class GeneStats:
                    float(doc.get("stats_target_sum", STATS_TARGET_SUM)))
 
 
-def accumulate(loader, max_cells: int = 50_000) -> GeneStats:
+def accumulate(loader, max_cells: int = 50_000, target_sum: float = STATS_TARGET_SUM
+               ) -> GeneStats:
     """Gene statistics from up to ``max_cells`` cells of ``loader`` (CPU CSR batches with
-    ``indptr, indices, counts, dataset_ids``; its ``observable`` table, when it has one)."""
-    stats = GeneStats.zeros(int(loader.n_genes))
+    ``indptr, indices, counts, dataset_ids``; its ``observable`` table, when it has one), with
+    ``log1p_sum`` kept at ``target_sum``."""
+    stats = GeneStats.zeros(int(loader.n_genes), target_sum)
     obs = getattr(loader, "observable", None)
     mask = None if obs is None else obs.mask.cpu().numpy()
     seen = 0

@@ -51,7 +51,7 @@ except Exception:  # noqa: BLE001
 
 
 # "split" tokens: the value that leaves a token's value-scaled half at the scale of its identity
-# half; expressed genes' log1p values at target_sum 1e5 lie around 2-9.
+# half; expressed genes' log1p values at target_sum 1e4-1e5 lie around 2-9.
 SPLIT_VALUE_SCALE = 4.0
 
 

@@ -47,6 +47,9 @@ from txfm_kernels.poisson.reference import dense_gene_mask, masked_row_mean, rec
 from .config import TxFMConfig
 
 _EPS = 1e-8
+# Losses whose constant-predictor optimum is the mean target mean(x), which the gene
+# statistics hold at one target_sum only (txfm.data.stats); the others need mean(exp(x)).
+MEAN_TARGET_LOSSES = ("mse", "smoothl1")
 
 
 class CountLoss(nn.Module):
@@ -169,9 +172,13 @@ def optimal_logits(stats, config: TxFMConfig) -> torch.Tensor:
     target ``mean(x)``; the activation is then inverted. Predictions are kept at
     ``x_hat >= 0.01``, inside the live region of rectified tanh and ReLU, so that no gene
     starts where its gradient is exactly 0.
+
+    Raises:
+        ValueError: an MSE-type loss with ``stats`` kept at another ``target_sum``
+            (:meth:`txfm.data.stats.GeneStats.mean_target`).
     """
-    if config.loss in ("mse", "smoothl1"):
-        x_hat = torch.as_tensor(stats.mean_target())
+    if config.loss in MEAN_TARGET_LOSSES:
+        x_hat = torch.as_tensor(stats.mean_target(config.target_sum))
     else:
         x_hat = torch.log(torch.as_tensor(stats.mean_exp_target(config.target_sum)))
     return inverse_activation(x_hat.clamp_min(0.01), config)

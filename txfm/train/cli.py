@@ -101,8 +101,9 @@ def register(subparsers) -> None:
     m.add_argument("--tau", type=finite_float(), default=None,
                    help="frequency weighting of the draw (0)")
     m.add_argument("--target-sum", type=finite_float(0.0, above=True), default=None,
-                   help="L: counts are normalised to this total before log1p (1e5; scanpy's "
-                        "normalize_total target_sum)")
+                   help="L: counts are normalised to this total before log1p (the preset's: "
+                        "the paper's 1e5 for S/B/L, 1e4 for tiny; scanpy's normalize_total "
+                        "target_sum)")
     m.add_argument("--loss", choices=LOSSES, default=None,
                    help="reconstruction loss (poisson, the paper's; the others are its ablations)")
     m.add_argument("--activation", choices=ACTIVATIONS, default=None,

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from txfm.model import TxFM, TxFMConfig, preset
 from txfm.model.config import ConfigError
-from txfm.model.losses import optimal_logits
+from txfm.model.losses import MEAN_TARGET_LOSSES, optimal_logits
 from txfm.data.inputs import model_inputs, open_loader, vocabulary
 
 from . import checkpoint as ckpt
@@ -227,15 +227,19 @@ class Trainer:
 
     def _gene_stats(self, factory):
         """The training corpus' per-gene statistics: the manifest's, else a pass over up to
-        50,000 training cells (collections converted before the manifest kept them)."""
+        50,000 training cells (collections converted before the manifest kept them, or an
+        MSE-type loss at another target_sum than the one the manifest's mean log1p values
+        were kept at)."""
         from txfm.data.stats import accumulate
 
+        cfg = self.model_config
         stats = getattr(self.loader, "gene_stats", None)
-        if stats is None:
+        if stats is None or (cfg.loss in MEAN_TARGET_LOSSES
+                             and not math.isclose(stats.target_sum, cfg.target_sum)):
             probe = factory("train", self.micro, 0, 1, False)
             if hasattr(probe, "set_epoch"):
                 probe.set_epoch(0)
-            stats = accumulate(probe)
+            stats = accumulate(probe, target_sum=cfg.target_sum)
         return stats
 
     # -- helpers ----------------------------------------------------------------------------
