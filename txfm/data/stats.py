@@ -63,6 +63,10 @@ class GeneStats:
         (1.0 for a gene no cell profiles)."""
         return 1.0 + target_sum * self.frac_sum / np.maximum(self.n_cells, 1)
 
+    def kept_at(self, target_sum: float) -> bool:
+        """Whether ``log1p_sum`` was kept at this ``target_sum`` (:meth:`mean_target` serves it)."""
+        return math.isclose(target_sum, self.target_sum)
+
     def mean_target(self, target_sum: float) -> np.ndarray:
         """``[G]`` mean of ``x = log1p(target_sum * c / S)`` over the cells profiling each gene.
 
@@ -70,7 +74,7 @@ class GeneStats:
             ValueError: ``target_sum`` is not the ``L`` these sums were kept at (the mean of a
                 log does not rescale); :func:`accumulate` at that ``target_sum`` gives them.
         """
-        if not math.isclose(target_sum, self.target_sum, rel_tol=1e-12):
+        if not self.kept_at(target_sum):
             raise ValueError(f"these gene statistics hold mean log1p values at target_sum "
                              f"{self.target_sum:g}, not {target_sum:g}; accumulate them again at "
                              f"{target_sum:g} (txfm.data.stats.accumulate(..., target_sum=))")

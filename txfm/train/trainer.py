@@ -235,7 +235,7 @@ class Trainer:
         cfg = self.model_config
         stats = getattr(self.loader, "gene_stats", None)
         if stats is None or (cfg.loss in MEAN_TARGET_LOSSES
-                             and not math.isclose(stats.target_sum, cfg.target_sum)):
+                             and not stats.kept_at(cfg.target_sum)):
             probe = factory("train", self.micro, 0, 1, False)
             if hasattr(probe, "set_epoch"):
                 probe.set_epoch(0)
