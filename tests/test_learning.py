@@ -35,6 +35,19 @@ def _dense_targets(source, target_sum):
     return np.concatenate(xs), np.concatenate(masks)
 
 
+def _constant_optimum(x, mask, loss, alpha):
+    """Independent ``[G]`` optimum of a constant prediction per gene over the cells that profile
+    it (``x [cells, G]`` float64 targets, ``mask`` the same shape), kept in ``[0.01, alpha)``
+    as :func:`txfm.model.losses.optimal_logits` keeps it: ``mean(x)`` for MSE, else
+    ``log(mean(exp(x)))``."""
+    n = np.maximum(mask.sum(0), 1)
+    if loss == "mse":
+        want = (x * mask).sum(0) / n
+    else:
+        want = np.log((np.exp(x) * mask).sum(0) / n)
+    return np.clip(want, 0.01, alpha * 0.999)
+
+
 @pytest.mark.parametrize("target_sum", [1e5, 1e4])
 @pytest.mark.parametrize("loss,activation", [("poisson", "rectified_tanh"), ("poisson", "relu"),
                                              ("mse", "rectified_tanh"), ("poisson", "softmax")])
@@ -46,13 +59,7 @@ def test_output_bias_starts_at_each_genes_optimum(loss, activation, target_sum):
     stats = accumulate(source, max_cells=10_000, target_sum=target_sum)
     x, mask = _dense_targets(source, config.target_sum)
     assert np.array_equal(stats.n_cells, mask.sum(0))
-    # independent optimum of a constant prediction per gene, over the cells that profile it
-    n = np.maximum(mask.sum(0), 1)
-    if loss == "mse":
-        want = (x * mask).sum(0) / n
-    else:
-        want = np.log((np.exp(x) * mask).sum(0) / n)
-    want = np.clip(want, 0.01, config.alpha * 0.999)
+    want = _constant_optimum(x, mask, loss, config.alpha)
     model = TxFM(config, 60).init_output_bias(stats)
     bias = model.decoder.head.bias.detach().double()
     got = model.loss.predict(bias[None].float())[0].double().numpy()
@@ -259,11 +266,8 @@ def test_trainer_starts_the_bias_at_its_own_target_sums_optimum(tmp_path, loss):
     dsid = obs["dataset"].astype(str).to_numpy()[train]
     names = [d.name for d in manifest.datasets]
     mask = manifest.observable().mask.numpy()[[names.index(d) for d in dsid]]
-    n = mask.sum(0)
-    want = ((t * mask).sum(0) / n if loss == "mse"
-            else np.log((np.exp(t) * mask).sum(0) / n))
-    live = n > 0
-    want = np.clip(want, 0.01, config.alpha * 0.999)
+    live = mask.sum(0) > 0
+    want = _constant_optimum(t, mask, loss, config.alpha)
     for z in (tr.model.decoder.head.bias.detach(), tr._mean_logits):
         got = tr.model.loss.predict(z[None].float().cpu())[0].double().numpy()
         np.testing.assert_allclose(got[live], want[live], rtol=2e-4, atol=1e-5)
