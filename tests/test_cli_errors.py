@@ -616,13 +616,16 @@ def test_size_errors_name_each_flag_once():
 
 
 def test_model_config_states_the_kernels_limits():
-    """TxFMConfig restates two of txfm_kernels' limits so that building a config needs no
-    torch; they must stay the kernels' own."""
+    """TxFMConfig restates txfm_kernels' limits (and the paper's beta) so that building a
+    config needs no torch; they must stay the kernels' own."""
     from txfm.model import config
-    from txfm_kernels import sample
+    from txfm_kernels import poisson, sample
 
     assert config.TARGET_SUM_RANGE == sample.TARGET_SUM_RANGE
     assert config.TAU_LIMIT == sample.TAU_LIMIT
+    assert config.ALPHA_LIMIT == poisson._ALPHA_LIMIT
+    assert config.BETA_MIN == poisson.BETA_MIN
+    assert config.PAPER_BETA == poisson.BETA
 
 
 def test_convert_warns_about_repeated_cell_names(tmp_path, capsys):

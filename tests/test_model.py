@@ -1,5 +1,6 @@
 """TxFM model: presets and parameter counts, fused vs eager ops, attention, ablation switches."""
 import copy
+import math
 
 import pytest
 import torch
@@ -81,6 +82,51 @@ def test_config_saved_before_token_norm_keeps_the_literal_token():
     del old["token_norm"]  # checkpoints written before the field existed
     assert TxFMConfig.from_dict(old).token_norm == "none"
     assert preset("tiny").token_norm == "split"
+
+
+def test_config_saved_before_tanh_beta_keeps_the_constant_it_was_trained_with():
+    old = preset("tiny").to_dict()
+    del old["tanh_beta"]  # checkpoints written before the field existed used 4e at any L
+    assert TxFMConfig.from_dict(old).beta == 4 * math.e
+    assert TxFMConfig.from_dict(preset("tiny").to_dict()).beta == preset("tiny").beta
+
+
+@pytest.mark.parametrize("target_sum", [1e3, 1e4, 1e5, 1e6])
+def test_rectified_tanh_keeps_the_papers_shape_at_every_target_sum(target_sum):
+    """The paper's activation is given at L = 1e5 (alpha = log(1e5 + 1), beta = 4e). At any
+    other L only its ceiling moves: phi_L(z) / alpha_L = phi_1e5(s z) / alpha_1e5 with
+    s = alpha_1e5 / alpha_L, and the slope at the origin stays log(1e5 + 1) / (4e)."""
+    cfg = TxFMConfig(target_sum=target_sum)
+    a_paper = math.log(1e5 + 1)
+    z = torch.linspace(-5, 60, 131, dtype=torch.float64)
+
+    def phi(z, alpha, beta):
+        return alpha * torch.relu(torch.tanh(z / beta))
+
+    s = a_paper / math.log(target_sum + 1)
+    torch.testing.assert_close(phi(z, cfg.alpha, cfg.beta) / cfg.alpha,
+                               phi(s * z, a_paper, 4 * math.e) / a_paper, rtol=1e-12, atol=1e-12)
+    assert cfg.alpha / cfg.beta == pytest.approx(a_paper / (4 * math.e), rel=1e-12)
+    if target_sum == 1e5:
+        assert cfg.beta == 4 * math.e  # exactly the paper's constant, not within rounding
+    # the literal constant stays available at any L
+    assert TxFMConfig(target_sum=target_sum, tanh_beta=4 * math.e).beta == 4 * math.e
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"tanh_beta": -1.0}, "tanh_beta"),
+    ({"tanh_beta": 1e-4}, "tanh_beta"),
+    ({"tanh_beta": float("nan")}, "tanh_beta"),
+    ({"target_sum": 1e-4}, "target_sum"),  # derived beta 9e-5: below the kernels' 1e-3
+    ({"target_sum": 1e36}, "target_sum"),  # alpha 82.9: exp(alpha) overflows fp32
+])
+def test_rectified_tanh_constants_out_of_the_kernels_range_are_refused(fields, field):
+    with pytest.raises(ValueError, match=f"{field}="):
+        TxFMConfig(**fields)
+    if field == "target_sum":  # only the fused Poisson loss has these limits
+        assert TxFMConfig(activation="relu", **fields).target_sum == fields["target_sum"]
+        assert TxFMConfig(target_sum=fields["target_sum"], tanh_beta=1.0,
+                          loss="mse").target_sum == fields["target_sum"]
 
 
 # -- fused vs eager --------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ a weak bar on the demo. ``--ablation`` also trains the
 paper's Table 5 alternatives with the same budget and seeds (MSE instead of the Poisson loss,
 ReLU instead of the rectified tanh) and our design choices undone (the paper's literal token
 ``[E_g ; x]`` or RMS-normalised token embeddings instead of the "split" token, one constant
-starting bias), so that their effect is measured on planted ground truth; ``--variants``
-picks some of them, and ``--seed`` repeats a comparison with another training seed.
+starting bias, the rectified tanh's ``beta = 4 e`` kept constant at tiny's ``target_sum``), so
+that their effect is measured on planted ground truth; ``--variants`` picks some of them, and
+``--seed`` repeats a comparison with another training seed.
 
 Outputs under ``--out``: one run folder per variant and one for the untrained baseline
 (``run_<variant>``, ``run_untrained``: checkpoints,
@@ -49,6 +50,7 @@ import sys
 
 from txfm.cli import ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int
 from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
+from txfm.model.config import PAPER_BETA
 
 from .cli import _output, _writable
 
@@ -57,6 +59,8 @@ VARIANTS = {
     "txfm": [],
     "mse": ["--loss", "mse"],
     "relu": ["--activation", "relu"],
+    # the paper's beta = 4e as a constant: at tiny's target_sum 1e4 the default scales it
+    "paper_beta": ["--set", f"tanh_beta={PAPER_BETA!r}"],
     "literal_tokens": ["--set", "token_norm=none"],
     "rms_tokens": ["--set", "token_norm=rms"],
     "constant_bias": ["--no-init-bias"],

@@ -40,6 +40,13 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")  # txfm_kernels' backends
 # so `txfm --help`) needs no torch; tests/test_cli_errors.py checks that they agree
 TARGET_SUM_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 TAU_LIMIT = 100.0
+# ... and txfm_kernels.poisson's limits on the rectified tanh's constants: |alpha| <= 80 keeps
+# exp(alpha) finite in fp32, beta >= 1e-3 keeps the kernels' clamp of z / beta exact
+ALPHA_LIMIT = 80.0
+BETA_MIN = 1e-3
+# The rectified tanh's temperature and the target_sum it was given for (arXiv:2605.31562, model)
+PAPER_BETA = 4.0 * math.e
+PAPER_TARGET_SUM = 1e5
 # arithmetic of a training run or an embedding forward; auto: bf16 autocast on CUDA, fp32 on
 # the CPU (txfm embed: the precision the model was trained in)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -111,6 +118,7 @@ class TxFMConfig:
     loss: str = "poisson"
     activation: str = "rectified_tanh"
     target_sum: float = 1e5  # L: counts are normalised to this total before log1p (§2); tiny: 1e4
+    tanh_beta: float = 0.0  # beta of the rectified tanh; 0: the paper's 4e scaled with alpha (beta)
     include_unobserved: bool = False  # arXiv:2605.31562, loss option: unprofiled genes count as zeros
     backend: str = "auto"  # of every txfm_kernels op the model runs; "torch" = eager reference
     attention: str = "auto"  # auto: FlashAttention-3 on Hopper if installed, else SDPA; see encoder.py
@@ -127,8 +135,21 @@ class TxFMConfig:
 
     @property
     def beta(self) -> float:
-        """Temperature of the rectified tanh: ``4 e`` (arXiv:2605.31562, model)."""
-        return 4.0 * math.e
+        """Temperature of the rectified tanh ``alpha * relu(tanh(z / beta))``: ``tanh_beta`` when
+        it is positive, else (the default) ``4 e * alpha / log(1e5 + 1)``.
+
+        The paper gives ``beta = 4 e`` for its ``L = 1e5`` (arXiv:2605.31562, model), where
+        the activation rises with slope ``alpha / beta = 1.06`` from the origin, like a ReLU,
+        and saturates at ``alpha``. **(our choice)** At another ``target_sum`` beta scales with
+        ``alpha``, so that only the ceiling moves and the shape stays the paper's. With ``4 e``
+        at tiny's ``L = 1e4`` the slope would be 0.85: every output moves 20% less for the
+        same step, and on the demo the model scored lower and varied more from seed to seed
+        (``docs/learning.md``, Table 5). ``tanh_beta = 4 e`` (10.873) keeps the literal
+        constant at any ``L``; at ``L = 1e5`` both give ``4 e`` exactly.
+        """
+        if self.tanh_beta > 0:
+            return float(self.tanh_beta)
+        return PAPER_BETA * (self.alpha / math.log(PAPER_TARGET_SUM + 1.0))
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +198,17 @@ class TxFMConfig:
         low, high = TARGET_SUM_RANGE
         need(low <= self.target_sum <= high, "target_sum",
              f"must be > 0 and an fp32 number (<= {high:.3g})")
+        need(self.tanh_beta == 0 or self.tanh_beta >= BETA_MIN, "tanh_beta",
+             f"must be 0 (derived from target_sum) or >= {BETA_MIN:g}")
+        if self.loss == "poisson" and self.activation == "rectified_tanh":
+            # what the fused loss takes (txfm_kernels.rectified_tanh_poisson_nll)
+            need(self.alpha <= ALPHA_LIMIT, "target_sum",
+                 f"gives alpha = log(target_sum + 1) = {self.alpha:.4g} > {ALPHA_LIMIT:g}, "
+                 f"where exp(alpha) overflows fp32; use target_sum <= "
+                 f"{math.expm1(ALPHA_LIMIT):.3g}")
+            need(self.beta >= BETA_MIN, "target_sum",
+                 f"gives the rectified tanh beta = {self.beta:.3g} < {BETA_MIN:g} (beta scales "
+                 f"with log(target_sum + 1)); use a larger target_sum or set tanh_beta")
         fp32 = np.finfo(np.float32)
         need(abs(self.tau) <= TAU_LIMIT, "tau", f"must be in [-{TAU_LIMIT:g}, {TAU_LIMIT:g}]")
         need(abs(self.layerscale_init) <= fp32.max, "layerscale_init",
@@ -209,9 +241,11 @@ class TxFMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TxFMConfig":
         """A config saved by :meth:`to_dict` (a checkpoint's ``model_config``, a run's
-        ``config.json``). One saved before ``token_norm`` existed used the literal token."""
+        ``config.json``). One saved before ``token_norm`` existed used the literal token, and
+        one saved before ``tanh_beta`` existed used ``beta = 4 e`` at any ``target_sum``."""
         d = _renamed(d)
         d.setdefault("token_norm", "none")
+        d.setdefault("tanh_beta", PAPER_BETA)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

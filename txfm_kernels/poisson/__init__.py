@@ -1,9 +1,10 @@
 """Fused rectified tanh + Poisson negative log-likelihood over the gene vocabulary, the TxFM
 loss (arXiv:2605.31562 §4).
 
-For decoder logits ``z [B, G]`` and log1p-normalised targets ``x [B, G]``::
+For decoder logits ``z [B, G]`` and targets ``x [B, G]`` normalised to ``L`` counts per sample
+and log1p-transformed (``x = log1p(L c / sum c)``; the paper's ``L`` is 1e5)::
 
-    phi(z)   = alpha * relu(tanh(z / beta))             alpha = log(1e5 + 1), beta = 4 * e
+    phi(z)   = alpha * relu(tanh(z / beta))             alpha = log(L + 1), beta = 4 * e
     l[b, g]  = exp(phi) - phi * exp(x)                  Poisson NLL, log-rate phi, count exp(x)
     dl/dz    = (alpha / beta) * sech^2(z / beta) * (exp(phi) - exp(x))   for z > 0, 0 for z <= 0
 
