@@ -143,7 +143,7 @@ class TxFMConfig:
         and saturates at ``alpha``. **(our choice)** At another ``target_sum`` beta scales with
         ``alpha``, so that only the ceiling moves and the shape stays the paper's. With ``4 e``
         at tiny's ``L = 1e4`` the slope would be 0.85: every output moves 20% less for the
-        same step, and on the demo the model scored lower and varied more from seed to seed
+        same step, and on the demo the model varied twice as much from seed to seed
         (``docs/learning.md``, Table 5). ``tanh_beta = 4 e`` (10.873) keeps the literal
         constant at any ``L``; at ``L = 1e5`` both give ``4 e`` exactly.
         """
