@@ -44,7 +44,8 @@ TAU_LIMIT = 100.0
 # exp(alpha) finite in fp32, beta >= 1e-3 keeps the kernels' clamp of z / beta exact
 ALPHA_LIMIT = 80.0
 BETA_MIN = 1e-3
-# The rectified tanh's temperature and the target_sum it was given for (arXiv:2605.31562, model)
+# The rectified tanh's temperature and the paper's target_sum, for which it was given
+# (arXiv:2605.31562, model): the default L of every preset but tiny
 PAPER_BETA = 4.0 * math.e
 PAPER_TARGET_SUM = 1e5
 # arithmetic of a training run or an embedding forward; auto: bf16 autocast on CUDA, fp32 on
@@ -117,7 +118,7 @@ class TxFMConfig:
     decoder_hidden: int = 256
     loss: str = "poisson"
     activation: str = "rectified_tanh"
-    target_sum: float = 1e5  # L: counts are normalised to this total before log1p (§2); tiny: 1e4
+    target_sum: float = PAPER_TARGET_SUM  # L: counts are normalised to this total (§2); tiny: 1e4
     tanh_beta: float = 0.0  # beta of the rectified tanh; 0: the paper's 4e scaled with alpha (beta)
     include_unobserved: bool = False  # arXiv:2605.31562, loss option: unprofiled genes count as zeros
     backend: str = "auto"  # of every txfm_kernels op the model runs; "torch" = eager reference
