@@ -56,6 +56,7 @@ class Pipeline:
 
     def __init__(self, average=70.0, bmdb=float("nan")):
         self.calls, self.threads, self.average, self.bmdb = [], [], average, bmdb
+        self.recall = {}  # (run, representation) -> recall of the planted gene pairs, in [0, 1]
 
     def __call__(self, argv):
         import torch
@@ -66,8 +67,19 @@ class Pipeline:
         if argv[0] == "train":
             steps = int(arg.get("--steps", RECIPE_STEPS))
             _checkpoint(arg["--out"], steps, steps, int(arg.get("--seed", 0)))
-        elif argv[0] == "embed":
+        elif argv[0] in ("embed", "genes"):
             open(arg["--out"], "w").close()
+        elif argv[:2] == ["eval", "relationships"]:
+            import pandas as pd
+
+            os.makedirs(arg["--out"], exist_ok=True)
+            run = os.path.basename(arg["--out"])
+            rows = [dict(representation=rep, n_components=c, database=db, primary=True,
+                         recall_5_95_mean=self.recall.get((run, rep), 0.5))
+                    for rep, c in (("codebook", 32), ("decoder", 64))
+                    for db in ("relationships", "combined")]
+            pd.DataFrame(rows).to_csv(os.path.join(arg["--out"], "relationships.csv"),
+                                      index=False)
         elif argv[0] == "eval":
             import pandas as pd
 
@@ -366,7 +378,7 @@ def test_model_no_better_than_untrained_fails_the_check(fake, capsys, monkeypatc
     learned (on the demo a random encoder reaches lin top-1 ~30, 6x chance)."""
     def same_as_untrained(argv):
         fake(argv)
-        if argv[0] == "eval":
+        if argv[:2] == ["eval", "perturbation"]:
             import pandas as pd
 
             path = os.path.join(dict(zip(argv, argv[1:]))["--out"], "perturbation_all.csv")
@@ -379,3 +391,26 @@ def test_model_no_better_than_untrained_fails_the_check(fake, capsys, monkeypatc
     assert code == 1  # ahead by 1.5 and 1.0 points: within noise (a 20-step model is that far)
     assert "X_txfm lin_top1 >= the untrained model's + 2 (40.5): NO" in out
     assert "X_txfm knn_top1 >= the untrained model's + 2 (31.0): NO" in out
+
+
+# -- 9. Table 5's gene columns ------------------------------------------------------------------
+
+def test_gene_recall_of_every_run_is_printed_and_saved(fake, tmp_path, capsys):
+    """Each run's codebook and decoder are scored on the demo's planted relationships (the
+    paper's Table 5 "enc" / "dec"), printed beside the perturbation scores and saved."""
+    fake.recall = {("txfm", "codebook"): 0.645, ("txfm", "decoder"): 0.777,
+                   ("untrained", "decoder"): 0.1}
+    code, out, _ = _main(capsys, "--out", "out", "--steps", "5", "--threads", "1")
+    assert code == 0
+    relationships = [c for c in fake.calls if c[:2] == ["eval", "relationships"]]
+    assert [c[c.index("--out") + 1].split(os.sep)[-1] for c in relationships] == \
+        ["txfm", "untrained"]
+    for c in relationships:
+        assert c[c.index("--db") + 1].endswith("relationships.txt")
+        assert c[c.index("--threads") + 1] == "1" and "--no-progress" in c
+    assert "Table 5" in out and "random 10" in out
+    assert "| txfm | 70.0 | 40.0 | 30.0 | 64.5 | 77.7 |" in out
+    assert "| untrained | 53.0 | 30.0 | 17.0 | 50.0 | 10.0 |" in out
+    doc = json.loads((tmp_path / "out" / "learning.json").read_text())
+    assert doc["gene_recall"]["txfm"] == pytest.approx({"codebook": 64.5, "decoder": 77.7})
+    assert doc["gene_recall_random"] == 10

@@ -249,6 +249,21 @@ def test_a_metrics_row_carries_the_learning_rate_its_step_ran_at(tmp_path):
     assert lrs == pytest.approx([one_cycle_lr(i, 12, cfg.warmup, cfg.lr) for i in range(12)])
 
 
+def test_grad_norm_is_logged_with_and_without_clipping(tmp_path):
+    """``grad_norm`` is the norm before clipping, and a run with clipping off (``--grad-clip
+    0``; the paper names no clipping) logs it too: there it is the first sign of trouble.
+    Step 1's gradients are the same either way, so both runs log the same first norm."""
+    norms = {}
+    for clip in (1.0, None):
+        cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path / str(clip)), steps=3,
+                                     batch_size=16, log_every=1, ckpt_every=None, val_every=None,
+                                     progress=False, plot=False, grad_clip=clip)
+        train(cfg, _small_model())
+        norms[clip] = [r["grad_norm"] for r in read_metrics(tmp_path / str(clip) / "metrics.csv")]
+        assert len(norms[clip]) == 3 and all(math.isfinite(n) and n > 0 for n in norms[clip])
+    assert norms[None][0] == pytest.approx(norms[1.0][0], rel=1e-6)
+
+
 def test_a_diverged_run_stops_with_one_error_before_saving(tmp_path, capsys):
     """A NaN loss ends the run at the row that shows it: an error line (exit 2), the rows so
     far in metrics.csv, no checkpoint of NaN weights, and no traceback from the validation's

@@ -302,8 +302,9 @@ class Trainer:
         return out
 
     # -- one step ---------------------------------------------------------------------------
-    def train_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step on ``accum`` (cpu, device) batch pairs: (loss, grad norm) on device."""
+    def train_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on ``accum`` (cpu, device) batch pairs: (loss, gradient norm
+        before clipping) on device."""
         cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
         total = torch.zeros((), device=self.device)
         for micro, (cpu, dev) in enumerate(batches):
@@ -317,9 +318,11 @@ class Trainer:
                     loss = self.net(sample, key_padding_mask=pad, drop_keep=keep)
                 (loss / cfg.accum).backward()
             total += loss.detach().float()
-        norm = None
         if cfg.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:  # still logged: without clipping it is the first sign of a run going unstable
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step ran at
         self.scheduler.step()
@@ -543,8 +546,7 @@ class Trainer:
                 self.epoch = self._fetched_epoch
                 loss, norm = self.train_step(pending)
                 loss_sum += loss
-                if norm is not None:
-                    norm_sum += norm.detach().float()
+                norm_sum += norm.detach().float()
                 n_since += 1
                 bar.update(1)  # before validating, so the bar shows the step being validated
                 step, done = self.step, self.step >= self.total_steps
@@ -564,7 +566,7 @@ class Trainer:
                     per_device = sps / self.dist.world_size
                     row = {"step": step, "epoch": self.epoch, "samples": self.samples,
                            "train_loss": train_loss, "lr": self.step_lr,
-                           "grad_norm": grad_norm if cfg.grad_clip else None,
+                           "grad_norm": grad_norm,
                            "samples_per_s": sps, "step_ms": 1e3 * (now - t_last) / n_since,
                            "mfu": mfu(per_device, self.model_config, self.n_genes, self.peak),
                            "elapsed_s": now - t0}
