@@ -451,6 +451,9 @@ def pca_gene_loadings(counts, n_components: int = 1024, *, target_sum: float = T
     Returns:
         ``(loadings [genes_kept, c] float32, kept [genes_kept] int64)``: genes with zero
         variance (never or always equally expressed) have no direction and are left out.
+        The columns are principal axes, largest variance first (score them as a
+        ``GeneRepresentation(..., nested=True)``: the first ``c`` columns are ``c``
+        components).
     """
     logged = lib_log(as_csr(counts), target_sum)
     x = logged.copy()

@@ -409,6 +409,7 @@ def cmd_relationships(args) -> int:
     from .relationships import (
         BASELINE_COMPONENTS,
         DEFAULT_COMPONENTS,
+        LOADINGS_SHARE,
         SWEEP_COMPONENTS,
         GeneRepresentation,
         check_null,
@@ -472,7 +473,14 @@ def cmd_relationships(args) -> int:
                             table)[kept]
         print(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
               f"{loadings.shape[1]} components")
-        reps.append(GeneRepresentation("pca_loadings", loadings, syms, n))
+        if loadings.shape[1] * LOADINGS_SHARE > len(kept):
+            print(f"warning: pca_loadings at {loadings.shape[1]} components of {len(kept)} "
+                  f"genes: standardised, the loadings of most of the spectrum are nearly "
+                  f"orthogonal, so this baseline's recall falls towards random (the paper's "
+                  f"1024 components are ~5% of its ~20,000 genes); see its recall against "
+                  f"components in relationships.csv, or pass --n-components pca_loadings=N "
+                  f"with N <= {len(kept) // LOADINGS_SHARE}", file=sys.stderr)
+        reps.append(GeneRepresentation("pca_loadings", loadings, syms, n, nested=True))
     named = {r.name for r in reps} | {"pca_loadings"}
     unknown = sorted(set(comps) - set(DEFAULT_COMPONENTS) - named)
     if unknown:
