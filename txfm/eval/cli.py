@@ -410,6 +410,7 @@ def cmd_relationships(args) -> int:
         BASELINE_COMPONENTS,
         DEFAULT_COMPONENTS,
         LOADINGS_SHARE,
+        RANDOM_RECALL,
         SWEEP_COMPONENTS,
         GeneRepresentation,
         check_null,
@@ -507,7 +508,8 @@ def cmd_relationships(args) -> int:
         summary.to_csv(tmp / "relationships_summary.csv", index=False)
         plot_recall_by_database(res, tmp / "recall_by_database.png")
         plot_recall_vs_components(res, tmp / "recall_vs_components.png")
-    print("\nRecall 5/95 (%) per database, mean ± std over null draws (random: 10.0):\n")
+    print(f"\nRecall 5/95 (%) per database, mean ± std over null draws (random: "
+          f"{RANDOM_RECALL:.1f}):\n")
     print(markdown_table(_with_spread(summary)))
     print(f"\nwrote {out}/relationships.csv, relationships_summary.csv, recall_by_database.png, "
           "recall_vs_components.png")

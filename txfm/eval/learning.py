@@ -83,6 +83,11 @@ LEARNED_MARGIN = 2.0
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def _key(name: str) -> str:
+    """The ``.obsm`` key of a run's screen embedding (``X_txfm`` for the default variant)."""
+    return f"X_{name}"
+
+
 def _run(argv: list[str]) -> None:
     from txfm.cli import main
 
@@ -256,9 +261,9 @@ def _gene_recall(runs: dict[str, pathlib.Path], demo, out: pathlib.Path, threads
     import pandas as pd
 
     recall = {}
+    (out / "genes").mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
         genes, table = out / "genes" / f"genes_{name}.h5ad", out / "genes" / name
-        genes.parent.mkdir(parents=True, exist_ok=True)
         _run(["genes", "--checkpoint", str(run), "--out", str(genes), *quiet])
         _run(["eval", "relationships", "--genes", str(genes), "--db",
               str(demo.truth / "relationships.txt"), "--no-sweep", "--out", str(table), *threads,
@@ -276,8 +281,7 @@ def _table5(best, recall: dict[str, dict[str, float]]):
 
     rows = []
     for name, rec in recall.items():
-        key = "X_txfm" if name == "txfm" else f"X_{name}"
-        row = best.loc[key] if key in best.index else {}
+        row = best.loc[_key(name)] if _key(name) in best.index else {}
         rows.append({"variant": name, "average": row.get("average"),
                      "lin_top1": row.get("lin_top1"), "knn_top1": row.get("knn_top1"),
                      "enc": rec.get("codebook"), "dec": rec.get("decoder")})
@@ -373,7 +377,7 @@ def _learn(args, names: list[str]) -> int:
 
     from .perturbation import chance_percent
     from .plots import markdown_table
-    from .relationships import RECALL_THRESHOLDS
+    from .relationships import RANDOM_RECALL
 
     demo = ensure_demo(root, progress=not args.no_progress, log=print)
     n_perts = _perturbations(demo, root)
@@ -391,10 +395,9 @@ def _learn(args, names: list[str]) -> int:
 
     emb = demo.raw / "screen.h5ad"
     for name, run in runs.items():  # each variant adds its key to a copy of the screen
-        key = "X_txfm" if name == "txfm" else f"X_{name}"
         src, emb = emb, out / f"screen_emb_{name}.h5ad"
         _run(["embed", "--checkpoint", str(run), "--input", str(src), "--out", str(emb),
-              "--key", key, *quiet])
+              "--key", _key(name), *quiet])
         if name in todo and name != UNTRAINED:  # the baseline needs no oracle of its own
             ks.add(run_k[name] if run_k[name] is not None
                    else int(_state(run)["model_config"]["k"]))
@@ -408,7 +411,7 @@ def _learn(args, names: list[str]) -> int:
 
     best = _best(table_dir / "perturbation_all.csv")
     chance, chance5 = chance_percent(n_perts)
-    model, pca, untrained = best.loc["X_txfm"], best.loc["pca"], best.loc[f"X_{UNTRAINED}"]
+    model, pca, untrained = best.loc[_key("txfm")], best.loc["pca"], best.loc[_key(UNTRAINED)]
     checks = {
         "average >= PCA's": bool(model["average"] >= pca["average"]),
         f"lin_top1 >= {CHANCE_FACTOR:g}x chance ({CHANCE_FACTOR * chance:.1f})":
@@ -425,16 +428,14 @@ def _learn(args, names: list[str]) -> int:
     print(f"\nchance: top-1 {chance:.1f}%, top-5 {chance5:.1f}% ({n_perts} perturbations)")
     for what, ok in checks.items():
         print(f"  X_txfm {what}: {'yes' if ok else 'NO'}")
-    lo, hi = RECALL_THRESHOLDS[0]
-    random_recall = round(100 * (lo + 1 - hi), 6)  # random gene vectors: the null's two tails
     print(f"\nTable 5 on the planted ground truth: the screen's perturbations (best "
           f"post-processing) and the recall of the within-program gene pairs by the "
           f"codebook (enc) and the decoder's gene weights (dec), 5/95 %, random "
-          f"{random_recall:g}")
+          f"{RANDOM_RECALL:g}")
     print(markdown_table(_table5(best, recall)))
     summary = {"chance_top1": chance, "checks": checks,
                "best": best.reset_index().to_dict(orient="records"),
-               "gene_recall": recall, "gene_recall_random": random_recall}
+               "gene_recall": recall, "gene_recall_random": RANDOM_RECALL}
     _write_json(out / "learning.json", summary)
     print(f"wrote {out / 'learning.json'}")
     return 0 if all(checks.values()) else 1

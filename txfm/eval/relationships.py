@@ -40,6 +40,8 @@ import pandas as pd
 from .genemap import GENE_TABLE
 
 RECALL_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.05, 0.95), (0.10, 0.90))
+# recall (%) of random gene vectors at the primary thresholds: the null's two tails, lo + 1 - hi
+RANDOM_RECALL = round(100 * (RECALL_THRESHOLDS[0][0] + 1 - RECALL_THRESHOLDS[0][1]), 6)
 BENCHMARK_SOURCES = ("CORUM", "HuMAP", "Reactome", "SIGNOR", "StringDB")
 N_NULL = 20_000
 N_DRAWS = 3
@@ -357,7 +359,7 @@ def recall_table(rep: GeneRepresentation, databases: Sequence[Database], *,
                     rep.matrix.shape[1]))
     if rep.nested:
         top = rep.matrix[rows_idx]
-        most = min(max_c, top.shape[1])
+        most = max_c
     else:
         z_full = pca_unit_vectors(rep.matrix[rows_idx], max_c, seed=seed)
         most = z_full.shape[1]
