@@ -414,3 +414,95 @@ def test_gene_recall_of_every_run_is_printed_and_saved(fake, tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "learning.json").read_text())
     assert doc["gene_recall"]["txfm"] == pytest.approx({"codebook": 64.5, "decoder": 77.7})
     assert doc["gene_recall_random"] == 10
+
+
+# -- 10. Table 5 over seeds (--summarize) -------------------------------------------------------
+
+def _finished_run(folder, rows, recall=None):
+    """A finished run's benchmark table (``rows``: (embedding, postprocess, average, pcst,
+    lin_top1, knn_top1)) and gene recall, as the command leaves them."""
+    import pandas as pd
+
+    (folder / "perturbation").mkdir(parents=True)
+    pd.DataFrame(rows, columns=["embedding", "postprocess", "average", "pcst", "lin_top1",
+                                "knn_top1"]).to_csv(folder / "perturbation" /
+                                                    "perturbation_all.csv", index=False)
+    if recall is not None:
+        (folder / "learning.json").write_text(json.dumps({"gene_recall": recall}))
+
+
+def test_summarize_pairs_the_runs_and_saves_the_table(fake, tmp_path, capsys):
+    """Mean ± sd over the runs and the paired difference txfm - variant (mean, standard error,
+    runs ahead), on each embedding's best post-processing and on each one held fixed; the
+    numbers are worked out by hand below."""
+    import pandas as pd
+
+    # (average, pcst, lin_top1, knn_top1) of txfm center, txfm tvn, relu center, relu tvn:
+    # txfm's best rows are tvn, center, tvn; relu's center, tvn, center
+    runs = {"s0": [(54.0, 80, 30, 20), (55.0, 85, 31, 25), (54.5, 85, 30, 22), (54.0, 85, 30, 24)],
+            "s1": [(56.0, 85, 32, 22), (55.5, 85, 33, 26), (55.0, 80, 31, 23), (57.0, 90, 31, 27)],
+            "s2": [(53.0, 80, 30, 21), (54.0, 80, 31, 24), (53.5, 80, 30, 20), (52.0, 75, 29, 25)]}
+    recall = {"s0": {"txfm": {"codebook": 50.0, "decoder": 70.0},
+                     "relu": {"codebook": 48.0, "decoder": 71.0}},
+              "s1": {"txfm": {"codebook": 52.0, "decoder": 69.0},
+                     "relu": {"codebook": 53.0, "decoder": 68.0}}}
+    labels = [("X_txfm", "center"), ("X_txfm", "tvn"), ("X_relu", "center"), ("X_relu", "tvn")]
+    pca = [("pca", "center", 53.0, 90, 28, 12), ("pca", "tvn", 50.0, 90, 26, 12)]
+    for name, scores in runs.items():
+        _finished_run(tmp_path / name, [(*lab, *sc) for lab, sc in zip(labels, scores)] + pca,
+                      recall.get(name))
+    code, out, _ = _main(capsys, "--summarize", "s0", "s1", "s2", "--out", "summary")
+    assert code == 0
+    table = pd.read_csv(tmp_path / "summary" / "table5_seeds.csv")
+
+    def row(variant, rows, metric):
+        r = table[(table.variant == variant) & (table.rows == rows) & (table.metric == metric)]
+        assert len(r) == 1, (variant, rows, metric)
+        return r.iloc[0]
+
+    # best average: txfm 55.0, 56.0, 54.0; relu 54.5, 57.0, 53.5 -> differences 0.5, -1.0, 0.5
+    best = row("relu", "best", "average")
+    assert (best.n, best.ahead, best.paired) == (3, 2, 3)
+    assert best["mean"] == pytest.approx(55.0) and best.sd == pytest.approx(1.8027756, rel=1e-6)
+    assert best["diff"] == pytest.approx(0.0) and best.diff_se == pytest.approx(0.5)
+    # the best rows carry their own p.cst: txfm 85, 85, 80 against relu 85, 90, 80
+    assert row("relu", "best", "pcst")["diff"] == pytest.approx(-5 / 3)
+    # tvn held fixed: txfm 55.0, 55.5, 54.0 against relu 54.0, 57.0, 52.0 -> 1.0, -1.5, 2.0
+    tvn = row("relu", "tvn", "average")
+    assert tvn["diff"] == pytest.approx(0.5) and tvn.ahead == 2
+    assert tvn.diff_se == pytest.approx(1.8027756 / 3 ** 0.5, rel=1e-6)
+    assert row("pca", "center", "knn_top1")["diff"] == pytest.approx(9.0)
+    # gene recall where a run saved it (s2 has no learning.json): 2 pairs
+    enc = row("relu", "genes", "enc")
+    assert (enc.n, enc.paired) == (2, 2) and enc["diff"] == pytest.approx(0.5)
+    assert row("txfm", "genes", "dec")["mean"] == pytest.approx(69.5)
+    assert "| relu | 55.00 ± 1.80 | +0.00 (0.50) | 2/3 | -1.67 (1.67) |" in out
+    assert "tvn held fixed:" in out and "gene recall of the planted programs" in out
+    assert fake.calls == [] and fake.built == []  # nothing trained, no demo made
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--summarize", "s0", "missing"], "error: --summarize missing: no perturbation"),
+    (["--summarize", "s0", "nodefault"], "error: --summarize nodefault: perturbation_all.csv "
+                                         "has no X_txfm rows"),
+    (["--summarize", "s0", "empty"], "error: --summarize empty: "),
+    (["--summarize", "s0", "badjson"], "error: --summarize badjson: "),
+    (["--summarize", "s0", "text"], "error: --summarize text: perturbation_all.csv holds text"),
+    (["--summarize", "s0"], "--summarize: give at least two --out folders"),
+    (["--summarize", "s0", "s0", "--seed", "1"], "--summarize reads finished runs and trains "
+                                                 "nothing: leave out --seed"),
+    (["--summarize", "s0", "s0", "--ablation"], "leave out --ablation"),
+    (["--summarize", "s0", "s0", "--out", "afile"], "error: --out afile: is a file"),
+])
+def test_summarize_refuses_what_it_cannot_read(fake, tmp_path, capsys, argv, message):
+    _finished_run(tmp_path / "s0", [("X_txfm", "tvn", 55.0, 85, 31, 25)])
+    _finished_run(tmp_path / "nodefault", [("pca", "tvn", 50.0, 90, 26, 12)])
+    (tmp_path / "empty" / "perturbation").mkdir(parents=True)
+    (tmp_path / "empty" / "perturbation" / "perturbation_all.csv").write_text("")
+    _finished_run(tmp_path / "badjson", [("X_txfm", "tvn", 55.0, 85, 31, 25)])
+    (tmp_path / "badjson" / "learning.json").write_text("{not json")
+    _finished_run(tmp_path / "text", [("X_txfm", "tvn", "high", 85, 31, 25)])
+    (tmp_path / "afile").write_text("")
+    code, _, err = _main(capsys, *argv)
+    assert code == 2 and message in _error_line(err)
+    assert fake.calls == [] and fake.built == []

@@ -33,6 +33,14 @@ post-processing per embedding, ``perturbation_all.csv`` and ``perturbation.png``
 ``learning.json`` with the headline numbers and the gene recall (strict JSON: a metric that
 was not computed is ``null``).
 
+``--summarize OUT OUT ...`` trains nothing: it reads finished ``--out`` folders of this command
+(for example one per ``--seed``) and prints Table 5 over them. For each variant and baseline it
+gives the mean ± sd over the folders and the paired difference "default model minus it"
+(mean, standard error ``sd / sqrt(n)``, and the folders where the default is ahead). It does so
+for the best post-processing by average (what the benchmark reports) and for each
+post-processing held fixed, and for the gene recall (enc, dec). It writes the same numbers to
+``<--out>/table5_seeds.csv``.
+
 A run folder that exists is reused when its newest checkpoint finished the requested
 ``--steps`` with the requested ``--seed``, resumed (``txfm train --resume``) when it stopped
 early, and refused when it was trained with other ``--steps`` or ``--seed``.
@@ -129,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the --ablation variants to train "
                         "(implies --ablation)%(default).0s")
+    p.add_argument("--summarize", nargs="+", metavar="RUN_OUT", default=None,
+                   help="train nothing: summarise finished --out folders of this command (e.g. "
+                        "one per --seed) as Table 5 over seeds, with paired differences from "
+                        "the default model%(default).0s")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="BLAS/OpenMP threads of training, embedding and the benchmark "
                         "%(default).0s(default: the libraries')")
@@ -288,6 +300,135 @@ def _table5(best, recall: dict[str, dict[str, float]]):
     return pd.DataFrame(rows)
 
 
+SUMMARY_METRICS = ("average", "pcst", "lin_top1", "knn_top1")
+
+
+def summarize(outs: list[pathlib.Path]):
+    """Table 5 over several finished runs of this command (``outs``: their ``--out`` folders,
+    e.g. one per ``--seed``), as a long table with one row per (variant, rows, metric).
+
+    ``variant``: each embedding of the benchmark without its ``X_`` (``txfm``, ``relu``,
+    ``untrained``, ``pca`` ...) and, for ``rows == "genes"``, each run's gene recall (metrics
+    ``enc``, ``dec``: the codebook and the decoder). ``rows``: ``best`` (each embedding's
+    post-processing with the highest average in that folder, what the benchmark reports) or a
+    post-processing held fixed. Columns: ``n`` folders, ``mean`` and ``sd`` over them (%), and
+    the paired difference ``txfm - variant`` within each folder: ``diff``, ``diff_se``
+    (``sd / sqrt(n)``) and ``ahead`` (folders where ``txfm`` is higher). A variant missing
+    from some folders is summarised over the folders that have it.
+
+    Raises:
+        UsageError: a folder without a readable ``perturbation/perturbation_all.csv`` with the
+            default model's rows (not a finished run of this command), or with an unreadable
+            ``learning.json``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .perturbation import best_rows
+
+    values: dict[tuple[str, str, str], dict[int, float]] = {}
+    for i, out in enumerate(outs):
+        table_csv = out / "perturbation" / "perturbation_all.csv"
+        if not table_csv.is_file():
+            raise UsageError(f"--summarize {out}: no {table_csv.relative_to(out)}; give --out "
+                             f"folders of finished runs of python -m txfm.eval.learning")
+        try:
+            table = pd.read_csv(table_csv)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--summarize {out}: {table_csv} cannot be read ({exc}); run the "
+                             f"command again for that run") from exc
+        missing = sorted({"embedding", "postprocess", *SUMMARY_METRICS} - set(table.columns))
+        if missing:
+            raise UsageError(f"--summarize {out}: {table_csv.name} has no column {missing}; it "
+                             f"is not this command's benchmark")
+        text = [m for m in SUMMARY_METRICS if not pd.api.types.is_numeric_dtype(table[m])]
+        if text:
+            raise UsageError(f"--summarize {out}: {table_csv.name} holds text in {text}; run "
+                             f"the command again for that run")
+        if _key("txfm") not in set(table["embedding"]):
+            raise UsageError(f"--summarize {out}: {table_csv.name} has no {_key('txfm')} rows "
+                             f"(the default model); it is not this command's benchmark")
+        for rows, part in [("best", best_rows(table)), *table.groupby("postprocess")]:
+            for r in part.itertuples(index=False):
+                name = r.embedding[2:] if r.embedding.startswith("X_") else r.embedding
+                for metric in SUMMARY_METRICS:
+                    values.setdefault((name, rows, metric), {})[i] = float(getattr(r, metric))
+        recall_json = out / "learning.json"
+        try:
+            recall = (json.loads(recall_json.read_text()).get("gene_recall") or {}
+                      if recall_json.is_file() else {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise UsageError(f"--summarize {out}: {recall_json} cannot be read ({exc}); run "
+                             f"the command again for that run") from exc
+        for name, rec in recall.items():
+            for metric, key in (("enc", "codebook"), ("dec", "decoder")):
+                if rec.get(key) is not None:
+                    values.setdefault((name, "genes", metric), {})[i] = float(rec[key])
+
+    out_rows = []
+    for (name, rows, metric), per_run in values.items():
+        runs = sorted(per_run)
+        x = np.array([per_run[i] for i in runs])
+        ref = values.get(("txfm", rows, metric), {})
+        paired = [i for i in runs if i in ref]
+        d = np.array([ref[i] - per_run[i] for i in paired])
+        out_rows.append({
+            "variant": name, "rows": rows, "metric": metric, "n": len(x),
+            "mean": x.mean(), "sd": x.std(ddof=1) if len(x) > 1 else math.nan,
+            "diff": d.mean() if len(d) else math.nan,
+            "diff_se": d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan,
+            "ahead": int((d > 0).sum()), "paired": len(d)})
+    return pd.DataFrame(out_rows)
+
+
+def _print_summary(args) -> int:
+    from .perturbation import POSTPROCESSING
+
+    out = _output(args.out, folder=True)  # checked before the runs are read
+    outs = [pathlib.Path(o) for o in args.summarize]
+    table = summarize(outs)
+    n = len(outs)
+
+    def cell(r, what):
+        if what == "mean":
+            return f"{r['mean']:.2f} ± {r['sd']:.2f}"
+        if r["variant"] == "txfm":
+            return "–"
+        return f"{r['diff']:+.2f} ({r['diff_se']:.2f})"
+
+    print(f"Table 5 over {n} runs ({', '.join(map(str, outs))}); mean ± sd over runs, and "
+          f"txfm minus each variant paired within a run: mean (standard error)")
+    for rows in ("best", *(pp for pp in POSTPROCESSING if pp in set(table["rows"]))):
+        sub = table[table["rows"] == rows].set_index(["variant", "metric"], drop=False)
+        label = "best post-processing by average" if rows == "best" else f"{rows} held fixed"
+        print(f"\n{label}:\n| variant | average | txfm - variant: average | runs txfm ahead "
+              "| pcst | lin_top1 | knn_top1 |\n|---|---:|---:|---:|---:|---:|---:|")
+        for name in dict.fromkeys(v for v, _ in sub.index):
+            avg = sub.loc[(name, "average")]
+            ahead = "–" if name == "txfm" else f"{avg['ahead']}/{avg['paired']}"
+            print(f"| {name} | {cell(avg, 'mean')} | {cell(avg, 'diff')} | {ahead} | "
+                  + " | ".join(cell(sub.loc[(name, m)], 'diff') for m in SUMMARY_METRICS[1:])
+                  + " |")
+    genes = table[table["rows"] == "genes"].set_index(["variant", "metric"], drop=False)
+    if len(genes):
+        print("\ngene recall of the planted programs (enc: codebook, dec: decoder):\n"
+              "| variant | enc | dec | txfm - variant: enc | dec |\n|---|---:|---:|---:|---:|")
+        for name in dict.fromkeys(v for v, _ in genes.index):
+            enc, dec = genes.loc[(name, "enc")], genes.loc[(name, "dec")]
+            print(f"| {name} | {cell(enc, 'mean')} | {cell(dec, 'mean')} | {cell(enc, 'diff')} "
+                  f"| {cell(dec, 'diff')} |")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "table5_seeds.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    try:
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, csv_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"\nwrote {csv_path}")
+    return 0
+
+
 def _plain(value):
     """``value`` with numpy scalars as Python numbers and NaN/inf as None (strict JSON)."""
     if isinstance(value, dict):
@@ -323,9 +464,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint and (args.steps is not None or args.seed is not None):
         p.error("--checkpoint: --steps and --seed would not apply to it (it is trained "
                 "already); leave them out, or leave out --checkpoint to train")
+    if args.summarize is not None:
+        clash = [flag for flag, value in (("--checkpoint", args.checkpoint),
+                                          ("--steps", args.steps), ("--seed", args.seed),
+                                          ("--variants", args.variants)) if value is not None]
+        if args.ablation:
+            clash.append("--ablation")
+        if clash:
+            p.error(f"--summarize reads finished runs and trains nothing: leave out "
+                    f"{', '.join(clash)}")
+        if len(args.summarize) < 2:
+            p.error("--summarize: give at least two --out folders (one per training seed)")
     names = _names(p, args)
     try:
         with _threads(args.threads):
+            if args.summarize is not None:
+                return _print_summary(args)
             return _learn(args, names)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
