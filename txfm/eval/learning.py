@@ -419,12 +419,7 @@ def _print_summary(args) -> int:
                   f"| {cell(dec, 'diff')} |")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "table5_seeds.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     print(f"\nwrote {csv_path}")
     return 0
 
@@ -442,13 +437,19 @@ def _plain(value):
     return value
 
 
-def _write_json(path: pathlib.Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # no half-written file on Ctrl-C
+def _write_atomic(path: pathlib.Path, write) -> None:
+    """``write(tmp)`` to a temporary file renamed onto ``path``: no half-written file on Ctrl-C."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(_plain(doc), indent=1, allow_nan=False))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: pathlib.Path, doc) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_plain(doc), indent=1,
+                                                              allow_nan=False)))
 
 
 def main(argv: list[str] | None = None) -> int:
