@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from txfm.cli import UsageError, file_in_path, folder_problem, positive_int
+from txfm.cli import UsageError, file_in_path, folder_problem, positive_int, run_piped
 from txfm.cli import check_device as _check_device_name
 from txfm_kernels._common import device_memory
 
@@ -56,13 +56,16 @@ def check_distinct(option: str, items: list, show: Callable[[Any], str] = str) -
 
 def run(main: Callable[[], Any]) -> int:
     """Run a benchmark's ``main``; Ctrl-C ends it with exit status 130 and one line instead of
-    a traceback (output files are only written, whole, once every case has run)."""
-    try:
-        rc = main()
-        return rc if isinstance(rc, int) else 0
-    except KeyboardInterrupt:
-        print("interrupted: no results written", file=sys.stderr)
-        return 130
+    a traceback (output files are only written, whole, once every case has run), and a reader
+    of its output that went away (``| head``) quietly with 141 (:func:`txfm.cli.run_piped`)."""
+    def body() -> int:
+        try:
+            rc = main()
+            return rc if isinstance(rc, int) else 0
+        except KeyboardInterrupt:
+            print("interrupted: no results written", file=sys.stderr)
+            return 130
+    return run_piped(body)
 
 
 def _write_atomic(path: pathlib.Path, write: Callable[[Any], None]) -> None:

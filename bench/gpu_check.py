@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from txfm.cli import ArgumentParser
+from txfm.cli import ArgumentParser, run_piped
 
 BENCHES = {
     "poisson": [],
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_piped(main))

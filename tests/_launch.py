@@ -18,10 +18,30 @@ def torchrun(args: list[str], *, cwd, nproc: int = 2, timeout: float = 300) -> t
            "--master_port", str(port), *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, _ = _finish(proc, timeout, "torchrun")
+    return proc.returncode, out
+
+
+def _finish(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """``proc.communicate()``; on a timeout, kill the process group that ``proc`` leads
+    (``start_new_session=True``) and fail the test with the end of its output."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{out[-3000:]}")
-    return proc.returncode, out
+        out, err = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout:.0f} s:\n{(out or err or '')[-3000:]}")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reader_gone(argv: list[str], *, cwd=REPO, timeout: float = 300) -> tuple[int, str]:
+    """``python ARGV | head -0`` at its most abrupt: the reader of the command's stdout has
+    exited before the command writes anything. Returns (exit status, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc.stdout.close()
+    _, err = _finish(proc, timeout, f"python {' '.join(argv)}")
+    return proc.returncode, err

@@ -653,3 +653,72 @@ def test_a_folder_that_takes_no_entries_is_not_called_missing():
     problem = folder_problem("/proc/txfm-out")
     assert "(in /proc): it takes no new files or folders" in problem, problem
     assert "No such file" not in problem
+
+
+# -- a reader of the output that goes away (``txfm ... | head``) -----------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "txfm", "data", "synth", "--out", "{tmp}/synth", "--cells", "100", "--genes", "60",
+     "--perturbations", "2", "--no-progress"],
+    ["-m", "txfm.cli", "data", "synth", "--out", "{tmp}/synth", "--cells", "100", "--genes",
+     "60", "--perturbations", "2", "--no-progress"],
+    ["-m", "txfm_kernels.info"],
+    ["-m", "txfm.eval.sanity", "--cells", "200", "--genes", "50", "--perturbations", "2"],
+    ["-m", "bench.poisson", "--quick", "--impls", "eager", "--reps", "2"],
+], ids=lambda argv: argv[1])
+def test_a_reader_that_went_away_ends_the_command_quietly(argv, tmp_path):
+    """No traceback, no "Exception ignored" at exit: stderr stays empty and the status is a
+    shell's for a tool that a closed pipe stopped (141). ``python -m txfm.eval.learning`` is
+    checked with its other output in ``test_learning_cli.py``."""
+    from _launch import reader_gone
+
+    from txfm.cli import CLOSED_PIPE_STATUS
+
+    code, err = reader_gone([a.format(tmp=tmp_path) for a in argv])
+    # a benchmark warns on stderr when the machine is busy
+    assert (code, [l for l in err.splitlines() if not l.startswith("warning: ")]) == (
+        CLOSED_PIPE_STATUS, []), err
+
+
+def test_every_entry_point_goes_through_run_piped():
+    """The whole kind: each ``python -m`` module of the package and the benchmarks runs its
+    main through :func:`txfm.cli.run_piped` (itself, through ``bench.common.run``, or through
+    ``txfm.cli.main``), so none of them ends in a traceback under ``| head``."""
+    import pathlib
+    import re
+
+    from _launch import REPO
+
+    through = ("run_piped(", "run(main)", "from txfm.cli import main")
+    workers = {"bench/_annbatch_worker.py"}  # its parent reads all of its output, always
+    checked = []
+    for top in ("txfm", "txfm_kernels", "bench"):
+        for path in sorted(pathlib.Path(REPO, top).rglob("*.py")):
+            name = path.relative_to(REPO).as_posix()
+            text = path.read_text()
+            if name.endswith("__main__.py"):
+                block = text
+            elif (m := re.search(r'^if __name__ == "__main__":\n(.*)', text, re.M | re.S)):
+                block = m.group(1)
+            else:
+                continue
+            checked.append(name)
+            if name not in workers:
+                assert any(t in block for t in through), f"{name}: run its main through run_piped"
+    assert {"txfm/__main__.py", "txfm/cli.py", "txfm/eval/learning.py", "bench/poisson.py",
+            "txfm_kernels/info.py"} <= set(checked)
+
+
+def test_run_piped_reraises_a_broken_pipe_that_is_not_its_output():
+    """A pipe to a subprocess whose reader died is a fault of its own, not ``| head``."""
+    import subprocess
+    import sys
+
+    from txfm.cli import run_piped
+
+    assert run_piped(lambda: None) == 0 and run_piped(lambda: 3) == 3
+    code = ("import os\nfrom txfm.cli import run_piped\nr, w = os.pipe()\nos.close(r)\n"
+            "run_piped(lambda: os.write(w, b'x'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "BrokenPipeError" in done.stderr, done.stderr

@@ -665,6 +665,12 @@ def test_synth_refuses_more_perturbations_than_it_has_targets(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error:") and "--perturbations" in err
     assert "Traceback" not in err and not (tmp_path / "sanity").exists()
+    # too few cells for the benchmark: the advice is this command's (--cells), not txfm eval's
+    with pytest.raises(SystemExit) as exc:
+        sanity.main(["--cells", "20", "--genes", "50", "--perturbations", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --cells 20: too few cells"), err
+    assert "--metrics" not in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -480,6 +480,16 @@ def test_summarize_pairs_the_runs_and_saves_the_table(fake, tmp_path, capsys):
     assert "tvn held fixed:" in out and "gene recall of the planted programs" in out
     assert fake.calls == [] and fake.built == []  # nothing trained, no demo made
 
+    # the real command under ``| head``: the table is saved first, then it stops quietly
+    from _launch import reader_gone
+
+    from txfm.cli import CLOSED_PIPE_STATUS
+
+    assert reader_gone(["-m", "txfm.eval.learning", "--summarize", "s0", "s1", "s2", "--out",
+                        "piped"], cwd=tmp_path) == (CLOSED_PIPE_STATUS, "")
+    assert (tmp_path / "piped" / "table5_seeds.csv").read_text() == (
+        tmp_path / "summary" / "table5_seeds.csv").read_text()
+
 
 @pytest.mark.parametrize("argv,message", [
     (["--summarize", "s0", "missing"], "error: --summarize missing: no perturbation"),

@@ -9,7 +9,9 @@ A user's mistake (bad option value, missing or unreadable input, an output that 
 overwrite something the command did not make: a run folder, a shard collection, an
 embedding under the same key) ends in one ``error: ...`` line on stderr and exit status 2,
 never a traceback: commands raise :class:`UsageError`, and :func:`main` also reports the library's own
-bad-input errors (:data:`USER_ERRORS`) that way.
+bad-input errors (:data:`USER_ERRORS`) that way. A reader of the output that stops early
+(``txfm ... | head``) ends the command quietly with status 141 (:func:`run_piped`, which every
+``python -m`` entry point of txfm, txfm_kernels and bench goes through).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 
 
 class UsageError(ValueError):
@@ -75,6 +78,56 @@ def report(line: str) -> None:
         except OSError:
             pass  # no usable folder: print on every rank rather than never
     print(line, file=sys.stderr)
+
+
+#: Exit status after the reader of the output went away (``txfm ... | head``): 128 + SIGPIPE,
+#: what a shell reports for a Unix tool that a closed pipe stopped.
+CLOSED_PIPE_STATUS = 141
+
+
+def _readers_gone() -> list[int]:
+    """The file descriptors of stdout and stderr that are pipes whose reader has exited.
+
+    A pipe with no reader polls as an error on its write end; asking the descriptors (not
+    the :class:`BrokenPipeError`, which names no file) keeps a broken pipe to a subprocess or
+    a socket a fault of its own instead of a quiet exit."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: no poll; a broken pipe there is stdout's
+        return [1]
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return [fd for fd, events in poller.poll(0) if events & (select.POLLERR | select.POLLHUP)]
+
+
+def run_piped(main: Callable[[], int | None]) -> int:
+    """Run ``main()`` (an entry point's body) and return its exit status (``None`` counts as 0).
+
+    Python ignores SIGPIPE and raises :class:`BrokenPipeError` instead
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe), so ``txfm ... | head``
+    would end in a traceback once ``head`` exits, or in an "Exception ignored" message when
+    the interpreter flushes stdout at exit. Here stdout is flushed before returning, and once
+    the reader of stdout (or of stderr) is gone, those descriptors point at ``os.devnull``
+    and the command stops quietly with :data:`CLOSED_PIPE_STATUS`, as a Unix tool does. A
+    ``SystemExit`` (``--help``, an argument error) passes through after the flush. Any other
+    broken pipe is re-raised.
+    """
+    try:
+        try:
+            code = main()
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, where it cannot be caught
+    except BrokenPipeError:
+        gone = _readers_gone()
+        if not gone:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        return CLOSED_PIPE_STATUS
+    return int(code or 0)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -275,7 +328,12 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``txfm ARGV``; returns the exit status (2: a user mistake, reported on stderr;
-    130 after Ctrl-C, 143 after SIGTERM, with temporary files removed)."""
+    130 after Ctrl-C, 143 after SIGTERM, with temporary files removed; 141, quietly, once the
+    reader of the output has gone away, as in ``txfm ... | head``: :func:`run_piped`)."""
+    return run_piped(lambda: _command(argv))
+
+
+def _command(argv: list[str] | None) -> int:
     import signal
     import threading
     import warnings

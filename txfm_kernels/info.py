@@ -35,4 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the command-line helper of the package these kernels ship in (it imports no torch)
+    from txfm.cli import run_piped
+
+    sys.exit(run_piped(main))

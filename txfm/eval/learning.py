@@ -48,7 +48,8 @@ early, and refused when it was trained with other ``--steps`` or ``--seed``.
 Exit status: 0 when every check passes, 1 when a finished run's checks fail, 2 for a usage
 error (a bad argument, an unusable ``--out``/``--root``/``--checkpoint``, a run folder trained
 with other settings, or a step that rejected its input; one ``error:`` line), 130 when
-interrupted (Ctrl-C).
+interrupted (Ctrl-C), 141, without a traceback, when the reader of its output went away (``|
+head``; the files written so far are whole).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ import os
 import pathlib
 import sys
 
-from txfm.cli import ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int
+from txfm.cli import (ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int,
+                      run_piped)
 from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
 from txfm.model.config import PAPER_BETA
 
@@ -388,6 +390,10 @@ def _print_summary(args) -> int:
     outs = [pathlib.Path(o) for o in args.summarize]
     table = summarize(outs)
     n = len(outs)
+    # saved before anything is printed: the table outlives a reader that stops early (| head)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "table5_seeds.csv"
+    _write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False))
 
     def cell(r, what):
         if what == "mean":
@@ -417,9 +423,6 @@ def _print_summary(args) -> int:
             enc, dec = genes.loc[(name, "enc")], genes.loc[(name, "dec")]
             print(f"| {name} | {cell(enc, 'mean')} | {cell(dec, 'mean')} | {cell(enc, 'diff')} "
                   f"| {cell(dec, 'diff')} |")
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "table5_seeds.csv"
-    _write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     print(f"\nwrote {csv_path}")
     return 0
 
@@ -580,6 +583,10 @@ def _learn(args, names: list[str]) -> int:
         f"({untrained['knn_top1'] + LEARNED_MARGIN:.1f})":
             bool(model["knn_top1"] >= untrained["knn_top1"] + LEARNED_MARGIN),
     }
+    summary = {"chance_top1": chance, "checks": checks,
+               "best": best.reset_index().to_dict(orient="records"),
+               "gene_recall": recall, "gene_recall_random": RANDOM_RECALL}
+    _write_json(out / "learning.json", summary)  # before the tables: see _print_summary
     print(f"\nchance: top-1 {chance:.1f}%, top-5 {chance5:.1f}% ({n_perts} perturbations)")
     for what, ok in checks.items():
         print(f"  X_txfm {what}: {'yes' if ok else 'NO'}")
@@ -588,13 +595,9 @@ def _learn(args, names: list[str]) -> int:
           f"codebook (enc) and the decoder's gene weights (dec), 5/95 %, random "
           f"{RANDOM_RECALL:g}")
     print(markdown_table(_table5(best, recall)))
-    summary = {"chance_top1": chance, "checks": checks,
-               "best": best.reset_index().to_dict(orient="records"),
-               "gene_recall": recall, "gene_recall_random": RANDOM_RECALL}
-    _write_json(out / "learning.json", summary)
     print(f"wrote {out / 'learning.json'}")
     return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_piped(main))

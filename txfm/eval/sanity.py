@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-from txfm.cli import ArgumentParser, folder_problem, int_at_least
+from txfm.cli import ArgumentParser, folder_problem, int_at_least, run_piped
 
 
 def truth_gene_representation(programs: pd.DataFrame, noise: float, rng: np.random.Generator,
@@ -98,8 +98,13 @@ def run(out: pathlib.Path, *, cells: int, genes: int, perturbations: int, seed: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bmdb with < 20 perturbations on small settings
         for name, labels in (("true labels", pert), ("shuffled labels", rng.permutation(pert))):
-            t = evaluate_embedding(x, Labels.build(labels, "non-targeting", batch), [db],
-                                   options=BenchmarkOptions(postprocessing=("none", "center")))
+            try:
+                t = evaluate_embedding(x, Labels.build(labels, "non-targeting", batch), [db],
+                                       options=BenchmarkOptions(postprocessing=("none", "center")))
+            except ValueError as exc:  # its advice names options of txfm eval, not of this
+                raise ValueError(f"--cells {cells}: too few cells for the benchmark "
+                                 f"({str(exc).split('; ')[0]}); use more --cells (the default "
+                                 f"is 8000)") from exc
             t.insert(0, "labels", name)
             rows.append(t)
     pert_table = pd.concat(rows, ignore_index=True)
@@ -143,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_piped(main))
