@@ -347,7 +347,7 @@ def test_corrupt_or_missing_chunks_are_named(shards, tmp_path):
     f = bad / "dataset_1" / "X" / "indices" / "c" / "0"
     raw = f.read_bytes()
     f.write_bytes(raw[: len(raw) // 2])  # truncated
-    with pytest.raises(ShardReadError, match=r"dataset_1.*cells \d+\.\.\d+"):
+    with pytest.raises(ShardReadError, match=r"dataset_1.*cells? \d+(-\d+)?"):
         ShardLoader(bad, 64)
     f.write_bytes(raw[:-30] + bytes(30))  # index overwritten
     with pytest.raises(ShardReadError, match="checksum"):

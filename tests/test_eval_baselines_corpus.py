@@ -254,8 +254,9 @@ def test_cli_adds_corpus_and_oracle_rows(corpus, tmp_path, capsys):
                "--oracle-k", "16,1000", "--pca-components", "16", "--metrics", "pcst,lin,knn",
                "--postprocess", "none,center", "--pcst-null-draws", "100", "--out", str(out),
                "--no-progress", "--threads", "1"])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    cap = capsys.readouterr()
+    printed = cap.err  # lines about the work go to stderr
+    assert rc == 0, cap.out + cap.err
     assert "300 of" in printed and "genes both profile" in printed
     best = pd.read_csv(out / "perturbation.csv").set_index("embedding")
     assert list(best.index) == ["pca", "liblog_hvg100", "pca_corpus", "liblog_hvg100_corpus",

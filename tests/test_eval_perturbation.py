@@ -213,15 +213,27 @@ def test_papalexi_baselines_through_the_cli(shared_data, tmp_path, capsys):
     from txfm.cli import main
 
     out = tmp_path / "pert"
-    rc = main(["eval", "perturbation", "--embeddings", str(shared_data / PAPALEXI),
-               "--perturbation-key", "top_grna_target", "--control", "non-targeting",
-               "--batch-key", "bio_rep", "--db", str(shared_data / "efaar_benchmark_annotations"),
-               "--max-cells", "2000", "--postprocess", "none,standardize",
-               "--pcst-null-draws", "200", "--out", str(out), "--no-progress"])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    argv = ["eval", "perturbation", "--embeddings", str(shared_data / PAPALEXI),
+            "--perturbation-key", "top_grna_target", "--control", "non-targeting",
+            "--batch-key", "bio_rep", "--db", str(shared_data / "efaar_benchmark_annotations"),
+            "--max-cells", "2000", "--postprocess", "none,standardize",
+            "--pcst-null-draws", "200", "--no-progress"]
+    rc = main(argv + ["--out", str(out)])
+    cap = capsys.readouterr()
+    printed = cap.err  # lines about the work; stdout has the benchmark table alone
+    assert rc == 0, cap.out + cap.err
     assert "evaluating the baselines alone" in printed
     assert "liblog_hvg1024 left out: only 290 genes" in printed
+    assert "left out" not in cap.out and "Perturbation benchmark" in cap.out
+    # piped into a reader that stops at once (| head -0): the same tables are saved, quietly
+    from _launch import reader_gone
+
+    from txfm.cli import CLOSED_PIPE_STATUS
+
+    code, err = reader_gone(["-m", "txfm", *argv, "--out", str(tmp_path / "piped")])
+    assert code == CLOSED_PIPE_STATUS and "Traceback" not in err, err
+    for name in ("perturbation.csv", "perturbation_all.csv"):
+        assert (tmp_path / "piped" / name).read_text() == (out / name).read_text()
     best = pd.read_csv(out / "perturbation.csv").set_index("embedding")
     assert list(best.index) == ["raw", "liblog", "pca"]
     full = pd.read_csv(out / "perturbation_all.csv")

@@ -497,6 +497,10 @@ def test_summarize_pairs_the_runs_and_saves_the_table(fake, tmp_path, capsys):
                                          "has no X_txfm rows"),
     (["--summarize", "s0", "empty"], "error: --summarize empty: "),
     (["--summarize", "s0", "badjson"], "error: --summarize badjson: "),
+    (["--summarize", "s0", "listjson"], "error: --summarize listjson: "),
+    (["--summarize", "s0", "textjson"], "gene_recall.txfm.codebook is 'abc', not a number"),
+    (["--summarize", "s0", "noname"], "error: --summarize noname: perturbation_all.csv has rows "
+                                      "without an embedding"),
     (["--summarize", "s0", "text"], "error: --summarize text: perturbation_all.csv holds text"),
     (["--summarize", "s0"], "--summarize: give at least two --out folders"),
     (["--summarize", "s0", "s0", "--seed", "1"], "--summarize reads finished runs and trains "
@@ -511,6 +515,11 @@ def test_summarize_refuses_what_it_cannot_read(fake, tmp_path, capsys, argv, mes
     (tmp_path / "empty" / "perturbation" / "perturbation_all.csv").write_text("")
     _finished_run(tmp_path / "badjson", [("X_txfm", "tvn", 55.0, 85, 31, 25)])
     (tmp_path / "badjson" / "learning.json").write_text("{not json")
+    _finished_run(tmp_path / "listjson", [("X_txfm", "tvn", 55.0, 85, 31, 25)], [1, 2])
+    _finished_run(tmp_path / "textjson", [("X_txfm", "tvn", 55.0, 85, 31, 25)],
+                  {"txfm": {"codebook": "abc"}})
+    _finished_run(tmp_path / "noname", [("X_txfm", "tvn", 55.0, 85, 31, 25),
+                                        (None, "tvn", 50.0, 80, 30, 20)])
     _finished_run(tmp_path / "text", [("X_txfm", "tvn", "high", 85, 31, 25)])
     (tmp_path / "afile").write_text("")
     code, _, err = _main(capsys, *argv)

@@ -408,6 +408,8 @@ def test_out_buffers_are_filled_in_place(backend):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="out.target"):
         run(batch, backend, n_genes=G, k=k, seed=1, out=out._replace(target=torch.zeros(5, 3)))
+    with pytest.raises(TypeError, match="out must be a MaskedSample"):
+        run(batch, backend, n_genes=G, k=k, seed=1, out="x")
 
 
 # ---------------------------------------------------------------------------------------------

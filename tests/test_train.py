@@ -473,7 +473,8 @@ def test_trains_and_resumes_on_zarr_shards(tmp_path):
 
 def test_an_unreadable_later_checkpoint_does_not_push_out_a_good_one(tmp_path):
     """Resumed from step 4 past an unreadable step-6 file, the run keeps its ``keep`` newest
-    good checkpoints up to its own step; the step-6 file is overwritten when the run gets there."""
+    good checkpoints up to its own step; the step-6 file is set aside (``.corrupt``), so it
+    neither counts nor shadows the run's own step 6 later."""
     cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=6, batch_size=16,
                                  ckpt_every=2, keep_checkpoints=2, val_every=None,
                                  progress=False, plot=False)
@@ -488,8 +489,8 @@ def test_an_unreadable_later_checkpoint_does_not_push_out_a_good_one(tmp_path):
         warnings.simplefilter("ignore", RuntimeWarning)
         train(resumed, _small_model())
         # the new step-5 checkpoint is kept (counting the step-6 file would have deleted it)
-        assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005.pt",
-                                                                "step_00000006.pt"]
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005.pt"]
+        assert (tmp_path / "checkpoints" / "step_00000006.pt.corrupt").exists()
         path, state = latest_checkpoint(tmp_path)
         assert path.name == "step_00000005.pt" and state["step"] == 5
         train(TrainConfig(**{**resumed.to_dict(), "steps": 7}), _small_model())

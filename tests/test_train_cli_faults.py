@@ -46,13 +46,18 @@ def _cfg(out, **over):
 def trained(tmp_path_factory) -> pathlib.Path:
     """A finished 4-step run (16 validation cells: its rows have ``collapsed``)."""
     out = tmp_path_factory.mktemp("faults") / "run"
+    _train_one_thread(_cfg(out))
+    return out
+
+
+def _train_one_thread(cfg) -> None:
+    """``train(cfg, _model())`` on one thread (module fixtures cannot use ``one_thread``)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(_cfg(out), _model())
+        train(cfg, _model())
     finally:
         torch.set_num_threads(n)
-    return out
 
 
 @pytest.fixture
@@ -439,3 +444,173 @@ def test_train_config_from_dict_refuses_an_unknown_field():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match=r"unknown fields \['stepz'\]"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+# -- 7. an unreadable checkpoint skipped by --resume ----------------------------------------------
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes): what a refused call must leave."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory) -> pathlib.Path:
+    """A run with good checkpoints at steps 7 and the newest, 8, cut to 1,000 bytes."""
+    out = tmp_path_factory.mktemp("ckpt") / "rc"
+    _train_one_thread(_cfg(out, steps=8, ckpt_every=7, val_every=None))
+    newest = out / "checkpoints" / "step_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    return out
+
+
+def test_resume_sets_an_unreadable_checkpoint_aside_and_keeps_the_good_one(
+        damaged_run, tmp_path, capsys, monkeypatch):
+    """The unreadable step-8 file counted toward --keep 3: the resumed run deleted the good
+    step-7 checkpoint it came from and kept the damaged file, which every later resume and
+    `txfm embed` skipped again."""
+    from txfm.train.checkpoint import list_checkpoints, load_checkpoint
+
+    run = pathlib.Path(shutil.copytree(damaged_run, tmp_path / "rc"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "16", "--ckpt-every", "7",
+                 "--keep", "3", *TINY]) == 0
+    err = capsys.readouterr().err
+    aside = [line for line in err.splitlines() if "set aside" in line]
+    assert len(aside) == 1 and aside[0].startswith("warning: ") and "step_00000008.pt" in aside[0]
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step_00000007.pt", "step_00000008.pt.corrupt", "step_00000014.pt", "step_00000016.pt"]
+    assert (folder / "step_00000008.pt.corrupt").stat().st_size == 1000  # kept, as evidence
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == list(range(1, 17))
+    assert "are lost" not in err  # metrics.csv is picked up at the step resumed from
+    # no later reader meets it again: resume, embed / genes, eval learning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(run)[3]["step"] == 16
+    assert main(["train", "--out", str(run), "--resume", "--steps", "18", "--ckpt-every", "7",
+                 "--keep", "3", *TINY]) == 0
+    assert "step_00000008" not in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000014.pt", "step_00000016.pt",
+                                                       "step_00000018.pt"]
+
+
+def test_an_unreadable_checkpoint_that_cannot_be_set_aside_is_not_counted(damaged_run, tmp_path,
+                                                                         monkeypatch):
+    from txfm.train import checkpoint as ckpt
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied")
+
+    run = pathlib.Path(shutil.copytree(damaged_run, tmp_path / "rc"))
+    monkeypatch.setattr(ckpt, "set_aside", refuse)
+    with pytest.warns(RuntimeWarning, match=r"step_00000008.pt: unreadable, and cannot be set "
+                                             r"aside .*; delete it"):
+        train(_cfg(run, resume=True, steps=16, ckpt_every=7, keep_checkpoints=2,
+                   val_every=None), _model())
+    # the resumed-from step 7 goes only once two newer good ones exist; the damaged file stays
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [
+        "step_00000008.pt", "step_00000014.pt", "step_00000016.pt"]
+
+
+def test_a_refused_resume_sets_nothing_aside_and_writes_nothing(damaged_run, tmp_path,
+                                                               monkeypatch):
+    """A resume refused at its first step (a model that does not fit, say) leaves the run's
+    files as they were: no checkpoint renamed, config.json and metrics.csv untouched."""
+    run = pathlib.Path(shutil.copytree(damaged_run, tmp_path / "rc"))
+    before = _files(run)
+
+    def out_of_memory(self, batches):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback to step 7
+        with pytest.raises(torch.OutOfMemoryError):
+            train(_cfg(run, resume=True, steps=16, ckpt_every=7, val_every=None), _model())
+    assert _files(run) == before
+
+
+def test_only_set_aside_checkpoints_left_is_said(damaged_run, tmp_path, capsys, monkeypatch):
+    from txfm.train.checkpoint import CheckpointError, load_checkpoint
+
+    run = pathlib.Path(shutil.copytree(damaged_run, tmp_path / "rc"))
+    folder = run / "checkpoints"
+    (folder / "step_00000007.pt").unlink()
+    (folder / "step_00000008.pt").rename(folder / "step_00000008.pt.corrupt")
+    msg = _error(["--out", str(run), "--resume", *TINY], capsys, monkeypatch, tmp_path)
+    assert "set aside the unreadable step_00000008.pt.corrupt" in msg, msg
+    assert "another --out" in msg and "leave out --resume" not in msg
+    with pytest.raises(CheckpointError, match=r"only unreadable ones, set aside as "
+                                              r"step_00000008.pt.corrupt"):
+        load_checkpoint(run)
+
+
+# -- 8. a refused call writes nothing ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+    from _shards import synthetic_shards
+
+    return synthetic_shards(tmp_path_factory, cells=300, genes=60, perturbations=2, seed=4,
+                            shard_cells=100, convert_seed=1, val_fraction=0.1)
+
+
+def _flip_middle(f: pathlib.Path) -> None:
+    """Inverts 4 bytes inside the file's first chunk (its crc32c catches it when read)."""
+    b = bytearray(f.read_bytes())
+    at = len(b) // 4
+    b[at:at + 4] = bytes(x ^ 0xFF for x in b[at:at + 4])
+    f.write_bytes(bytes(b))
+
+
+DAMAGE = {  # each found only once its chunk is read: the first step's or validation's batches
+    "train chunk flipped": lambda s: _flip_middle(s / "dataset_1" / "X" / "data" / "c" / "0"),
+    "val chunk flipped": lambda s: _flip_middle(s / "val" / "dataset_0" / "X" / "data" / "c" / "0"),
+    "train file truncated": lambda s: (s / "dataset_0" / "X" / "indices" / "c" / "0").write_bytes(
+        (s / "dataset_0" / "X" / "indices" / "c" / "0").read_bytes()[:50]),
+    "val file deleted": lambda s: (s / "val" / "dataset_0" / "X" / "indices" / "c" / "0").unlink(),
+}
+SHARD_ARGS = [*TINY, "--steps", "4", "--batch-size", "8"]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_shards_refuse_training_and_write_nothing(damage, shards, capsys, monkeypatch,
+                                                          tmp_path):
+    """Shards with a damaged chunk: exit 2 with the right message, but the run folder, its
+    config.json and a header-only metrics.csv were left behind."""
+    bad = pathlib.Path(shutil.copytree(shards, tmp_path / "bad"))
+    DAMAGE[damage](bad)
+    msg = _error(["--data", str(bad), "--out", "runs/b3", *SHARD_ARGS], capsys, monkeypatch,
+                 tmp_path)
+    assert "shard" in msg and str(bad) in msg, msg
+    assert not (tmp_path / "runs").exists()  # nor the parent it made
+    (tmp_path / "mine").mkdir()  # a folder the user made is left, empty
+    _error(["--data", str(bad), "--out", "mine", *SHARD_ARGS], capsys, monkeypatch, tmp_path)
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+
+
+def test_resume_on_damaged_shards_leaves_the_run_as_it_was(shards, capsys, monkeypatch,
+                                                           tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(shards), "--out", "run", *TINY, "--steps", "2",
+                 "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    bad = pathlib.Path(shutil.copytree(shards, tmp_path / "bad"))
+    DAMAGE["train chunk flipped"](bad)
+    before = _files(tmp_path / "run")
+    assert main(["train", "--data", str(bad), "--out", "run", "--resume", *SHARD_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # after the warning of the longer run
+    assert err[-1].startswith("error: shard dataset_1") and "crc32c" in err[-1], err
+    assert [line for line in err if line.startswith("error")] == err[-1:]
+    assert _files(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, torch.OutOfMemoryError])
+def test_a_run_stopped_before_its_first_step_removes_the_folder_it_made(exc, tmp_path,
+                                                                        monkeypatch):
+    def fail(self, batches):
+        raise exc("stopped")
+
+    monkeypatch.setattr(Trainer, "train_step", fail)
+    with pytest.raises(exc):
+        train(_cfg(tmp_path / "a" / "b"), _model())
+    assert list(tmp_path.iterdir()) == []

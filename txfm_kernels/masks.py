@@ -24,7 +24,18 @@ from ._common import as_int, check_int, check_row_ids
 
 
 class RowGeneMask(NamedTuple):
-    """Row ``b`` keeps gene ``g`` iff ``mask[dataset_ids[b], g]``; never materialises ``[B, G]``."""
+    """Row ``b`` keeps gene ``g`` iff ``mask[dataset_ids[b], g]``; never materialises ``[B, G]``.
+
+    Fields:
+        mask: ``[D, G]`` bool, one row per dataset (:attr:`ObservableGenes.mask`).
+        dataset_ids: ``[B]`` int32 or int64, each row's dataset, in ``[0, D)``; on the device
+            of ``mask``.
+
+    The ops that take it (``gene_mask=`` of :func:`txfm_kernels.rectified_tanh_poisson_nll`)
+    check it and name the argument: a ``TypeError`` for a float or bool ``dataset_ids`` or a
+    non-bool ``mask``, a ``ValueError`` for a length other than ``B`` or (on CPU tensors) an id
+    outside ``[0, D)``. Source: the loss over observable genes, arXiv:2605.31562 §2, §4.
+    """
 
     mask: torch.Tensor  # [D, G] bool
     dataset_ids: torch.Tensor  # [B] int32 or int64, values in [0, D)
@@ -48,7 +59,21 @@ class RowGeneMask(NamedTuple):
 
 @dataclass(frozen=True)
 class ObservableGenes:
-    """Per-dataset observable genes of a corpus with ``D`` datasets and ``G`` genes."""
+    """Per-dataset observable genes of a corpus with ``D`` datasets and ``G`` genes.
+
+    Fields (build them with :meth:`from_mask`, :meth:`from_lists` or :meth:`all_genes`, on the
+    device the ops run on):
+        mask: ``[D, G]`` bool, ``mask[d, g]`` iff dataset ``d`` profiles gene ``g``.
+        indptr: ``[D + 1]`` int64, CSR offsets into ``genes`` (``indptr[0] = 0``).
+        genes: ``[nnz]`` int32, each dataset's gene ids, sorted, ``nnz = mask.sum()``.
+
+    Raises:
+        TypeError: a field of another dtype or shape.
+        ValueError: ``D = 0`` or ``G = 0`` (no dataset row for the kernels to read).
+
+    Source: genes drawn from, and the loss taken over, a sample's observable genes
+    (arXiv:2605.31562 §2, §4).
+    """
 
     mask: torch.Tensor  # [D, G] bool
     indptr: torch.Tensor  # [D + 1] int64

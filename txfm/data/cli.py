@@ -20,8 +20,12 @@ def register(subparsers) -> None:
         description="Negative-binomial counts with gene programs, cell types, CRISPRi-like "
                     "perturbations, batches and optional bulk samples: one .h5ad per dataset "
                     "(screen, atlas[, bulk]) plus truth/ (gene programs, relationship pairs in "
-                    "the EFAAR entity1,entity2 format, perturbation effects).")
-    p.add_argument("--out", required=True, help="output folder")
+                    "the EFAAR entity1,entity2 format, perturbation effects). The set is built "
+                    "in a hidden folder next to --out and renamed to it when complete; an "
+                    "earlier synth output in --out is replaced as a whole, any other non-empty "
+                    "folder is refused.")
+    p.add_argument("--out", required=True,
+                   help="output folder: absent, empty, or an earlier synth output (replaced)")
     p.add_argument("--cells", type=int_at_least(20), default=20_000,
                    help="single cells (screen + atlas)")
     p.add_argument("--genes", type=int_at_least(50), default=3_000, help="genes in the universe")
@@ -31,7 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--bulk", type=nonnegative_int, default=0,
                    help="bulk samples (0: no bulk dataset)")
     p.add_argument("--programs", type=positive_int, default=None,
-                   help="gene programs (default genes/75)")
+                   help="gene programs of 10-40 genes, which take 45%% of the genes: at most "
+                        "genes*0.45/10 (default: genes/75, at least 6, as many of those as "
+                        "fit)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generator")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                    help="accepted, as by every txfm command; this one shows no progress bar")
@@ -135,18 +141,25 @@ def _fail(msg: str) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .synth import generate
+    import shlex
 
+    from txfm.cli import UsageError
+
+    from .synth import generate, output_problem
+
+    problem = output_problem(args.out)
+    if problem:  # before any work: a refused --out costs nothing
+        raise UsageError(f"--out {shlex.quote(args.out)}: {problem}")
     try:
         r = generate(args.out, cells=args.cells, genes=args.genes, perturbations=args.perturbations,
                      batches=args.batches, bulk=args.bulk, programs=args.programs, seed=args.seed)
-    except ValueError as err:
+    except (OSError, ValueError) as err:  # OSError: the disk filled up, say
         return _fail(str(err))
     print("wrote " + ", ".join(str(p) for p in r.datasets))
     print(f"ground truth in {r.truth_dir}: "
           + ", ".join(sorted(f.name for f in r.truth_dir.iterdir() if f.is_file())))
-    print(f"next: txfm data convert {' '.join(str(p) for p in r.datasets)} --out SHARDS "
-          f"--min-cells 20 --min-genes 100")
+    print(f"next: txfm data convert {' '.join(shlex.quote(str(p)) for p in r.datasets)} "
+          f"--out SHARDS --min-cells {r.min_cells} --min-genes {r.min_genes}")
     return 0
 
 

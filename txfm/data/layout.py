@@ -85,6 +85,35 @@ class ShardReadError(RuntimeError):
     """A shard file is missing, truncated or corrupt; the message names the shard and cells."""
 
 
+def cell_range(start: int, stop: int) -> str:
+    """The cells ``[start, stop)`` as a message names them: ``cells 64-98`` (both ends
+    included, so a 99-cell shard never shows a cell 99), ``cell 64`` for one, ``no cells``
+    for none: the one way messages print a range of cells."""
+    if stop <= start:
+        return "no cells"
+    if stop == start + 1:
+        return f"cell {start}"
+    return f"cells {start}-{stop - 1}"
+
+
+def shard_cells_where(shard: str, indptr: np.ndarray | None, cell_offset: int,
+                      n_cells: int) -> Callable[[int, int], str]:
+    """The ``where(e0, e1)`` of a shard's :class:`ShardedArrayReader`: the shard and the cells
+    (of the shard and of the corpus, :func:`cell_range`) holding the non-zeros ``[e0, e1)``;
+    ``e1 < 0`` (or no ``indptr``, the shard's ``int [n_cells + 1]`` row offsets): the whole
+    shard."""
+    def where(e0: int, e1: int) -> str:
+        if e1 < 0 or indptr is None:
+            return f"shard {shard} (corpus {cell_range(cell_offset, cell_offset + n_cells)})"
+        r0 = int(np.searchsorted(indptr, e0, side="right") - 1)
+        r1 = int(np.searchsorted(indptr, max(e0, e1 - 1), side="right"))
+        r1 = min(max(r1, r0 + 1), n_cells)
+        return (f"shard {shard}, {cell_range(r0, r1)} of the shard (corpus "
+                f"{cell_range(cell_offset + r0, cell_offset + r1)})")
+
+    return where
+
+
 def read_metadata(path: Path) -> dict:
     """A ``zarr.json`` (or other JSON metadata file) as a dict.
 
@@ -182,13 +211,18 @@ def _numcodec(codec: str):
     return None
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
+    """``obj`` as JSON through a temporary file renamed onto ``path``: a crash or signal leaves
+    the old file or the new one, never half of either, and no temporary file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_group_json(path: Path, attributes: dict) -> None:

@@ -63,7 +63,7 @@ import torch
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .layout import (ShardedArrayReader, ShardReadError, damaged_metadata, missing_chunks,
-                     read_metadata)
+                     read_metadata, shard_cells_where)
 from .manifest import Manifest, ShardInfo
 
 STATE_VERSION = 1
@@ -212,15 +212,13 @@ class _Shard:
             self.indptr = np.asarray(group["X/indptr"][:], dtype=np.int64)
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable shard
             damaged = damaged_metadata(self.path)  # zarr's own message names no file
-            raise ShardReadError(f"shard {self.name} (corpus cells {info.cell_offset}.."
-                                 f"{info.cell_offset + info.n_cells}): cannot open X/indptr "
+            raise ShardReadError(f"{self.where(0, -1)}: cannot open X/indptr "
                                  f"({damaged[0] if damaged else f'{type(exc).__name__}: {exc}'})"
                                  ) from exc
         n = info.n_cells
         ip = self.indptr
         if (ip.size != n + 1 or ip[0] != 0 or np.any(np.diff(ip) < 0)) or int(ip[-1]) != info.nnz:
-            raise ShardReadError(f"shard {self.name} (corpus cells {info.cell_offset}.."
-                                 f"{info.cell_offset + n}): X/indptr is corrupt (expected "
+            raise ShardReadError(f"{self.where(0, -1)}: X/indptr is corrupt (expected "
                                  f"{n + 1} non-decreasing offsets from 0 to {info.nnz})")
         self.data = ShardedArrayReader(self.path / "X" / "data", self.where)
         self.indices = ShardedArrayReader(self.path / "X" / "indices", self.where)
@@ -268,14 +266,9 @@ class _Shard:
                                  f"({type(exc).__name__}: {exc})") from exc
 
     def where(self, e0: int, e1: int) -> str:
-        off = self.info.cell_offset
-        if e1 < 0:
-            return f"shard {self.name} (corpus cells {off}..{off + self.info.n_cells})"
-        r0 = int(np.searchsorted(self.indptr, e0, side="right") - 1)
-        r1 = int(np.searchsorted(self.indptr, max(e0, e1 - 1), side="right"))
-        r1 = min(max(r1, r0 + 1), self.info.n_cells)
-        return (f"shard {self.name}, cells {r0}..{r1} of the shard (corpus cells {off + r0}.."
-                f"{off + r1})")
+        """The shard and cells holding non-zeros ``[e0, e1)`` (``e1 < 0``: the whole shard)."""
+        return shard_cells_where(self.name, getattr(self, "indptr", None),
+                                 self.info.cell_offset, self.info.n_cells)(e0, e1)
 
 
 @dataclass

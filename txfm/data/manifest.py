@@ -24,7 +24,7 @@ from txfm.locks import lock_holder
 
 from .layout import (CODECS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST, WORK,
                      ShardedArrayReader, ShardReadError, missing_chunks, read_dtype,
-                     read_metadata)
+                     read_metadata, shard_cells_where)
 from .vocab import Vocabulary
 
 
@@ -535,7 +535,7 @@ def _verify_shard(m: "Manifest", info: ShardInfo, report: VerifyReport, update) 
 
     path = m.root / info.path
     off, n = info.cell_offset, info.n_cells
-    where_shard = f"shard {info.path} (corpus cells {off}..{off + n})"
+    where_shard = shard_cells_where(info.path, None, off, n)(0, -1)
     # X/indptr and every anndata element: through zarr, which checks each chunk's crc32c
     indptr = None
     for meta_file in sorted(path.rglob("zarr.json")):
@@ -572,13 +572,7 @@ def _verify_shard(m: "Manifest", info: ShardInfo, report: VerifyReport, update) 
                    f"non-decreasing offsets from 0 to {info.nnz})")
         return
 
-    def where(e0: int, e1: int) -> str:
-        if e1 < 0:
-            return where_shard
-        r0 = int(np.searchsorted(indptr, e0, side="right") - 1)
-        r1 = min(max(int(np.searchsorted(indptr, max(e0, e1 - 1), side="right")), r0 + 1), n)
-        return f"shard {info.path}, cells {r0}..{r1} of the shard (corpus cells {off + r0}.." \
-               f"{off + r1})"
+    where = shard_cells_where(info.path, indptr, off, n)
 
     row_start = np.zeros(max(info.nnz, 1), dtype=bool)
     row_start[indptr[:-1][indptr[:-1] < info.nnz]] = True

@@ -224,6 +224,13 @@ def _with_threads(func):
     return run
 
 
+def _info(line: str) -> None:
+    """A line about the work (what was left out, what a baseline used) on stderr, so that
+    stdout carries the results alone and a reader that stops early (``| head``) does not stop
+    the command before its files are written."""
+    print(line, file=sys.stderr)
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -310,7 +317,7 @@ def cmd_embed(args) -> int:
                         device=device, precision=args.precision, gene_table=table,
                         allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
                         progress=not args.no_progress, source=f"--input {args.input}",
-                        cli=True, log=lambda line: print(f"{args.input}: {line}"))
+                        cli=True, log=lambda line: _info(f"{args.input}: {line}"))
     run = original.uns["txfm_embed"][args.key]
     write_h5ad(original, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={run['k']}, "
@@ -432,7 +439,7 @@ def cmd_relationships(args) -> int:
         dbs = load_databases(args.db, gmt_max_size=args.gmt_max_size, sources=sources)
     except (FileNotFoundError, ValueError) as err:
         return _fail(str(err))
-    print("databases: " + ", ".join(f"{d.name} ({d.description})" for d in dbs))
+    _info("databases: " + ", ".join(f"{d.name} ({d.description})" for d in dbs))
     comps, default_c = _components_map(args.n_components)
     reps = []
     if args.genes:
@@ -472,7 +479,7 @@ def cmd_relationships(args) -> int:
             return _fail(f"--counts {args.counts}: {err}")
         syms = gene_symbols(c.var_names, c.var["symbol"].to_numpy() if "symbol" in c.var else None,
                             table)[kept]
-        print(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
+        _info(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
               f"{loadings.shape[1]} components")
         if loadings.shape[1] * LOADINGS_SHARE > len(kept):
             print(f"warning: pca_loadings at {loadings.shape[1]} components of {len(kept)} "
@@ -493,7 +500,7 @@ def cmd_relationships(args) -> int:
             return _fail(f"the representations share no gene ({', '.join(r.name for r in reps)}"
                          f"); check that --genes and --counts name genes the same way "
                          f"(--gene-table maps ids to symbols), or pass --all-genes")
-        print(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
+        _info(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
               "(--all-genes to use each one's own)")
     try:
         res = evaluate_representations(reps, dbs, n_null=args.null_pairs, draws=args.draws,
@@ -531,7 +538,7 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
     if args.fit_on:
         ref = read_reference(args.fit_on, args.fit_cells, args.seed)
         raw, observable, shared, match = align_to_reference(adata.var, raw, ref, table)
-        print(f"--fit-on {ref.source}: screen {match.summary(len(ref.genes))}; "
+        _info(f"--fit-on {ref.source}: screen {match.summary(len(ref.genes))}; "
               f"{int(shared.sum()):,} genes both profile")
         names = [n for n in base_names if n == "pca" or n.startswith("liblog_hvg")]
         if names:
@@ -541,8 +548,8 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
                                               seed=args.seed, reference=ref.counts,
                                               genes=shared)
             for n in notes:
-                print(n)
-            print(f"corpus-fit baselines {list(fit)}: {time.perf_counter() - t0:.1f} s")
+                _info(n)
+            _info(f"corpus-fit baselines {list(fit)}: {time.perf_counter() - t0:.1f} s")
             rows.update(fit)
     if args.oracle_k:
         oracle = oracle_embeddings(raw, args.oracle_k, args.pca_components, seed=args.seed,
@@ -617,7 +624,7 @@ def cmd_perturbation(args) -> int:
         missing = [d for d in args.db if not pathlib.Path(d).exists()]
         if missing:
             return _fail(f"--db {missing[0]}: no such file or folder")
-        print("warning: --db is used only by the bmdb metric, which --metrics leaves out")
+        _info("warning: --db is used only by the bmdb metric, which --metrics leaves out")
     if "bmdb" in metrics and args.db:  # read before the long work: a typo costs nothing
         try:
             dbs = load_databases(args.db)
@@ -627,7 +634,7 @@ def cmd_perturbation(args) -> int:
     if args.batch_key:
         unlabelled |= adata.obs[args.batch_key].isna().to_numpy()
     if unlabelled.any():
-        print(f"leaving out {int(unlabelled.sum()):,} cells without a perturbation/batch label")
+        _info(f"leaving out {int(unlabelled.sum()):,} cells without a perturbation/batch label")
         adata = adata[~unlabelled].copy()
     if adata.n_obs == 0:
         return _fail(f"{args.embeddings}: no cells to evaluate")
@@ -636,7 +643,7 @@ def cmd_perturbation(args) -> int:
         rows = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.max_cells,
                                                                 replace=False))
         adata = adata[rows].copy()
-        print(f"subsampled {args.max_cells:,} cells")
+        _info(f"subsampled {args.max_cells:,} cells")
         if had_control and not (adata.obs[args.perturbation_key].astype(str)
                                 == args.control).any():
             return _fail(f"--max-cells {args.max_cells}: the subsample has no {args.control!r} "
@@ -645,7 +652,7 @@ def cmd_perturbation(args) -> int:
     counts = pd.Series(pert).value_counts()
     small = counts[(counts < args.min_cells) & (counts.index != args.control)]
     if len(small):
-        print(f"leaving out {len(small)} perturbations with < {args.min_cells} cells: "
+        _info(f"leaving out {len(small)} perturbations with < {args.min_cells} cells: "
               f"{list(small.index[:10])}{' ...' if len(small) > 10 else ''}")
         adata = adata[~np.isin(pert, small.index)].copy()
         pert = adata.obs[args.perturbation_key].astype(str).to_numpy()
@@ -666,10 +673,10 @@ def cmd_perturbation(args) -> int:
                      f"besides the control{sub}, found {n_perts}; lower --min-cells"
                      + (" or raise --max-cells" if args.max_cells else ""))
     if args.batch_key is None:
-        print("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
+        _info("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
     n_batches = labels.n_batches
     top1, top5 = chance_percent(n_perts)
-    print(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
+    _info(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
           f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
           f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
 
@@ -701,7 +708,7 @@ def cmd_perturbation(args) -> int:
         except (ValueError, MemoryError) as err:
             return _fail(f"--baselines {args.baselines}: {err}")
         for n in notes:
-            print(n)
+            _info(n)
         embeddings.update(base)
     if args.fit_on or args.oracle_k:
         try:
@@ -714,9 +721,9 @@ def cmd_perturbation(args) -> int:
         return _fail("no embedding to evaluate: the input has no X_* key in .obsm and "
                      "--baselines none")
     if not keys:
-        print("no embedding in .obsm: evaluating the baselines alone")
+        _info("no embedding in .obsm: evaluating the baselines alone")
     if "bmdb" in metrics and not args.db:
-        print("no --db: bmdb not computed")
+        _info("no --db: bmdb not computed")
     symbols = gene_symbols(labels.pert_names, table=table)
     options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
                                pcst_null_draws=args.pcst_null_draws, seed=args.seed)

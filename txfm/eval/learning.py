@@ -305,6 +305,29 @@ def _table5(best, recall: dict[str, dict[str, float]]):
 SUMMARY_METRICS = ("average", "pcst", "lin_top1", "knn_top1")
 
 
+def _gene_recall_of(out: pathlib.Path) -> list[tuple[str, str, float]]:
+    """``(variant, "enc" | "dec", recall)`` of a finished run's ``learning.json`` (none when the
+    run has no such file, or scored no genes). Raises :class:`UsageError` naming the file when
+    it is not this command's JSON."""
+    path = out / "learning.json"
+    if not path.is_file():
+        return []
+    try:
+        recall = json.loads(path.read_text()).get("gene_recall") or {}
+        found = []
+        for name, rec in recall.items():
+            for metric, key in (("enc", "codebook"), ("dec", "decoder")):
+                value = rec.get(key)
+                if value is not None:
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        raise ValueError(f"gene_recall.{name}.{key} is {value!r}, not a number")
+                    found.append((str(name), metric, float(value)))
+        return found
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as exc:
+        raise UsageError(f"--summarize {out}: {path} cannot be read ({type(exc).__name__}: "
+                         f"{error_message(exc)}); run the command again for that run") from exc
+
+
 def summarize(outs: list[pathlib.Path]):
     """Table 5 over several finished runs of this command (``outs``: their ``--out`` folders,
     e.g. one per ``--seed``), as a long table with one row per (variant, rows, metric).
@@ -347,6 +370,10 @@ def summarize(outs: list[pathlib.Path]):
         if text:
             raise UsageError(f"--summarize {out}: {table_csv.name} holds text in {text}; run "
                              f"the command again for that run")
+        names = table[["embedding", "postprocess"]]
+        if names.isna().any().any() or not names.map(lambda v: isinstance(v, str)).all().all():
+            raise UsageError(f"--summarize {out}: {table_csv.name} has rows without an embedding "
+                             f"or post-processing name; run the command again for that run")
         if _key("txfm") not in set(table["embedding"]):
             raise UsageError(f"--summarize {out}: {table_csv.name} has no {_key('txfm')} rows "
                              f"(the default model); it is not this command's benchmark")
@@ -355,17 +382,8 @@ def summarize(outs: list[pathlib.Path]):
                 name = r.embedding[2:] if r.embedding.startswith("X_") else r.embedding
                 for metric in SUMMARY_METRICS:
                     values.setdefault((name, rows, metric), {})[i] = float(getattr(r, metric))
-        recall_json = out / "learning.json"
-        try:
-            recall = (json.loads(recall_json.read_text()).get("gene_recall") or {}
-                      if recall_json.is_file() else {})
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-            raise UsageError(f"--summarize {out}: {recall_json} cannot be read ({exc}); run "
-                             f"the command again for that run") from exc
-        for name, rec in recall.items():
-            for metric, key in (("enc", "codebook"), ("dec", "decoder")):
-                if rec.get(key) is not None:
-                    values.setdefault((name, "genes", metric), {})[i] = float(rec[key])
+        for name, metric, value in _gene_recall_of(out):
+            values.setdefault((name, "genes", metric), {})[i] = value
 
     out_rows = []
     for (name, rows, metric), per_run in values.items():

@@ -10,7 +10,9 @@ A checkpoint is written to ``step_XXXXXXXX.pt.tmp``, flushed and fsynced, then r
 final name (``os.replace`` is atomic on POSIX), so a crash leaves either the old set of
 checkpoints or the new one, never a half-written file under a final name. A file damaged
 afterwards (truncated copy, full disk) fails to load with :class:`CheckpointError` naming it;
-:func:`latest_checkpoint` then falls back to the newest older one that loads, saying so.
+:func:`latest_checkpoint` then falls back to the newest older one that loads, saying so. A
+resumed run sets such a file aside as ``step_XXXXXXXX.pt.corrupt`` (:func:`set_aside`): it no
+longer counts toward ``keep``, and no later resume or ``txfm embed`` tries it again.
 
 Contents (a dict): ``format``, ``step``, ``epoch``, ``samples``, ``model`` (state dict of the
 bare model), ``optimizer``, ``scheduler``, ``loader`` (one state per rank), ``rng`` (one per
@@ -33,6 +35,7 @@ from txfm.devices import device_problem, parse_device
 
 FORMAT = "txfm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+CORRUPT = ".corrupt"  # suffix of a checkpoint set aside as unreadable (set_aside)
 
 
 class CheckpointError(RuntimeError):
@@ -68,10 +71,34 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
     return [p for _, p in sorted(found)]
 
 
+def set_aside_checkpoints(run_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The run's checkpoints set aside as unreadable (``*.pt.corrupt``, :func:`set_aside`)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and CORRUPT in p.name)
+
+
+def set_aside(path: str | os.PathLike) -> pathlib.Path:
+    """Rename the unreadable checkpoint ``path`` to ``path.corrupt`` (``.corrupt.1``, ... when
+    that name is taken) and return the new name: out of :func:`list_checkpoints`, so that it
+    neither counts toward ``keep`` nor is tried by the next resume. Raises ``OSError`` when it
+    cannot be renamed."""
+    path = pathlib.Path(path)
+    target, n = path.with_name(path.name + CORRUPT), 0
+    while target.exists():  # an earlier set-aside file of the same step is evidence too
+        n += 1
+        target = path.with_name(f"{path.name}{CORRUPT}.{n}")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int,
-                    keep: int = 3) -> pathlib.Path:
+                    keep: int = 3, *, unreadable=()) -> pathlib.Path:
     """Write ``state`` atomically as ``RUN/checkpoints/step_<step>.pt``; keep the ``keep`` newest
-    up to ``step``.
+    up to ``step``. ``unreadable``: checkpoint files known to be damaged (a resume skipped them
+    and could not set them aside); they neither count toward ``keep`` nor are deleted.
 
     Raises:
         CheckpointError: the file cannot be written (a full disk, say); nothing is left behind,
@@ -97,8 +124,9 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     # Files of later steps are unreadable ones a resume skipped (it takes the newest readable
     # one): they do not count toward ``keep``, or a good older checkpoint would go in their
     # place; this run overwrites each when it reaches that step.
+    damaged = {pathlib.Path(p) for p in unreadable} - {path}
     ours = list_checkpoints(run_dir)
-    ours = ours[:ours.index(path) + 1]
+    ours = [p for p in ours[:ours.index(path) + 1] if p not in damaged]
     for old in ours[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -170,29 +198,51 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     return state
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
-                      ) -> tuple[pathlib.Path, dict[str, Any]] | None:
-    """Newest checkpoint of the run that loads, as ``(path, state)``; None if the run has none.
-
-    Unreadable newer ones are skipped with a warning naming them; if none loads, raises
-    :class:`CheckpointError` listing every file and its problem.
-    """
+def newest_readable(run_dir: str | os.PathLike, map_location="cpu"
+                    ) -> tuple[pathlib.Path, dict[str, Any], list[tuple[pathlib.Path, str]]] | None:
+    """Newest checkpoint of the run that loads, as ``(path, state, skipped)``: ``skipped`` holds
+    ``(file, problem)`` for each newer file that does not load. None if the run has none; if
+    none loads, raises :class:`CheckpointError` listing every file and its problem."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
         return None
-    problems = []
+    skipped = []
     for path in reversed(candidates):
         try:
             state = read_checkpoint(path, map_location)
         except CheckpointError as exc:
-            problems.append(str(exc))
+            skipped.append((path, str(exc)))
             continue
-        if problems:
-            warnings.warn("skipping unreadable checkpoint(s); using the previous good one "
-                          f"{path}:\n  " + "\n  ".join(problems), RuntimeWarning, stacklevel=2)
-        return path, state
+        return path, state, skipped
     raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(run_dir)}: "
-                          + "; ".join(problems))
+                          + "; ".join(problem for _, problem in skipped))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, map_location="cpu"
+                      ) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """Newest checkpoint of the run that loads, as ``(path, state)``; None if the run has none.
+
+    Unreadable newer ones are skipped with a warning naming them (and left where they are:
+    only a resumed run, which writes the folder, sets them aside); if none loads, raises
+    :class:`CheckpointError` listing every file and its problem.
+    """
+    found = newest_readable(run_dir, map_location)
+    if found is None:
+        return None
+    path, state, skipped = found
+    if skipped:
+        warnings.warn("skipping unreadable checkpoint(s); using the previous good one "
+                      f"{path}:\n  " + "\n  ".join(p for _, p in skipped), RuntimeWarning,
+                      stacklevel=2)
+    return path, state
+
+
+def _aside_note(run_dir) -> str:
+    """Names the run's set-aside unreadable checkpoints, for a "no checkpoints" message."""
+    aside = set_aside_checkpoints(run_dir)
+    if not aside:
+        return ""
+    return (f"; only unreadable ones, set aside as {', '.join(p.name for p in aside)}")
 
 
 def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
@@ -221,8 +271,8 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
         found = latest_checkpoint(target, map_location)
         if found is None:
             raise CheckpointError(f"{target} has no checkpoints (looked in "
-                                  f"{checkpoint_dir(target)}); train with `txfm train --out "
-                                  f"{target}` or pass a .pt file")
+                                  f"{checkpoint_dir(target)}{_aside_note(target)}); train with "
+                                  f"`txfm train --out {target}` or pass a .pt file")
         path, state = found
     else:
         path = target

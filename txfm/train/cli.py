@@ -157,7 +157,8 @@ def build_configs(args):
     """
     from txfm.locks import lock_holder
     from txfm.model import TxFMConfig, preset
-    from txfm.train.checkpoint import check_run_dir, checkpoint_dir, list_checkpoints
+    from txfm.train.checkpoint import (check_run_dir, checkpoint_dir, list_checkpoints,
+                                       set_aside_checkpoints)
     from txfm.train.config import ConfigError, TrainConfig
     from txfm.train.trainer import RUN_LOCK
 
@@ -178,6 +179,12 @@ def build_configs(args):
                                      f"run ({busy}) that has not written its first checkpoint "
                                      "yet; let it run, or stop it after its first checkpoint "
                                      "and resume then")
+                aside = set_aside_checkpoints(out)
+                if aside:
+                    raise UsageError(f"--resume: {out} has no readable checkpoint (earlier "
+                                     f"resumes set aside the unreadable "
+                                     f"{', '.join(p.name for p in aside)} in "
+                                     f"{checkpoint_dir(out)}); start a new run in another --out")
                 raise UsageError(f"--resume: {out} has no checkpoint yet (nothing in "
                                  f"{checkpoint_dir(out)}); leave out --resume to start a new run")
             if saved.exists():

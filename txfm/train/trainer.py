@@ -31,7 +31,6 @@ run's losses (tested bit for bit on CPU).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import pathlib
 import random
@@ -50,6 +49,7 @@ from txfm.model import TxFM, TxFMConfig, preset
 from txfm.model.config import ConfigError
 from txfm.model.losses import MEAN_TARGET_LOSSES, optimal_logits
 from txfm.data.inputs import model_inputs, open_loader, vocabulary
+from txfm.data.layout import write_json_atomic
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -209,6 +209,8 @@ class Trainer:
         self.epoch = 0
         self.samples = 0
         self._resumed_from = None
+        self._unreadable: list[pathlib.Path] = []  # checkpoints the resume skipped
+        self._begun = False  # whether this call has written to the run folder yet
         if cfg.resume:
             self._resume()
         elif ckpt.list_checkpoints(self.run_dir):
@@ -401,15 +403,22 @@ class Trainer:
         state = self.state()  # collective: every rank takes part
         path = None
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.keep_checkpoints)
+            path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.keep_checkpoints,
+                                        unreadable=self._unreadable)
         dist.barrier(self.dist)
         return path
 
     def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.run_dir, map_location="cpu")
+        found = ckpt.newest_readable(self.run_dir, map_location="cpu")
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}")
-        path, state = found
+        path, state, skipped = found
+        if skipped:
+            warnings.warn("--resume: skipping unreadable checkpoint(s); using the previous good "
+                          f"one {path}:\n  " + "\n  ".join(p for _, p in skipped),
+                          RuntimeWarning, stacklevel=2)
+        # set aside once the run starts writing (_begin): a refused call renames nothing
+        self._unreadable = [p for p, _ in skipped]
         if state["n_genes"] != self.n_genes or (
                 state["vocab"].get("hash") and self.vocab.get("hash")
                 and state["vocab"]["hash"] != self.vocab["hash"]):
@@ -510,31 +519,90 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to the end; returns where the checkpoint, metrics and plot are. The main rank
         holds the run folder's lock meanwhile (:mod:`txfm.locks`): a second run started in the
-        same folder fails at once (:class:`txfm.locks.FolderBusyError`)."""
+        same folder fails at once (:class:`txfm.locks.FolderBusyError`).
+
+        Nothing is written before the first step has trained: the first training batches and
+        the validation batches are read first, so that damaged data (or a model that does not
+        fit, at the first step) refuses the call with the run folder as it was. A folder that
+        this call created is removed again when it fails before that."""
+        self._preflight()
         if not self.dist.is_main:
             return self._fit()
         from txfm.locks import folder_lock
 
+        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with folder_lock(self.run_dir, RUN_LOCK, "txfm train run"):
-            return self._fit()
+        try:
+            with folder_lock(self.run_dir, RUN_LOCK, "txfm train run"):
+                return self._fit()
+        except BaseException:
+            if not self._begun:
+                for folder in made:  # innermost first; rmdir leaves a folder others wrote in
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+            raise
+
+    def _preflight(self) -> None:
+        """Reads what the first step and the first validation read (from the resumed
+        position), so that a damaged shard there refuses the call before anything is written."""
+        self._stream_it = self._stream()
+        self._pending = (self._fetch(self._stream_it) if self.step < self.total_steps
+                         else None)
+        if self.val_loader is None or self._pending is None:  # the last step validates
+            return
+        import itertools
+
+        self.val_loader.set_epoch(0)
+        for _ in itertools.islice(self.val_loader, min(self.cfg.val_batches,
+                                                       len(self.val_loader))):
+            pass
+
+    def _begin(self) -> None:
+        """The run starts writing its folder (main rank): ``config.json`` (atomically), the
+        unreadable checkpoints the resume skipped set aside."""
+        self._begun = True
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", {
+            "model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
+            "n_genes": self.n_genes, "total_steps": self.total_steps,
+            "weight_decay": self.weight_decay, "world_size": self.dist.world_size,
+            "parameters": sum(p.numel() for p in self.model.parameters())}, indent=2)
+        kept = []
+        for path in self._unreadable:
+            try:
+                moved = ckpt.set_aside(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # still kept out of --keep's count by save()
+                kept.append(path)
+                warnings.warn(f"{path}: unreadable, and cannot be set aside ({exc}); delete it",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            warnings.warn(f"set aside the unreadable checkpoint {path} as {moved.name}: it no "
+                          f"longer counts toward --keep nor is tried by a resume; delete it "
+                          f"once you no longer need it", RuntimeWarning, stacklevel=2)
+        self._unreadable = kept
 
     def _fit(self) -> TrainResult:
         cfg, main = self.cfg, self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(
-                {"model": self.model_config.to_dict(), "train": cfg.to_dict(),
-                 "n_genes": self.n_genes, "total_steps": self.total_steps,
-                 "weight_decay": self.weight_decay, "world_size": self.dist.world_size,
-                 "parameters": sum(p.numel() for p in self.model.parameters())}, indent=2))
-        logger = MetricsLogger(self.run_dir, self.step if self._resumed_from else None,
-                               cfg.tensorboard, self._metrics_rows) if main else None
+        logger = None
+        resumed_at = self.step if self._resumed_from else None  # begin() runs a step later
+
+        def begin():
+            nonlocal logger
+            self._begin()
+            if main:
+                logger = MetricsLogger(self.run_dir, resumed_at, cfg.tensorboard,
+                                       self._metrics_rows)
+
         bar = _progress(self.total_steps, self.step, enabled=main and cfg.progress)
         shown = {}  # the last validation's part of the bar, kept until the next validation
         self.model.train()
-        stream = self._stream()
-        pending = self._fetch(stream) if self.step < self.total_steps else None
+        stream, pending = self._stream_it, self._pending
         loss_sum = torch.zeros((), device=self.device)
         norm_sum = torch.zeros((), device=self.device)
         n_since, t_last, t0 = 0, time.perf_counter(), time.perf_counter()
@@ -544,7 +612,13 @@ class Trainer:
         with stop:
             while self.step < self.total_steps:
                 self.epoch = self._fetched_epoch
-                loss, norm = self.train_step(pending)
+                try:
+                    loss, norm = self.train_step(pending)
+                except BaseException:
+                    bar.close()
+                    raise
+                if not self._begun:  # the model fits and the data read: the run is on
+                    begin()
                 loss_sum += loss
                 norm_sum += norm.detach().float()
                 n_since += 1
@@ -598,6 +672,8 @@ class Trainer:
                         break
                     if not done:
                         pending = self._fetch(stream)
+        if not self._begun:  # a resume at its last step: nothing to train
+            begin()
         if stop.signum is not None:  # the checkpoint of the last step is written: stop
             bar.close()
             if logger is not None:
@@ -609,7 +685,8 @@ class Trainer:
             if logger is not None:
                 logger.close()
             result.metrics = logger.path if logger is not None else None
-            result.checkpoint = last_path or (ckpt.list_checkpoints(self.run_dir) or [None])[-1]
+            result.checkpoint = (last_path or self._resumed_from
+                                 or (ckpt.list_checkpoints(self.run_dir) or [None])[-1])
             if result.metrics is not None and result.metrics.exists():
                 result.history = read_metrics(result.metrics)
                 if cfg.plot:

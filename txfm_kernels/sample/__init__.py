@@ -241,6 +241,9 @@ def _check_values(observable, gene_weights, tau, n_genes: int, check: bool, deep
 
 
 def _check_out(out: MaskedSample, B, k, n_genes, return_target: bool, device) -> None:
+    if not isinstance(out, MaskedSample):
+        raise TypeError(f"{_OP}: out must be a MaskedSample (e.g. one this op returned), got "
+                        f"{type(out).__name__}")
     want = _new_outputs(0, 0, 0, return_target, "meta", pooled=False)
     shapes = [(B, k), (B, k), (B, k), (B, n_genes), (B,)]
     fields = [out.gene_ids, out.values, out.key_padding_mask, out.target, out.library_size]
