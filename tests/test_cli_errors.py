@@ -337,6 +337,9 @@ CASES = {
                                       "features.tsv.gz"),
     "convert-features-empty": (_convert(input="{tenx_empty_features}"), "features.tsv"),
     "convert-gene-table-missing": (_convert("--gene-table", "{root}/genes.tsv"), "genes.tsv"),
+    "convert-gene-table-folder": (_convert("--gene-table", "{empty_dir}"), "(--gene-table): is a "
+                                                                          "folder"),
+    "convert-vocab-folder": (_convert("--vocab", "{empty_dir}"), "(--vocab): is a folder"),
     "data-info-missing": (["data", "info", "{root}/no_shards"], "no_shards"),
 }
 if torch.cuda.is_available():
@@ -629,21 +632,31 @@ def test_model_config_states_the_kernels_limits():
     assert config.PAPER_BETA == poisson.BETA
 
 
-def test_convert_warns_about_repeated_cell_names(tmp_path, capsys):
+@pytest.mark.parametrize("what", ["cells", "genes"])
+def test_convert_warns_about_repeated_names(what, tmp_path, capsys):
+    """Repeated cell names are kept (source_row tells them apart) and genes under one name are
+    summed into one (as documented); the console says each, with the fix."""
     import warnings
 
-    counts = sp.csr_matrix(np.random.default_rng(0).poisson(3.0, (30, N_GENES)).astype(np.float32))
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(3.0, (30, N_GENES)).astype(np.float32))
+    genes = list(GENES)
+    if what == "genes":
+        genes[2], genes[4], genes[5] = genes[0], genes[1], genes[0]
+    obs = [f"c{i % 20}" if what == "cells" else f"c{i}" for i in range(30)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata's own warning about the names
-        a = ad.AnnData(X=counts, var=pd.DataFrame(index=GENES),
-                       obs=pd.DataFrame(index=[f"c{i % 20}" for i in range(30)]))
-        a.write_h5ad(tmp_path / "dup.h5ad")
+        ad.AnnData(X=counts, var=pd.DataFrame(index=genes),
+                   obs=pd.DataFrame(index=obs)).write_h5ad(tmp_path / "dup.h5ad")
     status = main(["data", "convert", str(tmp_path / "dup.h5ad"), "--out", str(tmp_path / "s"),
                    "--quiet", "--min-cells", "1", "--min-genes", "1"])
     err = capsys.readouterr().err
     assert status == 0, err
-    assert "10 cell names repeat an earlier one (e.g. 'c0')" in err, err
-    assert "obs_names_make_unique" in err
+    said, fix = {"cells": ("10 cell names repeat an earlier one (e.g. 'c0')",
+                           "obs_names_make_unique"),
+                 "genes": (f"3 genes repeat the key of an earlier one (e.g. '{GENES[0]}')",
+                           "var_names_make_unique")}[what]
+    assert said in err and fix in err, err
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder "

@@ -34,6 +34,7 @@ import numbers
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +277,11 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
     if (layer or use_raw) and not any(p.suffix == ".h5ad" for p in inputs):
         raise ValueError(f"{'--layer' if layer else '--raw'} applies to .h5ad inputs, and none "
                          f"was given")
-    for p in (vocab, gene_table):
+    for p, option in ((vocab, "--vocab"), (gene_table, "--gene-table")):
         if p is not None and not Path(p).is_file():
-            raise InputError(f"{p}: file does not exist")
+            raise InputError(f"{p} ({option}): " + (
+                "is a folder; give the table file inside it" if Path(p).is_dir()
+                else "file does not exist"))
     _check_distinct(inputs, names)
     ds_names = _dataset_names(inputs, names)
     sources = _count_sources(inputs, ds_names, counts, layer, use_raw)
@@ -502,6 +505,14 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
         col2local = np.full(len(keys), -1, dtype=np.int64)
         col2local[valid] = codes
         first = np.flatnonzero(valid)[np.unique(codes, return_index=True)[1]]
+        merged = int(valid.sum() - len(uniques))
+        if merged:  # said now, as repeated cell names are (txfm.data.obs), not only in the manifest
+            repeat = keys[valid][pd.Index(codes).duplicated()][0]
+            warnings.warn(f"{r.path}: {merged:,} genes repeat the key of an earlier one (e.g. "
+                          f"{repeat!r}); their counts are summed into one gene "
+                          f"(duplicate_features_merged in the manifest). Make the names unique "
+                          f"first (AnnData.var_names_make_unique()) to keep them apart",
+                          UserWarning, stacklevel=2)
         local_syms = syms[first]
         local_keys = np.asarray(uniques, dtype=object)
         in_vocab = (given.lookup(local_keys) >= 0 if given is not None
