@@ -27,6 +27,7 @@ import torch
 
 from txfm.cli import UsageError, file_in_path, folder_problem, positive_int, run_piped
 from txfm.cli import check_device as _check_device_name
+from txfm.files import write_atomic
 from txfm_kernels._common import device_memory
 
 # Inductor's cache: warm compiles are fast across runs, in the user's cache folder (never in
@@ -72,13 +73,12 @@ def _write_atomic(path: pathlib.Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` through a temporary file in its folder and rename it into place, so an
     interrupted write leaves the old file or none, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def fill(tmp: pathlib.Path) -> None:
         with open(tmp, "w", newline="") as f:
             write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, fill)
 
 
 def check_fits(nbytes: float, what: str, device: torch.device | str) -> None:

@@ -58,6 +58,8 @@ from typing import Callable
 
 import numpy as np
 
+from txfm.files import write_atomic
+
 COLLECTION_ATTRS = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
 FORMAT_NAME = "txfm-shards"
 FORMAT_VERSION = 2  # 2: arrays read as int32/float32, crc32c on every chunk
@@ -214,15 +216,13 @@ def _numcodec(codec: str):
 def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
     """``obj`` as JSON through a temporary file renamed onto ``path``: a crash or signal leaves
     the old file or the new one, never half of either, and no temporary file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
 
 
 def write_group_json(path: Path, attributes: dict) -> None:

@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from txfm.files import missing_folders, remove_made_folders
+
 
 @dataclass(frozen=True)
 class SynthResult:
@@ -395,7 +397,7 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
                          f"perturbations to at most {room:,} or raise genes (--genes)")
     out = Path(out_dir)
     final = out.resolve()
-    made = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
+    made = missing_folders(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.synth-{os.getpid()}-{secrets.token_hex(3)}"
     try:
@@ -408,11 +410,7 @@ def generate(out_dir, *, cells: int = 20_000, genes: int = 3_000, perturbations:
         _move_into_place(tmp, final)
     except BaseException:  # KeyboardInterrupt and the CLI's Terminated too: nothing half-made
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:  # deepest first: only the folders this call made, and only if empty
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_made_folders(made)
         raise
     truth = out / "truth"
     return SynthResult(out, tuple(out / n for n in names), truth, truth / "gene_programs.tsv",

@@ -18,6 +18,9 @@ from txfm.cli import (
     int_at_least,
     nonnegative_int,
     positive_int,
+    # lines about the work go to stderr: stdout carries the results alone, written after the
+    # files, so a reader that stops early (| head) cannot lose them
+    report,
 )
 
 from . import EMBED_K_FACTOR
@@ -224,13 +227,6 @@ def _with_threads(func):
     return run
 
 
-def _info(line: str) -> None:
-    """A line about the work (what was left out, what a baseline used) on stderr, so that
-    stdout carries the results alone and a reader that stops early (``| head``) does not stop
-    the command before its files are written."""
-    print(line, file=sys.stderr)
-
-
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -317,7 +313,7 @@ def cmd_embed(args) -> int:
                         device=device, precision=args.precision, gene_table=table,
                         allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
                         progress=not args.no_progress, source=f"--input {args.input}",
-                        cli=True, log=lambda line: _info(f"{args.input}: {line}"))
+                        cli=True, log=lambda line: report(f"{args.input}: {line}"))
     run = original.uns["txfm_embed"][args.key]
     write_h5ad(original, out)
     print(f"wrote {out}: .obsm[{args.key!r}] {emb.shape[0]:,} x {emb.shape[1]} (K={run['k']}, "
@@ -439,7 +435,7 @@ def cmd_relationships(args) -> int:
         dbs = load_databases(args.db, gmt_max_size=args.gmt_max_size, sources=sources)
     except (FileNotFoundError, ValueError) as err:
         return _fail(str(err))
-    _info("databases: " + ", ".join(f"{d.name} ({d.description})" for d in dbs))
+    report("databases: " + ", ".join(f"{d.name} ({d.description})" for d in dbs))
     comps, default_c = _components_map(args.n_components)
     reps = []
     if args.genes:
@@ -479,7 +475,7 @@ def cmd_relationships(args) -> int:
             return _fail(f"--counts {args.counts}: {err}")
         syms = gene_symbols(c.var_names, c.var["symbol"].to_numpy() if "symbol" in c.var else None,
                             table)[kept]
-        _info(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
+        report(f"baseline pca_loadings: {x.shape[0]:,} cells, {len(kept):,} varying genes, "
               f"{loadings.shape[1]} components")
         if loadings.shape[1] * LOADINGS_SHARE > len(kept):
             print(f"warning: pca_loadings at {loadings.shape[1]} components of {len(kept)} "
@@ -500,7 +496,7 @@ def cmd_relationships(args) -> int:
             return _fail(f"the representations share no gene ({', '.join(r.name for r in reps)}"
                          f"); check that --genes and --counts name genes the same way "
                          f"(--gene-table maps ids to symbols), or pass --all-genes")
-        _info(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
+        report(f"evaluating on the {len(reps[0].symbols):,} genes all representations share "
               "(--all-genes to use each one's own)")
     try:
         res = evaluate_representations(reps, dbs, n_null=args.null_pairs, draws=args.draws,
@@ -538,7 +534,7 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
     if args.fit_on:
         ref = read_reference(args.fit_on, args.fit_cells, args.seed)
         raw, observable, shared, match = align_to_reference(adata.var, raw, ref, table)
-        _info(f"--fit-on {ref.source}: screen {match.summary(len(ref.genes))}; "
+        report(f"--fit-on {ref.source}: screen {match.summary(len(ref.genes))}; "
               f"{int(shared.sum()):,} genes both profile")
         names = [n for n in base_names if n == "pca" or n.startswith("liblog_hvg")]
         if names:
@@ -548,8 +544,8 @@ def _corpus_and_oracle_rows(args, adata, base_names, table) -> dict:
                                               seed=args.seed, reference=ref.counts,
                                               genes=shared)
             for n in notes:
-                _info(n)
-            _info(f"corpus-fit baselines {list(fit)}: {time.perf_counter() - t0:.1f} s")
+                report(n)
+            report(f"corpus-fit baselines {list(fit)}: {time.perf_counter() - t0:.1f} s")
             rows.update(fit)
     if args.oracle_k:
         oracle = oracle_embeddings(raw, args.oracle_k, args.pca_components, seed=args.seed,
@@ -624,7 +620,7 @@ def cmd_perturbation(args) -> int:
         missing = [d for d in args.db if not pathlib.Path(d).exists()]
         if missing:
             return _fail(f"--db {missing[0]}: no such file or folder")
-        _info("warning: --db is used only by the bmdb metric, which --metrics leaves out")
+        report("warning: --db is used only by the bmdb metric, which --metrics leaves out")
     if "bmdb" in metrics and args.db:  # read before the long work: a typo costs nothing
         try:
             dbs = load_databases(args.db)
@@ -634,7 +630,7 @@ def cmd_perturbation(args) -> int:
     if args.batch_key:
         unlabelled |= adata.obs[args.batch_key].isna().to_numpy()
     if unlabelled.any():
-        _info(f"leaving out {int(unlabelled.sum()):,} cells without a perturbation/batch label")
+        report(f"leaving out {int(unlabelled.sum()):,} cells without a perturbation/batch label")
         adata = adata[~unlabelled].copy()
     if adata.n_obs == 0:
         return _fail(f"{args.embeddings}: no cells to evaluate")
@@ -643,7 +639,7 @@ def cmd_perturbation(args) -> int:
         rows = np.sort(np.random.default_rng(args.seed).choice(adata.n_obs, args.max_cells,
                                                                 replace=False))
         adata = adata[rows].copy()
-        _info(f"subsampled {args.max_cells:,} cells")
+        report(f"subsampled {args.max_cells:,} cells")
         if had_control and not (adata.obs[args.perturbation_key].astype(str)
                                 == args.control).any():
             return _fail(f"--max-cells {args.max_cells}: the subsample has no {args.control!r} "
@@ -652,7 +648,7 @@ def cmd_perturbation(args) -> int:
     counts = pd.Series(pert).value_counts()
     small = counts[(counts < args.min_cells) & (counts.index != args.control)]
     if len(small):
-        _info(f"leaving out {len(small)} perturbations with < {args.min_cells} cells: "
+        report(f"leaving out {len(small)} perturbations with < {args.min_cells} cells: "
               f"{list(small.index[:10])}{' ...' if len(small) > 10 else ''}")
         adata = adata[~np.isin(pert, small.index)].copy()
         pert = adata.obs[args.perturbation_key].astype(str).to_numpy()
@@ -673,10 +669,10 @@ def cmd_perturbation(args) -> int:
                      f"besides the control{sub}, found {n_perts}; lower --min-cells"
                      + (" or raise --max-cells" if args.max_cells else ""))
     if args.batch_key is None:
-        _info("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
+        report("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
     n_batches = labels.n_batches
     top1, top5 = chance_percent(n_perts)
-    _info(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
+    report(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
           f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
           f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
 
@@ -708,7 +704,7 @@ def cmd_perturbation(args) -> int:
         except (ValueError, MemoryError) as err:
             return _fail(f"--baselines {args.baselines}: {err}")
         for n in notes:
-            _info(n)
+            report(n)
         embeddings.update(base)
     if args.fit_on or args.oracle_k:
         try:
@@ -721,9 +717,9 @@ def cmd_perturbation(args) -> int:
         return _fail("no embedding to evaluate: the input has no X_* key in .obsm and "
                      "--baselines none")
     if not keys:
-        _info("no embedding in .obsm: evaluating the baselines alone")
+        report("no embedding in .obsm: evaluating the baselines alone")
     if "bmdb" in metrics and not args.db:
-        _info("no --db: bmdb not computed")
+        report("no --db: bmdb not computed")
     symbols = gene_symbols(labels.pert_names, table=table)
     options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
                                pcst_null_draws=args.pcst_null_draws, seed=args.seed)

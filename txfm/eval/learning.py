@@ -64,6 +64,7 @@ import sys
 from txfm.cli import (ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int,
                       run_piped)
 from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
+from txfm.files import write_atomic
 from txfm.model.config import PAPER_BETA
 
 from .cli import _output, _writable
@@ -411,7 +412,7 @@ def _print_summary(args) -> int:
     # saved before anything is printed: the table outlives a reader that stops early (| head)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "table5_seeds.csv"
-    _write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False))
+    write_atomic(csv_path, lambda tmp: table.to_csv(tmp, index=False))
 
     def cell(r, what):
         if what == "mean":
@@ -458,18 +459,8 @@ def _plain(value):
     return value
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    """``write(tmp)`` to a temporary file renamed onto ``path``: no half-written file on Ctrl-C."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: pathlib.Path, doc) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_plain(doc), indent=1,
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(_plain(doc), indent=1,
                                                               allow_nan=False)))
 
 

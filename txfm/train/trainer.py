@@ -50,6 +50,7 @@ from txfm.model.config import ConfigError
 from txfm.model.losses import MEAN_TARGET_LOSSES, optimal_logits
 from txfm.data.inputs import model_inputs, open_loader, vocabulary
 from txfm.data.layout import write_json_atomic
+from txfm.files import missing_folders, remove_made_folders
 
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -530,18 +531,14 @@ class Trainer:
             return self._fit()
         from txfm.locks import folder_lock
 
-        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        made = missing_folders(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with folder_lock(self.run_dir, RUN_LOCK, "txfm train run"):
                 return self._fit()
         except BaseException:
             if not self._begun:
-                for folder in made:  # innermost first; rmdir leaves a folder others wrote in
-                    try:
-                        folder.rmdir()
-                    except OSError:
-                        break
+                remove_made_folders(made)
             raise
 
     def _preflight(self) -> None:

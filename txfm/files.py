@@ -1,0 +1,41 @@
+"""File-system steps every command shares: writing a file whole or not at all, and taking back
+the folders a failed call made. Nothing here imports a heavy module."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def write_atomic(path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a temporary file next to ``path`` (``tmp`` is its path), which is
+    then renamed onto ``path``: a crash, Ctrl-C or signal leaves the old file or the new one,
+    never half of either, and no temporary file.
+
+    Raises whatever ``write`` or the rename raises, after removing the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def missing_folders(path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: the folders
+    that making ``path`` creates (for :func:`remove_made_folders`)."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_made_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (:func:`missing_folders`' list, innermost first) while they are
+    empty: a call that failed takes back the folders it made, and never one that another
+    writer filled meanwhile."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
