@@ -420,6 +420,71 @@ def test_h5ad_declarations_are_checked(tmp_path, capsys, fault, needle):
     assert_refused(rc, err, str(path), needle)
 
 
+def _store_values(path: Path, key: str, dtype) -> None:
+    """Rewrite ``key`` (a sparse group's ``data``, or a dense array) with ``dtype`` values, as
+    h5py can and scipy.sparse, and so anndata's writer, cannot (float16)."""
+    with h5py.File(path, "a") as f:
+        target = f[key]["data"] if isinstance(f[key], h5py.Group) else f[key]
+        name, values = target.name, target[...]
+        del f[name]
+        f[name] = values.astype(dtype)
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("dtype", ["float16", "uint8", "int16", "bool"])
+def test_every_numeric_value_dtype_converts_exactly(tmp_path, capsys, layout, dtype):
+    # scipy.sparse cannot hold float16 (anndata cannot load such a file); the reader widens it
+    rng = np.random.default_rng(7)
+    x = np.zeros((40, 12))
+    x.flat[rng.choice(x.size, 150, replace=False)] = 1 if dtype == "bool" else rng.integers(1, 100, 150)
+    path = tmp_path / "d.h5ad"
+    stored = {"csr": sp.csr_matrix(x), "csc": sp.csc_matrix(x), "dense": x}[layout]
+    ad.AnnData(X=stored, var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(12)])
+               ).write_h5ad(path)
+    _store_values(path, "X", dtype)
+    rc, err = convert_cli(capsys, [path], tmp_path / "out", "--val-fraction", 0)
+    assert rc == 0, err
+    _, got, obs = read_shards(tmp_path / "out")
+    assert abs(got - sp.csr_matrix(x)[obs["source_row"].to_numpy()]).sum() == 0
+    warned = [line for line in err.splitlines()
+              if line.startswith("warning:") and "X is CSC" not in line]
+    assert warned == ([f"warning: {path}: every count is 0 or 1 (binarised data?): TxFM learns "
+                       f"from raw UMI counts; give those (--layer, --raw or --counts)"]
+                      if dtype == "bool" else []), err
+
+
+def test_float16_counts_above_its_exact_range_are_warned_about(tmp_path, capsys):
+    x = np.ones((10, 12))
+    x[3, 4] = 5000  # float16 stores 5000 exactly, but not 5001: the writer may have rounded
+    path = write_h5ad(tmp_path / "d.h5ad", x)
+    _store_values(path, "X", "float16")
+    rc, err = convert_cli(capsys, [path], tmp_path / "out")
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and f"{path}: X stores the counts as float16" in warned[0], err
+    assert "exactly only up to 2,048" in warned[0]
+
+
+def test_counts_that_are_not_numbers_are_refused(tmp_path, capsys):
+    path = write_h5ad(tmp_path / "d.h5ad", np.ones((10, 12)))
+    _store_values(path, "X", "complex64")
+    rc, err = convert_cli(capsys, [path], tmp_path / "out")
+    assert_refused(rc, err, str(path), "X holds complex64 values, not numbers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float16_sparse_h5ad_is_named_by_the_anndata_readers(tmp_path, capsys):
+    # anndata cannot load it at all (scipy.sparse has no float16): the message must say so,
+    # not suggest a damaged file
+    path = write_h5ad(tmp_path / "d.h5ad", np.ones((10, 12)))
+    _store_values(path, "X", "float16")
+    rc, err = cli(capsys, "eval", "perturbation", "--embeddings", path,
+                  "--perturbation-key", "p")
+    line = assert_refused(rc, err, str(path), "X stores float16 values in a sparse matrix",
+                          "float32")
+    assert "interrupted" not in line
+
+
 # ------------------------------------------------------------------------- obs dtypes
 def obs_frame(n: int, seed: int = 0) -> pd.DataFrame:
     """One column of every obs dtype anndata writes, each with missing values."""

@@ -156,8 +156,8 @@ def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
                  str(root / "genes.h5ad")]) == 0
     genes = ad.read_h5ad(root / "genes.h5ad")
     assert list(genes.obs_names) == vocab
-    assert genes.obsm["codebook"].shape == (len(vocab), 31)
-    assert genes.obsm["decoder"].shape == (len(vocab), 48)
+    assert genes.obsm["X_codebook"].shape == (len(vocab), 31)
+    assert genes.obsm["X_decoder"].shape == (len(vocab), 48)
     assert genes.obs.symbol.str.startswith("SYN").all()
 
     rc = main(["eval", "relationships", "--genes", str(root / "genes.h5ad"), "--db",
@@ -173,10 +173,30 @@ def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     rel = pd.read_csv(root / "rel" / "relationships_summary.csv")
-    assert set(rel.representation) == {"codebook", "decoder", "pca_loadings"}
+    assert set(rel.representation) == {"X_codebook", "X_decoder", "pca_loadings"}
     pert = pd.read_csv(root / "pert" / "perturbation.csv").set_index("embedding")
     assert list(pert.index) == ["X_txfm", "liblog"]
-    assert "| X_txfm |" in printed and "| codebook |" in printed
+    assert "| X_txfm |" in printed and "| X_codebook |" in printed
+
+    # a genes.h5ad written before the keys took the X_ prefix reads under today's names, with
+    # the same default components and the old --key and --n-components names still accepted
+    old = genes.copy()
+    old.obsm = {"codebook": genes.obsm["X_codebook"], "decoder": genes.obsm["X_decoder"]}
+    old.write_h5ad(root / "genes_old.h5ad")
+    rc = main(["eval", "relationships", "--genes", str(root / "genes_old.h5ad"), "--db",
+               str(synth.relationships), "--key", "codebook", "--n-components", "codebook=8",
+               "--null-pairs", "3000", "--out", str(root / "rel_old"), "--no-progress"])
+    assert rc == 0
+    old_rel = pd.read_csv(root / "rel_old" / "relationships_summary.csv")
+    assert list(old_rel.representation) == ["X_codebook"] and list(old_rel.PCs) == [8]
+    # N alone sets the representations without a default; the renamed ones keep theirs (32 and
+    # 256, capped by their 31 and 48 dims), where unrenamed keys would have taken 4
+    rc = main(["eval", "relationships", "--genes", str(root / "genes_old.h5ad"), "--db",
+               str(synth.relationships), "--n-components", "4", "--null-pairs", "3000",
+               "--out", str(root / "rel_old4"), "--no-progress"])
+    assert rc == 0
+    old_rel = pd.read_csv(root / "rel_old4" / "relationships_summary.csv")
+    assert dict(zip(old_rel.representation, old_rel.PCs)) == {"X_codebook": 31, "X_decoder": 48}
 
 
 @pytest.mark.filterwarnings("ignore:.*entries are not grouped by cell")

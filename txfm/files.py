@@ -7,17 +7,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def write_atomic(path, write: Callable[[Path], None]) -> None:
+def write_atomic(path, write: Callable[[Path], None], *, durable: bool = False) -> None:
     """``write(tmp)`` fills a temporary file next to ``path`` (``tmp`` is its path), which is
     then renamed onto ``path``: a crash, Ctrl-C or signal leaves the old file or the new one,
     never half of either, and no temporary file.
 
+    ``tmp`` is hidden (a leading dot) and ends with ``path``'s suffix, so writers that choose
+    the format by the extension (``savefig``, ``np.savez``) write the right one. ``durable``:
+    the file's bytes reach the disk before the rename (``fsync``), so that after a power loss
+    ``path`` is not a renamed file whose data never landed (checkpoints).
+
     Raises whatever ``write`` or the rename raises, after removing the temporary file.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from txfm.files import write_atomic
 from txfm.locks import folder_lock
 
 from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST,
@@ -533,6 +534,10 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
         st = _stats(ds, i, work, chunk_nnz, allow_non_integer, progress)
         integral &= bool(st["integral"])
         max_count = max(max_count, float(st["max_count"]))
+        if 0 < float(st["max_count"]) <= 1:
+            warnings.warn(f"{ds.reader.path}: every count is 0 or 1 (binarised data?): TxFM "
+                          f"learns from raw UMI counts; give those (--layer, --raw or --counts)",
+                          stacklevel=2)
         sc = ds.kind == "single-cell"
         ds.gene_keep = ds.in_vocab & ((st["gene_cells"] >= min_cells) if sc else True)
         if not ds.gene_keep.any():
@@ -745,9 +750,7 @@ def _stats(ds: _Dataset, i: int, work: Path, chunk_nnz: int, allow_non_integer: 
     bar.close()
     st = {"gene_cells": gene_cells, "cell_genes": cell_genes, "integral": np.bool_(integral),
           "max_count": np.float64(max_count)}
-    tmp = work / f"stats_{i}.tmp.npz"
-    np.savez(tmp, **st)
-    os.replace(tmp, cache)
+    write_atomic(cache, lambda tmp: np.savez(tmp, **st))
     return st
 
 
@@ -765,9 +768,7 @@ def _recount_cells(ds: _Dataset, i: int, work: Path, chunk_nnz: int, progress: b
         out[first_row:first_row + m.shape[0]] = np.diff(m.indptr)
         bar.update(m.shape[0])
     bar.close()
-    tmp = work / f"recount_{i}.tmp.npy"
-    np.save(tmp, out)
-    os.replace(tmp, cache)
+    write_atomic(cache, lambda tmp: np.save(tmp, out))
     return out
 
 
@@ -803,9 +804,7 @@ def _write_shard(k, spec, final: Path, buckets: Path, stats_file: Path, idx_dtyp
              "gene_frac_sum": gstats.frac_sum, "gene_log1p_sum": gstats.log1p_sum,
              "nnz": np.int64(m.nnz),
              "ds_cells": np.bincount(meta["ds"], minlength=obs_tables.n_datasets).astype(np.int64)}
-    tmp_stats = stats_file.with_name(stats_file.stem + ".tmp.npz")
-    np.savez(tmp_stats, **stats)
-    os.replace(tmp_stats, stats_file)
+    write_atomic(stats_file, lambda tmp_stats: np.savez(tmp_stats, **stats))
     os.rename(tmp, final)
     for ext in ("meta", "idx", "val"):
         (buckets / f"{k}.{ext}").unlink(missing_ok=True)

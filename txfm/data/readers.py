@@ -37,6 +37,8 @@ _ID_COLUMNS = ("gene_id", "gene_ids", "ensembl_id", "ensembl_gene_id", "feature_
 # what reading a damaged file raises: truncated gzip (EOFError), corrupt gzip (zlib.error,
 # gzip.BadGzipFile is an OSError), unreadable HDF5 chunks (OSError), binary junk in text
 _READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)
+# float16 holds every whole number only up to 2**11; larger counts were rounded when written
+FLOAT16_EXACT = 2048
 
 
 class InputError(ValueError):
@@ -157,6 +159,28 @@ class InputReader:
 
     def _chunks(self, max_nnz: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         raise NotImplementedError
+
+    def _check_values(self, where: str, dtype) -> None:
+        """Refuse stored values that are not numbers (strings, objects, complex), naming the
+        matrix: counts are integers or floats."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biuf":
+            raise InputError(f"{self.path}: {where} holds {dtype} values, not numbers; give "
+                             f"the raw counts (integers, or floats holding whole numbers)")
+
+    def _counts(self, values: np.ndarray, where: str) -> np.ndarray:
+        """Stored values as scipy.sparse can hold them: float16, which it cannot, is widened
+        to float32 (exactly), with one warning if a value is above :data:`FLOAT16_EXACT`."""
+        if values.dtype != np.float16:
+            return values
+        if (not getattr(self, "_warned_float16", False) and values.size
+                and float(np.nanmax(values)) > FLOAT16_EXACT):
+            self._warned_float16 = True
+            warnings.warn(f"{self.path}: {where} stores the counts as float16, which holds "
+                          f"whole numbers exactly only up to {FLOAT16_EXACT:,}: larger counts "
+                          f"were rounded when the file was written; store them as integers or "
+                          f"float32", stacklevel=4)
+        return values.astype(np.float32)
 
     def close(self) -> None:
         pass
@@ -300,11 +324,14 @@ class H5adReader(InputReader):
             _check_indptr(self.path, f"{x_key}/", indptr,
                           shape[0] if self._fmt == "csr" else shape[1], n_values)
             self._indptr = indptr
+            self._check_values(x_key, x["data"].dtype)
         else:
             if not hasattr(x, "shape") or len(x.shape) != 2:
                 raise InputError(f"{self.path}: {x_key} is neither a sparse matrix nor a 2-D array")
             self._fmt = "dense"
             shape = x.shape
+            self._check_values(x_key, x.dtype)
+        self._x_key = x_key
         self.n_cells = shape[0]
         self._check_shape(*shape)
         n_obs = _n_rows(f["obs"])
@@ -348,13 +375,14 @@ class H5adReader(InputReader):
             for a, b in zip(cuts[:-1], cuts[1:]):
                 s, e = int(self._indptr[a]), int(self._indptr[b])
                 ptr = self._indptr[a:b + 1] - s
-                yield int(a), sp.csr_matrix((data[s:e], indices[s:e], ptr),
-                                            shape=(int(b - a), self._shape[1]))
+                yield int(a), sp.csr_matrix((self._counts(data[s:e], self._x_key), indices[s:e],
+                                             ptr), shape=(int(b - a), self._shape[1]))
         elif self._fmt == "csc":
             warnings.warn(f"{self.path}: X is CSC; it is loaded whole into memory to be read by "
                           f"rows (write it as CSR to convert in bounded memory)", stacklevel=3)
             g = self._x
-            m = sp.csc_matrix((g["data"][:], g["indices"][:], self._indptr),
+            m = sp.csc_matrix((self._counts(g["data"][:], self._x_key), g["indices"][:],
+                               self._indptr),
                               shape=self._shape)
             if m.nnz and (m.indices.min() < 0 or m.indices.max() >= self._shape[0]):
                 raise InputError(f"{self.path}: CSC row index outside the {self._shape[0]} "
@@ -366,7 +394,7 @@ class H5adReader(InputReader):
         else:
             rows = max(1, int(max_nnz // max(self._shape[1], 1)))
             for a in range(0, self._shape[0], rows):
-                yield a, sp.csr_matrix(self._x[a:a + rows])
+                yield a, sp.csr_matrix(self._counts(self._x[a:a + rows], self._x_key))
 
     def close(self) -> None:
         self._f.close()
@@ -719,6 +747,7 @@ class TenxH5Reader(InputReader):
                              f"{g['indices'].shape[0]} indices; the file is damaged")
         indptr = g["indptr"][:].astype(np.int64)
         _check_indptr(self.path, where, indptr, n_cells, n_values)
+        self._check_values(f"{where}data", g["data"].dtype)
         self._parts.append((g, first_column, n_feat))
         self._indptrs.append(indptr)
         return barcodes
@@ -740,7 +769,8 @@ class TenxH5Reader(InputReader):
                     raise InputError(f"{self.path}: {g.name}/indices: feature index {bad} in "
                                      f"cells {a}-{b - 1} is outside the {width} features; the "
                                      f"file is damaged")
-                blocks.append(sp.csr_matrix((g["data"][s:e], idx + first, ip[a:b + 1] - s),
+                blocks.append(sp.csr_matrix((self._counts(g["data"][s:e], f"{g.name}/data"),
+                                             idx + first, ip[a:b + 1] - s),
                                             shape=(int(b - a), n_all)))
             m = blocks[0] if len(blocks) == 1 else sum(blocks[1:], blocks[0])
             if self._col_map is not None:

@@ -80,8 +80,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "genes", formatter_class=fmt,
         help="gene representations (codebook, decoder weights) as an AnnData",
-        description="Write the encoder codebook (.obsm['codebook'], G x (d-1)) and the decoder's "
-                    "gene weights (.obsm['decoder'], G x hidden) with genes as observations.")
+        description="Write the encoder codebook (.obsm['X_codebook'], G x (d-1)) and the "
+                    "decoder's gene weights (.obsm['X_decoder'], G x hidden) with genes as "
+                    "observations.")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--gene-table", default=None, help="add obs['symbol'] for Ensembl-id "
@@ -350,15 +351,16 @@ def cmd_genes(args) -> int:
 # ----------------------------------------------------------------------------- relationships
 
 def _components_map(values) -> tuple[dict, int | None]:
-    from .relationships import DEFAULT_COMPONENTS
+    from .relationships import DEFAULT_COMPONENTS, LEGACY_KEYS
 
     out, default = dict(DEFAULT_COMPONENTS), None
     for v in values or []:
         key, _, n = v.rpartition("=")
         if not n.isdigit() or int(n) < 1 or (_ and not key):
-            raise UsageError(f"--n-components {v}: use N or KEY=N with N >= 1 (e.g. codebook=32)")
+            raise UsageError(f"--n-components {v}: use N or KEY=N with N >= 1 (e.g. "
+                             f"X_codebook=32)")
         if key:
-            out[key] = int(n)
+            out[LEGACY_KEYS.get(key, key)] = int(n)
         else:
             default = int(n)
     return out, default
@@ -402,6 +404,20 @@ def _with_spread(summary):
     return out
 
 
+def _rename_legacy_keys(genes, args) -> None:
+    """A ``genes.h5ad`` written by ``txfm genes`` before its keys took scanpy's ``X_`` prefix
+    (``codebook``, ``decoder``) is read under today's names, and so is ``--key codebook``."""
+    from .relationships import LEGACY_KEYS
+
+    if "txfm_genes" not in genes.uns:
+        return
+    for old, new in LEGACY_KEYS.items():
+        if old in genes.obsm and new not in genes.obsm:
+            genes.obsm[new] = genes.obsm.pop(old)
+    if args.key:
+        args.key = [LEGACY_KEYS.get(k, k) if k not in genes.obsm else k for k in args.key]
+
+
 def cmd_relationships(args) -> int:
     import numpy as np
 
@@ -440,6 +456,7 @@ def cmd_relationships(args) -> int:
     reps = []
     if args.genes:
         g = read_h5ad(args.genes, "--genes")
+        _rename_legacy_keys(g, args)
         if not len(g.obsm.keys()):
             return _fail(f"--genes {args.genes}: no gene representation in .obsm; write one "
                          "with `txfm genes`")

@@ -573,9 +573,12 @@ def _sample_block(counts: sp.csr_matrix, b0: int, b1: int, obs, *, k: int, targe
 
 
 def gene_representations(model) -> dict[str, np.ndarray]:
-    """``{"codebook": [G, d-1], "decoder": [G, hidden]}`` float32 from a TxFM model (the
-    decoder ``[G, d]`` with ``decoder_depth=0``)."""
+    """``{"X_codebook": [G, d-1], "X_decoder": [G, hidden]}`` float32 from a TxFM model: the
+    encoder codebook and the decoder's last weight matrix, the paper's gene representations
+    (arXiv:2605.31562, evaluation; the decoder ``[G, d]`` with ``decoder_depth=0``)."""
     import torch
+
+    from .relationships import CODEBOOK_KEY, DECODER_KEY
 
     with torch.no_grad():
         codebook = model.tokenizer.codebook
@@ -584,4 +587,4 @@ def gene_representations(model) -> dict[str, np.ndarray]:
     if codebook.shape[0] != decoder.shape[0]:
         raise RuntimeError(f"codebook has {codebook.shape[0]} genes but the decoder "
                            f"{decoder.shape[0]}")
-    return {"codebook": codebook, "decoder": decoder}
+    return {CODEBOOK_KEY: codebook, DECODER_KEY: decoder}

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from txfm.cli import UsageError, error_message
+from txfm.files import write_atomic
 
 
 def read_10x(path: str | pathlib.Path):
@@ -71,9 +72,38 @@ def read_h5ad(path: str | pathlib.Path, option: str):
         if _is_10x_h5(path):
             raise UsageError(f"{option} {path}: is a 10x Cell Ranger .h5 file, not an .h5ad; "
                              f"give it its .h5 name") from exc
+        half = _sparse_float16(path)
+        if half:
+            raise UsageError(f"{option} {path}: {', '.join(half)} "
+                             f"{'stores' if len(half) == 1 else 'store'} float16 values in a "
+                             f"sparse matrix, which scipy.sparse (and so anndata) cannot load; "
+                             f"store them as float32 or integers (`txfm data convert` reads "
+                             f"such files as they are)") from exc
         raise UsageError(f"{option} {path}: cannot be read as .h5ad ({type(exc).__name__}: "
                          f"{error_message(exc)}); is the file complete (an interrupted copy?)"
                          ) from exc
+
+
+def _sparse_float16(path: pathlib.Path) -> list[str]:
+    """The sparse matrices of an ``.h5ad`` (``X``, ``raw/X``, ``layers``, ``obsm``...) whose
+    values are float16: anndata's reader fails on them, as scipy.sparse has no float16."""
+    import h5py
+
+    found = []
+
+    def visit(name, obj):
+        enc = obj.attrs.get("encoding-type", b"")
+        enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+        if (isinstance(obj, h5py.Group) and enc in ("csr_matrix", "csc_matrix")
+                and "data" in obj and obj["data"].dtype == np.float16):
+            found.append(name)
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except Exception:  # noqa: BLE001 - not HDF5, or damaged: the caller's message stands
+        return []
+    return found
 
 
 def _is_10x_h5(path: pathlib.Path) -> bool:
@@ -93,16 +123,11 @@ def write_h5ad(adata, out: str | pathlib.Path, option: str = "--out") -> pathlib
     out = pathlib.Path(out)
     if out.is_dir():
         raise UsageError(f"{option} {out}: is a folder; give an .h5ad file name")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        adata.write_h5ad(tmp)
-        os.replace(tmp, out)
+        write_atomic(out, adata.write_h5ad)
     except OSError as exc:
         raise UsageError(f"{option} {out}: cannot be written ({exc})") from exc
-    finally:
-        with contextlib.suppress(OSError):  # the real error (above) must not be hidden
-            tmp.unlink(missing_ok=True)
     return out
 
 

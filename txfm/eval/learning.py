@@ -285,7 +285,8 @@ def _gene_recall(runs: dict[str, pathlib.Path], demo, out: pathlib.Path, threads
               *quiet])
         rows = pd.read_csv(table / "relationships.csv")
         rows = rows[(rows["database"] == "combined") & rows["primary"].astype(bool)]
-        recall[name] = {r.representation: 100 * float(r.recall_5_95_mean)
+        # learning.json keeps the names it has always had: "codebook", "decoder"
+        recall[name] = {r.representation.removeprefix("X_"): 100 * float(r.recall_5_95_mean)
                         for r in rows.itertuples()}
     return recall
 

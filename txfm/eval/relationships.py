@@ -47,7 +47,11 @@ N_NULL = 20_000
 N_DRAWS = 3
 RANDOM_SEED = 42
 GMT_MAX_SIZE = 500
-DEFAULT_COMPONENTS = {"codebook": 32, "decoder": 256}
+# `txfm genes` keys: scanpy's X_ prefix for a representation of the observations (here genes)
+CODEBOOK_KEY, DECODER_KEY = "X_codebook", "X_decoder"
+# their names before 2026-12-02, still read from older genes.h5ad files and --n-components
+LEGACY_KEYS = {"codebook": CODEBOOK_KEY, "decoder": DECODER_KEY}
+DEFAULT_COMPONENTS = {CODEBOOK_KEY: 32, DECODER_KEY: 256}
 BASELINE_COMPONENTS = 1024
 # PCA loadings over more than 1 / LOADINGS_SHARE of the genes are warned about: standardised,
 # loadings of most of the spectrum are nearly orthogonal and the recall falls towards random

@@ -6,9 +6,10 @@ Layout of a run folder ``RUN``::
     RUN/checkpoints/step_00000200.pt    every ckpt_every steps and at the end (last N kept)
     RUN/metrics.csv, RUN/loss.png       see txfm.train.metrics
 
-A checkpoint is written to ``step_XXXXXXXX.pt.tmp``, flushed and fsynced, then renamed onto its
-final name (``os.replace`` is atomic on POSIX), so a crash leaves either the old set of
-checkpoints or the new one, never a half-written file under a final name. A file damaged
+A checkpoint is written to a hidden temporary file beside it, fsynced, then renamed onto its
+final name (:func:`txfm.files.write_atomic`; ``os.replace`` is atomic on POSIX), so a crash
+leaves either the old set of checkpoints or the new one, never a half-written file under a
+final name. A file damaged
 afterwards (truncated copy, full disk) fails to load with :class:`CheckpointError` naming it;
 :func:`latest_checkpoint` then falls back to the newest older one that loads, saying so. A
 resumed run sets such a file aside as ``step_XXXXXXXX.pt.corrupt`` (:func:`set_aside`): it no
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from txfm.devices import device_problem, parse_device
+from txfm.files import write_atomic
 
 FORMAT = "txfm-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -106,20 +108,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp: pathlib.Path) -> None:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        write_atomic(path, write, durable=True)
     except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
         raise CheckpointError(f"{path}: cannot be written ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else exc}); free space or "
                               f"choose another --out, then --resume from the last checkpoint"
                               ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     # Files of later steps are unreadable ones a resume skipped (it takes the newest readable
     # one): they do not count toward ``keep``, or a good older checkpoint would go in their

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pathlib
 
+from txfm.files import write_atomic
+
 from .metrics import read_metrics
 
 
 def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
                 title: str | None = None) -> pathlib.Path:
     """Training loss (per logged step) and validation loss against step; returns ``out_png``."""
-    import os
-
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     rows = read_metrics(metrics_csv)
@@ -59,10 +59,5 @@ def plot_losses(metrics_csv: str | pathlib.Path, out_png: str | pathlib.Path,
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = pathlib.Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    try:  # a reader (an image viewer, a notebook) never sees half a file
-        fig.savefig(tmp)
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out_png, fig.savefig)  # an image viewer or notebook never sees half a file
     return out_png

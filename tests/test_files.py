@@ -1,0 +1,40 @@
+"""``txfm.files``: the one atomic writer every command uses, and the undo of made folders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from txfm.files import missing_folders, remove_made_folders, write_atomic
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_writers_that_choose_the_format_by_the_suffix_write_the_file_itself(tmp_path, durable):
+    # np.savez adds ".npz" to a name without it: the temporary name must keep the suffix
+    path = tmp_path / "stats.npz"
+    write_atomic(path, lambda tmp: np.savez(tmp, a=np.arange(3)), durable=durable)
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["a"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, broken)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_made_folders_are_taken_back_unless_another_writer_filled_them(tmp_path):
+    made = missing_folders(tmp_path / "a" / "b" / "c")
+    assert made == [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "other.txt").write_text("kept")
+    remove_made_folders(made)
+    assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "other.txt").exists()
