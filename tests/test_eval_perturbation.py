@@ -111,6 +111,38 @@ def test_lisi_matches_the_per_cell_reference_and_its_extremes():
     assert lisi(separated, groups, perplexity=10).mean() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_each_perturbation_s_share_of_the_scores_adds_up_to_them():
+    # three perturbations move along their own direction, the others are noise: the table
+    # must name those three as the retrieved and consistent ones, and its rows, weighted by
+    # the held-out cells, must give back the benchmark's own numbers
+    from txfm.eval.perturbation import perturbation_table
+
+    labels, rng = _labels(n_perts=8, cells=30, batches=3)
+    x = rng.normal(size=(len(labels.pert), 16))
+    planted = {"G1", "G3", "G5"}
+    for name in planted:
+        x[labels.pert == np.flatnonzero(labels.pert_names == name)[0]] += rng.normal(size=16) * 3
+    options = BenchmarkOptions(metrics=("pcst", "lin", "knn"), postprocessing=("none",),
+                               pcst_null_draws=500)
+    per = {}
+    row = evaluate_embedding(x, labels, options=options, by_perturbation=per).iloc[0]
+    table = per["none"]
+    assert list(table.perturbation) == [f"G{i}" for i in range(8)]  # the control left out
+    assert (table.n_cells == 30).all()
+    for metric in ("lin_top1", "lin_top5", "knn_top1", "knn_top5"):
+        assert np.average(table[metric], weights=table.n_cells) == pytest.approx(row[metric])
+    assert 100 * table.consistent.mean() == pytest.approx(row["pcst"])
+    assert set(table.perturbation[table.consistent.astype(bool)]) == planted
+    hits = table.set_index("perturbation")
+    assert hits.loc[sorted(planted), "knn_top1"].min() > 90
+    assert hits.drop(sorted(planted))["knn_top1"].max() < 60
+    # the same numbers as the metric functions called on their own
+    assert row["knn_top1"] == pytest.approx(knn_retrieval(x, labels)["knn_top1"])
+    assert row["lin_top1"] == pytest.approx(linear_probe(x, labels)["lin_top1"])
+    # a perturbation with no held-out cell, and metrics not computed, read as missing
+    assert perturbation_table(labels).drop(columns=["perturbation", "n_cells"]).isna().all().all()
+
+
 def test_knn_matches_a_brute_force_weighted_vote():
     labels, rng = _labels(n_perts=5, cells=12, batches=3)
     x = rng.normal(size=(len(labels.pert), 6))
@@ -435,7 +467,11 @@ def test_cli_outputs_are_whole_and_metrics_checked_before_work(synth, tmp_path, 
     table = pd.read_csv(tmp_path / "o" / "perturbation_all.csv")
     assert sorted(table.embedding) == ["X_$\\badcmd$", "X_sparse"]  # once each, none,none
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "perturbation.csv", "perturbation.png", "perturbation_all.csv"]  # no scratch left
+        "perturbation.csv", "perturbation.png", "perturbation_all.csv",
+        "perturbation_by_target.csv"]  # no scratch left
+    by_target = pd.read_csv(tmp_path / "o" / "perturbation_by_target.csv")
+    assert sorted(set(by_target.embedding)) == ["X_$\\badcmd$", "X_sparse"]
+    assert by_target.pcst_p_value.isna().all()  # p.cst was not asked for
 
 
 def test_cli_warns_on_normalised_counts_once_as_one_line(synth, tmp_path, capsys):

@@ -740,25 +740,32 @@ def cmd_perturbation(args) -> int:
     symbols = gene_symbols(labels.pert_names, table=table)
     options = BenchmarkOptions(metrics=metrics, postprocessing=post, min_cells=args.min_cells,
                                pcst_null_draws=args.pcst_null_draws, seed=args.seed)
-    tables = []
+    tables, targets = [], []
     for name, x in tqdm(embeddings.items(), desc="perturbation benchmark", unit="embedding",
                         disable=args.no_progress):
+        per = {}
         try:
-            t = evaluate_embedding(x, labels, dbs, symbols=symbols, options=options)
+            t = evaluate_embedding(x, labels, dbs, symbols=symbols, options=options,
+                                   by_perturbation=per)
         except ValueError as err:
             return _fail(f"{name}: {err}")
         t.insert(0, "embedding", name)
         t.insert(1, "dims", x.shape[1])
         tables.append(t)
+        for method, p in per.items():
+            targets.append(p.assign(embedding=name, postprocess=method)
+                           [["embedding", "postprocess", *p.columns]])
     full = pd.concat(tables, ignore_index=True)
     best = best_rows(full)
     if dbs and "bmdb_pairs" in full and not (full["bmdb_pairs"] > 0).any():
         print(f"warning: bmdb undefined: no annotated pair of --db joins two of the "
               f"{n_perts} perturbation targets (if the labels are Ensembl ids, --gene-table "
               f"maps them to symbols)", file=sys.stderr)
-    with staged_outputs(out) as tmp:  # all three files, or none, replace the last run's
+    with staged_outputs(out) as tmp:  # all four files, or none, replace the last run's
         full.to_csv(tmp / "perturbation_all.csv", index=False)
         best.to_csv(tmp / "perturbation.csv", index=False)
+        pd.concat(targets, ignore_index=True).to_csv(tmp / "perturbation_by_target.csv",
+                                                     index=False)
         plot_perturbation_metrics(best, tmp / "perturbation.png")
     shown = [c for c in ("embedding", "dims", "postprocess", "pcst", "lin_top1", "lin_top5",
                          "knn_top1", "knn_top5", "bmdb", "ilisi", "average") if c in best.columns]
@@ -766,5 +773,6 @@ def cmd_perturbation(args) -> int:
           "embedding:\n")
     print(markdown_table(best[shown]))
     print(f"\nwrote {out}/perturbation.csv (best), perturbation_all.csv (every "
-          "post-processing), perturbation.png")
+          "post-processing), perturbation_by_target.csv (each perturbation's share of the "
+          "scores), perturbation.png")
     return 0

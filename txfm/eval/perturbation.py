@@ -67,6 +67,12 @@ PCST_ALPHA = 0.01
 MIN_CELLS = 5
 KNN_K = 20
 KNN_T = 0.07
+# the probe: L2-regularised logistic regression on standardised features, a probe and not a
+# model to tune (few iterations, loose tolerance), on a random subset of large training folds
+PROBE_C = 1.0
+PROBE_MAX_ITER = 200
+PROBE_TOL = 1e-3
+PROBE_MAX_TRAIN_CELLS = 20_000
 LISI_PERPLEXITY = 30
 LISI_MAX_CELLS = 10_000
 LISI_PCS = 50
@@ -344,8 +350,8 @@ def _topk_hits(scores: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
 
 
 def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False,
-                 max_train_cells: int = 20_000, max_iter: int = 200, tol: float = 1e-3,
-                 C: float = 1.0, seed: int = 0) -> dict:
+                 max_train_cells: int = PROBE_MAX_TRAIN_CELLS, max_iter: int = PROBE_MAX_ITER,
+                 tol: float = PROBE_TOL, C: float = PROBE_C, seed: int = 0) -> dict:
     """Logistic-regression probe of the perturbation labels from ``x [n, d]`` (one row per
     cell of ``labels``, any float dtype; :func:`check_embedding`): trained on some batches,
     tested on the others (each batch held out once; controls left out unless
@@ -354,13 +360,25 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
     Raises:
         ValueError: a bad ``x``; no test cell whose perturbation occurs in the training batches.
     """
+    _, hit1, hit5 = _probe_hits(x, labels, include_control=include_control,
+                                max_train_cells=max_train_cells, max_iter=max_iter, tol=tol, C=C,
+                                seed=seed)
+    return {"lin_top1": 100.0 * hit1.mean(), "lin_top5": 100.0 * hit5.mean()}
+
+
+def _probe_hits(x: np.ndarray, labels: Labels, *, include_control: bool = False,
+                max_train_cells: int = PROBE_MAX_TRAIN_CELLS, max_iter: int = PROBE_MAX_ITER,
+                tol: float = PROBE_TOL, C: float = PROBE_C, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`linear_probe` cell by cell: ``(rows, top-1 hits, top-5 hits)``, the rows of the
+    test cells of every fold and each one's expected hit in [0, 1]."""
     x = check_embedding(x, labels)
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     keep = np.ones(len(labels.pert), bool) if include_control else labels.pert != labels.control
-    hit1 = hit5 = total = 0
+    rows, hit1, hit5 = [], [], []
     rng = np.random.default_rng(seed)
     for train, test in _folds(labels, keep, seed):
         train_classes = np.unique(labels.pert[train])
@@ -379,13 +397,13 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
         proba = clf.predict_proba(scaler.transform(x[test]).astype(np.float32))
         truth = np.searchsorted(clf.classes_, labels.pert[test])
         proba = proba + 1e-12  # a true class with probability 0 still ranks
-        hit1 += float(_topk_hits(proba, truth, 1).sum())
-        hit5 += float(_topk_hits(proba, truth, 5).sum())
-        total += len(test)
-    if total == 0:
+        rows.append(test)
+        hit1.append(_topk_hits(proba, truth, 1))
+        hit5.append(_topk_hits(proba, truth, 5))
+    if not rows:
         raise ValueError("linear probe: no test cell whose perturbation also occurs in the "
                          "training batches")
-    return {"lin_top1": 100.0 * hit1 / total, "lin_top5": 100.0 * hit5 / total}
+    return np.concatenate(rows), np.concatenate(hit1), np.concatenate(hit5)
 
 
 def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
@@ -398,6 +416,16 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
     Raises:
         ValueError: a bad ``x``.
     """
+    _, hit1, hit5 = _knn_hits(x, labels, k=k, temperature=temperature,
+                              include_control=include_control, seed=seed)
+    return {"knn_top1": 100.0 * hit1.mean(), "knn_top5": 100.0 * hit5.mean()}
+
+
+def _knn_hits(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
+              include_control: bool = False, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`knn_retrieval` cell by cell: ``(rows, top-1 hits, top-5 hits)``, the rows of the
+    query cells of every fold and each one's expected hit in [0, 1]."""
     x = check_embedding(x, labels)
     from sklearn.neighbors import NearestNeighbors
 
@@ -407,7 +435,7 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
     # scikit-learn finds with a float32 GEMM: ~4x faster than its metric="cosine" path.
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     unit = (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
-    hit1 = hit5 = total = 0
+    rows, hit1, hit5 = [], [], []
     rng = np.random.default_rng(seed)
     for ref, query in _folds(labels, keep, seed):
         # scikit-learn breaks distance ties by row order: in a seeded random order of the
@@ -426,12 +454,12 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
         scores = np.bincount(flat, weights=w.ravel(), minlength=len(query) * n_classes) \
             .reshape(len(query), n_classes)
         truth = labels.pert[query]
-        hit1 += float(_topk_hits(scores, truth, 1).sum())
-        hit5 += float(_topk_hits(scores, truth, 5).sum())
-        total += len(query)
-    if total == 0:
+        rows.append(query)
+        hit1.append(_topk_hits(scores, truth, 1))
+        hit5.append(_topk_hits(scores, truth, 5))
+    if not rows:
         raise ValueError("knn: nothing to retrieve (no non-control cells in two batches)")
-    return {"knn_top1": 100.0 * hit1 / total, "knn_top5": 100.0 * hit5 / total}
+    return np.concatenate(rows), np.concatenate(hit1), np.concatenate(hit5)
 
 
 # ----------------------------------------------------------------------------- bmdb
@@ -592,8 +620,14 @@ AVERAGE_OF = ("pcst", "lin_top1", "lin_top5", "knn_top1", "knn_top5", "bmdb", "i
 
 def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
                        symbols: np.ndarray | None = None,
-                       options: BenchmarkOptions | None = None) -> pd.DataFrame:
-    """Every metric under every post-processing for one embedding; one row per method."""
+                       options: BenchmarkOptions | None = None,
+                       by_perturbation: dict | None = None) -> pd.DataFrame:
+    """Every metric under every post-processing for one embedding; one row per method.
+
+    ``by_perturbation``: a dict that receives, for each post-processing, the
+    :func:`perturbation_table` of the same run (which perturbations the embedding retrieves;
+    the metrics are computed once for both).
+    """
     options = options or BenchmarkOptions()
     x = check_embedding(x, labels)
     rows = []
@@ -604,14 +638,19 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
         except ValueError as err:
             warnings.warn(f"post-processing {method} skipped: {err}", stacklevel=2)
             continue
+        pcst = lin = knn = None
         if "pcst" in options.metrics:
-            row["pcst"], _ = perturbation_consistency(
+            row["pcst"], pcst = perturbation_consistency(
                 y, labels, n_pcs=options.pcst_pcs, null_cells=options.pcst_null_cells,
                 n_null=options.pcst_null_draws, min_cells=options.min_cells, seed=options.seed)
         if "lin" in options.metrics:
-            row.update(linear_probe(y, labels, seed=options.seed))
+            lin = _probe_hits(y, labels, seed=options.seed)
+            row.update(lin_top1=100.0 * lin[1].mean(), lin_top5=100.0 * lin[2].mean())
         if "knn" in options.metrics:
-            row.update(knn_retrieval(y, labels, k=options.knn_k, seed=options.seed))
+            knn = _knn_hits(y, labels, k=options.knn_k, seed=options.seed)
+            row.update(knn_top1=100.0 * knn[1].mean(), knn_top5=100.0 * knn[2].mean())
+        if by_perturbation is not None:
+            by_perturbation[method] = perturbation_table(labels, pcst=pcst, lin=lin, knn=knn)
         if "bmdb" in options.metrics and databases:
             row.update(perturbation_relationship_recall(y, labels, databases, symbols=symbols))
         if "ilisi" in options.metrics:
@@ -623,6 +662,41 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
     if not rows:
         raise ValueError("every post-processing failed; see the warnings above")
     return pd.DataFrame(rows)
+
+
+def perturbation_table(labels: Labels, *, pcst: pd.DataFrame | None = None,
+                       lin: tuple | None = None, knn: tuple | None = None) -> pd.DataFrame:
+    """One row per perturbation (the control left out), in label order: ``perturbation``,
+    ``n_cells``; ``lin_top1``, ``lin_top5``, ``knn_top1``, ``knn_top5`` (%, over that
+    perturbation's held-out cells; NaN where it has none, or the metric was not computed);
+    ``pcst_p_value`` and ``consistent`` (:func:`perturbation_consistency`'s table; NaN and
+    missing for a perturbation with fewer than ``min_cells`` cells). ``lin`` and ``knn`` are
+    the ``(rows, top-1 hits, top-5 hits)`` of the probe and the retrieval. Each metric of the
+    benchmark is the mean of its column weighted by the held-out cells (p.cst: the share of
+    ``consistent``), so the table says which perturbations make up a score."""
+    perts = np.array([p for p in range(len(labels.pert_names)) if p != labels.control],
+                     dtype=np.int64)
+    names = labels.pert_names[perts]
+    out = pd.DataFrame({"perturbation": names,
+                        "n_cells": np.bincount(labels.pert, minlength=len(labels.pert_names))
+                        [perts]})
+    for metric, hits in (("lin", lin), ("knn", knn)):
+        for j, k in ((1, 1), (2, 5)):
+            col = np.full(len(perts), np.nan)
+            if hits is not None:
+                code = labels.pert[hits[0]]
+                n = np.bincount(code, minlength=len(labels.pert_names))[perts]
+                got = np.bincount(code, weights=hits[j], minlength=len(labels.pert_names))[perts]
+                col = np.where(n > 0, 100.0 * got / np.maximum(n, 1), np.nan)
+            out[f"{metric}_top{k}"] = col
+    out["pcst_p_value"] = np.nan
+    out["consistent"] = pd.array([pd.NA] * len(perts), dtype="boolean")
+    if pcst is not None and len(pcst):
+        where = pd.Series(np.arange(len(perts)), index=names)
+        at = where.loc[pcst["perturbation"].to_numpy()].to_numpy()
+        out.loc[at, "pcst_p_value"] = pcst["p_value"].to_numpy()
+        out.loc[at, "consistent"] = pcst["consistent"].to_numpy(dtype=bool)
+    return out
 
 
 def best_rows(table: pd.DataFrame) -> pd.DataFrame:
