@@ -449,7 +449,9 @@ def test_every_numeric_value_dtype_converts_exactly(tmp_path, capsys, layout, dt
     warned = [line for line in err.splitlines()
               if line.startswith("warning:") and "X is CSC" not in line]
     assert warned == ([f"warning: {path}: every count is 0 or 1 (binarised data?): TxFM learns "
-                       f"from raw UMI counts; give those (--layer, --raw or --counts)"]
+                       f"from raw UMI counts. If the file keeps its raw counts in .raw or a "
+                       f"layer, pass --raw or --layer NAME (this input alone: --counts d=raw "
+                       f"or =layers/NAME)"]
                       if dtype == "bool" else []), err
 
 
@@ -471,6 +473,33 @@ def test_counts_that_are_not_numbers_are_refused(tmp_path, capsys):
     rc, err = convert_cli(capsys, [path], tmp_path / "out")
     assert_refused(rc, err, str(path), "X holds complex64 values, not numbers")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("values", ["fractional", "binary", "strings"])
+def test_a_10x_h5_is_not_told_to_pick_a_layer_it_cannot_have(tmp_path, capsys, values):
+    # --raw, --layer and --counts choose among an .h5ad's matrices; a 10x file has one
+    x = np.random.default_rng(3).poisson(2.0, (30, 8)) + 1.0
+    path = tmp_path / "m.h5"
+    write_v3_h5(path, x, ["GRCh38"] * 8)
+    with h5py.File(path, "a") as f:
+        d = f["matrix/data"][:].astype(np.float64)
+        del f["matrix/data"]
+        f["matrix/data"] = {"fractional": d + 0.5, "binary": np.ones_like(d),
+                            "strings": d.astype("S8")}[values]
+    rc, err = convert_cli(capsys, [path], tmp_path / "out")
+    said = [line for line in err.splitlines() if line.startswith(("error:", "warning:"))]
+    assert len(said) == 1 and str(path) in said[0], err
+    assert not any(o in said[0] for o in ("--raw", "--layer", "--counts")), said[0]
+    if values == "binary":
+        assert rc == 0 and "A 10x matrix holds Cell Ranger's raw UMI counts" in said[0]
+    else:
+        assert_refused(rc, err, {"fractional": "A 10x matrix holds Cell Ranger's raw UMI counts",
+                                 "strings": "holds |S8 values, not numbers"}[values])
+    if values == "strings":  # the readers of txfm embed say it the same way, once
+        rc, err = cli(capsys, "eval", "perturbation", "--embeddings", path,
+                      "--perturbation-key", "p")
+        assert_refused(rc, err, f"error: --input {path}: /matrix/data holds |S8 values"
+                       .replace("--input", "--embeddings"))
 
 
 def test_a_float16_sparse_h5ad_is_named_by_the_anndata_readers(tmp_path, capsys):

@@ -189,14 +189,15 @@ def test_genes_and_both_evaluations_on_the_trained_model(trained, capsys):
     assert rc == 0
     old_rel = pd.read_csv(root / "rel_old" / "relationships_summary.csv")
     assert list(old_rel.representation) == ["X_codebook"] and list(old_rel.PCs) == [8]
-    # N alone sets the representations without a default; the renamed ones keep theirs (32 and
-    # 256, capped by their 31 and 48 dims), where unrenamed keys would have taken 4
+    # N alone sets all, KEY=N (by either name) wins over it; a key named twice, once by each
+    # name, is scored once
     rc = main(["eval", "relationships", "--genes", str(root / "genes_old.h5ad"), "--db",
-               str(synth.relationships), "--n-components", "4", "--null-pairs", "3000",
-               "--out", str(root / "rel_old4"), "--no-progress"])
+               str(synth.relationships), "--n-components", "4", "--n-components", "decoder=6",
+               "--key", "codebook", "--key", "X_codebook", "--key", "X_decoder",
+               "--null-pairs", "3000", "--out", str(root / "rel_old4"), "--no-progress"])
     assert rc == 0
     old_rel = pd.read_csv(root / "rel_old4" / "relationships_summary.csv")
-    assert dict(zip(old_rel.representation, old_rel.PCs)) == {"X_codebook": 31, "X_decoder": 48}
+    assert list(zip(old_rel.representation, old_rel.PCs)) == [("X_codebook", 4), ("X_decoder", 6)]
 
 
 @pytest.mark.filterwarnings("ignore:.*entries are not grouped by cell")

@@ -60,6 +60,17 @@ def test_pcst_separates_consistent_from_random_perturbations():
     assert table.p_value.between(1 / 501, 1).all()
 
 
+def test_pcst_leaves_out_a_perturbation_of_one_cell_whatever_min_cells_says():
+    labels, rng = _labels(n_perts=4, cells=20)
+    pert = labels.pert_names[labels.pert].astype(object)
+    pert[0] = "G_single"  # one cell: nothing to compare it with
+    labels = Labels.build(pert, "non-targeting", labels.batch_names[labels.batch])
+    x = rng.normal(size=(len(pert), 8))
+    with pytest.warns(UserWarning, match=r"1 perturbations with < 2 cells left out: \['G_single'\]"):
+        _, table = perturbation_consistency(x, labels, n_null=200, min_cells=1)
+    assert "G_single" not in set(table.perturbation) and len(table) == 4
+
+
 def test_pcst_is_calibrated_under_the_null():
     labels, rng = _labels(n_perts=40, cells=15, ctrl_cells=80)
     score, table = perturbation_consistency(rng.normal(size=(len(labels.pert), 12)), labels,
@@ -129,8 +140,10 @@ def test_each_perturbation_s_share_of_the_scores_adds_up_to_them():
     table = per["none"]
     assert list(table.perturbation) == [f"G{i}" for i in range(8)]  # the control left out
     assert (table.n_cells == 30).all()
+    assert (table.lin_cells == 30).all() and (table.knn_cells == 30).all()  # each batch held out
     for metric in ("lin_top1", "lin_top5", "knn_top1", "knn_top5"):
-        assert np.average(table[metric], weights=table.n_cells) == pytest.approx(row[metric])
+        weights = table[f"{metric[:3]}_cells"]
+        assert np.average(table[metric], weights=weights) == pytest.approx(row[metric])
     assert 100 * table.consistent.mean() == pytest.approx(row["pcst"])
     assert set(table.perturbation[table.consistent.astype(bool)]) == planted
     hits = table.set_index("perturbation")
@@ -139,8 +152,21 @@ def test_each_perturbation_s_share_of_the_scores_adds_up_to_them():
     # the same numbers as the metric functions called on their own
     assert row["knn_top1"] == pytest.approx(knn_retrieval(x, labels)["knn_top1"])
     assert row["lin_top1"] == pytest.approx(linear_probe(x, labels)["lin_top1"])
-    # a perturbation with no held-out cell, and metrics not computed, read as missing
-    assert perturbation_table(labels).drop(columns=["perturbation", "n_cells"]).isna().all().all()
+    # without batches (one random 80/20 split) the held-out cells weigh the rows, not n_cells
+    flat = Labels.build(labels.pert_names[labels.pert], "non-targeting")
+    per = {}
+    row = evaluate_embedding(x, flat, options=options, by_perturbation=per).iloc[0]
+    table = per["none"]
+    assert table.lin_cells.sum() < 0.35 * table.n_cells.sum()
+    for metric in ("lin_top1", "lin_top5", "knn_top1", "knn_top5"):
+        scored = table[f"{metric[:3]}_cells"] > 0
+        assert np.average(table[metric][scored], weights=table[f"{metric[:3]}_cells"][scored]) \
+            == pytest.approx(row[metric])
+    # metrics not computed read as missing, and as no cell scored
+    empty = perturbation_table(labels)
+    assert (empty[["lin_cells", "knn_cells"]] == 0).all().all()
+    assert empty.drop(columns=["perturbation", "n_cells", "lin_cells", "knn_cells"]) \
+        .isna().all().all()
 
 
 def test_knn_matches_a_brute_force_weighted_vote():

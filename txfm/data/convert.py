@@ -53,7 +53,7 @@ from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, LOCK
 from .manifest import Manifest
 from .obs import ObsTables
 from .stats import GeneStats
-from .readers import ENSEMBL_RE, InputError, InputReader, input_name, open_input
+from .readers import ENSEMBL_RE, H5adReader, InputError, InputReader, input_name, open_input
 from .vocab import (Vocabulary, dataset_keys, read_gene_table, symbol_to_id_map,
                     union_vocabulary)
 
@@ -149,6 +149,15 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
 
 
 # --------------------------------------------------------------------------- chunk ops
+def _where_raw_counts(ds: _Dataset) -> str:
+    """Where an input's raw counts may be, for messages: an .h5ad may keep them in ``.raw``
+    or a layer (--raw, --layer, --counts choose them); a 10x matrix holds only its own."""
+    if isinstance(ds.reader, H5adReader):
+        return (f"If the file keeps its raw counts in .raw or a layer, pass --raw or --layer "
+                f"NAME (this input alone: --counts {ds.name}=raw or =layers/NAME)")
+    return "A 10x matrix holds Cell Ranger's raw UMI counts: is this one a rewritten copy?"
+
+
 def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_integer: bool) -> bool:
     """Raise on non-finite / negative / (unless allowed) non-integer counts; True if integral."""
     d = m.data
@@ -178,10 +187,8 @@ def _check_counts(ds: _Dataset, first_row: int, m: sp.csr_matrix, allow_non_inte
         if bad.any():
             if not allow_non_integer:
                 raise InputError(f"{ds.reader.path}: non-integer counts {where(bad)}; raw integer "
-                                 f"counts expected, not normalised or log data. If the file keeps "
-                                 f"its raw counts in .raw or a layer, pass --raw or --layer NAME "
-                                 f"(this input alone: --counts {ds.name}=raw or "
-                                 f"=layers/NAME); only for TPM-like bulk data pass "
+                                 f"counts expected, not normalised or log data. "
+                                 f"{_where_raw_counts(ds)}; only for TPM-like bulk data pass "
                                  f"--allow-non-integer (stored as float32)")
             return False
     return True
@@ -536,8 +543,7 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
         max_count = max(max_count, float(st["max_count"]))
         if 0 < float(st["max_count"]) <= 1:
             warnings.warn(f"{ds.reader.path}: every count is 0 or 1 (binarised data?): TxFM "
-                          f"learns from raw UMI counts; give those (--layer, --raw or --counts)",
-                          stacklevel=2)
+                          f"learns from raw UMI counts. {_where_raw_counts(ds)}", stacklevel=2)
         sc = ds.kind == "single-cell"
         ds.gene_keep = ds.in_vocab & ((st["gene_cells"] >= min_cells) if sc else True)
         if not ds.gene_keep.any():

@@ -112,8 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("--key", action="append", default=None,
                    help="obsm key(s) of --genes to evaluate (default: all)")
     p.add_argument("--n-components", action="append", default=None,
-                   help="PCA components, KEY=N or N for all (default codebook=32, decoder=256, "
-                        "others and baselines 1024); capped by min(genes, dims)")
+                   help="PCA components, KEY=N or N for all (default X_codebook=32, "
+                        "X_decoder=256, others and baselines 1024); capped by min(genes, dims)")
     p.add_argument("--gene-table", default=None, help="map Ensembl ids to symbols")
     p.add_argument("--counts", default=None,
                    help="training-like counts (.h5ad/10x) for the PCA-loadings baseline")
@@ -231,6 +231,16 @@ def _with_threads(func):
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+def _add_rows(embeddings: dict, rows: dict, option: str) -> None:
+    """Add baseline rows to the embeddings to score; one named like an ``.obsm`` entry would
+    replace it unseen, so that is refused."""
+    clash = sorted(set(rows) & set(embeddings))
+    if clash:
+        raise UsageError(f"--obsm-key {clash[0]}: .obsm[{clash[0]!r}] has the name of a baseline "
+                         f"row ({option}); rename the .obsm entry or leave that baseline out")
+    embeddings.update(rows)
 
 
 def _obsm_matrix(value, dtype):
@@ -351,19 +361,26 @@ def cmd_genes(args) -> int:
 # ----------------------------------------------------------------------------- relationships
 
 def _components_map(values) -> tuple[dict, int | None]:
-    from .relationships import DEFAULT_COMPONENTS, LEGACY_KEYS
-
-    out, default = dict(DEFAULT_COMPONENTS), None
+    """``--n-components``: ``({KEY: N} as given, the N given for all or None)``."""
+    out, default = {}, None
     for v in values or []:
         key, _, n = v.rpartition("=")
         if not n.isdigit() or int(n) < 1 or (_ and not key):
             raise UsageError(f"--n-components {v}: use N or KEY=N with N >= 1 (e.g. "
                              f"X_codebook=32)")
         if key:
-            out[LEGACY_KEYS.get(key, key)] = int(n)
+            out[key] = int(n)
         else:
             default = int(n)
     return out, default
+
+
+def _components_of(key: str, given: dict, default: int | None) -> int:
+    """A representation's PCA components: its own ``KEY=N``, else the ``N`` given for all, else
+    the paper's choice for the model's two (32, 256), else that of the baselines (1024)."""
+    from .relationships import BASELINE_COMPONENTS, DEFAULT_COMPONENTS
+
+    return given.get(key, default or DEFAULT_COMPONENTS.get(key, BASELINE_COMPONENTS))
 
 
 def _recall_summary(table):
@@ -404,18 +421,19 @@ def _with_spread(summary):
     return out
 
 
-def _rename_legacy_keys(genes, args) -> None:
+def _rename_legacy_keys(genes) -> dict[str, str]:
     """A ``genes.h5ad`` written by ``txfm genes`` before its keys took scanpy's ``X_`` prefix
-    (``codebook``, ``decoder``) is read under today's names, and so is ``--key codebook``."""
+    (``codebook``, ``decoder``) is read under today's names. Returns ``{old: new}`` for every
+    old name that now stands for a new key of the file (renamed, or a file written since), by
+    which ``--key`` and ``--n-components`` may still name it; a file that holds both names
+    keeps both, each under its own."""
     from .relationships import LEGACY_KEYS
 
-    if "txfm_genes" not in genes.uns:
-        return
     for old, new in LEGACY_KEYS.items():
         if old in genes.obsm and new not in genes.obsm:
             genes.obsm[new] = genes.obsm.pop(old)
-    if args.key:
-        args.key = [LEGACY_KEYS.get(k, k) if k not in genes.obsm else k for k in args.key]
+    return {old: new for old, new in LEGACY_KEYS.items()
+            if old not in genes.obsm and new in genes.obsm}
 
 
 def cmd_relationships(args) -> int:
@@ -426,7 +444,6 @@ def cmd_relationships(args) -> int:
     from .io import counts_matrix, read_cells, read_h5ad, staged_outputs
     from .plots import markdown_table, plot_recall_by_database, plot_recall_vs_components
     from .relationships import (
-        BASELINE_COMPONENTS,
         DEFAULT_COMPONENTS,
         LOADINGS_SHARE,
         RANDOM_RECALL,
@@ -456,11 +473,14 @@ def cmd_relationships(args) -> int:
     reps = []
     if args.genes:
         g = read_h5ad(args.genes, "--genes")
-        _rename_legacy_keys(g, args)
+        renamed = _rename_legacy_keys(g)
+        # later wins, as for one name given twice: codebook=16 then X_codebook=8 gives 8
+        comps = {renamed.get(k, k): n for k, n in comps.items()}
         if not len(g.obsm.keys()):
             return _fail(f"--genes {args.genes}: no gene representation in .obsm; write one "
                          "with `txfm genes`")
-        keys = list(args.key or g.obsm.keys())
+        # each once, in the order given: a key named twice (or by its old and new names)
+        keys = list(dict.fromkeys(renamed.get(k, k) for k in (args.key or g.obsm.keys())))
         missing = [k for k in keys if k not in g.obsm]
         if missing:
             return _fail(f"--key {','.join(missing)}: not in .obsm of {args.genes} (it has "
@@ -474,8 +494,7 @@ def cmd_relationships(args) -> int:
                     return _fail(f"--key {k}: .obsm[{k!r}] of {args.genes} {why}")
                 print(f"warning: skipping .obsm[{k!r}] of {args.genes}: it {why}", file=sys.stderr)
                 continue
-            n = comps.get(k, default_c or BASELINE_COMPONENTS)
-            reps.append(GeneRepresentation(k, x, syms, n))
+            reps.append(GeneRepresentation(k, x, syms, _components_of(k, comps, default_c)))
         if not reps:
             return _fail(f"--genes {args.genes}: no .obsm entry is a finite numeric matrix")
     if args.counts:
@@ -485,7 +504,7 @@ def cmd_relationships(args) -> int:
             rows = np.sort(np.random.default_rng(args.seed).choice(c.n_obs, args.counts_max_cells,
                                                                     replace=False))
             x = x[rows]
-        n = comps.get("pca_loadings", default_c or BASELINE_COMPONENTS)
+        n = _components_of("pca_loadings", comps, default_c)
         try:
             loadings, kept = pca_gene_loadings(x, n, seed=args.seed)
         except ValueError as err:
@@ -693,11 +712,13 @@ def cmd_perturbation(args) -> int:
           f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
           f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
 
-    keys = list(args.obsm_key or [k for k in adata.obsm.keys() if k.startswith("X_")])
+    keys = list(dict.fromkeys(args.obsm_key or [k for k in adata.obsm.keys()
+                                                if k.startswith("X_")]))
     missing = [k for k in keys if k not in adata.obsm]
     if missing:
         return _fail(f"--obsm-key {','.join(missing)}: not in .obsm of {args.embeddings} (it "
                      f"has {list(adata.obsm.keys())})")
+    _add_rows({k: None for k in keys}, dict.fromkeys(base_names), "--baselines")  # before work
     embeddings = {}
     for k in list(keys):
         x, why = _obsm_matrix(adata.obsm[k], np.float32)
@@ -722,10 +743,11 @@ def cmd_perturbation(args) -> int:
             return _fail(f"--baselines {args.baselines}: {err}")
         for n in notes:
             report(n)
-        embeddings.update(base)
+        _add_rows(embeddings, base, "--baselines")
     if args.fit_on or args.oracle_k:
         try:
-            embeddings.update(_corpus_and_oracle_rows(args, adata, base_names, table))
+            _add_rows(embeddings, _corpus_and_oracle_rows(args, adata, base_names, table),
+                      "--fit-on" if args.fit_on else "--oracle-k")
         except UsageError:  # names its option and file already
             raise
         except (ValueError, MemoryError) as err:

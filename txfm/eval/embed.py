@@ -518,8 +518,8 @@ def embed_anndata(adata, checkpoint, *, key: str = "X_txfm", layer: str | None =
                       f"than the K={config.k} it was shown per cell in training: the embeddings "
                       f"see less of each cell than the model expects", stacklevel=2)
     if counts.nnz and float(counts.data.max()) <= 1.0:
-        warnings.warn("every count is 0 or 1 (binarised data?): the model expects raw UMI "
-                      "counts", stacklevel=2)
+        warnings.warn(f"{source}: every count is 0 or 1 (binarised data?): the model expects "
+                      f"raw UMI counts", stacklevel=2)
     # more shown genes than in training give better embeddings (docs/learning.md); the cap
     # bounds the quadratic attention cost on inputs that profile tens of thousands of genes;
     # a K above the observable genes would only add padding (memory and time, no change)

@@ -137,12 +137,17 @@ def read_input(path: str | pathlib.Path, option: str = "input"):
     Raises:
         UsageError: ``path`` is missing, unreadable, of an unknown type, or empty.
     """
+    from txfm.data.layout import MANIFEST
     from txfm.data.readers import InputError
 
     path = pathlib.Path(path)
     if not path.exists():
         raise UsageError(f"{option} {path}: no such file or folder")
     suffix = path.suffix.lower()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        raise UsageError(f"{option} {path}: is a txfm shard collection (the output of `txfm "
+                         f"data convert`, for training); give the .h5ad or 10x input it was "
+                         f"converted from")
     if path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
         import anndata as ad
 
@@ -155,7 +160,7 @@ def read_input(path: str | pathlib.Path, option: str = "input"):
         try:
             a = read_10x(path)
         except InputError as exc:  # names the file and what is wrong already
-            raise UsageError(f"{option}: {error_message(exc)}") from exc
+            raise UsageError(f"{option} {error_message(exc)}") from exc
         except Exception as exc:  # noqa: BLE001 - h5py/scipy/gzip errors of a damaged input
             raise UsageError(f"{option} {path}: cannot be read as a 10x matrix "
                              f"({type(exc).__name__}: {error_message(exc)})") from exc
@@ -277,8 +282,8 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
         allow_option: what accepts non-integer values, named when they are refused.
     A backed ``.X`` (``read_h5ad(backed="r")``) is read into memory.
     Raises:
-        UsageError: no ``.X``, a damaged sparse structure (``indptr``/``indices`` out of
-            range), any value NaN, infinite or negative (names ``source``, the first bad
+        UsageError: no ``.X``, values that are not numbers (complex, strings), a damaged
+            sparse structure (``indptr``/``indices`` out of range), any value NaN, infinite or negative (names ``source``, the first bad
             cell, and ``layer_option`` to pick the raw counts), or non-integer values with
             ``non_integer="refuse"``.
     """
@@ -294,6 +299,11 @@ def counts_matrix(a, source: str = "the input", layer_option: str = "--layer", *
         except (ValueError, IndexError, TypeError) as exc:
             raise UsageError(f"{source}: its sparse matrix is damaged ({exc}); re-create or "
                              "re-download the file") from exc
+    kind = x.dtype.kind if hasattr(x, "dtype") else np.asarray(x).dtype.kind
+    if kind not in "biuf":  # numpy would cast complex to real, and byte strings to numbers
+        raise UsageError(f"{source}: {matrix} holds {x.dtype} values, not numbers; give the raw "
+                         f"counts (integers, or floats holding whole numbers) with "
+                         f"{layer_option}{alternatives}")
     # scipy's sparse arrays (csr_array) too: the result is always a csr_matrix
     x = sp.csr_matrix(x.tocsr() if sp.issparse(x) else np.asarray(x), dtype=np.float32)
     for bad, what in ((~np.isfinite(x.data), "NaN or infinite"), (x.data < 0, "negative")):

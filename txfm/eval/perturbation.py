@@ -12,7 +12,8 @@ Metrics, all in percent except ``ilisi``:
             ``n_null`` random sets of ``n`` cells drawn from a pool of up to 10,000 random cells
             (any label). ``p = (1 + #{null >= t}) / (1 + n_null)``; consistent if ``p < alpha``
             (0.01), so ``n_null`` must be at least ``1 / alpha`` (100). Score = share of
-            perturbations (with ``>= min_cells`` cells) consistent.
+            perturbations (with ``>= min_cells`` cells, and at least 2: one cell has no
+            leave-one-out cosine) consistent.
 * ``lin_top1``, ``lin_top5``  logistic-regression probe of the perturbation labels
             (controls excluded), trained on all batches but one and tested on the held-out one,
             each batch in turn (pooled over folds).
@@ -267,6 +268,8 @@ def perturbation_consistency(x: np.ndarray, labels: Labels, *, n_pcs: int = PCST
 
     counts = np.bincount(labels.pert, minlength=len(labels.pert_names))
     perts = [p for p in range(len(labels.pert_names)) if p != labels.control]
+    # one cell has no others to be compared with: its leave-one-out cosine is undefined
+    min_cells = max(int(min_cells), 2)
     eligible = [p for p in perts if counts[p] >= min_cells]
     if not eligible:
         raise ValueError(f"p.cst: no perturbation has >= {min_cells} cells (largest: "
@@ -670,26 +673,30 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
 def perturbation_table(labels: Labels, *, pcst: pd.DataFrame | None = None,
                        lin: tuple | None = None, knn: tuple | None = None) -> pd.DataFrame:
     """One row per perturbation (the control left out), in label order: ``perturbation``,
-    ``n_cells``; ``lin_top1``, ``lin_top5``, ``knn_top1``, ``knn_top5`` (%, over that
-    perturbation's held-out cells; NaN where it has none, or the metric was not computed);
-    ``pcst_p_value`` and ``consistent`` (:func:`perturbation_consistency`'s table; NaN and
-    missing for a perturbation with fewer than ``min_cells`` cells). ``lin`` and ``knn`` are
-    the ``(rows, top-1 hits, top-5 hits)`` of the probe and the retrieval. Each metric of the
-    benchmark is the mean of its column weighted by the held-out cells (p.cst: the share of
-    ``consistent``), so the table says which perturbations make up a score."""
+    ``n_cells``; ``lin_cells`` and ``knn_cells``, its held-out cells that the probe and the
+    retrieval scored (every cell with batches; about a fifth without); ``lin_top1``,
+    ``lin_top5``, ``knn_top1``, ``knn_top5`` (%, over those cells; NaN where there are none, or
+    the metric was not computed); ``pcst_p_value`` and ``consistent``
+    (:func:`perturbation_consistency`'s table; NaN and missing for a perturbation with fewer
+    than ``min_cells`` cells). ``lin`` and ``knn`` are the ``(rows, top-1 hits, top-5 hits)``
+    of the probe and the retrieval. Each metric of the benchmark is the mean of its column
+    weighted by ``lin_cells`` or ``knn_cells`` (p.cst: the share of ``consistent``), so the
+    table says which perturbations make up a score."""
     perts = np.array([p for p in range(len(labels.pert_names)) if p != labels.control],
                      dtype=np.int64)
     names = labels.pert_names[perts]
     out = pd.DataFrame({"perturbation": names,
                         "n_cells": np.bincount(labels.pert, minlength=len(labels.pert_names))
                         [perts]})
+    n_labels = len(labels.pert_names)
     for metric, hits in (("lin", lin), ("knn", knn)):
+        code = labels.pert[hits[0]] if hits is not None else np.zeros(0, np.int64)
+        n = np.bincount(code, minlength=n_labels)[perts]
+        out[f"{metric}_cells"] = n
         for j, k in ((1, 1), (2, 5)):
             col = np.full(len(perts), np.nan)
             if hits is not None:
-                code = labels.pert[hits[0]]
-                n = np.bincount(code, minlength=len(labels.pert_names))[perts]
-                got = np.bincount(code, weights=hits[j], minlength=len(labels.pert_names))[perts]
+                got = np.bincount(code, weights=hits[j], minlength=n_labels)[perts]
                 col = np.where(n > 0, 100.0 * got / np.maximum(n, 1), np.nan)
             out[f"{metric}_top{k}"] = col
     out["pcst_p_value"] = np.nan
