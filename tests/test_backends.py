@@ -88,3 +88,15 @@ def test_observable_genes_refuses_what_the_kernels_cannot_index():
     import numpy as np
     obs = OG.from_lists([np.array([2, 0], dtype=np.uint8), []], n_genes=3)
     assert obs.mask.tolist() == [[True, False, True], [False, False, False]]
+
+
+def test_the_kernel_docs_examples_run_as_written():
+    # a user copies them into a notebook: every name they use must be defined in the block
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "kernels.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/kernels.md python block {i}", "exec"), {})

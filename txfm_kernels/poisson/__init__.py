@@ -504,7 +504,10 @@ def poisson_nll_loss(input: torch.Tensor, target: torch.Tensor, log_input: bool 
     therefore at least as accurate as torch's); anything else (broadcasting, mixed dtypes, a
     target that requires grad, empty tensors, tensor subclasses, ``torch.func`` transforms
     and forward-mode AD), ``backend="torch"`` and ``auto`` without a kernel call torch's own
-    implementation.
+    implementation. Unlike torch's, the fused loss has no double backward: a backward with
+    ``create_graph=True`` raises ``RuntimeError`` (it cannot be foreseen at the forward, and
+    saving the input for it would double the loss's memory); pass ``backend="torch"`` for
+    gradients of gradients.
 
     Returns:
         the loss in ``input``'s dtype: 0-d, or ``input``'s shape for ``"none"``.
