@@ -337,6 +337,25 @@ def test_rerun_is_a_no_op_and_changed_options_need_overwrite(synth, shards, tmp_
         convert(synth.datasets, damaged, progress=False, log=lambda s: None)
 
 
+def test_a_run_killed_while_writing_its_manifest_is_completed_by_the_next(synth, shards,
+                                                                         tmp_path):
+    # SIGKILL mid-write leaves write_atomic's hidden temporaries, which are the conversion's
+    # own files: the re-run must neither call the folder foreign nor keep them
+    import shutil
+
+    killed = tmp_path / "killed"
+    shutil.copytree(shards, killed)
+    (killed / "manifest.json").unlink()
+    (killed / ".manifest.tmp99999.json").write_text('{"half": ')
+    (killed / ".zarr.tmp99999.json").write_text("{")
+    convert(synth.datasets, killed, min_cells=5, min_genes=20, val_fraction=0.05,
+            shard_cells=400, progress=False, log=lambda s: None)
+    assert (killed / "manifest.json").is_file()
+    assert not [p.name for p in killed.rglob(".*tmp9*")]
+    got, want = (json.loads((d / "manifest.json").read_text()) for d in (killed, shards))
+    assert got["fingerprint"] == want["fingerprint"] and got["shards"] == want["shards"]
+
+
 def test_corrupt_or_missing_chunks_are_named(shards, tmp_path):
     import shutil
 

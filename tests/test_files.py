@@ -34,3 +34,14 @@ def test_made_folders_are_taken_back_unless_another_writer_filled_them(tmp_path)
     (tmp_path / "a" / "other.txt").write_text("kept")
     remove_made_folders(made)
     assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "other.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "zarr.json", "loss.png", "metrics", "a.b.json"])
+def test_a_temporary_file_names_the_file_it_was_to_become(tmp_path, name):
+    # what a folder's owner reads to know a killed writer's leftover for its own
+    from txfm.files import atomic_target
+
+    seen = []
+    write_atomic(tmp_path / name, lambda tmp: seen.append(tmp.name) or tmp.write_text("x"))
+    assert atomic_target(seen[0]) == name
+    assert atomic_target(name) is None and atomic_target(".tmp-dataset_0-12") is None

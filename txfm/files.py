@@ -3,8 +3,12 @@ the folders a failed call made. Nothing here imports a heavy module."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# write_atomic's temporary name: "." + stem + ".tmp" + pid + suffix
+_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.tmp\d+(?P<suffix>\.[^.]+)?")
 
 
 def write_atomic(path, write: Callable[[Path], None], *, durable: bool = False) -> None:
@@ -20,7 +24,7 @@ def write_atomic(path, write: Callable[[Path], None], *, durable: bool = False) 
     Raises whatever ``write`` or the rename raises, after removing the temporary file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # see _TEMPORARY
     try:
         write(tmp)
         if durable:
@@ -32,6 +36,14 @@ def write_atomic(path, write: Callable[[Path], None], *, durable: bool = False) 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_target(name: str) -> str | None:
+    """The file name a temporary file of :func:`write_atomic` was to become (one that a
+    process killed mid-write, ``SIGKILL`` or power loss, leaves behind), or None for any other
+    name: so that a folder's owner knows the leftover for its own."""
+    m = _TEMPORARY.fullmatch(name)
+    return None if m is None else m["stem"] + (m["suffix"] or "")
 
 
 def missing_folders(path) -> list[Path]:

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from txfm.files import write_atomic
+from txfm.files import atomic_target, write_atomic
 from txfm.locks import folder_lock
 
 from .layout import (CODECS, COLLECTION_ATTRS, FORMAT_NAME, FORMAT_VERSION, LOCK, MANIFEST,
@@ -99,6 +99,8 @@ def _ours(entry: Path) -> bool:
     if entry.is_dir() and (n.startswith(SHARD_PREFIX) or n == VAL_GROUP):
         # ours is a zarr group; a user's folder of that name is foreign, never deleted
         return (entry / "zarr.json").is_file()
+    if not entry.is_dir():  # a manifest or zarr.json whose writer was killed mid-write
+        n = atomic_target(n) or n
     return (n.startswith(SHARD_PREFIX) or n.startswith(".tmp-") or n in
             (VAL_GROUP, VOCAB_FILE, MANIFEST, "zarr.json", WORK, LOCK) or n.startswith(MANIFEST))
 
@@ -660,6 +662,9 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
                        index=pd.Index(list(vocab_obj.ids), name=None))
     for stale in list(out.glob(".tmp-*")) + list((out / VAL_GROUP).glob(".tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in [p for folder in (out, out / VAL_GROUP) if folder.is_dir()
+                  for p in folder.iterdir() if p.is_file() and atomic_target(p.name)]:
+        stale.unlink(missing_ok=True)  # a half-written zarr.json or manifest of a killed run
     gene_nnz = np.zeros(n_genes, dtype=np.int64)
     gene_stats = GeneStats.zeros(n_genes)
     train_cells_by_ds = np.zeros(len(datasets), dtype=np.int64)
