@@ -216,13 +216,7 @@ def _numcodec(codec: str):
 def write_json_atomic(path: Path, obj, indent: int = 1) -> None:
     """``obj`` as JSON through a temporary file renamed onto ``path``: a crash or signal leaves
     the old file or the new one, never half of either, and no temporary file."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent)), durable=True)
 
 
 def write_group_json(path: Path, attributes: dict) -> None:

@@ -233,13 +233,18 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _add_rows(embeddings: dict, rows: dict, option: str) -> None:
-    """Add baseline rows to the embeddings to score; one named like an ``.obsm`` entry would
-    replace it unseen, so that is refused."""
-    clash = sorted(set(rows) & set(embeddings))
+def _check_row_names(obsm_keys, rows, option: str) -> None:
+    """A baseline row named like an ``.obsm`` entry to score would replace it unseen: refused,
+    naming the entry and ``option``, the baselines' option."""
+    clash = sorted(set(rows) & set(obsm_keys))
     if clash:
         raise UsageError(f"--obsm-key {clash[0]}: .obsm[{clash[0]!r}] has the name of a baseline "
                          f"row ({option}); rename the .obsm entry or leave that baseline out")
+
+
+def _add_rows(embeddings: dict, rows: dict, option: str) -> None:
+    """Add baseline rows to the embeddings to score (:func:`_check_row_names` first)."""
+    _check_row_names(embeddings, rows, option)
     embeddings.update(rows)
 
 
@@ -718,7 +723,7 @@ def cmd_perturbation(args) -> int:
     if missing:
         return _fail(f"--obsm-key {','.join(missing)}: not in .obsm of {args.embeddings} (it "
                      f"has {list(adata.obsm.keys())})")
-    _add_rows({k: None for k in keys}, dict.fromkeys(base_names), "--baselines")  # before work
+    _check_row_names(keys, base_names, "--baselines")  # before any work
     embeddings = {}
     for k in list(keys):
         x, why = _obsm_matrix(adata.obsm[k], np.float32)

@@ -366,10 +366,14 @@ def linear_probe(x: np.ndarray, labels: Labels, *, include_control: bool = False
     Raises:
         ValueError: a bad ``x``; no test cell whose perturbation occurs in the training batches.
     """
-    _, hit1, hit5 = _probe_hits(x, labels, include_control=include_control,
-                                max_train_cells=max_train_cells, max_iter=max_iter, tol=tol, C=C,
-                                seed=seed)
-    return {"lin_top1": 100.0 * hit1.mean(), "lin_top5": 100.0 * hit5.mean()}
+    return _rates("lin", _probe_hits(x, labels, include_control=include_control,
+                                     max_train_cells=max_train_cells, max_iter=max_iter, tol=tol,
+                                     C=C, seed=seed))
+
+
+def _rates(metric: str, hits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict:
+    """``{metric_top1: %, metric_top5: %}`` of ``(rows, top-1 hits, top-5 hits)``."""
+    return {f"{metric}_top1": 100.0 * hits[1].mean(), f"{metric}_top5": 100.0 * hits[2].mean()}
 
 
 def _probe_hits(x: np.ndarray, labels: Labels, *, include_control: bool = False,
@@ -422,9 +426,8 @@ def knn_retrieval(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature:
     Raises:
         ValueError: a bad ``x``.
     """
-    _, hit1, hit5 = _knn_hits(x, labels, k=k, temperature=temperature,
-                              include_control=include_control, seed=seed)
-    return {"knn_top1": 100.0 * hit1.mean(), "knn_top5": 100.0 * hit5.mean()}
+    return _rates("knn", _knn_hits(x, labels, k=k, temperature=temperature,
+                                   include_control=include_control, seed=seed))
 
 
 def _knn_hits(x: np.ndarray, labels: Labels, *, k: int = KNN_K, temperature: float = KNN_T,
@@ -651,10 +654,10 @@ def evaluate_embedding(x: np.ndarray, labels: Labels, databases=(), *,
                 n_null=options.pcst_null_draws, min_cells=options.min_cells, seed=options.seed)
         if "lin" in options.metrics:
             lin = _probe_hits(y, labels, seed=options.seed)
-            row.update(lin_top1=100.0 * lin[1].mean(), lin_top5=100.0 * lin[2].mean())
+            row.update(_rates("lin", lin))
         if "knn" in options.metrics:
             knn = _knn_hits(y, labels, k=options.knn_k, seed=options.seed)
-            row.update(knn_top1=100.0 * knn[1].mean(), knn_top5=100.0 * knn[2].mean())
+            row.update(_rates("knn", knn))
         if by_perturbation is not None:
             by_perturbation[method] = perturbation_table(labels, pcst=pcst, lin=lin, knn=knn)
         if "bmdb" in options.metrics and databases:
