@@ -135,8 +135,9 @@ class InputReader:
     def iter_chunks(self, max_nnz: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """``(first_row, csr)`` chunks in row order covering all ``n_cells`` rows; each
         ``csr`` is cells x ``n_features``, its values of a numeric dtype scipy.sparse holds
-        (a reader refuses other values when it opens the file, :meth:`_check_values`). Raises :class:`InputError` naming the file when the
-        matrix cannot be read or breaks its declared shape."""
+        (a reader refuses other values when it opens the file, :meth:`_check_values`). Raises
+        :class:`InputError` naming the file when the matrix cannot be read or breaks its
+        declared shape."""
         if max_nnz < 1:
             raise ValueError(f"max_nnz must be >= 1, got {max_nnz}")
         rows = 0
