@@ -29,6 +29,9 @@ def test_demo_is_built_once_and_atomically(tmp_path, small_demo, monkeypatch):
     assert any(line.startswith(f"{shards}:") for line in lines), lines
     assert not any(".tmp-" in line for line in lines), lines
     m = Manifest.load(shards)
+    # and so does the manifest's record of each dataset's source
+    assert [ds.report["path"] for ds in m.datasets] == [str(root / "raw" / f"{n}.h5ad")
+                                                       for n in demo.DEMO_CORPUS]
     # the training corpus is the atlas and the bulk samples; the screen is held out of it
     assert m.n_split_cells("val") > 0
     assert [ds.name for ds in m.datasets] == list(demo.DEMO_CORPUS) == ["atlas", "bulk"]
@@ -38,6 +41,10 @@ def test_demo_is_built_once_and_atomically(tmp_path, small_demo, monkeypatch):
     assert demo.ensure_demo_shards(root) == shards
     assert (shards / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     next(iter(ShardLoader(shards, 32)))
+    monkeypatch.chdir(tmp_path)  # a relative root, as `txfm train` makes ./txfm-demo
+    rel = demo.ensure_demo("rel-demo")
+    assert [ds.report["path"] for ds in Manifest.load(rel.shards).datasets] == [
+        str(rel.raw / f"{n}.h5ad") for n in demo.DEMO_CORPUS]
 
     # a failure half-way leaves nothing that could be taken for a finished demo
     other = tmp_path / "other"

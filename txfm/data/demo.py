@@ -113,6 +113,20 @@ def _marker() -> dict:
                                   "raw": H5AD_LAYOUT}))
 
 
+def _record_sources_under(shards: Path, tmp: Path, root: Path) -> None:
+    """Make the manifest name each dataset's source ``.h5ad`` where it will be (under ``root``),
+    not in the temporary folder that is renamed to ``root``."""
+    from .layout import MANIFEST, write_json_atomic
+
+    doc = json.loads((shards / MANIFEST).read_text())
+    tmp = Path(os.path.abspath(tmp))
+    for d in doc["datasets"]:
+        source = Path(os.path.abspath(d["report"]["path"]))
+        if source.is_relative_to(tmp):
+            d["report"]["path"] = str(root / source.relative_to(tmp))
+    write_json_atomic(shards / MANIFEST, doc)
+
+
 def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
     """The demo data under ``root``, generated and converted first if not already complete.
 
@@ -146,6 +160,7 @@ def ensure_demo(root, *, progress: bool = False, log=None) -> DemoData:
         corpus = [p for p in result.datasets if p.stem in DEMO_CORPUS]
         convert(corpus, tmp / "shards", progress=progress,
                 log=lambda line: log(line.replace(str(tmp), str(root))), **DEMO_CONVERT)
+        _record_sources_under(tmp / "shards", tmp, root)
         (tmp / MARKER).write_text(json.dumps({**_marker(), "files": _files(tmp)}))
         try:
             if root.exists():
