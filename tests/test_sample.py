@@ -215,6 +215,23 @@ def test_values_without_target_equal_values_with_target():
     assert torch.equal(a.gene_ids, b.gene_ids) and torch.equal(a.values, b.values)
 
 
+@needs_cpu
+def test_a_direct_op_call_the_kernel_refuses_says_what_to_call_instead():
+    """torch.ops.txfm.masked_sample skips the public function's checks; a size the C++ kernel
+    refuses (k = 0) said "internal error" and nothing a user could act on."""
+    indptr = torch.tensor([0, 2], dtype=torch.int64)
+    indices, counts = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"masked_sample: the native kernel rejected its "
+                                         r"arguments .*call txfm_kernels\.masked_sample"):
+        torch.ops.txfm.masked_sample(indptr, indices, counts, None, None, None, 5, 0, 1e4, 0, 0,
+                                     True, False, "cpu")
+    with pytest.raises(ValueError, match=r"k must be an int >= 1"):  # the public function
+        masked_sample(indptr, indices, counts, n_genes=5, k=0, seed=0, backend="cpu")
+    from txfm_kernels._common import _PUBLIC  # every op's message names functions that exist
+
+    assert all(hasattr(tk, name) for names in _PUBLIC.values() for name in names.split(" or "))
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "torch"])
 def test_seeds_offsets_and_rows_key_the_draw(backend):
     G, k = 5000, 64

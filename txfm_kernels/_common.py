@@ -186,18 +186,37 @@ def cuda_stream(device: torch.device) -> ctypes.c_void_p:
     return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
 
 
+# the public function of each op's native entry points (their messages name the op)
+_PUBLIC = {"poisson": "rectified_tanh_poisson_nll or poisson_nll_loss",
+           "gene_tokens": "gene_tokens", "masked_sample": "masked_sample"}
+
+
+def _rejected(op: str) -> str:
+    """Why a native kernel refuses its argument struct, and what to do: the public function
+    checks every argument first and names the bad one, which a direct ``torch.ops.txfm`` call
+    skips."""
+    public = _PUBLIC.get(op, op)
+    return (f"{op}: the native kernel rejected its arguments (a size, count or pointer out of "
+            f"range); call txfm_kernels.{public}, which checks them and names the bad one (a "
+            f"direct torch.ops.txfm call skips those checks), or report a bug if that is what "
+            f"failed")
+
+
 def check_cpu_status(status: int, op: str) -> None:
     """Raise for a C++ entry point's status (``txfm_status``; op-specific codes are the op's)."""
     if status == 1:
-        raise RuntimeError(f"{op}: internal error, the C++ kernel rejected its arguments")
+        raise ValueError(_rejected(op))
     if status != 0:
         raise ValueError(f"{op}: the C++ kernel found invalid input data (status {status})")
 
 
 def check_cuda_status(code: int, op: str, lib: ctypes.CDLL) -> None:
-    """Raise for a CUDA entry point's ``cudaError_t``."""
+    """Raise for a CUDA entry point's ``cudaError_t`` (our entry points return
+    ``cudaErrorInvalidValue``, 1, for arguments they refuse)."""
     if code != 0:
         msg = lib.txfm_cuda_error_string(code).decode()
+        if code == 1:
+            raise ValueError(f"{_rejected(op)} ({msg}, cudaError 1)")
         raise RuntimeError(f"{op}: CUDA kernel failed: {msg} (cudaError {code})")
 
 
