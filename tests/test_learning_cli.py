@@ -301,6 +301,33 @@ def test_ctrl_c_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
 
 
+def test_sigterm_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's time limit) killed the command at once and left the half-made
+    demo's temporary folder behind; it now stops as Ctrl-C does, with exit status 143."""
+    import signal
+    import time
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the command's handler raises here
+        raise AssertionError("SIGTERM was not raised as an interrupt")
+
+    monkeypatch.setattr("txfm.data.synth.generate", terminated)
+    monkeypatch.setattr(learning, "_run", Pipeline())
+    monkeypatch.chdir(tmp_path)
+    # a handler of the caller's, which the command must replace while it runs and restore (and
+    # without which a regression would kill the test session instead of failing this test)
+    caller = []
+    before = signal.signal(signal.SIGTERM, lambda *a: caller.append(a))
+    try:
+        code, _, err = _main(capsys, "--out", "out")
+        assert signal.getsignal(signal.SIGTERM).__code__.co_filename == __file__  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert caller == [] and code == 143 and err.strip().splitlines()[-1] == "terminated"
+    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
+
+
 def test_unreadable_demo_file_is_named_before_training(fake, tmp_path, capsys):
     (tmp_path / "demo" / "raw" / "truth" / "params.json").write_text("{trunc")
     code, _, err = _main(capsys, "--out", "out")

@@ -16,6 +16,7 @@ bad-input errors (:data:`USER_ERRORS`) that way. A reader of the output that sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import math
@@ -326,6 +327,30 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt()
 
 
+@contextlib.contextmanager
+def signals_raise():
+    """While the block runs (in the main thread), SIGTERM raises :class:`Terminated` and Ctrl-C
+    :class:`KeyboardInterrupt`, so that cleanup runs as on any exception; the handlers found
+    are restored after. Nested uses keep the outer one's handlers."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # Python's own Ctrl-C handler only, never one the caller installed
+    own_int = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_int:
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if own_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signalled.clear()  # a later command, or the Python API, starts with a clean slate
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``txfm ARGV``; returns the exit status (2: a user mistake, reported on stderr;
     130 after Ctrl-C, 143 after SIGTERM, with temporary files removed; 141, quietly, once the
@@ -335,42 +360,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(argv: list[str] | None) -> int:
     import signal
-    import threading
     import warnings
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    # Python's own Ctrl-C handler only, never one the caller installed
-    own_int = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if own_int:
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        # inside the try: Ctrl-C while the options are read (or a command's modules load) is
-        # an interruption like any other, not a traceback
-        args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
-            warnings.showwarning = _warning_lines()
-            return int(args.func(args) or 0)
-    except Terminated:
-        report("terminated")
-        return 143
-    except KeyboardInterrupt:
-        report("interrupted")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
-        if _signalled:  # a library turned the interrupt into an error of its own
-            report("terminated" if signal.SIGTERM in _signalled else "interrupted")
-            return 143 if signal.SIGTERM in _signalled else 130
-        if not _is_user_error(exc):
-            raise
-        report(f"error: {error_message(exc)}")
-        return 2
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        if own_int:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        _signalled.clear()  # a later command, or the Python API, starts with a clean slate
+    with signals_raise():
+        try:
+            # inside the try: Ctrl-C while the options are read (or a command's modules load)
+            # is an interruption like any other, not a traceback
+            args = build_parser().parse_args(argv)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_lines()
+                return int(args.func(args) or 0)
+        except Terminated:
+            report("terminated")
+            return 143
+        except KeyboardInterrupt:
+            report("interrupted")
+            return 130
+        except Exception as exc:  # noqa: BLE001 - anything not a user error is re-raised
+            if _signalled:  # a library turned the interrupt into an error of its own
+                report("terminated" if signal.SIGTERM in _signalled else "interrupted")
+                return 143 if signal.SIGTERM in _signalled else 130
+            if not _is_user_error(exc):
+                raise
+            report(f"error: {error_message(exc)}")
+            return 2
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ early, and refused when it was trained with other ``--steps`` or ``--seed``.
 Exit status: 0 when every check passes, 1 when a finished run's checks fail, 2 for a usage
 error (a bad argument, an unusable ``--out``/``--root``/``--checkpoint``, a run folder trained
 with other settings, or a step that rejected its input; one ``error:`` line), 130 when
-interrupted (Ctrl-C), 141, without a traceback, when the reader of its output went away (``|
-head``; the files written so far are whole).
+interrupted (Ctrl-C), 143 when terminated (SIGTERM, as a scheduler's time limit sends it; a
+training step under way checkpoints first), 141, without a traceback, when the reader of its
+output went away (``| head``; the files written so far are whole).
 """
 from __future__ import annotations
 
@@ -471,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     Argument errors exit through argparse (``SystemExit(2)``); an unusable ``--out``,
     ``--root`` or ``--checkpoint``, a run folder trained with other settings and any step's
     input error are one ``error:`` line on stderr and status 2; Ctrl-C prints
-    ``interrupted``, status 130.
+    ``interrupted``, status 130, and SIGTERM ``terminated``, status 143 (a training step under
+    way first writes its checkpoint; a half-made demo is removed).
     """
     p = _parser()
     args = p.parse_args(argv)
@@ -490,11 +492,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.summarize) < 2:
             p.error("--summarize: give at least two --out folders (one per training seed)")
     names = _names(p, args)
+    from txfm.cli import Terminated, signals_raise
+
     try:
-        with _threads(args.threads):
+        with signals_raise(), _threads(args.threads):
             if args.summarize is not None:
                 return _print_summary(args)
             return _learn(args, names)
+    except Terminated:  # SIGTERM, as from a scheduler's time limit: the same cleanup as Ctrl-C
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
