@@ -384,7 +384,7 @@ def test_exit_status_is_documented_and_returned(fake, capsys):
     assert code == 0
     help_text = " ".join(help_text.split())
     for status in ("0 when every check passes", "1 when a finished run's checks fail",
-                   "2", "130"):
+                   "2", "130", "143 when terminated"):
         assert status in help_text
     assert _main(capsys, "--out", "ok", "--steps", "5")[0] == 0
     fake.average = 10.0  # below PCA's: a check fails
