@@ -328,6 +328,26 @@ def test_sigterm_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
 
 
+def test_an_interrupt_a_library_turned_into_its_own_error_is_still_an_interrupt(
+        tmp_path, capsys, monkeypatch):
+    """As for txfm's own commands: pandas' C parser, say, catches the interrupt and raises an
+    error of its own, which must not be reported as the user's mistake (exit 2)."""
+    def library(*a, **k):
+        import signal
+
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C arrives in here
+        except KeyboardInterrupt:
+            raise ValueError("Calling read(nbytes) on source failed") from None
+
+    monkeypatch.setattr("txfm.data.synth.generate", library)
+    monkeypatch.setattr(learning, "_run", Pipeline())
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, "--out", "out")
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
+
+
 def test_unreadable_demo_file_is_named_before_training(fake, tmp_path, capsys):
     (tmp_path / "demo" / "raw" / "truth" / "params.json").write_text("{trunc")
     code, _, err = _main(capsys, "--out", "out")

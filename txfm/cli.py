@@ -358,8 +358,28 @@ def main(argv: list[str] | None = None) -> int:
     return run_piped(lambda: _command(argv))
 
 
-def _command(argv: list[str] | None) -> int:
+def exit_status(exc: BaseException) -> int | None:
+    """The exit status of a command that stopped on ``exc``, after printing its one line on
+    stderr: 143 (``terminated``) after SIGTERM and 130 (``interrupted``) after Ctrl-C, also
+    when a library turned the interrupt into an error of its own; 2 (``error: ...``) for a
+    user's mistake (:func:`_is_user_error`); None for anything else, which the caller
+    re-raises. Call it inside :func:`signals_raise`, which records the signals."""
     import signal
+
+    if isinstance(exc, KeyboardInterrupt):
+        terminated = isinstance(exc, Terminated)
+    elif _signalled:
+        terminated = signal.SIGTERM in _signalled
+    elif _is_user_error(exc):
+        report(f"error: {error_message(exc)}")
+        return 2
+    else:
+        return None
+    report("terminated" if terminated else "interrupted")
+    return 143 if terminated else 130
+
+
+def _command(argv: list[str] | None) -> int:
     import warnings
 
     with signals_raise():
@@ -370,20 +390,11 @@ def _command(argv: list[str] | None) -> int:
             with warnings.catch_warnings():
                 warnings.showwarning = _warning_lines()
                 return int(args.func(args) or 0)
-        except Terminated:
-            report("terminated")
-            return 143
-        except KeyboardInterrupt:
-            report("interrupted")
-            return 130
-        except Exception as exc:  # noqa: BLE001 - anything not a user error is re-raised
-            if _signalled:  # a library turned the interrupt into an error of its own
-                report("terminated" if signal.SIGTERM in _signalled else "interrupted")
-                return 143 if signal.SIGTERM in _signalled else 130
-            if not _is_user_error(exc):
+        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - the rest is re-raised
+            status = exit_status(exc)
+            if status is None:
                 raise
-            report(f"error: {error_message(exc)}")
-            return 2
+            return status
 
 
 if __name__ == "__main__":

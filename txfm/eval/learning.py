@@ -64,7 +64,6 @@ import sys
 
 from txfm.cli import (ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int,
                       run_piped)
-from txfm.cli import _is_user_error  # the rule txfm's own main uses for "a user's mistake"
 from txfm.files import write_atomic
 from txfm.model.config import PAPER_BETA
 
@@ -492,26 +491,22 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.summarize) < 2:
             p.error("--summarize: give at least two --out folders (one per training seed)")
     names = _names(p, args)
-    from txfm.cli import Terminated, signals_raise
+    from txfm.cli import exit_status, signals_raise
 
-    try:
-        with signals_raise(), _threads(args.threads):
-            if args.summarize is not None:
-                return _print_summary(args)
-            return _learn(args, names)
-    except Terminated:  # SIGTERM, as from a scheduler's time limit: the same cleanup as Ctrl-C
-        print("terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as exc:  # a step failed (it printed why) or was interrupted: its status
-        return exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # noqa: BLE001 - anything that is not a user error is re-raised
-        if not _is_user_error(exc):
-            raise
-        print(f"error: {error_message(exc)}", file=sys.stderr)
-        return 2
+    # SIGTERM (a scheduler's time limit) and Ctrl-C stop it as they stop txfm's own commands
+    with signals_raise():
+        try:
+            with _threads(args.threads):
+                if args.summarize is not None:
+                    return _print_summary(args)
+                return _learn(args, names)
+        except SystemExit as exc:  # a step failed (it printed why) or was interrupted
+            return exc.code if isinstance(exc.code, int) else 1
+        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - the rest is re-raised
+            status = exit_status(exc)
+            if status is None:
+                raise
+            return status
 
 
 def _learn(args, names: list[str]) -> int:
