@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from txfm.cli import UsageError, file_in_path, folder_problem, positive_int, run_piped
+from txfm.cli import (Terminated, UsageError, file_in_path, folder_problem, positive_int,
+                      run_piped, signals_raise)
 from txfm.cli import check_device as _check_device_name
 from txfm.files import write_atomic
 from txfm_kernels._common import device_memory
@@ -56,16 +57,20 @@ def check_distinct(option: str, items: list, show: Callable[[Any], str] = str) -
 
 
 def run(main: Callable[[], Any]) -> int:
-    """Run a benchmark's ``main``; Ctrl-C ends it with exit status 130 and one line instead of
-    a traceback (output files are only written, whole, once every case has run), and a reader
-    of its output that went away (``| head``) quietly with 141 (:func:`txfm.cli.run_piped`)."""
+    """Run a benchmark's ``main``; Ctrl-C ends it with exit status 130 and SIGTERM (a
+    scheduler's time limit, ``kill``) with 143, each with one line instead of a traceback
+    (output files are only written, whole, once every case has run; prepared inputs are
+    written through temporary files), and a reader of its output that went away (``| head``)
+    quietly with 141 (:func:`txfm.cli.run_piped`)."""
     def body() -> int:
-        try:
-            rc = main()
-            return rc if isinstance(rc, int) else 0
-        except KeyboardInterrupt:
-            print("interrupted: no results written", file=sys.stderr)
-            return 130
+        with signals_raise():
+            try:
+                rc = main()
+                return rc if isinstance(rc, int) else 0
+            except KeyboardInterrupt as exc:
+                how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+                print(f"{how}: no results written", file=sys.stderr)
+                return 143 if how == "terminated" else 130
     return run_piped(body)
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from txfm.cli import ArgumentParser, run_piped
+from txfm.cli import ArgumentParser, exit_status, run_piped, signals_raise
 
 BENCHES = {
     "poisson": [],
@@ -74,5 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def _stoppable() -> int:
+    """``main`` where Ctrl-C and SIGTERM end it with one line and 130 / 143, not a traceback;
+    the benchmarks that finished have their JSON files, each whole."""
+    with signals_raise():
+        try:
+            return main()
+        except KeyboardInterrupt as exc:
+            return exit_status(exc)
+
+
 if __name__ == "__main__":
-    sys.exit(run_piped(main))
+    sys.exit(run_piped(_stoppable))

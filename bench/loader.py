@@ -40,6 +40,7 @@ import numpy as np
 from bench.common import (add_common_args, check_distinct, emit, refuse_with_quick, run,
                           warn_if_loaded)
 from txfm.cli import ArgumentParser, nonnegative_int, positive_int
+from txfm.files import write_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / ".cache" / "bench_loader"
@@ -54,34 +55,43 @@ def make_source(path: pathlib.Path, cells: int, genes: int, nnz: int,
     """Write the synthetic ``.h5ad`` (float32 counts, int32 indices, obs['orig'] = row)."""
     if path.is_file():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # through a temporary file: a run stopped mid-write must not leave a truncated file that
+    # the next run takes for a finished one
+    write_atomic(path, lambda tmp: _write_source(tmp, cells, genes, nnz, seed))
+    return path
+
+
+def _write_source(path: pathlib.Path, cells: int, genes: int, nnz: int, seed: int) -> None:
     import pandas as pd
 
     from txfm.data.synth import _H5adWriter, gene_ids, gene_symbols
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    w = _H5adWriter(path, genes, data_dtype=np.float32)
     chunk = max(64, (1 << 23) // max(nnz, 1))
-    for a in range(0, cells, chunk):
-        r = min(chunk, cells - a)
-        # per-cell depth: log-normal around nnz; gene ids = cumulative geometric gaps (sorted,
-        # distinct), so the cost is per non-zero, not per (cell, gene)
-        target = np.clip(rng.lognormal(np.log(nnz), 0.3, r), 50, 0.9 * genes)
-        p = target / genes
-        k = int(target.max() * 1.15 + 6 * np.sqrt(target.max()) + 16)
-        pos = np.cumsum(rng.geometric(p[:, None], size=(r, k)), axis=1) - 1
-        hit = pos < genes
-        indices = pos[hit].astype(np.int32)
-        indptr = np.zeros(r + 1, dtype=np.int64)
-        np.cumsum(hit.sum(axis=1), out=indptr[1:])
-        counts = rng.geometric(0.55, size=indices.size).astype(np.float32)
-        w.append_csr(indptr, indices, counts)
-    obs = pd.DataFrame({"orig": np.arange(cells, dtype=np.int64)},
-                       index=pd.Index([f"c{i}" for i in range(cells)]))
-    var = pd.DataFrame({"symbol": gene_symbols(genes).astype(str)},
-                       index=pd.Index(gene_ids(genes).astype(str)))
-    w.finish(obs, var, {"modality": "single-cell"})
-    return path
+    w = _H5adWriter(path, genes, data_dtype=np.float32)
+    try:
+        for a in range(0, cells, chunk):
+            r = min(chunk, cells - a)
+            # per-cell depth: log-normal around nnz; gene ids = cumulative geometric gaps
+            # (sorted, distinct), so the cost is per non-zero, not per (cell, gene)
+            target = np.clip(rng.lognormal(np.log(nnz), 0.3, r), 50, 0.9 * genes)
+            p = target / genes
+            k = int(target.max() * 1.15 + 6 * np.sqrt(target.max()) + 16)
+            pos = np.cumsum(rng.geometric(p[:, None], size=(r, k)), axis=1) - 1
+            hit = pos < genes
+            indices = pos[hit].astype(np.int32)
+            indptr = np.zeros(r + 1, dtype=np.int64)
+            np.cumsum(hit.sum(axis=1), out=indptr[1:])
+            counts = rng.geometric(0.55, size=indices.size).astype(np.float32)
+            w.append_csr(indptr, indices, counts)
+        obs = pd.DataFrame({"orig": np.arange(cells, dtype=np.int64)},
+                           index=pd.Index([f"c{i}" for i in range(cells)]))
+        var = pd.DataFrame({"symbol": gene_symbols(genes).astype(str)},
+                           index=pd.Index(gene_ids(genes).astype(str)))
+        w.finish(obs, var, {"modality": "single-cell"})
+    finally:
+        w.close()
 
 
 def make_ours(src: pathlib.Path, out: pathlib.Path, codec: str) -> pathlib.Path:
@@ -115,10 +125,13 @@ def make_annbatch(python: pathlib.Path, src: pathlib.Path, out: pathlib.Path) ->
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([str(python), str(ROOT / "bench" / "_annbatch_worker.py"), "write", str(src),
-                    str(tmp)], check=True, stdout=subprocess.DEVNULL)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
+    try:
+        subprocess.run([str(python), str(ROOT / "bench" / "_annbatch_worker.py"), "write",
+                        str(src), str(tmp)], check=True, stdout=subprocess.DEVNULL)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    finally:  # a stopped or failed write leaves no half-made store behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def disk_bytes(path: pathlib.Path) -> int:

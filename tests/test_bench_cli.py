@@ -2,6 +2,8 @@
 CPU peak-memory probe; the benchmarks themselves run under ``pytest bench``."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -105,6 +107,75 @@ def test_interrupted_benchmark_exits_130_with_one_line(capsys):
     assert run(main) == 130
     assert capsys.readouterr().err.strip() == "interrupted: no results written"
     assert run(lambda: [{"row": 1}]) == 0  # bench.train's main returns its rows
+
+
+def test_terminated_benchmark_exits_143_with_one_line(capsys):
+    """SIGTERM (a scheduler's time limit) killed a benchmark at once, past every cleanup."""
+    import os
+    import signal
+    import time
+
+    from bench.common import run
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # run's handler raises here
+        raise AssertionError("SIGTERM was not raised as an interrupt")
+
+    caller = []
+    before = signal.signal(signal.SIGTERM, lambda *a: caller.append(a))
+    try:
+        assert run(main) == 143
+        assert signal.getsignal(signal.SIGTERM).__code__.co_filename == __file__  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert caller == []
+    assert capsys.readouterr().err.strip() == "terminated: no results written"
+
+
+def test_interrupted_gpu_check_exits_130_with_one_line(capsys, monkeypatch):
+    from bench import gpu_check
+
+    def main():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "main", main)
+    assert gpu_check._stoppable() == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_prepared_inputs_stopped_mid_write_are_not_kept(tmp_path, monkeypatch):
+    """bench.loader reuses a prepared source ``.h5ad`` that exists; one cut off mid-write was
+    taken for a finished one. A failed annbatch store is not left behind either."""
+    import subprocess
+
+    import bench.loader as loader
+    from txfm.data import synth
+
+    def stopped(self, *a):
+        raise KeyboardInterrupt  # the file is open and partly written
+
+    monkeypatch.setattr(synth._H5adWriter, "append_csr", stopped)
+    src = tmp_path / "cache" / "source.h5ad"
+    with pytest.raises(KeyboardInterrupt):
+        loader.make_source(src, 200, 50, 10)
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    assert loader.make_source(src, 200, 50, 10) == src
+    import anndata as ad
+
+    assert ad.read_h5ad(src).shape == (200, 50)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["source.h5ad"]
+
+    def fails(cmd, **kw):
+        pathlib.Path(cmd[-1]).mkdir()
+        (pathlib.Path(cmd[-1]) / "zarr.json").write_text("{")
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "run", fails)
+    with pytest.raises(subprocess.CalledProcessError):
+        loader.make_annbatch(pathlib.Path("python"), src, tmp_path / "cache" / "annbatch.zarr")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["source.h5ad"]
 
 
 def test_result_files_are_whole_or_absent(tmp_path):

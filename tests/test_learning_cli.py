@@ -289,11 +289,24 @@ def test_unusable_out_or_root_is_an_error_line(fake, tmp_path, capsys, argv, mes
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+def _ctrl_c(*a, **k):
+    raise KeyboardInterrupt
 
-    monkeypatch.setattr("txfm.data.synth.generate", interrupted)
+
+def _ctrl_c_a_library_turns_into_its_own_error(*a, **k):
+    # as for txfm's own commands: pandas' C parser, say, catches the interrupt and raises an
+    # error of its own, which must not be reported as the user's mistake (exit 2)
+    import signal
+
+    try:
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C arrives in here
+    except KeyboardInterrupt:
+        raise ValueError("Calling read(nbytes) on source failed") from None
+
+
+@pytest.mark.parametrize("interrupt", [_ctrl_c, _ctrl_c_a_library_turns_into_its_own_error])
+def test_ctrl_c_while_the_demo_is_made(interrupt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("txfm.data.synth.generate", interrupt)
     monkeypatch.setattr(learning, "_run", Pipeline())
     monkeypatch.chdir(tmp_path)
     code, _, err = _main(capsys, "--out", "out")
@@ -325,26 +338,6 @@ def test_sigterm_while_the_demo_is_made(tmp_path, capsys, monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, before)
     assert caller == [] and code == 143 and err.strip().splitlines()[-1] == "terminated"
-    assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
-
-
-def test_an_interrupt_a_library_turned_into_its_own_error_is_still_an_interrupt(
-        tmp_path, capsys, monkeypatch):
-    """As for txfm's own commands: pandas' C parser, say, catches the interrupt and raises an
-    error of its own, which must not be reported as the user's mistake (exit 2)."""
-    def library(*a, **k):
-        import signal
-
-        try:
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C arrives in here
-        except KeyboardInterrupt:
-            raise ValueError("Calling read(nbytes) on source failed") from None
-
-    monkeypatch.setattr("txfm.data.synth.generate", library)
-    monkeypatch.setattr(learning, "_run", Pipeline())
-    monkeypatch.chdir(tmp_path)
-    code, _, err = _main(capsys, "--out", "out")
-    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
     assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
 
 
