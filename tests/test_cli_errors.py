@@ -478,6 +478,23 @@ def test_odd_obsm_entries_are_densified_or_skipped_by_name(files, capsys, monkey
     dense, sparse = (table.set_index("embedding").loc[k] for k in ("X_txfm", "X_sparse"))
     assert dense["lin_top1"] == sparse["lin_top1"] and dense["knn_top1"] == sparse["knn_top1"]
 
+    # with every X_* key skipped, the error says so (it said the input had none)
+    import anndata as ad
+
+    only_bad = files["root"] / "only_bad.h5ad"
+    a = ad.read_h5ad(files["cells_odd_obsm"])
+    for k in list(a.obsm.keys()):
+        if k not in ("X_nan", "X_huge"):
+            del a.obsm[k]
+    a.write_h5ad(only_bad)
+    status = main(["eval", "perturbation", "--embeddings", str(only_bad), "--perturbation-key",
+                   "perturbation", "--batch-key", "batch", "--baselines", "none", "--metrics",
+                   "lin", "--out", str(files["root"] / "none"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("error:") == 1, err
+    assert (f"every X_* key in .obsm of {only_bad} was skipped (X_huge, X_nan; warnings above "
+            "say why)") in err and "has no X_* key" not in err
+
     status = main(["eval", "relationships", "--genes", str(files["genes_odd"]), "--db",
                    str(files["db"]), "--no-sweep", "--null-pairs", "100", "--draws", "1",
                    "--out", str(files["root"] / "rel_odd"), "--no-progress"])

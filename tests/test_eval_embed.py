@@ -357,6 +357,10 @@ def test_embed_anndata_in_memory_matches_the_command(trained, tmp_path):
         embed_anndata(moved, loaded, key="X_bad", progress=False)
     with pytest.raises(UsageError, match="no layer 'spliced'"):
         embed_anndata(moved, loaded, key="X_bad", layer="spliced", progress=False)
+    with pytest.raises(UsageError, match=r"has no \.raw \(nor a layer 'raw'; layers: "
+                                         r"\['counts'\]\)"):
+        embed_anndata(ad.AnnData(X=a.X.copy(), obs=a.obs, var=a.var, layers={"counts": a.X}),
+                      loaded, key="X_bad", layer="raw", progress=False)
     # Python's words in Python's messages
     with pytest.raises(UsageError, match=r"layer='counts'.*allow_non_integer=True"):
         embed_anndata(moved, loaded, key="X_bad", progress=False)
@@ -464,6 +468,12 @@ def test_embed_cli_rejects_bad_keys_paths_and_damaged_matrices(trained, tmp_path
     assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out", str(tmp_path / "k.h5ad"),
                         "--k", "100000"]) == 0  # capped at the observable genes
     assert ad.read_h5ad(tmp_path / "k.h5ad").uns["txfm_embed"]["X_txfm"]["k"] == screen.n_vars
+    # a key `txfm eval perturbation` would not find by itself is written, with a warning
+    assert main(base + ["--input", str(tmp_path / "s.h5ad"), "--out", str(tmp_path / "t.h5ad"),
+                        "--key", "txfm"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --key txfm:" in err and "--obsm-key txfm" in err and "X_txfm" in err
+    assert "txfm" in ad.read_h5ad(tmp_path / "t.h5ad").obsm
     for name, damage in (("ptr", lambda x: x["indptr"].__setitem__(-1, x["indptr"][-1] + 10**5)),
                          ("idx", lambda x: x["indices"].__setitem__(slice(0, 50), 200_000))):
         bad = tmp_path / f"bad_{name}.h5ad"

@@ -203,6 +203,29 @@ def test_finished_run_is_reused_and_said(fake, tmp_path, capsys):
     assert "train" not in fake.commands()  # the baseline is reused too
 
 
+def test_the_untrained_baseline_is_the_initial_weights(tmp_path, small_demo):
+    """Its one step ran at the schedule's peak rate (1e-3), not at the documented 4e-5, and
+    moved the model off its initial weights; its checkpoint must hold the model as built."""
+    from txfm.cli import main
+    from txfm.train.checkpoint import latest_checkpoint
+    from txfm.train.config import TrainConfig
+    from txfm.train.trainer import Trainer
+
+    shards = demo.ensure_demo(tmp_path / "demo", progress=False).shards
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--out", str(run), *learning.UNTRAINED_ARGS,
+                 "--seed", "3", "--no-progress"]) == 0
+    saved = latest_checkpoint(run)[1]
+    rebuilt = {**saved["train_config"], "out": str(tmp_path / "rebuilt")}
+    built = Trainer(TrainConfig.from_dict(rebuilt)).model.state_dict()
+    assert saved["step"] == 1 and saved["model"].keys() == built.keys()
+    for name, w in built.items():
+        got = saved["model"][name]
+        assert got.dtype == w.dtype and (got.double() - w.double()).abs().max() <= 1e-30, name
+    for name, w in built.items():  # only weights that start at exactly 0 moved (by 1e-30)
+        assert not w[saved["model"][name] != w].any(), name
+
+
 def test_interrupted_run_is_resumed(fake, tmp_path, capsys):
     _checkpoint(tmp_path / "out" / "run_txfm", 40, 60, 3)
     code, out, _ = _main(capsys, "--out", "out", "--steps", "60", "--seed", "3")
@@ -306,10 +329,17 @@ def _ctrl_c_a_library_turns_into_its_own_error(*a, **k):
 
 @pytest.mark.parametrize("interrupt", [_ctrl_c, _ctrl_c_a_library_turns_into_its_own_error])
 def test_ctrl_c_while_the_demo_is_made(interrupt, tmp_path, capsys, monkeypatch):
+    import signal
+
     monkeypatch.setattr("txfm.data.synth.generate", interrupt)
     monkeypatch.setattr(learning, "_run", Pipeline())
     monkeypatch.chdir(tmp_path)
-    code, _, err = _main(capsys, "--out", "out")
+    # as in a terminal: a test run in the background (nohup, CI) starts with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = _main(capsys, "--out", "out")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
     assert not (tmp_path / "demo").exists() and not list(tmp_path.glob(".demo.tmp-*"))
 

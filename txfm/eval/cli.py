@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: fp32 on the CPU; on CUDA the precision the model was trained in "
                         "(bf16 when the checkpoint does not say)")
-    p.add_argument("--key", default="X_txfm", help="obsm key to write")
+    p.add_argument("--key", default="X_txfm",
+                   help="obsm key to write (X_...: what `txfm eval perturbation` finds by itself)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_embed)
 
@@ -321,6 +322,10 @@ def cmd_embed(args) -> int:
     device = resolve_device(args.device, "--device")
     out = _output(args.out, folder=False)
     check_embed_options(key=args.key, k=args.k, draws=args.draws, seed=args.seed, cli=True)
+    if not args.key.startswith("X_"):
+        report(f"warning: --key {args.key}: `txfm eval perturbation` (as scanpy) finds the "
+               f".obsm keys that start with X_ by itself; pass it --obsm-key {args.key}, or "
+               f"name this one X_{args.key}")
     table = _table(args.gene_table)
     loaded = load_model(args.checkpoint, device)
     original = read_input(args.input, "--input")  # written back whole, plus .obsm[--key]
@@ -724,7 +729,7 @@ def cmd_perturbation(args) -> int:
         return _fail(f"--obsm-key {','.join(missing)}: not in .obsm of {args.embeddings} (it "
                      f"has {list(adata.obsm.keys())})")
     _check_row_names(keys, base_names, "--baselines")  # before any work
-    embeddings = {}
+    embeddings, skipped = {}, []
     for k in list(keys):
         x, why = _obsm_matrix(adata.obsm[k], np.float32)
         if x is None:
@@ -733,6 +738,7 @@ def cmd_perturbation(args) -> int:
             print(f"warning: skipping .obsm[{k!r}] of {args.embeddings}: it {why}",
                   file=sys.stderr)
             keys.remove(k)
+            skipped.append(k)
             continue
         embeddings[k] = x
     if base_names:
@@ -758,10 +764,16 @@ def cmd_perturbation(args) -> int:
         except (ValueError, MemoryError) as err:
             return _fail(f"{'--fit-on' if args.fit_on else '--oracle-k'}: {err}")
     if not embeddings:
+        if skipped:
+            return _fail(f"no embedding to evaluate: every X_* key in .obsm of {args.embeddings} "
+                         f"was skipped ({', '.join(skipped)}; warnings above say why) and "
+                         "--baselines none")
         return _fail("no embedding to evaluate: the input has no X_* key in .obsm and "
                      "--baselines none")
     if not keys:
-        report("no embedding in .obsm: evaluating the baselines alone")
+        report(f"no usable embedding in .obsm ({', '.join(skipped)} skipped): evaluating the "
+               "baselines alone" if skipped else
+               "no embedding in .obsm: evaluating the baselines alone")
     if "bmdb" in metrics and not args.db:
         report("no --db: bmdb not computed")
     symbols = gene_symbols(labels.pert_names, table=table)

@@ -194,6 +194,10 @@ def with_counts(a, layer: str | None, path, option: str = "input"):
         return ad.AnnData(X=a.layers[layer], obs=a.obs, var=a.var, obsm=dict(a.obsm))
     if layer == "raw" and a.raw is not None:
         return ad.AnnData(X=a.raw.X, obs=a.obs, var=a.raw.var, obsm=dict(a.obsm))
+    if layer == "raw":  # .raw asked for by its name, and the file has none
+        raise UsageError(f"{where}: has no .raw (nor a layer 'raw'; layers: "
+                         f"{list(a.layers.keys())}); leave the layer option out for .X, or "
+                         f"name the layer that holds the raw counts")
     raise UsageError(f"{where}: no layer {layer!r} (layers: {list(a.layers.keys())}"
                      f"{', and .raw' if a.raw is not None else ''}; 'raw' names .raw.X, or "
                      f"leave the layer option out for .X)")

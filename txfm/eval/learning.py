@@ -10,8 +10,9 @@ hand (``docs/learning.md``)::
 
 and prints the benchmark with the checks that say whether the model learned: its average at
 least PCA's, linear-probe / kNN top-1 at least 5x chance, and at least 2 points above those
-of the same model untrained (``X_untrained``: the tiny preset after one step at the warm-up's first learning
-rate, 4e-5, with no weight decay, i.e. its initial weights). That last baseline matters: a
+of the same model untrained (``X_untrained``: the tiny preset at its initial weights, written by
+one training step at a learning rate of 1e-30 with no weight decay, which moves each weight by
+at most 1e-30). That last baseline matters: a
 randomly initialised encoder already passes much of a 208-gene profile through, so chance is
 a weak bar on the demo. ``--ablation`` also trains the
 paper's Table 5 alternatives with the same budget and seeds (MSE instead of the Poisson loss,
@@ -81,10 +82,12 @@ VARIANTS = {
     "constant_bias": ["--no-init-bias"],
 }
 CHANCE_FACTOR = 5.0
-# The same model at its initial weights: `txfm train` for one step at the warm-up's first
-# learning rate (peak / 25) with no weight decay, the smallest run the trainer checkpoints.
+# The same model at its initial weights (the decoder's bias initialised from the corpus, as in
+# every run): one step, the smallest run the trainer checkpoints, which a one-step schedule
+# runs at the peak rate. At 1e-30 AdamW moves each weight by at most 1e-30, below float32's
+# resolution of any weight larger than ~1e-22, and no weight decay.
 UNTRAINED = "untrained"
-UNTRAINED_ARGS = ["--steps", "1", "--weight-decay", "0"]
+UNTRAINED_ARGS = ["--steps", "1", "--lr", "1e-30", "--weight-decay", "0"]
 # Percentage points by which lin / kNN top-1 must beat the untrained model's: a top-1 rate
 # over the demo's ~9,000 test cells has a sampling sd of about 0.5 points, and a 20-step model
 # is already 0.4-0.7 points ahead, so a bare ">" would pass a model that has not learned.
@@ -139,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train and evaluate the Table 5 variants " + str(list(VARIANTS)[1:]))
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the --ablation variants to train "
-                        "(implies --ablation)%(default).0s")
+                        "besides the default model, txfm, which is always trained (naming it "
+                        "too changes nothing)%(default).0s")
     p.add_argument("--summarize", nargs="+", metavar="RUN_OUT", default=None,
                    help="train nothing: summarise finished --out folders of this command (e.g. "
                         "one per --seed) as Table 5 over seeds, with paired differences from "
@@ -560,6 +564,9 @@ def _learn(args, names: list[str]) -> int:
         if action != "reuse":
             how = ([*UNTRAINED_ARGS, "--seed", str(seed)] if name == UNTRAINED
                    else [*train_args, *VARIANTS[name]])
+            if name == UNTRAINED:
+                print("the untrained baseline: the model at its initial weights, so its "
+                      "diagnostics rightly warn that its CLS carries no cell state", flush=True)
             _run(["train", *(["--resume"] if action == "resume" else []),
                   "--data", str(demo.shards), "--out", str(runs[name]), *how, *quiet])
 
