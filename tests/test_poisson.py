@@ -202,6 +202,53 @@ def test_half_precision_gradient_is_the_rounded_fp32_gradient(backend, zdt):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [2.0 ** 16, 1e-3], ids=["loss-scaled", "weighted"])
+def test_fp16_gradient_is_rounded_once_after_grad_output(backend, scale):
+    """fp16 logits kept their saved gradient (weight * dl/dz) in fp16 and multiplied it by
+    grad_output in the backward: under a loss scale of 2^16 the "mean" weight had already
+    pushed values under fp16's normal range (lost bits, zeros), and a loss weight of 1e-3
+    turned values beyond fp16's range into -inf. Now: the fp64 gradient of the scaled loss,
+    rounded to fp16 once (half an ulp, plus fp32's error and half the subnormal spacing)."""
+    B, G = (64, 2000) if scale > 1 else (4, 300)
+    z, x = _inputs(B, G)
+    reduction = "mean" if scale > 1 else "sum"
+    if scale < 1:  # where dl/dz beyond 65504 becomes representable once weighted
+        z = torch.rand(B, G, dtype=torch.float64) * 0.05
+        x = torch.full((B, G), 12.0, dtype=torch.float64)
+    z, x = z.half(), x.float()
+    zg = z.detach().requires_grad_(True)
+    (rectified_tanh_poisson_nll(zg, x, reduction=reduction, backend=backend) * scale).backward()
+    _, ref_grad, _, grad_tol = expected(z, x, None, reduction)
+    ref = ref_grad * scale
+    assert zg.grad.dtype == torch.float16 and torch.isfinite(zg.grad).all()
+    err = (zg.grad.double() - ref).abs()
+    assert torch.all(err <= 2.0 ** -11 * ref.abs() + grad_tol * scale + 2.0 ** -25), err.max()
+    if scale > 1:  # the check has teeth: unscaled, most of these are under fp16's normal range
+        assert (ref_grad.abs() < 2.0 ** -14).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_poisson_nll_loss_fp16_gradient_survives_loss_scaling(backend):
+    """As above, for the drop-in (exp(z) - x per element, mean weight 1 / 128,000); the
+    ``torch`` backend is torch's own fp16 autograd, the bar it is held to."""
+    inp, tgt = _dropin_inputs((64, 2000), True, torch.float16)
+    scale = 2.0 ** 15  # the loss is fp16, as torch's, and so its grad_output: 2^15 fits
+    a = inp.clone().requires_grad_(True)
+    (poisson_nll_loss(a, tgt, backend=backend) * scale).backward()
+    if backend == "torch":
+        b = inp.clone().requires_grad_(True)
+        (F.poisson_nll_loss(b, tgt) * scale).backward()
+        assert torch.equal(a.grad, b.grad)
+        return
+    ref = inp.double().requires_grad_(True)
+    (F.poisson_nll_loss(ref, tgt.double()) * scale).backward()
+    err = (a.grad.double() - ref.grad).abs()
+    fp32_err = 1e-6 * (ref.detach().exp() + tgt.double()) * scale / inp.numel()  # exp(z) - x
+    assert a.grad.dtype == torch.float16
+    assert torch.all(err <= 2.0 ** -11 * ref.grad.abs() + fp32_err + 2.0 ** -25), err.max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits_are_finite_and_zero_grad_below_zero(backend):
     vals = torch.tensor([-1e4, -30.0, -1e-30, -0.0, 0.0, 1e-30, 1e-6, 1e-3, 0.5, 2.0, 30.0, 400.0,
                          1e4, 3e38, -3e38])

@@ -71,6 +71,21 @@ def test_gpu_half_precision(backend, dtypes):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_fp16_gradient_survives_loss_scaling(backend):
+    """fp16 logits keep an fp32 saved gradient (test_poisson.py's CPU check, on the GPU's
+    kernels): a GradScaler's 2^16 acts before the one rounding to fp16."""
+    _need(backend)
+    z, x = _inputs(64, 2000)
+    z, x = z.half(), x.float()
+    _, grad = _run_gpu(backend, z, x, None, "mean", grad_scale=2.0 ** 16)
+    _, ref_grad, _, grad_tol = expected(z, x, None, "mean", rtol=1e-4)
+    ref = ref_grad * 2.0 ** 16
+    assert grad.dtype == torch.float16
+    assert torch.all((grad.double() - ref).abs() <= 2.0 ** -10 * ref.abs()
+                     + grad_tol * 2.0 ** 16 + 2.0 ** -24)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_backward_scaling_in_place(backend):
     _need(backend)
     z, x = _inputs(16, 5000)

@@ -56,16 +56,16 @@ TXFM_HD double block_sum(const double* __restrict v, int64_t n) {
   return s;
 }
 
-// Raw bits of a gradient value (may_alias: read back what was just stored as ZS).
+// Raw bits of a gradient value (may_alias: read back what was just stored as GS).
 template <int N> struct Bits;
 template <> struct Bits<2> { typedef uint16_t __attribute__((may_alias)) type; };
 template <> struct Bits<4> { typedef uint32_t __attribute__((may_alias)) type; };
 template <> struct Bits<8> { typedef uint64_t __attribute__((may_alias)) type; };
 
-template <typename ZS, typename C>
-TXFM_HD void zero_left_out(const uint8_t* __restrict keep, C* __restrict lout, ZS* __restrict gout,
+template <typename GS, typename C>
+TXFM_HD void zero_left_out(const uint8_t* __restrict keep, C* __restrict lout, GS* __restrict gout,
                            int64_t n) {
-  using B = typename Bits<sizeof(ZS)>::type;  // +0.0 is all-zero bits in every dtype
+  using B = typename Bits<sizeof(GS)>::type;  // +0.0 is all-zero bits in every dtype
   B* __restrict gbits = reinterpret_cast<B*>(gout);
   for (int64_t i = 0; i < n; ++i) {
     const bool k = keep[i] != 0;
@@ -85,24 +85,25 @@ TXFM_CPU_DISPATCH void run_item(const Job& j, int64_t item) {
   const XS* x = static_cast<const XS*>(j.x) + row;
   const uint8_t* mrow = nullptr;
   if (j.mask) mrow = j.mask + (j.ids ? j.ids[b] : b) * j.mask_stride;
-  ZS* grad = j.grad ? static_cast<ZS*>(j.grad) + row : nullptr;
+  using GS = typename GradStore<ZS>::type;
+  GS* grad = j.grad ? static_cast<GS*>(j.grad) + row : nullptr;
   C* loss_elem = j.loss_elem ? static_cast<C*>(j.loss_elem) + row : nullptr;
   const C scale = C(j.row_scale ? j.row_scale[b] : j.scale);
   const Params<C> p{C(j.alpha), C(1.0 / j.beta), C(j.alpha / j.beta), C(j.eps)};
 
-  alignas(64) ZS grad_sink[kSub];
+  alignas(64) GS grad_sink[kSub];
   alignas(64) C loss_sink[kSub];
   double acc = 0.0;
   for (int64_t s = g0; s < g1; s += kSub) {
     const int64_t n = std::min(kSub, g1 - s);
     const ZS* __restrict zs = z + s;
     const XS* __restrict xs = x + s;
-    ZS* __restrict gout = grad ? grad + s : grad_sink;
+    GS* __restrict gout = grad ? grad + s : grad_sink;
     C* __restrict lout = loss_elem ? loss_elem + s : loss_sink;
     for (int64_t i = 0; i < n; ++i) {
       const LossGrad<C> r = elem<MODE, FULL, C>(load<C>(zs, i), load<C>(xs, i), p);
       lout[i] = r.loss;
-      gout[i] = store_value<ZS, C>(r.dz * scale);
+      gout[i] = store_value<GS, C>(r.dz * scale);
     }
     // Left-out genes are zeroed in a second sweep over the block (still in L1): with the byte
     // mask inside the main loop GCC unrolls it 64 lanes wide and spills registers.
@@ -119,7 +120,7 @@ template <int MODE, bool FULL, typename ZS, typename XS, typename C> struct Item
   static ItemFn get() { return run_item<MODE, FULL, ZS, XS, C>; }
 };
 
-int dtype_size(int dt) { return dt == DT_F32 ? 4 : dt == DT_F64 ? 8 : 2; }
+int grad_size(int z_dtype) { return z_dtype == DT_F64 ? 8 : z_dtype == DT_BF16 ? 2 : 4; }
 
 }  // namespace
 
@@ -129,9 +130,10 @@ int dtype_size(int dt) { return dt == DT_F32 ? 4 : dt == DT_F64 ? 8 : 2; }
 // Supported dtype pairs: see pick() in poisson_math.h. Row of `mask` for sample b: ids[b]
 // when ids is given (values in [0, n_mask_rows)), else b (mask_stride 0: one shared row).
 // Weight of row b: row_scale[b] if given, else scale. The loss written to *loss_out is
-//   sum_b weight_b * sum_{kept g} l[b, g]; grad (if not null, logits' dtype) gets
-//   weight_b * dl/dz for kept genes and 0 elsewhere; loss_elem (if not null, fp32 or fp64 for
-//   fp64 data) gets l[b, g] for kept genes and 0 elsewhere. *loss_out is a float (a double for
+//   sum_b weight_b * sum_{kept g} l[b, g]; grad (if not null; the logits' dtype, fp32 for fp16
+//   logits: GradStore in poisson_math.h) gets weight_b * dl/dz for kept genes and 0 elsewhere;
+//   loss_elem (if not null, fp32 or fp64 for fp64 data) gets l[b, g] for kept genes and 0
+//   elsewhere. *loss_out is a float (a double for
 //   fp64 data); the partial sums behind it are fp64.
 // Returns TXFM_OK, TXFM_ERR_BAD_ARG, or TXFM_ERR_BAD_INPUT (an id outside [0, n_mask_rows)).
 TXFM_API int txfm_poisson_fwd(const txfm_poisson_args* a) {
@@ -149,7 +151,7 @@ TXFM_API int txfm_poisson_fwd(const txfm_poisson_args* a) {
   const int64_t n_items = B * n_tiles;
   std::vector<double> partials(size_t(n_items), 0.0);
   const Job j{*a, partials.data(), n_tiles};
-  txfm::advise_huge_pages(a->grad, B * G * dtype_size(a->z_dtype));
+  txfm::advise_huge_pages(a->grad, B * G * grad_size(a->z_dtype));
   txfm::advise_huge_pages(a->loss_elem, B * G * (a->z_dtype == DT_F64 ? 8 : 4));
 
   // Dynamic chunks: a thread that loses its core to another process (data loaders, say) does

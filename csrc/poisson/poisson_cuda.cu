@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Args a) {
   const int64_t row = b * a.G;
   const ZS* __restrict__ z = static_cast<const ZS*>(a.z) + row;
   const XS* __restrict__ x = static_cast<const XS*>(a.x) + row;
-  ZS* __restrict__ grad = a.grad ? static_cast<ZS*>(a.grad) + row : nullptr;
+  using GS = typename GradStore<ZS>::type;
+  GS* __restrict__ grad = a.grad ? static_cast<GS*>(a.grad) + row : nullptr;
   C* __restrict__ loss_elem = a.loss_elem ? static_cast<C*>(a.loss_elem) + row : nullptr;
   const uint8_t* __restrict__ mrow = nullptr;
   bool row_ok = true;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Args a) {
       const C l = (keep[u] ? r.loss : C(0)) + bad;
       const C d = (keep[u] ? r.dz * scale : C(0)) + bad;
       acc += l;
-      if (grad) grad[g] = store_value<ZS, C>(d);
+      if (grad) grad[g] = store_value<GS, C>(d);
       if (loss_elem) loss_elem[g] = l;
     }
   }

@@ -42,7 +42,7 @@ struct txfm_poisson_args {
   int64_t n_mask_rows;       // rows of `mask` that ids may name
   const double* row_scale;   // nullptr, or [B] weight of each row's loss and gradient
   double scale;              // weight when row_scale is nullptr
-  void* grad;                // nullptr, or [B, G] weight * dl/dz in the logits' dtype
+  void* grad;                // nullptr, or [B, G] weight * dl/dz in GradStore<logits' type>
   void* loss_elem;           // nullptr, or [B, G] per-element loss in the compute type
   void* loss_out;            // the reduced loss: one float (a double for fp64 data)
 };
@@ -112,6 +112,14 @@ template <> TXFM_HD double load<double, double>(const double* p, int64_t i) { re
 
 template <typename S, typename C> TXFM_HD S store_value(C v) { return from_float<S>(float(v)); }
 template <> TXFM_HD double store_value<double, double>(double v) { return v; }
+
+// Storage type of the gradient buffer for logits stored as ZS: their own, but fp32 for fp16.
+// The buffer holds weight * dl/dz and the backward multiplies it by grad_output. In fp16 the
+// "mean" weight 1 / (B * kept) puts most values under fp16's normal range (6e-5), where they
+// lose their bits or flush to 0 before a loss scale of 2^16 can lift them, and a value that
+// fits only once scaled down overflows. bf16 has fp32's range: one more rounding, no more.
+template <typename ZS> struct GradStore { typedef ZS type; };
+template <> struct GradStore<f16_t> { typedef float type; };
 
 // ---- exp / log ------------------------------------------------------------------------
 

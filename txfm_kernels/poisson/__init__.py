@@ -49,7 +49,10 @@ keeps the kernel single-pass. The backward is then ``dlogits *= grad_output`` in
 buffer, skipped when ``grad_output == 1`` (the usual ``loss.backward()``): on CPU tensors by a
 host check (free, no device), on GPU inside the kernel (no sync). So a training step reads
 logits and target once and writes one ``[B, G]`` gradient, and holds no other ``[B, G]``
-buffer.
+buffer. That buffer is in the logits' dtype, except for fp16 logits: there it is fp32
+(``reference.grad_dtype``) and the backward rounds ``dlogits * grad_output`` into fp16 once,
+out of place, so that a loss scale (``torch.amp.GradScaler``) or a loss weight acts before
+fp16's range does.
 
 Consequences of that in-place scaling: a second backward through the same graph
 (``retain_graph=True``) after one with ``grad_output != 1`` (or any on a GPU), or after the
@@ -112,7 +115,8 @@ class Launch(NamedTuple):
     eps: float
     reduction: str
     need_grad: bool
-    cdt: torch.dtype
+    cdt: torch.dtype  # the arithmetic and loss dtype (reference.compute_dtype)
+    gdt: torch.dtype  # the gradient buffer's (reference.grad_dtype)
     mask: torch.Tensor | None
     mask_stride: int
     ids: torch.Tensor | None
@@ -240,7 +244,8 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
              need_grad, backend):
     """Fused forward. logits/target [B, G]; mask None, [G], [B, G], or [D, G] with dataset_ids
     [B]. Returns (loss: 0-d, or [B, G] for "none"; fp32, fp64 for fp64 logits,
-    grad: weight * dl/dz in the logits' dtype, or an empty tensor when need_grad is False)."""
+    grad: weight * dl/dz in reference.grad_dtype (the logits' dtype, fp32 for fp16 logits), or
+    an empty tensor when need_grad is False)."""
     name = op_backend(backend, logits.device.type, _OP)
     z = logits.contiguous()
     x = target.to(_supported_target_dtype(z, target, mode)).contiguous()
@@ -259,7 +264,8 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
                 ids = dataset_ids.to(torch.int64).contiguous()
         row_scale, scale = _row_weights(B, mask_u8, stride, ids, reduction, G)
         job = Launch(mode, bool(full), float(alpha), float(beta), float(eps), reduction,
-                     need_grad, reference.compute_dtype(z), mask_u8, stride, ids,
+                     need_grad, reference.compute_dtype(z), reference.grad_dtype(z), mask_u8,
+                     stride, ids,
                      0 if mask is None or mask.dim() == 1 else mask.shape[0], row_scale, scale)
         loss, grad = backend_module(__name__, name).forward(z, x, job, name)
     return loss, (grad if grad is not None else z.new_empty(0))
@@ -284,7 +290,8 @@ def _(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, reduction
     cdt = reference.compute_dtype(logits)
     loss = (logits.new_empty(logits.shape, dtype=cdt) if reduction == "none"
             else logits.new_empty((), dtype=cdt))
-    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    grad = (logits.new_empty(logits.shape, dtype=reference.grad_dtype(logits)) if need_grad
+            else logits.new_empty(0))
     return loss, grad
 
 
@@ -310,6 +317,7 @@ def _scale_grad_in_place(grad: torch.Tensor, grad_loss: torch.Tensor, backend: s
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[9]
     ctx.backend = inputs[11]
+    ctx.logits_dtype = inputs[0].dtype  # the gradient's; the saved buffer's may be wider
     # Logits that are a view (the drop-in flattens its input, 1-D logits gain a row) send the
     # gradient on as a view of the saved buffer, which autograd may then keep as a leaf's
     # .grad and accumulate into in place: such a buffer is never handed out.
@@ -332,8 +340,9 @@ def _backward(ctx, grad_loss, _grad_of_grad_output, in_place: bool = True):
                            "by the fused backends (their backward only rescales a gradient "
                            "computed in the forward); use backend='torch' for higher-order "
                            "gradients")
-    if ctx.reduction == "none":
-        dz = (grad * grad_loss).to(grad.dtype)
+    if ctx.reduction == "none" or grad.dtype != ctx.logits_dtype:
+        # scaled in fp32 (fp64), then rounded into the logits' dtype once (fp16: grad_dtype)
+        dz = (grad * grad_loss).to(ctx.logits_dtype)
     elif (not in_place or traced(grad_loss) or transformed(grad_loss) or ctx.view_input
           or getattr(ctx, "handed_out", False)):
         # handed_out: an earlier backward of this graph (retain_graph=True) returned the saved
@@ -341,7 +350,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_output, in_place: bool = True):
         # that gradient under them. transformed: batched gradients (is_grads_batched, vmap'd
         # vector-Jacobian products) have no single value to test or scale by. not in_place:
         # the custom op hands its gradient buffer to whoever called it, so the buffer is theirs.
-        dz = grad * grad_loss.to(grad.dtype)
+        dz = (grad * grad_loss).to(ctx.logits_dtype)
     else:
         ctx.handed_out = True
         dz = _scale_grad_in_place(grad, grad_loss, ctx.backend)

@@ -31,7 +31,7 @@ PoissonArgs = c_struct("txfm_poisson_args", """
   int64_t n_mask_rows;       // rows of `mask` that ids may name
   const double* row_scale;   // nullptr, or [B] weight of each row's loss and gradient
   double scale;              // weight when row_scale is nullptr
-  void* grad;                // nullptr, or [B, G] weight * dl/dz in the logits' dtype
+  void* grad;                // nullptr, or [B, G] weight * dl/dz in GradStore<logits' type>
   void* loss_elem;           // nullptr, or [B, G] per-element loss in the compute type
   void* loss_out;            // the reduced loss: one float (a double for fp64 data)
 """)
@@ -53,12 +53,12 @@ def forward(z: torch.Tensor, x: torch.Tensor, job, backend: str):
     loss_out = torch.empty((), dtype=job.cdt, device=z.device)
     elem = torch.empty((B, G), dtype=job.cdt, device=z.device) if elementwise else None
     if backend == "cpu":
-        grad = _pool.cpu_empty((B, G), z.dtype) if job.need_grad else None  # see _pool
+        grad = _pool.cpu_empty((B, G), job.gdt) if job.need_grad else None  # see _pool
         _, fn = native_function("cpu", _OP, "txfm_poisson_fwd", PoissonArgs)
         # (dataset ids were checked by the caller; status 2 would be one outside [0, D))
         check_cpu_status(fn(_args(z, x, job, grad, elem, loss_out)), _OP)
     else:
-        grad = torch.empty_like(z) if job.need_grad else None
+        grad = torch.empty((B, G), dtype=job.gdt, device=z.device) if job.need_grad else None
         lib, tile_cols = native_function("cuda", _OP, "txfm_poisson_cuda_tile_cols", None,
                                          restype=ctypes.c_int64)
         partials = torch.empty(B * -(-G // tile_cols()), dtype=torch.float64, device=z.device)

@@ -32,6 +32,15 @@ def compute_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
+def grad_dtype(z: torch.Tensor) -> torch.dtype:
+    """dtype of the op's saved gradient ``weight * dl/dz`` for logits ``z``: their own, fp32 for
+    fp16 ones. The backward multiplies it by grad_output (a loss scale of 2^16, a loss
+    weight), so it must keep values that fp16 cannot: the "mean" weight ``1 / (B * kept)``
+    puts most of them under fp16's normal range, and a value that fits only once scaled down
+    overflows. bf16 has fp32's range (``GradStore`` in ``csrc/poisson/poisson_math.h``)."""
+    return torch.float32 if z.dtype == torch.float16 else z.dtype
+
+
 def rectified_tanh(z: torch.Tensor, alpha: float = ALPHA, beta: float = BETA) -> torch.Tensor:
     """``alpha * relu(tanh(z / beta))``, range ``[0, alpha)``, in ``z``'s dtype."""
     return alpha * torch.relu(torch.tanh(z / beta))
@@ -125,8 +134,8 @@ def poisson_nll(z, x, mask=None, ids=None, *, mode: int = RTANH, full: bool = Fa
 
 
 def forward(z, x, mask, ids, mode, full, alpha, beta, eps, reduction, need_grad):
-    """The fused op's contract from the same formulas: ``(loss, weight * dl/dz or None)`` in
-    the logits' dtype (when the op itself runs ``"torch"``)."""
+    """The fused op's contract from the same formulas: ``(loss, weight * dl/dz or None)``, the
+    gradient in :func:`grad_dtype` (when the op itself runs ``"torch"``)."""
     loss = poisson_nll(z, x, mask, ids, mode=mode, full=full, alpha=alpha, beta=beta, eps=eps,
                        reduction=reduction)
     if not need_grad:
@@ -138,4 +147,4 @@ def forward(z, x, mask, ids, mode, full, alpha, beta, eps, reduction, need_grad)
         counts = torch.full((B, 1), G, device=dz.device) if keep is None else \
             keep.expand(B, G).sum(1, keepdim=True)
         dz = dz * torch.where(counts > 0, 1.0 / (counts.to(dz.dtype) * B), 0.0)
-    return loss, dz.to(z.dtype)
+    return loss, dz.to(grad_dtype(z))

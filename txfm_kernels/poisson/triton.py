@@ -1,9 +1,9 @@
 """Triton kernels of the Poisson NLL op and their launchers (``backend="triton"``).
 
 One program per (row, column tile) computes the loss partial sum of its tile (row weight
-included) and, when wanted, ``weight * dl/dz`` in the logits' dtype and the per-element losses;
-the partials are added in a fixed order on the host side of the launch (deterministic, no
-float atomics). The per-element math follows ``csrc/poisson/poisson_math.h``; on CPU tensors
+included) and, when wanted, ``weight * dl/dz`` (in ``reference.grad_dtype``) and the
+per-element losses; the partials are added in a fixed order on the host side of the launch
+(deterministic, no float atomics). The per-element math follows ``csrc/poisson/poisson_math.h``; on CPU tensors
 the kernels run under the Triton interpreter (tests).
 """
 from __future__ import annotations
@@ -138,12 +138,12 @@ def _on_device(t: torch.Tensor):
 def forward(z: torch.Tensor, x: torch.Tensor, job, backend: str = "triton"):
     """``(loss, grad)`` of ``job`` (a :class:`txfm_kernels.poisson.Launch`) on contiguous
     ``z, x [B, G]``: loss 0-d (sum over rows of weight * kept sum) or, for ``"none"``, the
-    ``[B, G]`` per-element losses; grad ``weight * dl/dz`` in z's dtype, or None."""
+    ``[B, G]`` per-element losses; grad ``weight * dl/dz`` in ``job.gdt``, or None."""
     B, G = z.shape
     tile, block, warps = _config(G, z.device)
     n_tiles = triton.cdiv(G, tile)
     partials = torch.empty(B * n_tiles, dtype=torch.float64, device=z.device)
-    grad = torch.empty_like(z) if job.need_grad else None
+    grad = torch.empty((B, G), dtype=job.gdt, device=z.device) if job.need_grad else None
     elementwise = job.reduction == "none"
     elem = torch.empty((B, G), dtype=job.cdt, device=z.device) if elementwise else None
     mask, ids = job.mask, job.ids
@@ -159,7 +159,7 @@ def forward(z: torch.Tensor, x: torch.Tensor, job, backend: str = "triton"):
             job.alpha / job.beta, job.eps, MODE=job.mode, FULL=job.full,
             MASK_KIND=0 if mask is None else (2 if ids is not None else 1),
             WRITE_GRAD=job.need_grad, WRITE_ELEM=elementwise,
-            GRAD_BF16=z.dtype == torch.bfloat16, F64=job.cdt == torch.float64, TILE=tile,
+            GRAD_BF16=job.gdt == torch.bfloat16, F64=job.cdt == torch.float64, TILE=tile,
             BLOCK=block, num_warps=warps)
     return (elem if elementwise else partials.sum().to(job.cdt)), grad
 
