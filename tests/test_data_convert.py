@@ -216,6 +216,21 @@ def test_filters(tmp_path):
     with pytest.raises(InputError, match="no gene left"):
         convert([a], tmp_path / "out4", min_cells=100, min_genes=0, progress=False,
                 log=lambda s: None)
+    # into a folder that exists: the failed run leaves it as it was, so the corrected command
+    # is not refused as "a conversion with other inputs or options"
+    (tmp_path / "out5").mkdir()
+    with pytest.raises(InputError, match="lower --min-cells"):
+        convert([a], tmp_path / "out5", min_cells=100, min_genes=0, progress=False,
+                log=lambda s: None)
+    assert list((tmp_path / "out5").iterdir()) == []
+    convert([a], tmp_path / "out5", min_cells=3, min_genes=4, progress=False, log=lambda s: None)
+    # a vocabulary that shares no gene with the input says so (it said: lower --min-cells)
+    (tmp_path / "v.tsv").write_text("foo\nbar\n")
+    with pytest.raises(InputError, match=r"none of its 8 genes is in the vocabulary of --vocab "
+                                         r".*v.tsv.*--gene-key / --gene-table") as err:
+        convert([a], tmp_path / "out6", vocab=tmp_path / "v.tsv", min_cells=0, min_genes=0,
+                progress=False, log=lambda s: None)
+    assert "min-cells" not in str(err.value) and not (tmp_path / "out6").exists()
 
 
 def test_bad_inputs(tmp_path):
@@ -299,6 +314,16 @@ def test_layer_raw_and_10x_h5(tmp_path):
     x, obs = shard_frames(out)
     np.testing.assert_array_equal(x.toarray(), counts[obs["source_row"].to_numpy()][:, :5])
     assert obs.index[0].startswith("filtered_feature_bc_matrix:BC")
+    # feature types that match nothing (wrong case): one error naming both, before any work
+    # (it was an IndexError, and its plan refused the corrected command)
+    empty = tmp_path / "out_ft"
+    empty.mkdir()
+    for types in (["Gene expression"], ["Peaks"]):
+        with pytest.raises(InputError, match=r"no feature of the type\(s\) --feature-types "
+                                             r".*'Gene Expression', 'Antibody Capture'"):
+            convert([h5], empty, feature_types=types, min_cells=0, min_genes=0,
+                    progress=False, log=lambda s: None)
+        assert list(empty.iterdir()) == []
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])

@@ -317,7 +317,9 @@ def test_deleted_chunk_file_is_named(shards, tmp_path, chunk):
         list(ShardLoader(bad, 64, obs_columns=("cell_type",)))
 
 def test_verify_cli_errors_without_traceback(tmp_path):
-    _assert_cli_names(_verify_cli(tmp_path / "nope"), "not a complete txfm shard collection")
+    _assert_cli_names(_verify_cli(tmp_path / "nope"), "nope does not exist")
+    (tmp_path / "empty").mkdir()
+    _assert_cli_names(_verify_cli(tmp_path / "empty"), "not a complete txfm shard collection")
 
 
 def test_format_1_collection_still_reads_but_cannot_be_verified(shards, tmp_path):

@@ -232,7 +232,7 @@ def test_val_split_and_errors(shards):
         ShardLoader(shards, 16, split="test")
     with pytest.raises(KeyError, match="not_a_column"):
         ShardLoader(shards, 16, obs_columns=("not_a_column",))
-    with pytest.raises(FileNotFoundError, match="not a complete txfm shard collection"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist; a shard collection is"):
         ShardLoader(shards / "nope", 16)
     for kw, match in (({"seed": -1}, "seed must be an integer >= 0, got -1"),
                       ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),

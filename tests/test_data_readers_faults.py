@@ -150,6 +150,17 @@ def test_truncated_gz_files_are_refused(tmp_path, capsys):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["matrix.mtx", "features.tsv", "barcodes.tsv"])
+def test_a_file_both_plain_and_gzipped_is_refused(tmp_path, capsys, name):
+    """A folder holding matrix.mtx and matrix.mtx.gz (a `gunzip -k`, an edited copy) was read
+    from the plain one without a word, whichever held the counts."""
+    folder, _ = tenx_folder(tmp_path / "tenx")
+    (folder / (name + ".gz")).write_bytes(gzip.compress((folder / name).read_bytes()))
+    rc, err = convert_cli(capsys, [folder], tmp_path / "out")
+    assert_refused(rc, err, str(folder), f"holds both {name} and {name}.gz")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fault, needle", [
     ("extra field", "4 fields, 3 expected"),
     ("missing value", "2 fields, 3 expected"),

@@ -320,6 +320,16 @@ def test_truncated_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(t
         assert info["step"] == 3
         resumed = train(TrainConfig(**{**cfg.to_dict(), "resume": True}), _small_model())
     assert resumed.step == 6 and read_checkpoint(list_checkpoints(tmp_path)[-1])["step"] == 6
+    # one flipped bit in a weight loaded silently (torch.load does not check the zip's CRCs)
+    last = list_checkpoints(tmp_path)[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step_00000006.pt is damaged: its record \S+ "
+                                              r"fails its CRC-32"):
+        read_checkpoint(last)
+    with pytest.warns(RuntimeWarning, match=r"(?s)step_00000003.pt.*step_00000006.pt.*CRC-32"):
+        assert latest_checkpoint(tmp_path)[0] == first
     first.write_bytes(b"not a checkpoint")
     list_checkpoints(tmp_path)[-1].write_bytes(b"")
     with pytest.raises(CheckpointError, match="no readable checkpoint"):

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
                         "fit)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the generator")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
-                   help="accepted, as by every txfm command; this one shows no progress bar")
+                   help="accepted, as --no-progress is by every txfm command (--quiet by the data "
+                        "commands); this one shows no progress bar")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -112,7 +113,8 @@ def register(subparsers) -> None:
     p.add_argument("shards", help="shard collection folder (from `txfm data convert`)")
     p.add_argument("--json", action="store_true", help="print the whole manifest.json")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
-                   help="accepted, as by every txfm command; this one shows no progress bar")
+                   help="accepted, as --no-progress is by every txfm command (--quiet by the data "
+                        "commands); this one shows no progress bar")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check every chunk of a shards folder for corruption",

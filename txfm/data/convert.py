@@ -300,6 +300,7 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
             readers.append(open_input(p, layer=p_layer, use_raw=p_raw, genome=genome,
                                       chosen_by=by))
         created = not out.exists()
+        state = {"prepared": False}  # set once the folder holds this conversion's work alone
         with _locked(out):
             try:
                 return _convert(readers, inputs, out, vocab=vocab, gene_key=gene_key,
@@ -311,10 +312,12 @@ def convert(inputs: Sequence, out, *, vocab=None, gene_key: str = "auto", gene_t
                                 shard_mb=shard_mb, codec=codec, counts_dtype=counts_dtype,
                                 chunk_nnz=chunk_nnz, overwrite=overwrite, progress=progress,
                                 log=log, genome=genome, ds_names=ds_names,
-                                sources=_source_params(inputs, ds_names, sources))
+                                sources=_source_params(inputs, ds_names, sources), state=state)
             except ValueError:  # InputError included: nothing worth resuming was made
                 if created:
                     shutil.rmtree(out, ignore_errors=True)
+                elif state["prepared"]:  # its plan would refuse the corrected command
+                    _clean(out)
                 raise
     finally:
         for r in readers:
@@ -456,7 +459,7 @@ def _source_params(inputs: list[Path], ds_names: list[str], sources) -> dict:
 def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cells,
              min_genes, allow_non_integer, feature_types, seed, val_fraction, shard_cells,
              shard_mb, codec, counts_dtype, chunk_nnz, overwrite, progress, log, genome,
-             ds_names, sources):
+             ds_names, sources, state):
     # ---- names, kinds, fingerprint
     bulk = set(map(str, bulk))
     unknown = bulk - set(ds_names) - set(map(str, inputs))
@@ -465,6 +468,14 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
                          f"dataset name ({', '.join(ds_names)}) or an input path as given")
     kinds = ["bulk" if (r.kind == "bulk" or n in bulk or str(p) in bulk) else "single-cell"
              for r, n, p in zip(readers, ds_names, inputs)]
+    for r in readers:  # before anything is written
+        if r.feature_types is not None and feature_types:
+            present = pd.unique(r.feature_types.astype(str))
+            if not np.isin(present, list(feature_types)).any():
+                raise InputError(f"{r.path}: no feature of the type(s) --feature-types "
+                                 f"{','.join(feature_types)!r} asks for (the names must match "
+                                 f"exactly); its features are of type "
+                                 f"{', '.join(repr(str(t)) for t in present)}")
     params = dict(format=FORMAT_VERSION, vocab=str(vocab) if vocab else None,
                   vocab_hash=Vocabulary.load(vocab).hash if vocab else None, gene_key=gene_key,
                   gene_table=str(gene_table) if gene_table else None, names=ds_names,
@@ -482,6 +493,7 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
     if _prepare_out(out, fingerprint, overwrite):
         log(f"{out}: already converted with these inputs and options; nothing to do")
         return Manifest.load(out)
+    state["prepared"] = True
     work = out / WORK
     work.mkdir(exist_ok=True)
     if not (work / "plan.json").is_file():
@@ -546,6 +558,13 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
                           f"learns from raw UMI counts. {_where_raw_counts(ds)}", stacklevel=2)
         sc = ds.kind == "single-cell"
         ds.gene_keep = ds.in_vocab & ((st["gene_cells"] >= min_cells) if sc else True)
+        if not ds.in_vocab.any():
+            ours, theirs = (", ".join(repr(str(k)) for k in keys[:3])
+                            for keys in (ds.local_keys, given.ids))
+            raise InputError(f"{ds.reader.path}: none of its {len(ds.in_vocab):,} genes is in "
+                             f"the vocabulary of --vocab {vocab} (its keys, e.g. {ours}; the "
+                             f"vocabulary's, e.g. {theirs}); check --vocab, or match the names "
+                             f"with --gene-key / --gene-table")
         if not ds.gene_keep.any():
             raise InputError(f"{ds.reader.path}: no gene left after filters (genes outside the "
                              f"vocabulary: {int((~ds.in_vocab).sum())}; most cells per gene: "

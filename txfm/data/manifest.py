@@ -157,6 +157,9 @@ class Manifest:
         """
         root = Path(root)
         path = root / MANIFEST
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; a shard collection is the folder "
+                                    f"that `txfm data convert INPUT... --out FOLDER` writes")
         if not path.is_file():
             writer = lock_holder(root, LOCK)
             if writer is not None:

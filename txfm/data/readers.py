@@ -94,10 +94,16 @@ def _read_table(path: Path, what: str) -> list[list[str]]:
 
 
 def _find(folder: Path, *names: str) -> Path | None:
+    """The first of ``names`` in ``folder``, plain or gzipped. Both forms of one file (a
+    ``gunzip -k`` left the original) are refused: which one holds the counts is not ours to
+    guess, and they may differ."""
     for name in names:
-        for cand in (folder / name, folder / (name + ".gz")):
-            if cand.is_file():
-                return cand
+        both = [c for c in (folder / name, folder / (name + ".gz")) if c.is_file()]
+        if len(both) == 2:
+            raise InputError(f"{folder}: holds both {name} and {name}.gz; remove the one that "
+                             f"is not the data (10x folders hold one of them)")
+        if both:
+            return both[0]
     return None
 
 

@@ -177,6 +177,19 @@ def _first_sentence(exc: BaseException) -> str:
     return head + ("." if dot else "")
 
 
+def _failing_record(path: pathlib.Path) -> str | None:
+    """The first record of the checkpoint's zip archive whose bytes fail the CRC-32 that
+    torch.save stored for it, or None (also for a file that is no zip: torch.load judges it).
+    torch.load does not check these CRCs, so a flipped bit in a weight would load silently."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+
+
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """Load one checkpoint file or raise :class:`CheckpointError` naming it and why."""
     path = pathlib.Path(path)
@@ -184,6 +197,11 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
         raise CheckpointError(f"checkpoint {path} does not exist: pass a run folder (the --out "
                               "of `txfm train`) or one of its checkpoints/step_*.pt files")
     map_location = check_map_location(map_location)
+    damaged = _failing_record(path)
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: its record {damaged} fails its "
+                              f"CRC-32 (bytes changed on disk or in a copy); a run folder's "
+                              f"--resume and `txfm embed` fall back to the previous checkpoint")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
