@@ -385,6 +385,20 @@ def test_user_mistake_gives_one_error_line_and_exit_2(case, files, capsys, monke
     assert named.format(**files) in errors[0], errors[0]
 
 
+@pytest.mark.parametrize("argv, help_of", [(["train", "--quiet"], "txfm train"),
+                                            (["data", "info", "x", "--bogus"], "txfm data info"),
+                                            (["eval", "perturbation", "--embeddings", "e",
+                                              "--perturbation-key", "p", "--bogus"],
+                                             "txfm eval perturbation")])
+def test_an_unknown_option_points_at_its_subcommands_help(argv, help_of, capsys):
+    """It said `see txfm --help`, whose page does not list a subcommand's options."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("error:") == 1
+    assert err.strip().endswith(f"(see {help_of} --help)") and "unrecognized arguments" in err
+
+
 @pytest.mark.parametrize("module", ["txfm", "txfm.cli"])
 def test_console_entry_exits_2_without_traceback(tmp_path, module):
     """The same through a real process (``python -m txfm``, as the ``txfm`` script runs main;

@@ -256,12 +256,14 @@ def test_corrupt_obs_and_indptr_are_named(shards, tmp_path):
     _flip(codes, 2, 4)
     with pytest.raises(ShardReadError, match=r"shard dataset_0 .*obs/dataset"):
         ShardLoader(bad, 64)
-    _assert_cli_names(_verify_cli(bad), "dataset_0", "obs/dataset/codes")
+    _assert_cli_names(_verify_cli(bad), "dataset_0", "obs/dataset/codes",
+                      "fails its crc32c checksum")  # not zarr's raw bytes
     shutil.rmtree(bad)
     bad = _copy(shards, tmp_path)
     indptr = bad / "val" / "dataset_0" / "X" / "indptr" / "c" / "0"
     _flip(indptr, 9, 4)
-    with pytest.raises(ShardReadError, match=r"val/dataset_0.*X/indptr"):
+    with pytest.raises(ShardReadError, match=r"val/dataset_0.*X/indptr.*\(`txfm data verify` "
+                                             r"on the shard folder .*--overwrite`\) mends them"):
         ShardLoader(bad, 16, split="val")
     _assert_cli_names(_verify_cli(bad), "val/dataset_0", "X/indptr")
 

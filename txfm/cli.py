@@ -149,6 +149,23 @@ class ArgumentParser(argparse.ArgumentParser):
         report(f"error: {message} (see {self.prog} --help)")
         self.exit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported with the help of the (sub)command
+        it was given to (``see txfm train --help``), not only the top level's."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen(ns).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def _chosen(self, ns) -> "argparse.ArgumentParser":
+        """The deepest subcommand's parser that ``ns`` selected (self without subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(ns, action.dest, None) or "")
+                if isinstance(sub, ArgumentParser):
+                    return sub._chosen(ns)
+        return self
+
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's ``(default: ...)`` after each option's help, except where it says nothing:

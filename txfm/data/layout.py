@@ -84,7 +84,15 @@ _CRC = 4  # bytes of a crc32c trailer
 
 
 class ShardReadError(RuntimeError):
-    """A shard file is missing, truncated or corrupt; the message names the shard and cells."""
+    """A shard file is missing, truncated or corrupt; the message names the shard and cells,
+    and ends with what to do (unless it says so itself)."""
+
+    FIX = ("`txfm data verify` on the shard folder lists every damaged chunk; converting the "
+           "inputs again (`txfm data convert ... --overwrite`) mends them")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if "convert" in text else f"{text} ({self.FIX})"
 
 
 def cell_range(start: int, stop: int) -> str:

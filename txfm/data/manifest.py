@@ -563,8 +563,11 @@ def _verify_shard(m: "Manifest", info: ShardInfo, report: VerifyReport, update) 
                 warnings.simplefilter("ignore")
                 values = zarr.open_array(meta_file.parent, mode="r")[...]
         except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt array
+            # zarr's crc32c codec says so with both checksums as raw bytes: the words matter
+            why = ("a chunk fails its crc32c checksum: its bytes changed on disk"
+                   if "checksum" in str(exc).lower() else f"{type(exc).__name__}: {exc}")
             report.add(f"{where_shard}: array {rel} ({meta_file.parent}) cannot be read "
-                       f"({type(exc).__name__}: {exc})")
+                       f"({why})")
             continue
         if rel == "X/indptr":
             indptr = np.asarray(values, dtype=np.int64)
