@@ -291,9 +291,11 @@ CASES = {
     "resume-k": (_resume("--k", "4"), "--k 4 with --resume"),
     "resume-set-token-norm": (_resume("--set", "token_norm=none"),
                               "--set token_norm=none with --resume"),
-    "resume-batch-size": (_resume("--batch-size", "16"), "--batch-size 16 with --resume"),
+    "resume-batch-size": (_resume("--batch-size", "16"), "--batch-size 16 with --resume: the "
+                                                         "run's data order continues from"),
     "resume-accum": (_resume("--accum", "2"), "--accum 2 with --resume"),
-    "resume-seed": (_resume("--seed", "5"), "--seed 5 with --resume"),
+    "resume-seed": (_resume("--seed", "5"), "--seed 5 with --resume: the run's data order and "
+                                            "shown genes continue from"),
     "resume-preset": (_resume("--preset", "S"), "--preset S with --resume"),
     "resume-preset-unknown": (_resume("--preset", "XL"), "--preset XL: unknown preset"),
     # -- txfm train: values the kernels cannot take ----------------------------------------------

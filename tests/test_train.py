@@ -336,6 +336,16 @@ def test_truncated_checkpoint_gives_a_clear_error_and_the_previous_one_is_used(t
         latest_checkpoint(tmp_path)
 
 
+def test_resume_on_data_of_another_vocabulary_says_what_to_do(tmp_path):
+    cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=2, batch_size=16,
+                                 val_every=None, progress=False, plot=False)
+    train(cfg, _small_model())
+    other = TrainConfig(**{**cfg.to_dict(), "data": "random:cells=512,genes=200", "resume": True})
+    with pytest.raises(ValueError, match=r"another gene vocabulary \(300 genes.*\(200 genes.*; "
+                                         r"resume with the run's own --data, or start a new run"):
+        train(other, _small_model())
+
+
 def test_new_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
     cfg = TrainConfig.for_preset("tiny", data=DATA, out=str(tmp_path), steps=2, batch_size=16,
                                  val_every=None, progress=False, plot=False)

@@ -215,8 +215,10 @@ def build_configs(args):
             changed = [(d, new, old) for d, new, old in fixed if new != old]
             if changed:
                 d, new, old = changed[0]
+                what = _FIXED_ON_RESUME[d]
                 raise UsageError(f"--{d.replace('_', '-')} {new} with --resume: the run's "
-                                 f"{_FIXED_ON_RESUME[d]} continue from its checkpoint "
+                                 f"{what} continue{'' if ' and ' in what else 's'} from its "
+                                 f"checkpoint "
                                  f"({_TRAIN_FLAGS[d]} {old}); start a new run (another --out) "
                                  f"to change it")
         if not args.resume:

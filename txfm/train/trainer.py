@@ -425,7 +425,9 @@ class Trainer:
                 and state["vocab"]["hash"] != self.vocab["hash"]):
             raise ValueError(f"--resume: {path} was trained on another gene vocabulary "
                              f"({state['n_genes']} genes, hash {state['vocab'].get('hash')}) than "
-                             f"the data ({self.n_genes} genes, hash {self.vocab.get('hash')})")
+                             f"the data ({self.n_genes} genes, hash {self.vocab.get('hash')}); "
+                             f"resume with the run's own --data, or start a new run in another "
+                             f"--out")
         saved = state.get("model_config") or {}
         now = self.model_config.to_dict()
         # the same shapes are not enough: another loss, token or K would change the run's
