@@ -314,6 +314,13 @@ def test_layer_raw_and_10x_h5(tmp_path):
     x, obs = shard_frames(out)
     np.testing.assert_array_equal(x.toarray(), counts[obs["source_row"].to_numpy()][:, :5])
     assert obs.index[0].startswith("filtered_feature_bc_matrix:BC")
+    # an antibody tag (no Ensembl id) that --feature-types drops is no gene "keyed by symbol"
+    with h5py.File(h5, "r+") as f:
+        f["matrix/features/id"][5] = b"CD3_TotalSeqB"
+    lines = []
+    convert([h5], tmp_path / "out_ab", min_cells=0, min_genes=0, val_fraction=0.0,
+            progress=False, log=lines.append)
+    assert not any("keyed by" in ln for ln in lines), lines
     # feature types that match nothing (wrong case): one error naming both, before any work
     # (it was an IndexError, and its plan refused the corrected command)
     empty = tmp_path / "out_ft"

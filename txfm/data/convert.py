@@ -513,14 +513,15 @@ def _convert(readers, inputs, out, *, vocab, gene_key, gene_table, bulk, min_cel
     datasets: list[_Dataset] = []
     for r, name, kind in zip(readers, ds_names, kinds):
         keys, syms = dataset_keys(r, gene_key, sym2id)
-        by_id = int(sum(bool(ENSEMBL_RE.match(str(k))) for k in keys))
-        if gene_key == "auto" and 0 < by_id < len(keys):  # say so: genes merge by key
-            log(f"{name}: {by_id:,} genes keyed by Ensembl id, {len(keys) - by_id:,} by symbol "
-                f"(no id known for them" + ("" if gene_table else
-                                            "; --gene-table maps symbols to ids") + ")")
         valid = np.ones(len(keys), dtype=bool)
         if r.feature_types is not None and feature_types:
             valid = np.isin(r.feature_types.astype(str), list(feature_types))
+        # of the features kept: the antibody tags --feature-types drops are no genes
+        by_id = int(sum(bool(ENSEMBL_RE.match(str(k))) for k in keys[valid]))
+        if gene_key == "auto" and 0 < by_id < valid.sum():  # say so: genes merge by key
+            log(f"{name}: {by_id:,} genes keyed by Ensembl id, {int(valid.sum()) - by_id:,} by "
+                f"symbol (no id known for them" + ("" if gene_table else
+                                                   "; --gene-table maps symbols to ids") + ")")
         codes, uniques = pd.factorize(pd.Series(keys[valid], dtype=object), sort=False)
         col2local = np.full(len(keys), -1, dtype=np.int64)
         col2local[valid] = codes
