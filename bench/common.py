@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from txfm.cli import (Terminated, UsageError, file_in_path, folder_problem, positive_int,
+from txfm.cli import (UsageError, exit_status, file_in_path, folder_problem, positive_int,
                       run_piped, signals_raise)
 from txfm.cli import check_device as _check_device_name
 from txfm.files import write_atomic
@@ -68,9 +68,7 @@ def run(main: Callable[[], Any]) -> int:
                 rc = main()
                 return rc if isinstance(rc, int) else 0
             except KeyboardInterrupt as exc:
-                how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-                print(f"{how}: no results written", file=sys.stderr)
-                return 143 if how == "terminated" else 130
+                return exit_status(exc, stopped_note="no results written")
     return run_piped(body)
 
 

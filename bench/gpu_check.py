@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from txfm.cli import ArgumentParser, exit_status, run_piped, signals_raise
+from txfm.cli import ArgumentParser, run_piped, run_stoppable
 
 BENCHES = {
     "poisson": [],
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stoppable() -> int:
     """``main`` where Ctrl-C and SIGTERM end it with one line and 130 / 143, not a traceback;
     the benchmarks that finished have their JSON files, each whole."""
-    with signals_raise():
-        try:
-            return main()
-        except KeyboardInterrupt as exc:
-            return exit_status(exc)
+    return run_stoppable(main)
 
 
 if __name__ == "__main__":

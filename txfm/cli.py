@@ -375,12 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_piped(lambda: _command(argv))
 
 
-def exit_status(exc: BaseException) -> int | None:
+def exit_status(exc: BaseException, stopped_note: str = "") -> int | None:
     """The exit status of a command that stopped on ``exc``, after printing its one line on
     stderr: 143 (``terminated``) after SIGTERM and 130 (``interrupted``) after Ctrl-C, also
-    when a library turned the interrupt into an error of its own; 2 (``error: ...``) for a
-    user's mistake (:func:`_is_user_error`); None for anything else, which the caller
-    re-raises. Call it inside :func:`signals_raise`, which records the signals."""
+    when a library turned the interrupt into an error of its own (either word followed by
+    ``: stopped_note`` when one is given); 2 (``error: ...``) for a user's mistake
+    (:func:`_is_user_error`); None for anything else, which the caller re-raises. Call it
+    inside :func:`signals_raise`, which records the signals."""
     import signal
 
     if isinstance(exc, KeyboardInterrupt):
@@ -392,26 +393,36 @@ def exit_status(exc: BaseException) -> int | None:
         return 2
     else:
         return None
-    report("terminated" if terminated else "interrupted")
+    word = "terminated" if terminated else "interrupted"
+    report(f"{word}: {stopped_note}" if stopped_note else word)
     return 143 if terminated else 130
 
 
-def _command(argv: list[str] | None) -> int:
-    import warnings
-
+def run_stoppable(body: Callable[[], int]) -> int:
+    """``body()`` inside :func:`signals_raise`: Ctrl-C, SIGTERM and a user's mistake end it
+    with their one line and exit status (:func:`exit_status`); anything else propagates."""
     with signals_raise():
         try:
-            # inside the try: Ctrl-C while the options are read (or a command's modules load)
-            # is an interruption like any other, not a traceback
-            args = build_parser().parse_args(argv)
-            with warnings.catch_warnings():
-                warnings.showwarning = _warning_lines()
-                return int(args.func(args) or 0)
+            return body()
         except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - the rest is re-raised
             status = exit_status(exc)
             if status is None:
                 raise
             return status
+
+
+def _command(argv: list[str] | None) -> int:
+    import warnings
+
+    def body() -> int:
+        # inside run_stoppable: Ctrl-C while the options are read (or a command's modules
+        # load) is an interruption like any other, not a traceback
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_lines()
+            return int(args.func(args) or 0)
+
+    return run_stoppable(body)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import pathlib
 import sys
 
 from txfm.cli import (ArgumentParser, UsageError, error_message, int_at_least, nonnegative_int,
-                      run_piped)
+                      run_piped, run_stoppable)
 from txfm.files import write_atomic
 from txfm.model.config import PAPER_BETA
 
@@ -495,10 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.summarize) < 2:
             p.error("--summarize: give at least two --out folders (one per training seed)")
     names = _names(p, args)
-    from txfm.cli import exit_status, signals_raise
-
-    # SIGTERM (a scheduler's time limit) and Ctrl-C stop it as they stop txfm's own commands
-    with signals_raise():
+    def body() -> int:
         try:
             with _threads(args.threads):
                 if args.summarize is not None:
@@ -506,11 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                 return _learn(args, names)
         except SystemExit as exc:  # a step failed (it printed why) or was interrupted
             return exc.code if isinstance(exc.code, int) else 1
-        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - the rest is re-raised
-            status = exit_status(exc)
-            if status is None:
-                raise
-            return status
+
+    # SIGTERM (a scheduler's time limit) and Ctrl-C stop it as they stop txfm's own commands
+    return run_stoppable(body)
 
 
 def _learn(args, names: list[str]) -> int:
