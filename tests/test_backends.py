@@ -100,3 +100,83 @@ def test_the_kernel_docs_examples_run_as_written():
     assert len(blocks) == 3
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/kernels.md python block {i}", "exec"), {})
+
+
+def _direct_op_cases():
+    """(name, call, exception, message) of direct torch.ops.txfm calls whose metadata disagree:
+    before each op checked its own contract, the C++ kernels read past ``counts`` or ``values``
+    silently, misread an int32 ``indptr`` as int64, and wrote past a too-small ``out`` buffer
+    (glibc aborted the process: "free(): invalid pointer")."""
+    T, f = torch.tensor, torch.ops.txfm
+    ip, ix, c = T([0, 2, 3]), T([0, 5, 1], dtype=torch.int32), T([1.0, 2.0, 3.0])
+
+    def sample(**kw):
+        a = dict(indptr=ip, indices=ix, counts=c, obs_indptr=None, obs_genes=None,
+                 dataset_ids=None, n_genes=10, k=4)
+        a.update(kw)
+        return lambda be: f.masked_sample(*a.values(), 1e4, 0, 0, True, False, be)
+
+    def into(k=4, n_genes=10):
+        outs = (torch.empty(2, k, dtype=torch.int32), torch.empty(2, k),
+                torch.empty(2, k, dtype=torch.bool), torch.empty(2, n_genes), torch.empty(2))
+        return lambda be: f.masked_sample_into(ip, ix, c, None, None, None, None, None, 10, 4,
+                                               1e4, 0, 0, 0.0, False, be, *outs)
+
+    E, ids = torch.randn(10, 7), T([[0, 5]])
+
+    def tokens(values=torch.randn(1, 2), cls=None, mask=None):
+        return lambda be: f.gene_tokens(E, ids, values, cls, mask, be, True, True)
+
+    def poisson(target=torch.rand(2, 10), mask=None, ds=None, mode=0):
+        return lambda be: f.poisson_nll(torch.randn(2, 10), target, mask, ds, mode, False, 1.0,
+                                        1.0, 0.0, "mean", True, be)
+
+    return [
+        ("counts shorter than indices", sample(counts=T([1.0, 2.0])), ValueError,
+         r"masked_sample: counts has 2 entries but indices has 3"),
+        ("int32 indptr", sample(indptr=ip.int()), TypeError, r"indptr must be int64"),
+        ("int64 indices", sample(indices=ix.long()), TypeError, r"indices must be int32"),
+        ("float64 counts", sample(counts=c.double()), TypeError, r"counts must be float32"),
+        ("k = 0", sample(k=0), ValueError, r"masked_sample: k must be an int >= 1"),
+        ("dataset_ids of another B", sample(obs_indptr=T([0, 10]),
+                                            obs_genes=torch.arange(10, dtype=torch.int32),
+                                            dataset_ids=T([0])),
+         ValueError, r"dataset_ids must have shape \[B\] = \(2,\)"),
+        ("out narrower than k", into(k=2), ValueError,
+         r"masked_sample_into: gene_ids must be a contiguous torch.int32 tensor of shape \(2, 4\)"),
+        ("target narrower than n_genes", into(n_genes=3), ValueError,
+         r"masked_sample_into: target must be .* of shape \(2, 10\)"),
+        ("values of another shape", tokens(values=torch.randn(1, 1)), ValueError,
+         r"gene_tokens: values \(1, 1\) must have the shape of gene_ids \(1, 2\)"),
+        ("values in another dtype", tokens(values=torch.randn(1, 2, dtype=torch.float64)),
+         TypeError, r"gene_tokens: values must be in the codebook's dtype"),
+        ("cls of another width", tokens(cls=torch.randn(3)), ValueError,
+         r"gene_tokens: cls must be \[d\] = \[8\]"),
+        ("key_padding_mask of another shape", tokens(mask=T([[True]])), ValueError,
+         r"gene_tokens: key_padding_mask \(1, 1\) must have the shape of gene_ids"),
+        ("grad of another K", lambda be: f.gene_tokens_backward(torch.randn(1, 1, 8), ids, None,
+                                                                10, False, be, True),
+         ValueError, r"gene_tokens_backward: grad must be \[B, K \+ has_cls, d\] = \[1, 2, d\]"),
+        ("target of another shape", poisson(target=torch.rand(2, 5)), ValueError,
+         r"poisson_nll: logits and target must have the same shape"),
+        ("mask of another width", poisson(mask=torch.ones(1, 3, dtype=torch.bool), ds=T([0, 0])),
+         ValueError, r"poisson_nll: gene_mask.mask must be a bool \[D, G=10\]"),
+        ("dataset_ids without a mask", poisson(ds=T([0, 0])), ValueError,
+         r"poisson_nll: dataset_ids index the rows of a \[D, G\] mask"),
+        ("unknown mode", poisson(mode=9), ValueError, r"poisson_nll: mode must be 0"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("case", _direct_op_cases(), ids=lambda case: case[0])
+def test_a_direct_op_call_with_inconsistent_arguments_names_the_argument(case, backend):
+    """Each torch.library op checks its own contract (shapes, dtypes, devices: metadata only,
+    no sync) in its body, so a direct torch.ops.txfm call, which skips the public function,
+    gets the public function's kind of message instead of a kernel that reads or writes past
+    a buffer."""
+    if backend == "cpu" and not txfm_kernels.available_backends("poisson")["cpu"].available:
+        pytest.skip("the C++ kernels are not built (TXFM_BUILD_CPU=1 pip install -e .)")
+    _, call, exc, message = case
+    with pytest.raises(exc, match=message) as info:
+        call(backend)
+    assert str(info.value).startswith("torch.ops.txfm.")  # names the op the caller called

@@ -218,13 +218,18 @@ def test_values_without_target_equal_values_with_target():
 @needs_cpu
 def test_a_direct_op_call_the_kernel_refuses_says_what_to_call_instead():
     """torch.ops.txfm.masked_sample skips the public function's checks; a size the C++ kernel
-    refuses (k = 0) said "internal error" and nothing a user could act on."""
+    refuses (k = 0) said "internal error" and nothing a user could act on. The op now checks
+    its own arguments first (tests/test_backends.py has the other cases), and a status the
+    kernel still returns names the function to call."""
     indptr = torch.tensor([0, 2], dtype=torch.int64)
     indices, counts = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1.0, 2.0])
-    with pytest.raises(ValueError, match=r"masked_sample: the native kernel rejected its "
-                                         r"arguments .*call txfm_kernels\.masked_sample"):
+    with pytest.raises(ValueError, match=r"^torch\.ops\.txfm\.masked_sample: k must be an "
+                                         r"int >= 1"):
         torch.ops.txfm.masked_sample(indptr, indices, counts, None, None, None, 5, 0, 1e4, 0, 0,
                                      True, False, "cpu")
+    from txfm_kernels._common import _rejected
+
+    assert "call txfm_kernels.masked_sample," in _rejected("masked_sample")
     with pytest.raises(ValueError, match=r"k must be an int >= 1"):  # the public function
         masked_sample(indptr, indices, counts, n_genes=5, k=0, seed=0, backend="cpu")
     from txfm_kernels._common import _PUBLIC  # every op's message names functions that exist

@@ -193,13 +193,12 @@ _PUBLIC = {"poisson": "rectified_tanh_poisson_nll or poisson_nll_loss",
 
 def _rejected(op: str) -> str:
     """Why a native kernel refuses its argument struct, and what to do: the public function
-    checks every argument first and names the bad one, which a direct ``torch.ops.txfm`` call
-    skips."""
+    checks every argument first and names the bad one (the ``torch.ops.txfm`` ops check only
+    shapes, dtypes and devices)."""
     public = _PUBLIC.get(op, op)
     return (f"{op}: the native kernel rejected its arguments (a size, count or pointer out of "
-            f"range); call txfm_kernels.{public}, which checks them and names the bad one (a "
-            f"direct torch.ops.txfm call skips those checks), or report a bug if that is what "
-            f"failed")
+            f"range); call txfm_kernels.{public}, which checks them and names the bad one, or "
+            f"report a bug if that is what failed")
 
 
 def check_cpu_status(status: int, op: str) -> None:

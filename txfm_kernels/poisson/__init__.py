@@ -271,6 +271,30 @@ def _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, re
     return loss, (grad if grad is not None else z.new_empty(0))
 
 
+def _check_op_args(logits, target, mask, dataset_ids, mode, alpha, beta, reduction, backend):
+    """The op's contract, checked again in its body: a direct ``torch.ops.txfm.poisson_nll``
+    call skips the public functions' checks, and the kernels would read past a target or mask
+    whose shape disagrees. Metadata only (no tensor value is read, nothing syncs); the eager
+    path of the public functions calls ``_forward`` without it."""
+    op = "torch.ops.txfm.poisson_nll"
+    _check_choices(reduction, backend, op)
+    if mode not in (RTANH, LOG, LINEAR):
+        raise ValueError(f"{op}: mode must be {RTANH} (rectified tanh), {LOG} (log input) or "
+                         f"{LINEAR} (rate input), got {mode!r}")
+    for name, t in (("logits", logits), ("target", target)):
+        check_tensor(t, name, op)
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be [B, G], got shape {tuple(t.shape)}")
+    _rows(logits, target, op)
+    B, G = logits.shape
+    if dataset_ids is not None and mask is None:
+        raise ValueError(f"{op}: dataset_ids index the rows of a [D, G] mask, so mask is needed")
+    _check_gene_mask(mask if dataset_ids is None else (mask, dataset_ids), B, G, logits.device,
+                     op)
+    if mode == RTANH:
+        _check_alpha_beta(alpha, beta, op)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library custom op (+ fake)
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +304,7 @@ def _poisson_nll_op(logits: torch.Tensor, target: torch.Tensor, mask: Optional[t
                     beta: Number, eps: Number, reduction: str, need_grad: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward as one graph node for torch.compile / export (see _forward)."""
+    _check_op_args(logits, target, mask, dataset_ids, mode, alpha, beta, reduction, backend)
     return _forward(logits, target, mask, dataset_ids, mode, full, alpha, beta, eps, reduction,
                     need_grad, backend)
 

@@ -244,17 +244,74 @@ def _check_out(out: MaskedSample, B, k, n_genes, return_target: bool, device) ->
     if not isinstance(out, MaskedSample):
         raise TypeError(f"{_OP}: out must be a MaskedSample (e.g. one this op returned), got "
                         f"{type(out).__name__}")
-    want = _new_outputs(0, 0, 0, return_target, "meta", pooled=False)
+    _check_outputs((out.gene_ids, out.values, out.key_padding_mask,
+                    out.target if return_target else None, out.library_size),
+                   B, k, n_genes, device, _OP, "out.")
+
+
+def _check_outputs(outs, B, k, n_genes, device, op: str, prefix: str) -> None:
+    """``outs`` = (gene_ids, values, key_padding_mask, target or None, library_size): each of
+    the dtype, shape and device the kernels write, contiguous."""
+    want = _new_outputs(0, 0, 0, True, "meta", pooled=False)
     shapes = [(B, k), (B, k), (B, k), (B, n_genes), (B,)]
-    fields = [out.gene_ids, out.values, out.key_padding_mask, out.target, out.library_size]
     names = ("gene_ids", "values", "key_padding_mask", "target", "library_size")
-    for name, t, w, shape in zip(names, fields, want, shapes):
-        if name == "target" and not return_target:
+    for name, t, w, shape in zip(names, outs, want, shapes):
+        if name == "target" and t is None:
             continue
         if (not isinstance(t, torch.Tensor) or t.dtype != w.dtype or tuple(t.shape) != shape
                 or t.device != device or not t.is_contiguous()):
-            raise ValueError(f"{_OP}: out.{name} must be a contiguous {w.dtype} tensor of shape "
-                             f"{shape} on {device}")
+            raise ValueError(f"{op}: {prefix}{name} must be a contiguous {w.dtype} tensor of "
+                             f"shape {shape} on {device}")
+
+
+_DIRECT = "torch.ops.txfm.masked_sample"
+
+
+def _check_op_args(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes, k,
+                   op: str = _DIRECT) -> None:
+    """The ops' contract, checked again in their bodies: a direct ``torch.ops.txfm`` call skips
+    :func:`masked_sample`'s checks and its conversions, and the kernels would otherwise read
+    or write past a buffer whose size or dtype disagrees. Metadata only (no tensor value is
+    read, nothing syncs), so the public function's second pass through it costs microseconds."""
+    check_tensor(indptr, "indptr", op, (torch.int64,), hint="pass indptr.long()")
+    check_tensor(indices, "indices", op, (torch.int32,), hint="pass indices.int()")
+    check_tensor(counts, "counts", op, _COUNT_DTYPES, hint="pass counts.float()")
+    for name, t in (("indptr", indptr), ("indices", indices), ("counts", counts)):
+        if t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if indptr.numel() < 1:
+        raise ValueError(f"{op}: indptr must have B + 1 >= 1 entries, got none")
+    if counts.numel() != indices.numel():
+        raise ValueError(f"{op}: counts has {counts.numel()} entries but indices has "
+                         f"{indices.numel()}; they must be the CSR data and indices of one matrix")
+    check_int(n_genes, "n_genes", op, 1, 2**31)
+    check_int(k, "k", op, 1, what=" (genes shown per row)")
+    if (obs_indptr is None) != (obs_genes is None):
+        raise ValueError(f"{op}: obs_indptr and obs_genes come together (an ObservableGenes' "
+                         f"indptr and genes), or neither")
+    named = {"indptr": indptr, "indices": indices, "counts": counts}
+    if obs_indptr is not None:
+        check_tensor(obs_indptr, "obs_indptr", op, (torch.int64,))
+        check_tensor(obs_genes, "obs_genes", op, (torch.int32,))
+        if obs_indptr.dim() != 1 or obs_indptr.numel() < 2 or obs_genes.dim() != 1:
+            raise ValueError(f"{op}: obs_indptr must be [D + 1] with D >= 1 and obs_genes 1-D "
+                             f"(ObservableGenes.indptr and .genes), got shapes "
+                             f"{tuple(obs_indptr.shape)} and {tuple(obs_genes.shape)}")
+        named.update(obs_indptr=obs_indptr, obs_genes=obs_genes)
+    if dataset_ids is not None:
+        if obs_indptr is None:
+            raise ValueError(f"{op}: dataset_ids index the observable table, so they need "
+                             f"obs_indptr and obs_genes")
+        check_tensor(dataset_ids, "dataset_ids", op, (torch.int32, torch.int64))
+        if tuple(dataset_ids.shape) != (indptr.numel() - 1,):
+            raise ValueError(f"{op}: dataset_ids must have shape [B] = ({indptr.numel() - 1},), "
+                             f"got {tuple(dataset_ids.shape)}")
+        named["dataset_ids"] = dataset_ids
+    device = indptr.device
+    for name, t in named.items():
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but indptr on {device}; move all "
+                             f"inputs to one device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +330,10 @@ def _new_outputs(B, k, n_genes, return_target: bool, device, pooled: bool = True
 
 
 def _call(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes: int, k: int,
-          target_sum: float, seed: int, offset: int) -> Call:
+          target_sum: float, seed: int, offset: int, op: str = _DIRECT) -> Call:
     """The backends' argument bundle: the call's key, ``target_sum`` rounded to fp32."""
+    _check_op_args(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes, k, op)
+    indptr, indices, counts = indptr.contiguous(), indices.contiguous(), counts.contiguous()
     k0, k1 = call_key(seed, offset)
     target_sum = struct.unpack("f", struct.pack("f", target_sum))[0]  # the kernels take fp32
     return Call(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes, k,
@@ -336,8 +395,24 @@ def _into(indptr: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
           values: torch.Tensor, key_padding_mask: torch.Tensor, target: torch.Tensor | None,
           library_size: torch.Tensor) -> None:
     """Uniform (``tau == 0``) or weighted draw into preallocated outputs."""
+    op = "torch.ops.txfm.masked_sample_into"
     c = _call(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, n_genes, k,
-              target_sum, seed, offset)
+              target_sum, seed, offset, op)
+    _check_outputs((gene_ids, values, key_padding_mask, target, library_size),
+                   indptr.shape[0] - 1, k, n_genes, indptr.device, op, "")
+    if tau != 0:  # the weighted draw reads the weights and the [D, G] mask
+        if (not isinstance(gene_weights, torch.Tensor) or not gene_weights.is_floating_point()
+                or tuple(gene_weights.shape) != (n_genes,)
+                or gene_weights.device != indptr.device):
+            raise ValueError(f"{op}: tau={tau} needs gene_weights, a float tensor of shape "
+                             f"({n_genes},) on {indptr.device}")
+        if obs_indptr is not None and (
+                not isinstance(obs_mask, torch.Tensor) or obs_mask.dtype != torch.bool
+                or tuple(obs_mask.shape) != (obs_indptr.numel() - 1, n_genes)
+                or obs_mask.device != indptr.device):
+            raise ValueError(f"{op}: tau={tau} with an observable table needs obs_mask, its "
+                             f"bool [D, G] = ({obs_indptr.numel() - 1}, {n_genes}) mask, on "
+                             f"{indptr.device}")
     _fill(c, backend, validate, obs_mask, gene_weights, tau, gene_ids, values, key_padding_mask,
           target, library_size)
 

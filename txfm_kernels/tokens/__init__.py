@@ -69,45 +69,70 @@ _CUDA_MAX_WIDTH = 2048  # widest codebook row (d - 1) of the CUDA backward (regi
 # ---------------------------------------------------------------------------------------------
 # Argument checks (compile-safe: nothing here reads tensor values)
 # ---------------------------------------------------------------------------------------------
-def _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend):
-    check_choice(backend, "backend", BACKENDS, _OP)
+def _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend, op: str = _OP):
+    check_choice(backend, "backend", BACKENDS, op)
     for name, t in (("codebook", codebook), ("gene_ids", gene_ids), ("values", values)):
-        check_tensor(t, name, _OP)
+        check_tensor(t, name, op)
     if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"{_OP}: codebook must be [n_genes, d - 1] with both sizes >= 1, "
+        raise ValueError(f"{op}: codebook must be [n_genes, d - 1] with both sizes >= 1, "
                          f"got shape {tuple(codebook.shape)}")
-    check_tensor(codebook, "codebook", _OP, _DTYPES, desc="float32 or bfloat16 (float64 on CPU)")
-    check_tensor(gene_ids, "gene_ids", _OP, (torch.int32, torch.int64),
+    check_tensor(codebook, "codebook", op, _DTYPES, desc="float32 or bfloat16 (float64 on CPU)")
+    check_tensor(gene_ids, "gene_ids", op, (torch.int32, torch.int64),
                  desc="int32 or int64 (row indices into the codebook)", hint="convert with .long()")
     if gene_ids.dim() != 2:
-        raise ValueError(f"{_OP}: gene_ids must be [B, K], got shape {tuple(gene_ids.shape)}")
+        raise ValueError(f"{op}: gene_ids must be [B, K], got shape {tuple(gene_ids.shape)}")
     if not values.is_floating_point():
-        raise TypeError(f"{_OP}: values must be a float tensor (log1p-normalised expression), "
+        raise TypeError(f"{op}: values must be a float tensor (log1p-normalised expression), "
                         f"got {values.dtype}")
     if values.shape != gene_ids.shape:
-        raise ValueError(f"{_OP}: values {tuple(values.shape)} must have the shape of gene_ids "
+        raise ValueError(f"{op}: values {tuple(values.shape)} must have the shape of gene_ids "
                          f"{tuple(gene_ids.shape)}")
     d = codebook.shape[1] + 1
     if cls is not None:
-        check_tensor(cls, "cls", _OP)
+        check_tensor(cls, "cls", op)
         if cls.shape != (d,):
-            raise ValueError(f"{_OP}: cls must be [d] = [{d}] (codebook width + 1), got "
+            raise ValueError(f"{op}: cls must be [d] = [{d}] (codebook width + 1), got "
                              f"{tuple(cls.shape)}")
         if cls.dtype != codebook.dtype:
-            raise TypeError(f"{_OP}: cls dtype {cls.dtype} differs from the codebook's "
+            raise TypeError(f"{op}: cls dtype {cls.dtype} differs from the codebook's "
                             f"{codebook.dtype}; keep both parameters in one dtype")
     if key_padding_mask is not None:
-        check_tensor(key_padding_mask, "key_padding_mask", _OP, (torch.bool,),
+        check_tensor(key_padding_mask, "key_padding_mask", op, (torch.bool,),
                      desc="bool (True = padding)")
         if key_padding_mask.shape != gene_ids.shape:
-            raise ValueError(f"{_OP}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
+            raise ValueError(f"{op}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
                              f"the shape of gene_ids {tuple(gene_ids.shape)}")
     named = [("codebook", codebook), ("gene_ids", gene_ids), ("values", values), ("cls", cls),
              ("key_padding_mask", key_padding_mask)]
     devices = {n: t.device for n, t in named if t is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
-        raise ValueError(f"{_OP}: all tensors must be on one device, got {where}")
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+
+
+def _check_backward_args(grad, gene_ids, key_padding_mask, n_genes, has_cls, backend):
+    """``txfm::gene_tokens_backward``'s contract, for a direct call (autograd's always holds)."""
+    op = "torch.ops.txfm.gene_tokens_backward"
+    check_choice(backend, "backend", BACKENDS, op)
+    check_tensor(grad, "grad", op, _DTYPES, desc="float32 or bfloat16 (float64 on CPU)")
+    check_tensor(gene_ids, "gene_ids", op, (torch.int32, torch.int64))
+    check_int(n_genes, "n_genes", op, 1)
+    if gene_ids.dim() != 2:
+        raise ValueError(f"{op}: gene_ids must be [B, K], got shape {tuple(gene_ids.shape)}")
+    B, K = gene_ids.shape
+    if grad.dim() != 3 or tuple(grad.shape[:2]) != (B, K + int(has_cls)) or grad.shape[2] < 2:
+        raise ValueError(f"{op}: grad must be [B, K + has_cls, d] = [{B}, {K + int(has_cls)}, d] "
+                         f"with d >= 2, got shape {tuple(grad.shape)}")
+    named = {"grad": grad, "gene_ids": gene_ids}
+    if key_padding_mask is not None:
+        check_tensor(key_padding_mask, "key_padding_mask", op, (torch.bool,))
+        if key_padding_mask.shape != gene_ids.shape:
+            raise ValueError(f"{op}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
+                             f"the shape of gene_ids {tuple(gene_ids.shape)}")
+        named["key_padding_mask"] = key_padding_mask
+    if len({t.device for t in named.values()}) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +165,13 @@ def _gene_tokens_op(codebook: torch.Tensor, gene_ids: torch.Tensor, values: torc
                     cls: torch.Tensor | None, key_padding_mask: torch.Tensor | None, backend: str,
                     deterministic: bool, check_ids: bool) -> torch.Tensor:
     """tokens [B, K + (cls given), d]; every tensor contiguous, values/cls in the codebook dtype."""
+    # a direct torch.ops.txfm call skips gene_tokens' checks, and the kernels would read past a
+    # buffer whose shape disagrees: check the metadata again (no value read, no sync)
+    op = "torch.ops.txfm.gene_tokens"
+    _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend, op)
+    if values.dtype != codebook.dtype:
+        raise TypeError(f"{op}: values must be in the codebook's dtype {codebook.dtype}, got "
+                        f"{values.dtype}; pass values.to(codebook.dtype)")
     name = _backend_for(backend, codebook.device, codebook.dtype, codebook.shape[1])
     if check_ids or (gene_ids.device.type == "cpu" and name != "cpu"):  # the C++ kernel checks
         reference.check_ids(gene_ids, key_padding_mask, codebook.shape[0])
@@ -161,6 +193,7 @@ def _gene_tokens_backward_op(grad: torch.Tensor, gene_ids: torch.Tensor,
                              backend: str, deterministic: bool
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_codebook [V, d-1], grad_values [B, K]) from grad [B, K + has_cls, d]."""
+    _check_backward_args(grad, gene_ids, key_padding_mask, n_genes, has_cls, backend)
     name = _backend_for(backend, grad.device, grad.dtype, grad.shape[-1] - 1)
     return backend_module(__name__, name).backward(
         grad.contiguous(), gene_ids.contiguous(),
