@@ -31,11 +31,6 @@ from txfm.cli import check_device as _check_device_name
 from txfm.files import write_atomic
 from txfm_kernels._common import device_memory
 
-# Inductor's cache: warm compiles are fast across runs, in the user's cache folder (never in
-# the installed package)
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
-    pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
-    / "txfm" / "inductor"))
 
 
 def fail(message: str):
@@ -127,21 +122,27 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=_output_file, help="write rows as CSV")
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="timed repetitions per case, at most: a case stops at its time "
-                             "budget (with at least 3) and slow reference loops run 3; the "
-                             "table notes fewer, the JSON/CSV 'reps' field has each count")
+                             "budget (after at least 3, or --reps when smaller; --quick times "
+                             "2) and slow reference loops run 3; the table notes fewer, the "
+                             "JSON/CSV 'reps' field has each count")
     parser.add_argument("--quick", action="store_true",
                         help="smallest cases, few repetitions (a smoke test, not a measurement); "
                              "options that set the case sizes are refused beside it")
     return parser
 
 
-def refuse_with_quick(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                      *options: str) -> None:
-    """``--quick`` fixes the case sizes: an ``option`` given with it would be silently ignored,
-    so it is an error instead."""
+def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      *size_options: str) -> None:
+    """The checks of :func:`add_common_args`' options that need the whole command line:
+    ``--json`` and ``--csv`` naming one file (the second write would replace the first), and
+    ``--quick`` beside a ``size_option``, which ``--quick`` would silently ignore. Each is a
+    usage error (one ``error:`` line, exit 2)."""
+    if args.json is not None and args.csv is not None and (
+            args.json.resolve() == args.csv.resolve()):
+        parser.error(f"--json and --csv both name {args.json}; give each its own file")
     if not args.quick:
         return
-    for option in options:
+    for option in size_options:
         dest = option.lstrip("-").replace("-", "_")
         if getattr(args, dest) != parser.get_default(dest):
             parser.error(f"{option} and --quick: --quick runs its own small case; drop one")
@@ -281,12 +282,13 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
                                             "TXFM_DISABLE_NATIVE", "TRITON_INTERPRET")
                 if k in os.environ},
     }
-    try:
-        import triton
+    from importlib import metadata
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    for dist in ("txfm", "triton", "numpy", "scipy", "anndata", "zarr", "h5py"):
+        try:  # what produced and read the data, beside torch
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = props.name
@@ -384,21 +386,12 @@ def command_line() -> str:
 
 def emit(name: str, rows: list[dict], columns: list[str], args: argparse.Namespace,
          device: torch.device | str, extra: dict | None = None) -> None:
-    """Print the table and machine line; write JSON/CSV when asked."""
+    """Write JSON/CSV when asked, then print the table and machine line: files first, so
+    that a reader of stdout that goes away (``| head``, which stops the run quietly with 141;
+    each case's progress line goes to stderr) cannot cost the results."""
     info = machine_info(device)
-    print(f"\n## {name}\n")
-    print(format_table(rows, columns))
-    desc = info.get("gpu") or info["cpu"]
-    env = "".join(f"{k}={v} " for k, v in info["env"].items())
-    print(f"\n{desc}; torch {info['torch']}; triton {info['triton']}; python {info['python']}; "
-          f"{info['torch_threads']} threads; command: {env}{command_line()}")
-    asked = getattr(args, "reps", None)
-    fewer = [r for r in rows if asked and isinstance(r.get("reps"), int) and r["reps"] < asked]
-    if fewer:
-        print(f"note: {len(fewer)} of {len(rows)} rows timed fewer than --reps {asked} "
-              f"repetitions (time budget or a slow reference; as few as "
-              f"{min(r['reps'] for r in fewer)}): see 'reps' in --json / --csv")
-    payload = {"benchmark": name, "command": command_line(), "machine": info, "rows": rows, **(extra or {})}
+    payload = {"benchmark": name, "command": command_line(), "machine": info, "rows": rows,
+               **(extra or {})}
     if args.json:
         text = json.dumps(payload, indent=2, default=str)
         _write_atomic(args.json, lambda f: f.write(text))
@@ -411,3 +404,15 @@ def emit(name: str, rows: list[dict], columns: list[str], args: argparse.Namespa
             w.writerows(rows)
 
         _write_atomic(args.csv, write_csv)
+    print(f"\n## {name}\n")
+    print(format_table(rows, columns))
+    desc = info.get("gpu") or info["cpu"]
+    env = "".join(f"{k}={v} " for k, v in info["env"].items())
+    print(f"\n{desc}; torch {info['torch']}; triton {info['triton']}; python {info['python']}; "
+          f"{info['torch_threads']} threads; command: {env}{command_line()}")
+    asked = getattr(args, "reps", None)
+    fewer = [r for r in rows if asked and isinstance(r.get("reps"), int) and r["reps"] < asked]
+    if fewer:
+        print(f"note: {len(fewer)} of {len(rows)} rows timed fewer than --reps {asked} "
+              f"repetitions (time budget or a slow reference; as few as "
+              f"{min(r['reps'] for r in fewer)}): see 'reps' in --json / --csv")

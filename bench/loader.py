@@ -4,8 +4,10 @@
                            [--workers 2] [--codecs none,lz4] [--json out.json] [--quick]
 
 One synthetic corpus (cells x genes, ~``--nnz`` non-zeros per cell: sorted random gene ids,
-geometric counts; written once as a float32/int32 ``.h5ad`` and cached under
-``.cache/bench_loader/``) is read by
+geometric counts; written once as a float32/int32 ``.h5ad`` and cached, with the shards and
+annbatch's collection made from it, under ``--cache``: by default the user's cache folder,
+``$XDG_CACHE_HOME/txfm/bench_loader`` or ``~/.cache/txfm/bench_loader``, since the default
+corpus and its copies take several GiB) is read by
 
 * ``txfm`` — :class:`txfm.data.ShardLoader` on shards written by ``txfm data convert``
   (counts and indices stored as uint16, read by anndata as float32/int32; codec ``none``
@@ -37,13 +39,14 @@ import time
 
 import numpy as np
 
-from bench.common import (add_common_args, check_distinct, emit, refuse_with_quick, run,
+from bench.common import (add_common_args, check_common_args, check_distinct, emit, run,
                           warn_if_loaded)
 from txfm.cli import ArgumentParser, nonnegative_int, positive_int
 from txfm.files import write_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_CACHE = ROOT / ".cache" / "bench_loader"
+DEFAULT_CACHE = (pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+                 / "txfm" / "bench_loader")
 DEFAULT_ANNBATCH = ROOT / ".cache" / "annbatch-venv" / "bin" / "python"
 ANNBATCH_HELP = ("python3.12 -m venv .cache/annbatch-venv && .cache/annbatch-venv/bin/pip "
                  "install annbatch zarrs")
@@ -296,22 +299,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m bench.loader", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--cells", type=positive_int, default=200_000)
-    p.add_argument("--genes", type=positive_int, default=44_349)
-    p.add_argument("--nnz", type=positive_int, default=3_000, help="mean non-zeros per cell")
-    p.add_argument("--batch-size", type=positive_int, default=1024)
+    p.add_argument("--cells", type=positive_int, default=200_000,
+                   help="cells in the synthetic corpus (default: %(default)s)")
+    p.add_argument("--genes", type=positive_int, default=44_349,
+                   help="genes in the synthetic corpus (default: %(default)s)")
+    p.add_argument("--nnz", type=positive_int, default=3_000,
+                   help="mean non-zeros per cell, at most 0.9 x --genes (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=1024,
+                   help="cells per batch (default: %(default)s)")
     p.add_argument("--workers", type=nonnegative_int, default=2,
                    help="DataLoader worker processes for the extra txfm row (0: skip it)")
     p.add_argument("--codecs", default="none,lz4", help="txfm shard codecs to convert and read")
     p.add_argument("--batches", type=positive_int, default=None,
                    help="timed batches per process")
-    p.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE)
-    p.add_argument("--annbatch-python", type=pathlib.Path, default=DEFAULT_ANNBATCH)
-    p.add_argument("--no-annbatch", action="store_true")
-    p.add_argument("--no-h5ad", action="store_true")
+    p.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE,
+                   help="folder for the corpus, its shards and annbatch's collection, one "
+                        "subfolder per corpus, reused by later runs (default: %(default)s)")
+    p.add_argument("--annbatch-python", type=pathlib.Path, default=DEFAULT_ANNBATCH,
+                   help=f"the Python (>= 3.12) that has annbatch; make it with: {ANNBATCH_HELP} "
+                        f"(default: %(default)s)")
+    p.add_argument("--no-annbatch", action="store_true", help="leave out annbatch's rows")
+    p.add_argument("--no-h5ad", action="store_true", help="leave out the backed .h5ad row")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the corpus, our shards and annbatch's collection, then stop")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="the corpus's and the shuffles' seed (default: %(default)s)")
     # worker mode (one fresh process per measurement)
     p.add_argument("--worker", choices=["ours", "h5ad"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -326,8 +338,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not args.codecs:
         p.error(f"--codecs {args.codecs!r}: choose from {', '.join(CODECS)} (comma-separated)")
     check_distinct("--codecs", args.codecs.split(","))
-    refuse_with_quick(p, args, "--codecs", "--workers", "--cells", "--genes", "--nnz",
+    check_common_args(p, args, "--codecs", "--workers", "--cells", "--genes", "--nnz",
                       "--batch-size")
+    if args.nnz > 0.9 * args.genes:  # the corpus caps each cell's depth there
+        p.error(f"--nnz {args.nnz} is more than 0.9 x --genes {args.genes}: a cell has at most "
+                f"{int(0.9 * args.genes)} non-zeros here; lower --nnz or raise --genes")
     if not args.worker:
         from txfm.cli import folder_problem
 

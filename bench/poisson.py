@@ -23,12 +23,14 @@ fwd+bwd), the achieved GB/s and its fraction of the GPU's peak bandwidth.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_distinct, check_fits, compile_fn, emit, gpu_peak_bandwidth_gbs, peak_extra_mib,
-                          refuse_with_quick, run, select_impls, sync, time_fn, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_common_args,
+                          check_device, check_distinct, check_fits, compile_fn, emit,
+                          gpu_peak_bandwidth_gbs, peak_extra_mib, run, select_impls, sync, time_fn,
+                          warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -100,7 +102,7 @@ def run_case(B, G, dtype_name, device, impls, reps, max_seconds):
                 row["pct_peak_bw"] = round(100 * row["gb_per_s"] / peak_bw, 1) if peak_bw else None
             rows.append(row)
             print(f"B={B:5d} {dtype_name} {mode:8s} {impl:8s} {row['median_ms']:9.2f} ms  "
-                  f"peak +{row['peak_extra_mib']} MiB", flush=True)
+                  f"peak +{row['peak_extra_mib']} MiB", file=sys.stderr, flush=True)
             del call, fn
             sync(device)
     del z, x
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", help="comma-separated: fp32, bf16 (default both; fp32 with --quick)")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
-    refuse_with_quick(parser, args, "--batches", "--G")
+    check_common_args(parser, args, "--batches", "--G")
 
     device = torch.device(args.device)
     check_device(device)

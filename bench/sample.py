@@ -25,15 +25,17 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 import warnings
 
 import numpy as np
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_distinct, check_fits, emit, fail, gpu_peak_bandwidth_gbs, peak_extra_mib,
-                          refuse_with_quick, run, select_impls, sync, time_fn, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_common_args,
+                          check_device, check_distinct, check_fits, emit, fail,
+                          gpu_peak_bandwidth_gbs, peak_extra_mib, run, select_impls, sync, time_fn,
+                          warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
 G_FULL = 44_349
@@ -188,7 +190,7 @@ def run_case(B, kind, G, K, device, impls, reps, max_seconds, seed=0, nnz=None, 
             rows.append(row)
             print(f"B={B} {kind:4s} target={int(return_target)} {impl:11s} {ms:10.2f} ms "
                   f"{row['cells_per_s']:>10,} cells/s  peak +{row['peak_extra_mib']} MiB",
-                  flush=True)
+                  file=sys.stderr, flush=True)
             del call
             sync(device)
     return rows
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--K", type=positive_int, default=K_DEFAULT, help="shown genes per cell")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
-    refuse_with_quick(parser, args, "--cases", "--K")
+    check_common_args(parser, args, "--cases", "--K")
 
     device = torch.device(args.device)
     check_device(device)

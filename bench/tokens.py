@@ -21,12 +21,13 @@ run alone needs ~5 GB; ``--sizes all`` adds it). ``--quick``: one tiny case (a s
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, benchmark_backends, check_device,
-                          check_distinct, check_fits, compile_fn, emit, fail, gpu_peak_bandwidth_gbs,
-                          peak_extra_mib, refuse_with_quick, run, select_impls, sync, time_fn,
+from bench.common import (add_common_args, add_ratios, benchmark_backends, check_common_args,
+                          check_device, check_distinct, check_fits, compile_fn, emit, fail,
+                          gpu_peak_bandwidth_gbs, peak_extra_mib, run, select_impls, sync, time_fn,
                           warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 
@@ -112,7 +113,7 @@ def run_case(B, K, d, V, dtype_name, device, impls, reps, max_seconds):
                 row["pct_peak_bw"] = round(100 * row["gb_per_s"] / peak_bw, 1) if peak_bw else None
             rows.append(row)
             print(f"B={B} d={d} {dtype_name} {mode:8s} {impl:14s} {row['median_ms']:9.2f} ms  "
-                  f"peak +{row['peak_extra_mib']} MiB", flush=True)
+                  f"peak +{row['peak_extra_mib']} MiB", file=sys.stderr, flush=True)
             del call, fwd
             sync(device)
     del codebook, gene_ids, values, cls, grad
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--V", type=positive_int, default=V_FULL, help="codebook genes")
     parser.add_argument("--impls", help="comma-separated subset of the implementations")
     args = parser.parse_args(argv)
-    refuse_with_quick(parser, args, "--sizes", "--K", "--V")
+    check_common_args(parser, args, "--sizes", "--K", "--V")
 
     device = torch.device(args.device)
     check_device(device)

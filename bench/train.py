@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from bench.common import (add_common_args, add_ratios, check_device, check_distinct, emit,
-                          refuse_with_quick, run, sync, warn_if_loaded)
+from bench.common import (add_common_args, add_ratios, check_common_args, check_device,
+                          check_distinct, emit, run, sync, warn_if_loaded)
 from txfm.cli import ArgumentParser, positive_int
 from txfm.model import preset
 from txfm.model.config import TOKEN_NORMS
@@ -153,7 +153,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", action="append", choices=TOKEN_NORMS,
                         help="TxFMConfig.token_norm to time (repeatable; default: the preset's)")
     args = parser.parse_args(argv)
-    refuse_with_quick(parser, args, "--batch")
+    check_common_args(parser, args, "--batch")
     unknown = [p for p in args.preset or [] if p not in CASES["cuda"] and p not in CASES["cpu"]]
     if unknown:
         parser.error(f"--preset {unknown[0]}: choose from "

@@ -143,7 +143,8 @@ def _direct_op_cases():
                                             dataset_ids=T([0])),
          ValueError, r"dataset_ids must have shape \[B\] = \(2,\)"),
         ("out narrower than k", into(k=2), ValueError,
-         r"masked_sample_into: gene_ids must be a contiguous torch.int32 tensor of shape \(2, 4\)"),
+         r"masked_sample_into: gene_ids must be a contiguous torch.int32 tensor of shape "
+         r"\(2, 4\)"),
         ("target narrower than n_genes", into(n_genes=3), ValueError,
          r"masked_sample_into: target must be .* of shape \(2, 10\)"),
         ("values of another shape", tokens(values=torch.randn(1, 1)), ValueError,

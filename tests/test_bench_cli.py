@@ -13,7 +13,8 @@ CASES = {
                 ["--batches", "0"], ["--G", "0"], ["--json", "{tmp}"],
                 ["--csv", "{tmp}/afile/x.csv"], ["--quick", "--G", "100"],
                 ["--batches", "100000000", "--G", "44349"], ["--batches", "1", "--G", "10**11"],
-                ["--batches", "4,4"], ["--dtype", "fp32,fp32"], ["--impls", "eager,eager"]],
+                ["--batches", "4,4"], ["--dtype", "fp32,fp32"], ["--impls", "eager,eager"],
+                ["--json", "{tmp}/r.out", "--csv", "{tmp}/r.out"]],
     "tokens": [["--sizes", "4x1"], ["--K", "0"], ["--K", "200", "--V", "100"],
                ["--quick", "--sizes", "2x64"], ["--sizes", "100000000x768"],
                ["--V", "10000000000"], ["--sizes", "2x64,2x64"], ["--dtype", "fp32,fp32"]],
@@ -26,7 +27,8 @@ CASES = {
                ["--quick", "--cells", "100000"], ["--quick", "--batch-size", "64"],
                ["--quick", "--cache", "{tmp}/afile"],
                ["--cells", "100", "--batch-size", "256", "--cache", "{tmp}/c"],
-               ["--codecs", "none,none"]],
+               ["--codecs", "none,none"],
+               ["--nnz", "5000", "--genes", "100", "--cache", "{tmp}/c"]],
     "gpu_check": [["--only", "poison"]],
 }
 
@@ -211,3 +213,30 @@ def test_kernels_info_refuses_an_unknown_backend(capsys):
         main(["--require", "bogus"])
     assert exc.value.code == 2
     assert "--require 'bogus': not a backend" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_does_not_cost_the_result_files(tmp_path):
+    """``python -m bench.sample --json R | head -0``: the run stopped at its first progress
+    line on stdout (exit 141) and never wrote R. Progress now goes to stderr and the files are
+    written before the table is printed, so they are whole; the table's print then stops the
+    command quietly."""
+    import json
+
+    from _launch import reader_gone
+    from txfm.cli import CLOSED_PIPE_STATUS
+
+    out, table = tmp_path / "r.json", tmp_path / "r.csv"
+    code, err = reader_gone(["-m", "bench.sample", "--quick", "--impls", "cpu,torch", "--json",
+                             str(out), "--csv", str(table)])
+    assert code == CLOSED_PIPE_STATUS and "Traceback" not in err, err
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"cpu", "torch"} and all(r["median_ms"] > 0 for r in rows)
+    assert len(table.read_text().splitlines()) == len(rows) + 1
+
+
+def test_result_files_name_the_versions_that_made_them():
+    from bench.common import machine_info
+
+    info = machine_info("cpu")
+    assert info["txfm"] and info["torch"] and info["numpy"]
+    assert {"anndata", "zarr", "h5py", "scipy", "triton"} <= set(info)
