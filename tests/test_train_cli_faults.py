@@ -8,6 +8,7 @@ Corpora are in-memory (``random:``), models tiny, runs a few steps.
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import warnings
 
@@ -614,3 +615,94 @@ def test_a_run_stopped_before_its_first_step_removes_the_folder_it_made(exc, tmp
     with pytest.raises(exc):
         train(_cfg(tmp_path / "a" / "b"), _model())
     assert list(tmp_path.iterdir()) == []
+
+
+# -- faults a fresh user found (2026-12-02) ---------------------------------------------------
+@pytest.mark.parametrize("name, kind", [("checkpoints", "file"), ("tb", "file"),
+                                        ("metrics.csv", "folder"), ("config.json", "folder"),
+                                        ("loss.png", "folder")])
+def test_a_name_the_run_writes_taken_by_the_other_kind_is_refused_first(name, kind, capsys,
+                                                                        monkeypatch, tmp_path,
+                                                                        no_data):
+    """A file named ``checkpoints`` in --out trained the whole run and then failed at the first
+    save (a traceback, exit 1, config.json and metrics.csv left); a folder named
+    ``metrics.csv`` failed at the first row, leaving ``metrics.csv.tmp``."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / name).mkdir() if kind == "folder" else (out / name).write_text("mine")
+    msg = _error(["--data", DATA, "--out", str(out), *TINY, "--steps", "2"], capsys,
+                 monkeypatch, tmp_path)
+    assert f"{out / name} is there and is not a {'file' if kind == 'folder' else 'folder'}" in msg
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing else written
+
+
+def test_out_inside_the_shards_folder_is_refused(shards, capsys, monkeypatch, tmp_path, no_data):
+    for out in (shards, shards / "run"):
+        msg = _error(["--data", str(shards), "--out", str(out), *TINY, "--steps", "2"], capsys,
+                     monkeypatch, tmp_path)
+        assert "is the shards folder --data" in msg and "choose another --out" in msg
+    assert not (shards / "run").exists() and not (shards / "metrics.csv").exists()
+
+
+def test_resume_refuses_a_new_model_name(run, capsys, monkeypatch, tmp_path):
+    """``--set name=foo`` on --resume renamed the run's model, after which --preset with the
+    run's real preset was refused."""
+    msg = _error(["--out", str(run), "--resume", *TINY, "--set", "name=foo"], capsys,
+                 monkeypatch, tmp_path)
+    assert msg.startswith("--set name=foo with --resume: the run's model was trained with "
+                          "name='tiny'")
+
+
+def test_resume_accepts_the_weight_decay_in_use(run, capsys, monkeypatch, tmp_path):
+    """The default weight decay, 1 / (lr x steps), was compared as None, so naming the value
+    the run uses was refused as a change."""
+    import json
+
+    in_use = json.loads((run / "config.json").read_text())["weight_decay"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", str(run), "--resume", *TINY, "--weight-decay",
+                 repr(in_use)]) == 0
+    msg = _error(["--out", str(run), "--resume", *TINY, "--weight-decay", repr(in_use * 2)],
+                 capsys, monkeypatch, tmp_path)
+    assert f"(weight_decay {in_use})" in msg
+
+
+def test_resume_says_which_metrics_columns_it_drops(run, capsys, monkeypatch, tmp_path):
+    import csv
+
+    path = run / "metrics.csv"
+    rows = list(csv.reader(path.open(newline="")))
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([rows[0] + ["future_col"]] + [r + ["7"] for r in rows[1:]])
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", str(run), "--resume", *TINY, "--steps", "6"]) == 0
+    assert re.search(r"warning: .*metrics.csv: column future_col is not one this version "
+                     r"writes, so the 4 rows kept up to step 4 lose its values",
+                     capsys.readouterr().err)
+    assert "future_col" not in path.read_text()
+
+
+def test_resume_into_a_run_still_training_is_refused_before_the_checkpoint_is_read(
+        run, capsys, monkeypatch, tmp_path):
+    """It said "resumed from ... (step N)" and then refused: the lock was taken after the
+    checkpoint was loaded."""
+    from txfm.locks import folder_lock
+    from txfm.train.trainer import RUN_LOCK
+
+    monkeypatch.chdir(tmp_path)
+    with folder_lock(run, RUN_LOCK, "txfm train run"):
+        status = main(["train", "--out", str(run), "--resume", *TINY])
+    out, err = capsys.readouterr()
+    assert status == 2 and "resumed from" not in out + err, out + err
+    assert err.startswith(f"error: --out {run} is being written by another txfm train run (pid ")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_rule_between_two_fields_names_the_flag_of_each(capsys, monkeypatch, tmp_path):
+    msg = _error(["--data", DATA, "--out", str(tmp_path / "o"), *TINY, "--set", "dim=18",
+                  "--set", "heads=4"], capsys, monkeypatch, tmp_path)
+    assert "--set" in msg
+    msg = _error(["--data", DATA, "--out", str(tmp_path / "o"), "--set", "dim=130",
+                  "--no-progress"], capsys, monkeypatch, tmp_path)
+    assert msg.startswith("heads=4 (from --preset tiny): must divide dim=130") and \
+        msg.endswith("dim came from --set dim=130, so change one of the two"), msg

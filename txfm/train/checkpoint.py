@@ -48,16 +48,32 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(run_dir) / "checkpoints"
 
 
+# what a run writes in its folder, and of which kind (trainer.py, metrics.py)
+RUN_FOLDERS = ("checkpoints", "tb")
+RUN_FILES = ("config.json", "metrics.csv", "loss.png")
+
+
 def check_run_dir(run_dir: str | os.PathLike) -> None:
     """Raise :class:`txfm.model.config.ConfigError` (field ``out``) unless ``run_dir`` is, or
-    can be made, a folder this process can write in (:func:`txfm.cli.folder_problem`).
-    Leaves nothing behind."""
+    can be made, a folder this process can write in (:func:`txfm.cli.folder_problem`), and
+    every name the run writes there is free or of the kind it writes (a file where it keeps a
+    folder, or the other way round, failed only at the first checkpoint or metrics row, after
+    the training so far). Leaves nothing behind."""
     from txfm.cli import folder_problem
     from txfm.model.config import ConfigError
 
     problem = folder_problem(run_dir)
     if problem is not None:
         raise ConfigError("out", str(run_dir), problem)
+    run_dir = pathlib.Path(run_dir)
+    for names, is_kind, kind in ((RUN_FOLDERS, os.path.isdir, "folder"),
+                                 (RUN_FILES, os.path.isfile, "file")):
+        for name in names:
+            path = run_dir / name
+            if os.path.lexists(path) and not is_kind(path):
+                raise ConfigError("out", str(run_dir),
+                                  f"{path} is there and is not a {kind}, which the run writes "
+                                  f"under that name; move it away or choose another --out")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> pathlib.Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -171,9 +172,14 @@ def build_configs(args):
     saved = out / "config.json"
     try:
         check_run_dir(out)
+        busy = lock_holder(out, RUN_LOCK)
+        if busy and not (args.resume and not list_checkpoints(out)):  # that case: below
+            # here, before the checkpoint is read and "resumed from ..." said
+            raise UsageError(f"--out {out} is being written by another txfm train run "
+                             f"({busy}); wait for it to finish{', then resume' * args.resume}, "
+                             f"or choose another --out")
         if args.resume:
             if not list_checkpoints(out):
-                busy = lock_holder(out, RUN_LOCK)
                 if busy:
                     raise UsageError(f"--resume: {out} is being trained by another txfm train "
                                      f"run ({busy}) that has not written its first checkpoint "
@@ -210,9 +216,14 @@ def build_configs(args):
         if args.resume:
             # the optimizer's and the schedule's state come back from the checkpoint as they
             # were; a new value would be recorded but never used
-            fixed = [(dest, getattr(args, dest), getattr(train_cfg, _TRAIN_FLAGS[dest]))
+            in_use = dict(vars(train_cfg))
+            if in_use.get("weight_decay") is None:  # the default, 1 / (lr x steps): its value
+                in_use["weight_decay"] = stored.get("weight_decay")
+            fixed = [(dest, getattr(args, dest), in_use[_TRAIN_FLAGS[dest]])
                      for dest in _FIXED_ON_RESUME if getattr(args, dest) is not None]
-            changed = [(d, new, old) for d, new, old in fixed if new != old]
+            changed = [(d, new, old) for d, new, old in fixed if not (
+                new == old or (isinstance(new, float) and isinstance(old, float)
+                               and math.isclose(new, old, rel_tol=1e-9)))]
             if changed:
                 d, new, old = changed[0]
                 what = _FIXED_ON_RESUME[d]
@@ -228,6 +239,11 @@ def build_configs(args):
                    if getattr(args, dest) is not None}
         data = changes.get("data")
         if data is not None and not str(data).startswith("random") and os.path.isdir(data):
+            if out.resolve() == pathlib.Path(data).resolve() or (
+                    pathlib.Path(data).resolve() in out.resolve().parents):
+                raise UsageError(f"--out {out} is the shards folder --data {data} or lies inside "
+                                 f"it: the run's files would be written among the shards; "
+                                 f"choose another --out")
             # absolute in RUN/config.json: `--resume` may run from another folder
             changes["data"] = os.path.abspath(data)
         if args.steps is not None:
@@ -310,6 +326,14 @@ def _config_error(exc, args) -> UsageError:
                               f"it with the data it was trained on, or start a new run (another "
                               f"--out) on this data")
         where = f"{field}={exc.value!r} (from --preset {args.preset or 'tiny'})"
+        # a rule between two fields (heads must divide dim): name the flag that set the other
+        import re
+
+        other = next((f for f in re.findall(r"\b([a-z_]+)=", rule)
+                      if f != field and _model_flag(args, f)), None)
+        if other is not None:
+            return UsageError(f"{where}: {rule}; {other} came from {_model_flag(args, other)}, "
+                              f"so change one of the two")
     return UsageError(f"{where}: {rule}")
 
 

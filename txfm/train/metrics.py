@@ -108,6 +108,17 @@ class MetricsLogger:
                               f", before the checkpoint's step {resume_step}: the rows between "
                               f"are lost (the file was cut short or replaced), so the curves "
                               f"have a gap there", RuntimeWarning, stacklevel=2)
+            unknown = sorted({k for r in kept for k in r} - set(COLUMNS))
+            if unknown:  # another version's file, or an edited one: say what is lost
+                missing = [c for c in COLUMNS if c not in kept[0]]
+                warnings.warn(f"{self.path}: column{'s' * (len(unknown) > 1)} "
+                              f"{', '.join(unknown)} {'are' if len(unknown) > 1 else 'is'} not "
+                              f"one this version writes, so the {len(kept)} rows kept up to "
+                              f"step {resume_step} lose {'their' if len(unknown) > 1 else 'its'} "
+                              f"values" + (f", and have none for {', '.join(missing)}"
+                                           if missing else "")
+                              + " (the file was written by another version, or edited)",
+                              RuntimeWarning, stacklevel=2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # The kept history goes to a new file that replaces the old one whole: a crash here
         # leaves the old file, not a truncated one. The open handle follows the rename.

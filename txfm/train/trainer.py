@@ -64,9 +64,9 @@ _VAL_SEED = 0x5EED_0FF5E7  # validation draws: fixed, independent of the trainin
 
 
 RUN_LOCK = ".txfm-train.lock"  # held (flock) by the run writing the folder
-# TxFMConfig fields that only choose how the same model runs (or what it is called); --resume
-# may change these, and no other
-RUNTIME_MODEL_FIELDS = ("name", "backend", "attention")
+# TxFMConfig fields that only choose how the same model runs; --resume may change these, and no
+# other (not its name either: `--resume --preset S` checks the run's model by its name)
+RUNTIME_MODEL_FIELDS = ("backend", "attention")
 
 
 def changed_model_fields(saved, now) -> list[str]:
