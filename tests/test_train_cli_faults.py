@@ -676,8 +676,8 @@ def test_resume_says_which_metrics_columns_it_drops(run, capsys, monkeypatch, tm
         csv.writer(f).writerows([rows[0] + ["future_col"]] + [r + ["7"] for r in rows[1:]])
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--out", str(run), "--resume", *TINY, "--steps", "6"]) == 0
-    assert re.search(r"warning: .*metrics.csv: column future_col is not one this version "
-                     r"writes, so the 4 rows kept up to step 4 lose its values",
+    assert re.search(r"warning: .*metrics.csv: column future_col is not written by this "
+                     r"version, so the 4 rows kept up to step 4 lose its values",
                      capsys.readouterr().err)
     assert "future_col" not in path.read_text()
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import warnings
 
@@ -327,8 +328,6 @@ def _config_error(exc, args) -> UsageError:
                               f"--out) on this data")
         where = f"{field}={exc.value!r} (from --preset {args.preset or 'tiny'})"
         # a rule between two fields (heads must divide dim): name the flag that set the other
-        import re
-
         other = next((f for f in re.findall(r"\b([a-z_]+)=", rule)
                       if f != field and _model_flag(args, f)), None)
         if other is not None:
@@ -379,8 +378,6 @@ def _check_data(data: str | None, saved: pathlib.Path | None = None) -> None:
 def _in_flags(message: str) -> str:
     """A library message about sizes in this command's words: its options, not the Python
     arguments behind them (the trainer always drops a last partial batch)."""
-    import re
-
     message = message.replace("so drop_last=True leaves no batch; lower batch_size or pass "
                               "drop_last=False", "so not one whole batch can be drawn; lower "
                               "batch_size")

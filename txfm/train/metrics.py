@@ -111,12 +111,12 @@ class MetricsLogger:
             unknown = sorted({k for r in kept for k in r} - set(COLUMNS))
             if unknown:  # another version's file, or an edited one: say what is lost
                 missing = [c for c in COLUMNS if c not in kept[0]]
-                warnings.warn(f"{self.path}: column{'s' * (len(unknown) > 1)} "
-                              f"{', '.join(unknown)} {'are' if len(unknown) > 1 else 'is'} not "
-                              f"one this version writes, so the {len(kept)} rows kept up to "
-                              f"step {resume_step} lose {'their' if len(unknown) > 1 else 'its'} "
-                              f"values" + (f", and have none for {', '.join(missing)}"
-                                           if missing else "")
+                many = len(unknown) > 1
+                warnings.warn(f"{self.path}: column{'s' * many} {', '.join(unknown)} "
+                              f"{'are' if many else 'is'} not written by this version, so the "
+                              f"{len(kept)} rows kept up to step {resume_step} lose "
+                              f"{'their' if many else 'its'} values"
+                              + (f", and have none for {', '.join(missing)}" if missing else "")
                               + " (the file was written by another version, or edited)",
                               RuntimeWarning, stacklevel=2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
