@@ -126,6 +126,10 @@ def files(tmp_path_factory):
     paths["not_ckpt"].write_text("these are not the weights you are looking for\n")
     paths["empty_dir"] = root / "empty_dir"
     paths["empty_dir"].mkdir()
+    # result folders where a result file's name is taken by a folder
+    paths["taken"] = root / "taken"
+    for name in ("perturbation.csv", "recall_by_database.png"):
+        (paths["taken"] / name).mkdir(parents=True)
     paths["a_file"] = root / "a_file"
     paths["a_file"].write_text("x\n")
     paths["tenx_gz_cut"] = _write_10x(root / "tenx_gz_cut", counts, gz=True)
@@ -344,6 +348,12 @@ CASES = {
     "pert-baselines-hvg0": (_pert("--baselines", "liblog,liblog_hvg0"), "--baselines"),
     "pert-batch-key-is-perturbation-key": (_pert("--batch-key", "perturbation"),
                                            "--batch-key"),
+    # a result file's name taken by a folder: refused before the evaluation, which failed at
+    # the end with a traceback
+    "pert-result-name-is-a-folder": (_pert("--out", "{taken}"),
+                                     "{taken}/perturbation.csv is a folder"),
+    "rel-result-name-is-a-folder": (_rel("--genes", "{genes}", "--out", "{taken}"),
+                                    "{taken}/recall_by_database.png is a folder"),
     # -- txfm data ---------------------------------------------------------------------------------
     "convert-shard-cells-negative": (_convert("--shard-cells", "-5"), "--shard-cells"),
     "convert-shard-mb-0": (_convert("--shard-mb", "0"), "--shard-mb"),

@@ -45,3 +45,19 @@ def test_a_temporary_file_names_the_file_it_was_to_become(tmp_path, name):
     write_atomic(tmp_path / name, lambda tmp: seen.append(tmp.name) or tmp.write_text("x"))
     assert atomic_target(seen[0]) == name
     assert atomic_target(name) is None and atomic_target(".tmp-dataset_0-12") is None
+
+
+def test_staged_outputs_moves_every_file_or_none(tmp_path):
+    """``txfm eval``'s result files: a folder under one of their names stopped the moves
+    half-way (the files before it moved, a mix of two runs'); now none moves."""
+    from txfm.eval.io import staged_outputs
+
+    out = tmp_path / "o"
+    (out / "b.csv").mkdir(parents=True)
+    (out / "a.csv").write_text("last run")
+    with pytest.raises(IsADirectoryError, match=r"b\.csv is a folder"):
+        with staged_outputs(out) as tmp:
+            (tmp / "a.csv").write_text("this run")
+            (tmp / "b.csv").write_text("this run")
+    assert (out / "a.csv").read_text() == "last run"
+    assert sorted(p.name for p in out.iterdir()) == ["a.csv", "b.csv"]

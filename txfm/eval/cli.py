@@ -296,10 +296,22 @@ def _writable(path: pathlib.Path, option: str) -> None:
         raise UsageError(f"{option} {path}: {problem}")
 
 
-def _output(path, *, folder: bool) -> pathlib.Path:
+# the result files of the two evaluations, written into --out (staged_outputs)
+RELATIONSHIP_FILES = ("relationships.csv", "relationships_summary.csv",
+                      "recall_by_database.png", "recall_vs_components.png")
+PERTURBATION_FILES = ("perturbation_all.csv", "perturbation.csv", "perturbation_by_target.csv",
+                      "perturbation.png")
+
+
+def _output(path, *, folder: bool, writes: tuple[str, ...] = ()) -> pathlib.Path:
     """``--out`` checked before any work: a folder (``folder``) or an ``.h5ad`` file name, not
-    the other, where this process can write."""
+    the other, where this process can write; in a folder, none of the files it ``writes`` may
+    be a folder there (that failed at the end, after the whole evaluation)."""
     out = pathlib.Path(path)
+    for name in writes:
+        if (out / name).is_dir():
+            raise UsageError(f"--out {out}: {out / name} is a folder, where the results go in "
+                             f"a file of that name; move it away or choose another --out")
     blocking = file_in_path(out)
     if blocking is not None:
         raise UsageError(f"--out {out}: {blocking} is a file, not a folder; choose another path")
@@ -471,7 +483,7 @@ def cmd_relationships(args) -> int:
         check_null(args.null_pairs, args.draws)
     except ValueError as err:
         return _fail(str(err))
-    out = _output(args.out, folder=True)
+    out = _output(args.out, folder=True, writes=RELATIONSHIP_FILES)
     table = _table(args.gene_table)
     sources = args.sources.split(",") if args.sources else None
     try:
@@ -553,10 +565,11 @@ def cmd_relationships(args) -> int:
         return _fail(str(err))
     summary = _recall_summary(res)
     with staged_outputs(out) as tmp:  # all four files, or none, replace the last run's
-        res.to_csv(tmp / "relationships.csv", index=False)
-        summary.to_csv(tmp / "relationships_summary.csv", index=False)
-        plot_recall_by_database(res, tmp / "recall_by_database.png")
-        plot_recall_vs_components(res, tmp / "recall_vs_components.png")
+        table, table_summary, by_database, vs_components = RELATIONSHIP_FILES
+        res.to_csv(tmp / table, index=False)
+        summary.to_csv(tmp / table_summary, index=False)
+        plot_recall_by_database(res, tmp / by_database)
+        plot_recall_vs_components(res, tmp / vs_components)
     print(f"\nRecall 5/95 (%) per database, mean ± std over null draws (random: "
           f"{RANDOM_RECALL:.1f}):\n")
     print(markdown_table(_with_spread(summary)))
@@ -623,7 +636,7 @@ def cmd_perturbation(args) -> int:
     from .plots import markdown_table, plot_perturbation_metrics
     from .relationships import load_databases
 
-    out = _output(args.out, folder=True)
+    out = _output(args.out, folder=True, writes=PERTURBATION_FILES)
     if "pcst" in args.metrics.split(",") and args.pcst_null_draws < min_null_draws():
         return _fail(f"--pcst-null-draws {args.pcst_null_draws}: p.cst needs at least "
                      f"{min_null_draws()} null draws to reach p < {PCST_ALPHA}")
@@ -801,11 +814,11 @@ def cmd_perturbation(args) -> int:
               f"{n_perts} perturbation targets (if the labels are Ensembl ids, --gene-table "
               f"maps them to symbols)", file=sys.stderr)
     with staged_outputs(out) as tmp:  # all four files, or none, replace the last run's
-        full.to_csv(tmp / "perturbation_all.csv", index=False)
-        best.to_csv(tmp / "perturbation.csv", index=False)
-        pd.concat(targets, ignore_index=True).to_csv(tmp / "perturbation_by_target.csv",
-                                                     index=False)
-        plot_perturbation_metrics(best, tmp / "perturbation.png")
+        every, best_only, by_target, plot = PERTURBATION_FILES
+        full.to_csv(tmp / every, index=False)
+        best.to_csv(tmp / best_only, index=False)
+        pd.concat(targets, ignore_index=True).to_csv(tmp / by_target, index=False)
+        plot_perturbation_metrics(best, tmp / plot)
     shown = [c for c in ("embedding", "dims", "postprocess", "pcst", "lin_top1", "lin_top5",
                          "knn_top1", "knn_top5", "bmdb", "ilisi", "average") if c in best.columns]
     print("\nPerturbation benchmark (%; ilisi in [1, #batches]); best post-processing per "

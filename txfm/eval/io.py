@@ -248,7 +248,12 @@ def staged_outputs(out: str | pathlib.Path):
     tmp.mkdir()
     try:
         yield tmp
-        for f in sorted(tmp.iterdir()):
+        files = sorted(tmp.iterdir())
+        taken = [out / f.name for f in files if (out / f.name).is_dir()]
+        if taken:  # checked before the first move: all files or none
+            raise IsADirectoryError(f"{taken[0]} is a folder, where the result goes in a file "
+                                    f"of that name; move it away and run again")
+        for f in files:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
