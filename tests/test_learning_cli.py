@@ -312,6 +312,23 @@ def test_unusable_out_or_root_is_an_error_line(fake, tmp_path, capsys, argv, mes
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("taken, kind", [("learning.json", "folder"), ("genes", "file"),
+                                         ("perturbation/perturbation.csv", "folder"),
+                                         ("screen_emb_txfm.h5ad", "folder")])
+def test_a_name_the_command_writes_taken_by_the_other_kind_is_refused_first(
+        fake, tmp_path, capsys, taken, kind):
+    """``learning.json`` as a folder in --out trained every run and failed at the end."""
+    path = tmp_path / "out" / taken
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if kind == "folder" else path.write_text("")
+    code, _, err = _main(capsys, "--out", "out")
+    assert code == 2
+    assert _error_line(err).startswith(f"error: --out out: out/{taken} is a {kind}, where "
+                                       f"the results go in a "
+                                       f"{'file' if kind == 'folder' else 'folder'}")
+    assert fake.calls == [] and fake.built == []
+
+
 def _ctrl_c(*a, **k):
     raise KeyboardInterrupt
 

@@ -303,15 +303,20 @@ PERTURBATION_FILES = ("perturbation_all.csv", "perturbation.csv", "perturbation_
                       "perturbation.png")
 
 
-def _output(path, *, folder: bool, writes: tuple[str, ...] = ()) -> pathlib.Path:
+def _output(path, *, folder: bool, writes: tuple[str, ...] = (),
+            folders: tuple[str, ...] = ()) -> pathlib.Path:
     """``--out`` checked before any work: a folder (``folder``) or an ``.h5ad`` file name, not
     the other, where this process can write; in a folder, none of the files it ``writes`` may
-    be a folder there (that failed at the end, after the whole evaluation)."""
+    be a folder there, nor any of its ``folders`` a file (either failed at the end, after the
+    whole evaluation)."""
     out = pathlib.Path(path)
-    for name in writes:
-        if (out / name).is_dir():
-            raise UsageError(f"--out {out}: {out / name} is a folder, where the results go in "
-                             f"a file of that name; move it away or choose another --out")
+    for names, is_wrong, found, wanted in ((writes, pathlib.Path.is_dir, "folder", "file"),
+                                           (folders, pathlib.Path.is_file, "file", "folder")):
+        for name in names:
+            if is_wrong(out / name):
+                raise UsageError(f"--out {out}: {out / name} is a {found}, where the results go "
+                                 f"in a {wanted} of that name; move it away or choose another "
+                                 f"--out")
     blocking = file_in_path(out)
     if blocking is not None:
         raise UsageError(f"--out {out}: {blocking} is a file, not a folder; choose another path")

@@ -68,7 +68,7 @@ from txfm.cli import (ArgumentParser, UsageError, error_message, int_at_least, n
 from txfm.files import write_atomic
 from txfm.model.config import PAPER_BETA
 
-from .cli import _output, _writable
+from .cli import PERTURBATION_FILES, RELATIONSHIP_FILES, _output, _writable
 
 # The Table 5 variants: name -> extra `txfm train` arguments (same data, budget and seeds).
 VARIANTS = {
@@ -410,7 +410,7 @@ def summarize(outs: list[pathlib.Path]):
 def _print_summary(args) -> int:
     from .perturbation import POSTPROCESSING
 
-    out = _output(args.out, folder=True)  # checked before the runs are read
+    out = _output(args.out, folder=True, writes=("table5_seeds.csv",))  # before the runs' reads
     outs = [pathlib.Path(o) for o in args.summarize]
     table = summarize(outs)
     n = len(outs)
@@ -512,8 +512,15 @@ def _learn(args, names: list[str]) -> int:
     from txfm.train import TrainConfig
     from txfm.train.checkpoint import CheckpointError
 
-    # every check before the demo is built or anything trains
-    out = _output(args.out, folder=True)
+    # every check before the demo is built or anything trains, the names it writes in --out too
+    every = [*names, UNTRAINED]
+    out = _output(args.out, folder=True,
+                  writes=("learning.json", *(f"screen_emb_{n}.h5ad" for n in every),
+                          *(f"perturbation/{f}" for f in PERTURBATION_FILES),
+                          *(f"genes/genes_{n}.h5ad" for n in every),
+                          *(f"genes/{n}/{f}" for n in every for f in RELATIONSHIP_FILES)),
+                  folders=("perturbation", "genes", *(f"run_{n}" for n in every),
+                           *(f"genes/{n}" for n in every)))
     root = pathlib.Path(args.root)
     _check_root(root)
     ks: set[int] = set()
