@@ -280,7 +280,7 @@ def test_bad_arguments_are_named():
         gene_tokens(codebook.half(), gene_ids, values)
     with pytest.raises(ValueError, match="codebook must be \\[n_genes, d - 1\\]"):
         gene_tokens(codebook[0], gene_ids, values)
-    with pytest.raises(ValueError, match="one device.*gene_ids on meta"):
+    with pytest.raises(ValueError, match="gene_ids is on meta but codebook is on cpu"):
         gene_tokens(codebook, gene_ids.to("meta"), values)
     with pytest.raises(ValueError, match="backend='fast'"):
         gene_tokens(codebook, gene_ids, values, backend="fast")

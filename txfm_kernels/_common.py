@@ -453,9 +453,11 @@ def check_reverse_mode_only(op: str, hint: str = "", *, vmap: bool = True, **ten
 
 
 def check_same_device(op: str, first: str, **others) -> None:
-    """Every tensor of ``others`` (None skipped) is on the device of tensor ``first``."""
+    """Every tensor of ``others`` (None skipped) is on the device of ``others[first]``, a tensor
+    or, where the caller holds only its device, a ``torch.device``."""
     named = {k: v for k, v in others.items() if v is not None}
-    device = named[first].device
+    ref = named.pop(first)
+    device = ref.device if isinstance(ref, torch.Tensor) else ref
     for name, t in named.items():
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {device}; "

@@ -102,6 +102,39 @@ def _key(name: str) -> str:
     return f"X_{name}"
 
 
+# What this command writes in --out, named once for the writers and for the check before any
+# work (_out_names)
+SUMMARY = "learning.json"
+TABLES = "perturbation"  # txfm eval perturbation's --out
+GENES = "genes"
+
+
+def _run_dir(out: pathlib.Path, name: str) -> pathlib.Path:
+    return out / f"run_{name}"
+
+
+def _screen(out: pathlib.Path, name: str) -> pathlib.Path:
+    """The screen with the embeddings of ``name`` and of every variant embedded before it."""
+    return out / f"screen_emb_{name}.h5ad"
+
+
+def _genes(out: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(``txfm genes``' h5ad, ``txfm eval relationships``' --out) of a run."""
+    return out / GENES / f"genes_{name}.h5ad", out / GENES / name
+
+
+def _out_names(names: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(files, folders) the runs ``names`` write, relative to --out."""
+    here = pathlib.Path()
+    files = [SUMMARY, *(f"{TABLES}/{f}" for f in PERTURBATION_FILES)]
+    folders = [TABLES, GENES]
+    for n in names:
+        genes, table = _genes(here, n)
+        files += [str(_screen(here, n)), str(genes), *(str(table / f) for f in RELATIONSHIP_FILES)]
+        folders += [str(_run_dir(here, n)), str(table)]
+    return tuple(files), tuple(folders)
+
+
 def _run(argv: list[str]) -> None:
     from txfm.cli import main
 
@@ -280,9 +313,9 @@ def _gene_recall(runs: dict[str, pathlib.Path], demo, out: pathlib.Path, threads
     import pandas as pd
 
     recall = {}
-    (out / "genes").mkdir(parents=True, exist_ok=True)
+    (out / GENES).mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():
-        genes, table = out / "genes" / f"genes_{name}.h5ad", out / "genes" / name
+        genes, table = _genes(out, name)
         _run(["genes", "--checkpoint", str(run), "--out", str(genes), *quiet])
         _run(["eval", "relationships", "--genes", str(genes), "--db",
               str(demo.truth / "relationships.txt"), "--no-sweep", "--out", str(table), *threads,
@@ -315,7 +348,7 @@ def _gene_recall_of(out: pathlib.Path) -> list[tuple[str, str, float]]:
     """``(variant, "enc" | "dec", recall)`` of a finished run's ``learning.json`` (none when the
     run has no such file, or scored no genes). Raises :class:`UsageError` naming the file when
     it is not this command's JSON."""
-    path = out / "learning.json"
+    path = out / SUMMARY
     if not path.is_file():
         return []
     try:
@@ -359,7 +392,7 @@ def summarize(outs: list[pathlib.Path]):
 
     values: dict[tuple[str, str, str], dict[int, float]] = {}
     for i, out in enumerate(outs):
-        table_csv = out / "perturbation" / "perturbation_all.csv"
+        table_csv = out / TABLES / "perturbation_all.csv"
         if not table_csv.is_file():
             raise UsageError(f"--summarize {out}: no {table_csv.relative_to(out)}; give --out "
                              f"folders of finished runs of python -m txfm.eval.learning")
@@ -513,14 +546,8 @@ def _learn(args, names: list[str]) -> int:
     from txfm.train.checkpoint import CheckpointError
 
     # every check before the demo is built or anything trains, the names it writes in --out too
-    every = [*names, UNTRAINED]
-    out = _output(args.out, folder=True,
-                  writes=("learning.json", *(f"screen_emb_{n}.h5ad" for n in every),
-                          *(f"perturbation/{f}" for f in PERTURBATION_FILES),
-                          *(f"genes/genes_{n}.h5ad" for n in every),
-                          *(f"genes/{n}/{f}" for n in every for f in RELATIONSHIP_FILES)),
-                  folders=("perturbation", "genes", *(f"run_{n}" for n in every),
-                           *(f"genes/{n}" for n in every)))
+    files, folders = _out_names([*names, UNTRAINED])
+    out = _output(args.out, folder=True, writes=files, folders=folders)
     root = pathlib.Path(args.root)
     _check_root(root)
     ks: set[int] = set()
@@ -543,7 +570,7 @@ def _learn(args, names: list[str]) -> int:
     steps, seed = recipe.steps, recipe.seed
     for name in [*names, UNTRAINED]:
         if name not in runs:
-            runs[name] = out / f"run_{name}"
+            runs[name] = _run_dir(out, name)
             todo[name], note, run_k[name] = _plan(runs[name], 1 if name == UNTRAINED else steps,
                                                   seed, out)
             if note:
@@ -574,14 +601,14 @@ def _learn(args, names: list[str]) -> int:
 
     emb = demo.raw / "screen.h5ad"
     for name, run in runs.items():  # each variant adds its key to a copy of the screen
-        src, emb = emb, out / f"screen_emb_{name}.h5ad"
+        src, emb = emb, _screen(out, name)
         _run(["embed", "--checkpoint", str(run), "--input", str(src), "--out", str(emb),
               "--key", _key(name), *quiet])
         if name in todo and name != UNTRAINED:  # the baseline needs no oracle of its own
             ks.add(run_k[name] if run_k[name] is not None
                    else int(_state(run)["model_config"]["k"]))
     recall = _gene_recall(runs, demo, out, threads, quiet)
-    table_dir = out / "perturbation"
+    table_dir = out / TABLES
     _run(["eval", "perturbation", "--embeddings", str(emb), "--perturbation-key", "perturbation",
           "--control", "non-targeting", "--batch-key", "batch",
           "--db", str(demo.truth / "relationships.txt"), "--baselines", "liblog,pca",
@@ -607,7 +634,7 @@ def _learn(args, names: list[str]) -> int:
     summary = {"chance_top1": chance, "checks": checks,
                "best": best.reset_index().to_dict(orient="records"),
                "gene_recall": recall, "gene_recall_random": RANDOM_RECALL}
-    _write_json(out / "learning.json", summary)  # before the tables: see _print_summary
+    _write_json(out / SUMMARY, summary)  # before the tables: see _print_summary
     print(f"\nchance: top-1 {chance:.1f}%, top-5 {chance5:.1f}% ({n_perts} perturbations)")
     for what, ok in checks.items():
         print(f"  X_txfm {what}: {'yes' if ok else 'NO'}")
@@ -616,7 +643,7 @@ def _learn(args, names: list[str]) -> int:
           f"codebook (enc) and the decoder's gene weights (dec), 5/95 %, random "
           f"{RANDOM_RECALL:g}")
     print(markdown_table(_table5(best, recall)))
-    print(f"wrote {out / 'learning.json'}")
+    print(f"wrote {out / SUMMARY}")
     return 0 if all(checks.values()) else 1
 
 

@@ -44,13 +44,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read (truncated, corrupt, or not a TxFM checkpoint)."""
 
 
+# the names a run writes in its folder (here, trainer.py, metrics.py), by kind for check_run_dir
+CHECKPOINTS, TENSORBOARD = "checkpoints", "tb"
+CONFIG, METRICS, LOSS_PLOT = "config.json", "metrics.csv", "loss.png"
+RUN_FOLDERS = (CHECKPOINTS, TENSORBOARD)
+RUN_FILES = (CONFIG, METRICS, LOSS_PLOT)
+
+
 def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
-    return pathlib.Path(run_dir) / "checkpoints"
-
-
-# what a run writes in its folder, and of which kind (trainer.py, metrics.py)
-RUN_FOLDERS = ("checkpoints", "tb")
-RUN_FILES = ("config.json", "metrics.csv", "loss.png")
+    return pathlib.Path(run_dir) / CHECKPOINTS
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> None:
@@ -299,7 +301,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, map_location="cpu"):
     map_location = check_map_location(map_location)  # before any file is blamed
     target = pathlib.Path(path_or_run_dir)
     if target.is_dir():
-        if target.name == "checkpoints" and list_checkpoints(target.parent):
+        if target.name == CHECKPOINTS and list_checkpoints(target.parent):
             target = target.parent  # RUN/checkpoints given for RUN
         found = latest_checkpoint(target, map_location)
         if found is None:

@@ -159,8 +159,8 @@ def build_configs(args):
     """
     from txfm.locks import lock_holder
     from txfm.model import TxFMConfig, preset
-    from txfm.train.checkpoint import (check_run_dir, checkpoint_dir, list_checkpoints,
-                                       set_aside_checkpoints)
+    from txfm.train.checkpoint import (CONFIG, check_run_dir, checkpoint_dir,
+                                       list_checkpoints, set_aside_checkpoints)
     from txfm.train.config import ConfigError, TrainConfig
     from txfm.train.trainer import RUN_LOCK
 
@@ -170,17 +170,18 @@ def build_configs(args):
             raise UsageError(f"{flag} is empty: name a folder (or leave {flag} out for its "
                              "default)")
     out = pathlib.Path(args.out or f"runs/{name}")
-    saved = out / "config.json"
+    saved = out / CONFIG
     try:
         check_run_dir(out)
         busy = lock_holder(out, RUN_LOCK)
-        if busy and not (args.resume and not list_checkpoints(out)):  # that case: below
+        has_checkpoint = bool(list_checkpoints(out)) if args.resume else False
+        if busy and not (args.resume and not has_checkpoint):  # that case: below
             # here, before the checkpoint is read and "resumed from ..." said
             raise UsageError(f"--out {out} is being written by another txfm train run "
                              f"({busy}); wait for it to finish{', then resume' * args.resume}, "
                              f"or choose another --out")
         if args.resume:
-            if not list_checkpoints(out):
+            if not has_checkpoint:
                 if busy:
                     raise UsageError(f"--resume: {out} is being trained by another txfm train "
                                      f"run ({busy}) that has not written its first checkpoint "
@@ -308,6 +309,8 @@ def build_configs(args):
 def _config_error(exc, args) -> UsageError:
     """A :class:`~txfm.model.config.ConfigError` as the user's mistake, named by the flag that
     gave the value: ``--k 5000``, ``--set k=5000``, or the preset / saved run it came from."""
+    from txfm.train.checkpoint import CONFIG
+
     field, rule = exc.field, exc.rule
     if not exc.owner.startswith("TxFMConfig"):
         return UsageError(f"{_FLAG_OF.get(field, field)} {exc.value}: {rule}")
@@ -318,7 +321,7 @@ def _config_error(exc, args) -> UsageError:
         where = f"{flag} ({field}={exc.value!r})"
     else:
         out = pathlib.Path(args.out or f"runs/{args.preset or 'tiny'}")
-        saved = out / "config.json"
+        saved = out / CONFIG
         if args.resume and saved.exists():
             # the run's model is fixed, so the advice to change the value cannot be followed:
             # the data is what does not fit
@@ -391,12 +394,13 @@ def _in_flags(message: str) -> str:
 def run(args) -> int:
     from txfm.cli import check_device
     from txfm.train import distributed as dist
+    from txfm.train.checkpoint import CONFIG
     from txfm.train.config import ConfigError
     from txfm.train.trainer import Trainer
 
     train_cfg, model_cfg = build_configs(args)
     from_run = args.resume and args.data is None
-    _check_data(train_cfg.data, pathlib.Path(train_cfg.out) / "config.json" if from_run else None)
+    _check_data(train_cfg.data, pathlib.Path(train_cfg.out) / CONFIG if from_run else None)
     check_device("--device", train_cfg.device)
     try:
         try:

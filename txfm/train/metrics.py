@@ -17,6 +17,8 @@ import os
 import pathlib
 import warnings
 
+from .checkpoint import METRICS, TENSORBOARD
+
 COLUMNS = ["step", "epoch", "samples", "train_loss", "val_loss", "lr", "grad_norm",
            "samples_per_s", "step_ms", "mfu", "elapsed_s", "masked_r2", "cls_gain", "erank",
            "collapsed"]
@@ -95,7 +97,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: pathlib.Path, resume_step: int | None, tensorboard: bool,
                  rows: list[dict] | None = None):
-        self.path = pathlib.Path(run_dir) / "metrics.csv"
+        self.path = pathlib.Path(run_dir) / METRICS
         kept = []
         if resume_step is not None:
             if rows is None and self.path.exists():
@@ -137,7 +139,7 @@ class MetricsLogger:
             except ImportError:  # tensorboard not installed: CSV only
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tb"),
+                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / TENSORBOARD),
                                          purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, row: dict) -> None:

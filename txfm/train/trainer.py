@@ -131,7 +131,7 @@ class Trainer:
         self.dist = dist.init(cfg.device)
         self.device = self.dist.device
         check_runtime(self.model_config, self.device)
-        metrics = pathlib.Path(cfg.out) / "metrics.csv"
+        metrics = pathlib.Path(cfg.out) / ckpt.METRICS
         self._metrics_rows = (read_metrics(metrics) if cfg.resume and self.dist.is_main
                               and metrics.exists() else None)
         self.is_cuda = self.device.type == "cuda"
@@ -565,7 +565,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {
+        write_json_atomic(self.run_dir / ckpt.CONFIG, {
             "model": self.model_config.to_dict(), "train": self.cfg.to_dict(),
             "n_genes": self.n_genes, "total_steps": self.total_steps,
             "weight_decay": self.weight_decay, "world_size": self.dist.world_size,
@@ -691,7 +691,7 @@ class Trainer:
                 if cfg.plot:
                     from .plot import plot_losses
 
-                    result.plot = plot_losses(result.metrics, self.run_dir / "loss.png",
+                    result.plot = plot_losses(result.metrics, self.run_dir / ckpt.LOSS_PLOT,
                                               title=f"TxFM-{self.model_config.name}")
         return result
 

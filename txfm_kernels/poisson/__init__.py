@@ -86,7 +86,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._common import (_TRACING_TENSORS, BACKENDS, Number, backend_module, check_choice,
-                       check_number, check_reverse_mode_only, check_row_ids, check_tensor,
+                       check_number, check_reverse_mode_only, check_row_ids, check_same_device,
+                       check_tensor,
                        op_backend, resolve, traced, transformed)
 from ..masks import RowGeneMask
 from . import reference
@@ -158,9 +159,7 @@ def _rows(logits, target, op: str):
     if logits.numel() == 0:
         raise ValueError(f"{op}: logits must have B >= 1 rows and G >= 1 genes, got shape "
                          f"{tuple(logits.shape)}")
-    if logits.device != target.device:
-        raise ValueError(f"{op}: logits is on {logits.device} but target is on {target.device}; "
-                         f"move them to the same device")
+    check_same_device(op, "logits", logits=logits, target=target)
     if target.requires_grad:
         raise ValueError(f"{op}: target must not require grad (the loss is not differentiated "
                          f"with respect to it); pass target.detach()")
@@ -188,10 +187,8 @@ def _check_gene_mask(gene_mask, B, G, device: torch.device, op: str):
         if ids.shape != (B,):
             raise ValueError(f"{op}: gene_mask.dataset_ids must have shape [B] = ({B},), got "
                              f"{tuple(ids.shape)}")
-        for name, t in (("mask", mask), ("dataset_ids", ids)):
-            if t.device != device:
-                raise ValueError(f"{op}: gene_mask.{name} is on {t.device} but logits is on "
-                                 f"{device}; move it to the same device")
+        check_same_device(op, "logits", logits=device,
+                          **{"gene_mask.mask": mask, "gene_mask.dataset_ids": ids})
         return mask, ids
     if not isinstance(gene_mask, torch.Tensor):
         raise TypeError(f"{op}: gene_mask must be None, a bool tensor or a RowGeneMask, got "
@@ -201,9 +198,7 @@ def _check_gene_mask(gene_mask, B, G, device: torch.device, op: str):
     if tuple(gene_mask.shape) not in ((G,), (B, G)):
         raise ValueError(f"{op}: gene_mask must have shape [G]=({G},) or [B, G]=({B}, {G}), got "
                          f"{tuple(gene_mask.shape)}")
-    if gene_mask.device != device:
-        raise ValueError(f"{op}: gene_mask is on {gene_mask.device} but logits is on {device}; "
-                         f"move it to the same device")
+    check_same_device(op, "logits", logits=device, gene_mask=gene_mask)
     return gene_mask, None
 
 

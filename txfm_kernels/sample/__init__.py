@@ -92,8 +92,8 @@ import torch
 
 from .. import _pool
 from .._common import (BACKENDS, Number, as_int, backend_module, check_choice, check_fits,
-                       check_int, check_number, check_tensor, op_backend, resolve, shown,
-                       traced)
+                       check_int, check_number, check_same_device, check_tensor, op_backend,
+                       resolve, shown, traced)
 from ..masks import ObservableGenes, RowGeneMask
 from . import reference
 from .reference import Call, call_key
@@ -175,23 +175,13 @@ def _check_inputs(indptr, indices, counts, n_genes, k, observable, dataset_ids, 
     if indptr.dtype == torch.int32:
         indptr = indptr.long()
     check_tensor(indptr, "indptr", _OP, (torch.int64,), desc="int64 (or int32)")
-    if indptr.numel() < 1:
-        raise ValueError(f"{_OP}: indptr must have B + 1 >= 1 entries, got none")
     check_tensor(indices, "indices", _OP, (torch.int32,), hint="pass indices.to(torch.int32)")
     if counts.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{_OP}: counts must not require grad (the draw is not differentiable); "
                          "pass counts.detach()")
-    if counts.numel() != indices.numel():
-        raise ValueError(f"{_OP}: counts has {counts.numel()} entries but indices has "
-                         f"{indices.numel()}; they must be the CSR data and indices of one matrix")
     counts = _check_counts(counts)
+    _check_op_args(indptr, indices, counts, None, None, None, n_genes, k, _OP)
     device = indptr.device
-    for name, t in (("indices", indices), ("counts", counts)):
-        if t.device != device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but indptr on {device}; "
-                             f"move all inputs to one device")
-    check_int(n_genes, "n_genes", _OP, 1, 2**31)
-    check_int(k, "k", _OP, 1, what=" (genes shown per row)")
     B = indptr.shape[0] - 1
     if observable is not None:
         if not isinstance(observable, ObservableGenes):
@@ -307,11 +297,7 @@ def _check_op_args(indptr, indices, counts, obs_indptr, obs_genes, dataset_ids, 
             raise ValueError(f"{op}: dataset_ids must have shape [B] = ({indptr.numel() - 1},), "
                              f"got {tuple(dataset_ids.shape)}")
         named["dataset_ids"] = dataset_ids
-    device = indptr.device
-    for name, t in named.items():
-        if t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device} but indptr on {device}; move all "
-                             f"inputs to one device")
+    check_same_device(op, "indptr", **named)
 
 
 # ---------------------------------------------------------------------------------------------

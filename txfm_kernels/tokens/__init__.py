@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from .._common import (BACKENDS, as_int, backend_module, check_choice, check_int,
-                       check_reverse_mode_only, check_tensor, renamed_padding, resolve)
+                       check_reverse_mode_only, check_same_device, check_tensor,
+                       renamed_padding, resolve)
 from . import reference
 
 __all__ = ["gene_tokens", "GeneTokenizer"]
@@ -102,12 +103,8 @@ def _check_args(codebook, gene_ids, values, cls, key_padding_mask, backend, op: 
         if key_padding_mask.shape != gene_ids.shape:
             raise ValueError(f"{op}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
                              f"the shape of gene_ids {tuple(gene_ids.shape)}")
-    named = [("codebook", codebook), ("gene_ids", gene_ids), ("values", values), ("cls", cls),
-             ("key_padding_mask", key_padding_mask)]
-    devices = {n: t.device for n, t in named if t is not None}
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {dev}" for n, dev in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    check_same_device(op, "codebook", codebook=codebook, gene_ids=gene_ids, values=values,
+                      cls=cls, key_padding_mask=key_padding_mask)
 
 
 def _check_backward_args(grad, gene_ids, key_padding_mask, n_genes, has_cls, backend):
@@ -123,16 +120,12 @@ def _check_backward_args(grad, gene_ids, key_padding_mask, n_genes, has_cls, bac
     if grad.dim() != 3 or tuple(grad.shape[:2]) != (B, K + int(has_cls)) or grad.shape[2] < 2:
         raise ValueError(f"{op}: grad must be [B, K + has_cls, d] = [{B}, {K + int(has_cls)}, d] "
                          f"with d >= 2, got shape {tuple(grad.shape)}")
-    named = {"grad": grad, "gene_ids": gene_ids}
     if key_padding_mask is not None:
         check_tensor(key_padding_mask, "key_padding_mask", op, (torch.bool,))
         if key_padding_mask.shape != gene_ids.shape:
             raise ValueError(f"{op}: key_padding_mask {tuple(key_padding_mask.shape)} must have "
                              f"the shape of gene_ids {tuple(gene_ids.shape)}")
-        named["key_padding_mask"] = key_padding_mask
-    if len({t.device for t in named.values()}) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    check_same_device(op, "grad", grad=grad, gene_ids=gene_ids, key_padding_mask=key_padding_mask)
 
 
 # ---------------------------------------------------------------------------------------------
