@@ -114,7 +114,7 @@ def register(subparsers) -> None:
                    help="obsm key(s) of --genes to evaluate (default: all)")
     p.add_argument("--n-components", action="append", default=None,
                    help="PCA components, KEY=N or N for all (default X_codebook=32, "
-                        "X_decoder=256, others and baselines 1024); capped by min(genes, dims)")
+                        "X_decoder=256, others and baselines 1024); capped by min(genes - 1, dims)")
     p.add_argument("--gene-table", default=None, help="map Ensembl ids to symbols")
     p.add_argument("--counts", default=None,
                    help="training-like counts (.h5ad/10x) for the PCA-loadings baseline")

@@ -80,8 +80,9 @@ def resolve_precision(precision: str, device: str, trained: str | None = None) -
     (``trained``: the model's ``trained_precision``, set by :func:`load_model`), bf16 when
     that is unknown.
     A model trained in fp32 can keep part of its cell state in low-variance directions of the
-    CLS embedding that bf16 rounding erases: on the CPU-trained demo model, a bf16 forward
-    lowered the perturbation benchmark's average from 59.8 to 55.8 (``docs/learning.md``).
+    CLS embedding that bf16 rounding erases: on the CPU-trained model of the earlier demo (until
+    2026-12-01), a bf16 forward lowered the perturbation benchmark's average from 59.8 to 55.8
+    (``docs/learning.md``).
 
     Raises:
         ValueError: ``precision`` not one of :data:`PRECISIONS`.

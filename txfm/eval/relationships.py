@@ -6,7 +6,7 @@ it encodes known biology is measured as in the EFAAR benchmark:
 
 1. standardise the columns of ``R`` (mean 0, variance 1);
 2. PCA to ``c`` components (32 for the codebook, 256 for the decoder, 1024 for baselines;
-   capped by ``min(G, D)``); PCA loadings, principal axes already, keep their own top ``c``
+   capped by ``min(G - 1, D)``); PCA loadings, principal axes already, keep their own top ``c``
    (``GeneRepresentation.nested``);
 3. cosine similarity between genes, ``s_ij = <z_i, z_j> / (|z_i| |z_j|)``;
 4. null: similarities of ``n_null`` random pairs of distinct genes (seeded, ``draws`` times);
@@ -230,7 +230,7 @@ def load_databases(paths: Iterable[str | pathlib.Path], *, gmt_max_size: int = G
 
 def pca_unit_vectors(reps: np.ndarray, n_components: int, *, seed: int = RANDOM_SEED
                      ) -> np.ndarray:
-    """Standardise columns, PCA to ``min(n_components, G, D)`` components, unit rows.
+    """Standardise columns, PCA to ``min(n_components, G - 1, D)`` components, unit rows.
 
     Args:
         reps: ``[G, D]`` gene representation (any float dtype).

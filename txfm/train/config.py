@@ -1,6 +1,6 @@
 """Training recipe (arXiv:2605.31562, training recipe) and run settings.
 
-Recipe defaults: AdamW (fused on CUDA), peak lr 1e-3, betas (0.9, 0.999), eps 1e-6,
+Recipe defaults: AdamW (fused), peak lr 1e-3, betas (0.9, 0.999), eps 1e-6,
 weight decay ``1 / (lr * total_steps)``, one-cycle cosine schedule with 10% warm-up
 (:mod:`txfm.train.schedule`),
 bf16 autocast on GPU, gradient clipping at 1.0 **(our choice; the paper does not say)**.
