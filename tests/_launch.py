@@ -12,17 +12,42 @@ def torchrun(args: list[str], *, cwd, nproc: int = 2, timeout: float = 300) -> t
     stderr together). One thread per rank, a port of this test process's own. The launch gets
     its own process group, so on a timeout every rank is killed and the test fails instead of
     hanging the suite on a rank that holds the output pipes."""
+    proc = start_torchrun(args, cwd=cwd, nproc=nproc)
+    out, _ = finish(proc, timeout, "torchrun")
+    return proc.returncode, out
+
+
+def start_torchrun(args: list[str], *, cwd, nproc: int = 2) -> subprocess.Popen:
+    """:func:`torchrun` started, not waited for (end it with :func:`finish`)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     port = 20000 + (os.getpid() * 7 + sum(map(ord, "".join(args)))) % 20000
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out, _ = _finish(proc, timeout, "torchrun")
-    return proc.returncode, out
 
 
-def _finish(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+def rank_pid(proc: subprocess.Popen, rank: int) -> int | None:
+    """The pid of worker ``rank`` of a :func:`start_torchrun` launch (its ``RANK``), or None
+    while it has not started."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != proc.pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(entry)
+    return None
+
+
+def finish(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
     """``proc.communicate()``; on a timeout, kill the process group that ``proc`` leads
     (``start_new_session=True``) and fail the test with the end of its output."""
     try:
@@ -43,5 +68,5 @@ def reader_gone(argv: list[str], *, cwd=REPO, timeout: float = 300) -> tuple[int
     proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     proc.stdout.close()
-    _, err = _finish(proc, timeout, f"python {' '.join(argv)}")
+    _, err = finish(proc, timeout, f"python {' '.join(argv)}")
     return proc.returncode, err

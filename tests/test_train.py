@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from _launch import torchrun
+from _launch import finish, rank_pid, start_torchrun, torchrun
 from txfm.cli import UsageError
 from txfm.data import Manifest
 from txfm.model import TxFM, preset
@@ -205,6 +205,49 @@ def test_a_signal_stops_the_run_after_a_checkpoint_of_its_last_step(tmp_path, si
         a, b = _losses(full), _losses(run)
         assert sorted(a) == sorted(b) == list(range(1, 61))
         assert [a[s] for s in a] == [b[s] for s in a]
+
+
+def test_under_torchrun_a_signal_stops_every_rank_at_one_step_after_a_checkpoint(tmp_path):
+    """Under torchrun a scheduler's SIGTERM stopped each rank at once, losing every step since
+    the last checkpoint. The ranks now agree at the next metrics row and stop one step later
+    with a checkpoint, whether the launcher got the signal (and passed it on to every rank) or
+    one non-main rank alone; --resume then ends where the uninterrupted run does, bit for
+    bit."""
+    log_every, steps = 4, 600
+    common = ["-m", "txfm.cli", "train", "--no-progress", "--no-plot", "--data", DATA,
+              "--batch-size", "16", "--steps", str(steps), "--log-every", str(log_every),
+              "--val-every", "0", "--ckpt-every", "0", *SMALL]
+    status, out = torchrun([*common, "--out", str(tmp_path / "full")], cwd=ROOT)
+    assert status == 0, out
+    full = _losses(tmp_path / "full")
+    for who in ("torchrun", "rank 1"):
+        run = tmp_path / who.replace(" ", "")
+        proc = start_torchrun([*common, "--out", str(run)], cwd=ROOT)
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, finish(proc, 60, who)[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a row being written
+                if (run / "metrics.csv").exists() and max(_losses(run), default=0) >= 20:
+                    break
+            time.sleep(0.01)
+        os.kill(proc.pid if who == "torchrun" else rank_pid(proc, 1), signal.SIGTERM)
+        out, _ = finish(proc, 120, who)
+        saved = sorted((run / "checkpoints").glob("step_*.pt"))
+        last = max(_losses(run))
+        assert len(saved) == 1 and saved[0].name == f"step_{last:08d}.pt", (who, saved, out)
+        assert last < steps and last % log_every == 1, (who, last, out)  # a row, then one step
+        assert f"every rank stops after step {last} (SIGTERM)" in out, out
+        assert "txfm/train" not in out, out  # no rank's traceback
+        status, out = torchrun([*common, "--out", str(run), "--resume"], cwd=ROOT)
+        assert status == 0 and f"(step {last})" in out, out
+        losses = _losses(run)
+        # the row after the stop averages only the steps since it; every other row is the same
+        same = [s for s in full if s < last or s > last + log_every]
+        assert [losses[s] for s in same] == [full[s] for s in same], who
+        a, b = (read_checkpoint(p / "checkpoints" / f"step_{steps:08d}.pt")["model"]
+                for p in (tmp_path / "full", run))
+        assert all(torch.equal(a[k], b[k]) for k in a), who
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):

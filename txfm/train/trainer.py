@@ -606,8 +606,10 @@ class Trainer:
         norm_sum = torch.zeros((), device=self.device)
         n_since, t_last, t0 = 0, time.perf_counter(), time.perf_counter()
         last_path = None
-        stop = _StopRequest(self.dist.world_size == 1,
-                            lambda msg: bar.write(f"warning: {msg}", file=sys.stderr))
+        several = self.dist.world_size > 1
+        stop = _StopRequest((lambda msg: bar.write(f"warning: {msg}", file=sys.stderr)) if main
+                            else (lambda msg: None), agreed=several)
+        stop_after = False  # several ranks: every rank read a stop request at the last row
         with stop:
             while self.step < self.total_steps:
                 self.epoch = self._fetched_epoch
@@ -623,17 +625,25 @@ class Trainer:
                 n_since += 1
                 bar.update(1)  # before validating, so the bar shows the step being validated
                 step, done = self.step, self.step >= self.total_steps
-                save_now = (done or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                            or stop.signum is not None)
+                # one rank alone stops where its signal finds it; several stop at the step
+                # after the row whose all-reduce told every one of them (see _StopRequest)
+                last = stop_after if several else stop.signum is not None
+                save_now = done or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last
                 # Prefetch now, so the copy overlaps this step; not across a checkpoint, whose
                 # loader position must not include batches that no finished step consumed.
                 pending = None if (save_now or done) else self._fetch(stream)
                 val_now = done or (cfg.val_every and step % cfg.val_every == 0)
                 # a row at every checkpoint too: a diverged run is stopped before it saves
                 if val_now or save_now or step % cfg.log_every == 0:
-                    stats = torch.stack([loss_sum, norm_sum]) / n_since
+                    stats = torch.cat([torch.stack([loss_sum, norm_sum]) / n_since,
+                                       stop.flags(self.device)])
                     dist.all_reduce_mean(stats, self.dist)
-                    train_loss, grad_norm = stats.tolist()  # the host waits here, once per log
+                    # the host waits here, once per row
+                    train_loss, grad_norm, *asked = stats.tolist()
+                    # at a checkpoint anyway, stop after it; else after the next step
+                    if several and stop.agree(asked, step if save_now else step + 1):
+                        last = last or save_now
+                        stop_after = not last
                     now = time.perf_counter()
                     sps = n_since * cfg.batch_size / (now - t_last)
                     per_device = sps / self.dist.world_size
@@ -667,7 +677,7 @@ class Trainer:
                     n_since, t_last = 0, time.perf_counter()
                 if save_now:
                     last_path = self.save()
-                    if stop.signum is not None:
+                    if last:
                         break
                     if not done:
                         pending = self._fetch(stream)
@@ -697,20 +707,29 @@ class Trainer:
 
 
 class _StopRequest:
-    """Ctrl-C or SIGTERM (a scheduler's time limit) during a one-process run: the step under way
-    finishes, a checkpoint is written, and then the signal acts as it would have (``txfm
-    train``: exit 130 / 143), so ``--resume`` loses nothing. A second signal acts at once.
+    """Ctrl-C or SIGTERM (a scheduler's time limit) during a run: the step under way finishes, a
+    checkpoint is written, and then the signal acts as it would have (``txfm train``: exit 130
+    / 143), so ``--resume`` loses nothing. A second signal acts at once.
 
-    Off under several ranks, which would have to agree on the step to stop at (a collective,
-    and with it a host sync, every step); there the signal stops each rank at once and
-    ``--resume`` continues from the last checkpoint. Off outside the main thread, where Python
-    takes no signal handlers."""
+    Under several ranks (``agreed``) every rank must stop at one step, and a collective every
+    step would sync the host every step. So a rank's request rides on the all-reduce that the
+    metrics row already does (every ``log_every`` steps, :meth:`flags`), and every rank stops
+    after the step that follows the first row where any rank asked (:meth:`agree`): that step
+    takes the batch fetched ahead at the row, so the checkpoint's data position is exact.
+    ``torchrun`` passes a signal it gets on to its workers, which the terminal or the scheduler
+    may have signalled already, so a repeat within ``REPEAT_S`` is the same request; a later
+    one acts at once (and ``torchrun`` kills its workers itself after its shutdown timeout).
+    Off outside the main thread, where Python takes no signal handlers."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 5.0
 
-    def __init__(self, enabled: bool, say):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self, say, agreed: bool = False):
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self.agreed = agreed
         self.signum: int | None = None
+        self._at = 0.0
+        self._agreed = False
         self._say = say
         self._previous: dict = {}
 
@@ -725,20 +744,49 @@ class _StopRequest:
         self._restore()
 
     def _request(self, signum, frame) -> None:
-        self.signum = signum
-        self._restore()  # a second signal acts at once
-        self._say(f"{signal.Signals(signum).name}: stopping after this step, once a checkpoint "
-                  f"is written (send it again to stop at once)")
+        if self.signum is not None:  # a repeat: only several ranks keep the handler
+            if time.monotonic() - self._at >= self.REPEAT_S:
+                self.act(signum)
+            return
+        self.signum, self._at = signum, time.monotonic()
+        name = signal.Signals(signum).name
+        if not self.agreed:
+            self._restore()  # a second signal acts at once
+            self._say(f"{name}: stopping after this step, once a checkpoint is written (send "
+                      f"it again to stop at once)")
+        else:
+            self._say(f"{name}: every rank stops one step after the next metrics row "
+                      f"(--log-every), once a checkpoint is written (send it again, "
+                      f"{self.REPEAT_S:g} s on, to stop at once)")
+
+    def flags(self, device: torch.device) -> torch.Tensor:
+        """This rank's request, one number per signal (1 = asked), for the row's all-reduce;
+        empty on one rank."""
+        values = [float(self.signum == s) for s in self.SIGNALS] if self.agreed else []
+        return torch.tensor(values, device=device)
+
+    def agree(self, asked: list[float], last_step: int) -> bool:
+        """Whether any rank had asked by the row just reduced (``asked``: :meth:`flags`, mean
+        over ranks), so that every rank stops after ``last_step``; a rank that was not
+        signalled takes the signal as its own (SIGTERM first) and so stops as the others do."""
+        if not any(asked):
+            return False
+        if not self._agreed:
+            self._agreed = True
+            self.signum = self.signum or self.SIGNALS[int(asked[1] > 0)]
+            self._say(f"every rank stops after step {last_step} "
+                      f"({signal.Signals(self.signum).name})")
+        return True
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def act(self) -> None:
+    def act(self, signum: int | None = None) -> None:
         """Let the signal that asked for the stop act now, as it would have without us."""
         self._restore()
-        signal.raise_signal(self.signum)
+        signal.raise_signal(signum or self.signum)
 
 
 def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
