@@ -399,7 +399,7 @@ def emit(name: str, rows: list[dict], columns: list[str], args: argparse.Namespa
         keys = list(dict.fromkeys(k for r in rows for k in r))
 
         def write_csv(f):
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=keys, lineterminator="\n")  # as pandas writes
             w.writeheader()
             w.writerows(rows)
 

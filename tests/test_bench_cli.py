@@ -232,6 +232,7 @@ def test_a_reader_that_goes_away_does_not_cost_the_result_files(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"cpu", "torch"} and all(r["median_ms"] > 0 for r in rows)
     assert len(table.read_text().splitlines()) == len(rows) + 1
+    assert b"\r" not in table.read_bytes()  # "\n" line ends, as pandas writes them
 
 
 def test_result_files_name_the_versions_that_made_them():

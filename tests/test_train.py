@@ -290,6 +290,8 @@ def test_a_metrics_row_carries_the_learning_rate_its_step_ran_at(tmp_path):
     train(cfg, _small_model())
     lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.csv")]
     assert lrs == pytest.approx([one_cycle_lr(i, 12, cfg.warmup, cfg.lr) for i in range(12)])
+    # "\n" line ends, as pandas writes them: "\r\n" left a "\r" on the last column for cut/awk
+    assert b"\r" not in (tmp_path / "metrics.csv").read_bytes()
 
 
 def test_grad_norm_is_logged_with_and_without_clipping(tmp_path):

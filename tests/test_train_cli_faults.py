@@ -706,3 +706,13 @@ def test_a_rule_between_two_fields_names_the_flag_of_each(capsys, monkeypatch, t
                   "--no-progress"], capsys, monkeypatch, tmp_path)
     assert msg.startswith("heads=4 (from --preset tiny): must divide dim=130") and \
         msg.endswith("dim came from --set dim=130, so change one of the two"), msg
+
+
+def test_a_piped_summary_starts_with_the_loss_line(capsys, monkeypatch, tmp_path):
+    """Read by a script (stdout not a terminal), `txfm train`'s summary began with a blank
+    line, kept only to set it apart from the progress bar on a terminal."""
+    monkeypatch.chdir(tmp_path)
+    status = main(["train", "--data", DATA, "--out", "run", "--steps", "2", "--batch-size", "8",
+                   "--val-every", "0", *TINY])
+    out = capsys.readouterr().out
+    assert status == 0 and out.splitlines()[0].startswith("train loss "), repr(out)

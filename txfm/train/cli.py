@@ -415,7 +415,8 @@ def run(args) -> int:
     if result.checkpoint is None:  # not the main rank
         return 0
     losses = result.train_losses
-    print()
+    if sys.stdout.isatty():  # apart from the bar above it; a pipe or a file starts with the summary
+        print()
     if losses:
         print(f"train loss {losses[0]:.4g} -> {losses[-1]:.4g} over {result.step} steps"
               + (f"; validation {result.val_losses[-1]:.4g}" if result.val_losses else ""))

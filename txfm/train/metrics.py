@@ -126,7 +126,9 @@ class MetricsLogger:
         # leaves the old file, not a truncated one. The open handle follows the rename.
         tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(tmp, "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        # "\n" line ends, as pandas writes them: the csv module's "\r\n" leaves a "\r" on the
+        # last column for cut, awk and tail
+        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS, lineterminator="\n")
         self._csv.writeheader()
         for r in kept:
             self._csv.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
