@@ -635,8 +635,9 @@ class Trainer:
                 val_now = done or (cfg.val_every and step % cfg.val_every == 0)
                 # a row at every checkpoint too: a diverged run is stopped before it saves
                 if val_now or save_now or step % cfg.log_every == 0:
-                    stats = torch.cat([torch.stack([loss_sum, norm_sum]) / n_since,
-                                       stop.flags(self.device)])
+                    stats = torch.stack([loss_sum, norm_sum]) / n_since
+                    if several:
+                        stats = torch.cat([stats, stop.flags(self.device)])
                     dist.all_reduce_mean(stats, self.dist)
                     # the host waits here, once per row
                     train_loss, grad_norm, *asked = stats.tolist()
@@ -760,10 +761,8 @@ class _StopRequest:
                       f"{self.REPEAT_S:g} s on, to stop at once)")
 
     def flags(self, device: torch.device) -> torch.Tensor:
-        """This rank's request, one number per signal (1 = asked), for the row's all-reduce;
-        empty on one rank."""
-        values = [float(self.signum == s) for s in self.SIGNALS] if self.agreed else []
-        return torch.tensor(values, device=device)
+        """This rank's request, one number per signal (1 = asked), for the row's all-reduce."""
+        return torch.tensor([float(self.signum == s) for s in self.SIGNALS], device=device)
 
     def agree(self, asked: list[float], last_step: int) -> bool:
         """Whether any rank had asked by the row just reduced (``asked``: :meth:`flags`, mean
