@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     ab_note = None
     ab_path = cache / "annbatch.zarr"
     if args.no_annbatch:
-        ab_note = "skipped (--no-annbatch)"
+        ab_note = f"skipped ({'--quick' if args.quick else '--no-annbatch'})"
     elif not ab_python.is_file():
         ab_note = f"not installed: {ab_python} missing; create it with `{ANNBATCH_HELP}`"
     else:

@@ -716,3 +716,19 @@ def test_a_piped_summary_starts_with_the_loss_line(capsys, monkeypatch, tmp_path
                    "--val-every", "0", *TINY])
     out = capsys.readouterr().out
     assert status == 0 and out.splitlines()[0].startswith("train loss "), repr(out)
+
+
+def test_a_cpu_step_too_large_for_memory_is_warned(monkeypatch):
+    """`--preset S` (sized for GPUs: 1,536 cells x K = 2,048) on a 24 GiB CPU box was killed by
+    the system within a minute without a word; a warning now names the size and the fix."""
+    from txfm.train.trainer import warn_if_memory_short
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 2**30 // 4096}  # a 24 GiB machine
+    monkeypatch.setattr("os.sysconf", lambda name: pages[name])
+    with pytest.warns(RuntimeWarning, match=r"1,536 cells x K = 2,048 .* 24 GiB.*--batch-size"):
+        warn_if_memory_short(preset("S"), 1536, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_memory_short(preset("tiny"), 32, torch.device("cpu"))  # the default run
+        warn_if_memory_short(preset("S"), 8, torch.device("cpu"))
+        warn_if_memory_short(preset("S"), 1536, torch.device("meta"))  # not a CPU

@@ -102,7 +102,8 @@ def cuda_library(op: str) -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled by TXFM_DISABLE_NATIVE"
     path = os.path.join(_HERE, f"libtxfm_cuda_{op}.so")
     if not os.path.exists(path):
-        return None, f"CUDA library of {op} not built (needs nvcc at install time); {_REBUILD}"
+        return None, (f"CUDA library of {op} not built (TXFM_BUILD_CUDA=0, or no nvcc at install "
+                      f"time); {_REBUILD}")
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:

@@ -732,20 +732,21 @@ def cmd_perturbation(args) -> int:
         return _fail(f"need >= 2 perturbations with >= {args.min_cells} cells (--min-cells) "
                      f"besides the control{sub}, found {n_perts}; lower --min-cells"
                      + (" or raise --max-cells" if args.max_cells else ""))
-    if args.batch_key is None:
-        report("no --batch-key: lin/knn use a random 80/20 split and ilisi is not computed")
-    n_batches = labels.n_batches
-    top1, top5 = chance_percent(n_perts)
-    report(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
-          f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
-          f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
-
     keys = list(dict.fromkeys(args.obsm_key or [k for k in adata.obsm.keys()
                                                 if k.startswith("X_")]))
     missing = [k for k in keys if k not in adata.obsm]
     if missing:
         return _fail(f"--obsm-key {','.join(missing)}: not in .obsm of {args.embeddings} (it "
                      f"has {list(adata.obsm.keys())})")
+    if args.batch_key is None:
+        report("warning: no --batch-key: lin/knn use a random 80/20 split and ilisi is not "
+               "computed")
+    n_batches = labels.n_batches
+    top1, top5 = chance_percent(n_perts)
+    report(f"{adata.n_obs:,} cells, {n_perts} perturbations + {args.control!r} "
+          f"({int((labels.pert == labels.control).sum()):,} cells), {n_batches} "
+          f"batch{'es' if n_batches != 1 else ''}; chance top-1 {top1:.1f}%, top-5 {top5:.1f}%")
+
     _check_row_names(keys, base_names, "--baselines")  # before any work
     embeddings, skipped = {}, []
     for k in list(keys):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pathlib
 import random
 import signal
@@ -139,6 +140,8 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.is_cuda)
         world, rank = self.dist.world_size, self.dist.rank
         self.micro = cfg.micro_batch(world)
+        if self.dist.is_main:
+            warn_if_memory_short(self.model_config, self.micro, self.device)
         _seed_everything(cfg.seed)
 
         pin = cfg.pin_memory and self.is_cuda
@@ -801,6 +804,27 @@ def train(cfg: TrainConfig, model_config: TxFMConfig | None = None, *,
 
 
 # ------------------------------------------------------------------------------------------------
+def warn_if_memory_short(config: TxFMConfig, micro_batch: int, device: torch.device) -> None:
+    """A ``RuntimeWarning`` when a CPU step's activations, kept for the backward, would likely
+    not fit this machine's memory: the system's out-of-memory killer otherwise ends the run
+    without a word (a fresh user's find: ``--preset S``, sized for GPUs, on a 24 GiB box).
+    The estimate is on the low side: about 12 fp32 tensors of ``[micro_batch, K + 1, dim]``
+    per encoder block (the norms, q/k/v, the attention output, the MLP's hidden layer)."""
+    if device.type != "cpu":
+        return
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform: nothing to compare
+        return
+    need = 12 * 4 * micro_batch * (config.k + 1) * config.dim * config.depth
+    if need > ram:
+        warnings.warn(f"a step of {micro_batch:,} cells x K = {config.k:,} genes on the CPU "
+                      f"keeps about {need / 2**30:,.0f} GiB of activations for its backward, "
+                      f"more than this machine's {ram / 2**30:,.0f} GiB, so the system will "
+                      f"likely kill the run; lower --batch-size (or raise --accum), or train "
+                      f"on a GPU", RuntimeWarning, stacklevel=2)
+
+
 def check_runtime(config: TxFMConfig, device: torch.device) -> None:
     """ConfigError unless the model's ``backend`` and ``attention`` can run on ``device`` here:
     the ops would only fail at the first step, after the data are set up."""
