@@ -140,8 +140,6 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.is_cuda)
         world, rank = self.dist.world_size, self.dist.rank
         self.micro = cfg.micro_batch(world)
-        if self.dist.is_main:
-            warn_if_memory_short(self.model_config, self.micro, self.device)
         _seed_everything(cfg.seed)
 
         pin = cfg.pin_memory and self.is_cuda
@@ -150,6 +148,8 @@ class Trainer:
         self.loader = factory("train", self.micro, rank, world, pin)
         self.n_genes = int(self.loader.n_genes)
         self.model_config.check_genes(self.n_genes)
+        if self.dist.is_main:
+            warn_if_memory_short(self.model_config, self.micro, self.device)
         # Every rank opens the whole validation split (rank 0 of 1) and takes every W-th of its
         # first val_batches micro-batches (validate): the validation cells, draws and numbers
         # do not depend on the number of ranks, and all ranks validate or none does.
