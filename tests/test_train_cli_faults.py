@@ -723,8 +723,8 @@ def test_a_cpu_step_too_large_for_memory_is_warned(monkeypatch):
     the system within a minute without a word; a warning now names the size and the fix."""
     from txfm.train.trainer import warn_if_memory_short
 
-    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 24 * 2**30 // 4096}  # a 24 GiB machine
-    monkeypatch.setattr("os.sysconf", lambda name: pages[name])
+    ram = {"cpu": 24 * 2**30}  # a 24 GiB machine
+    monkeypatch.setattr("txfm_kernels._common.device_memory", lambda device: ram.get(device.type))
     with pytest.warns(RuntimeWarning, match=r"1,536 cells x K = 2,048 .* 24 GiB.*--batch-size"):
         warn_if_memory_short(preset("S"), 1536, torch.device("cpu"))
     with warnings.catch_warnings():

@@ -174,7 +174,7 @@ def build_configs(args):
     try:
         check_run_dir(out)
         busy = lock_holder(out, RUN_LOCK)
-        has_checkpoint = bool(list_checkpoints(out)) if args.resume else False
+        has_checkpoint = args.resume and bool(list_checkpoints(out))
         if busy and not (args.resume and not has_checkpoint):  # that case: below
             # here, before the checkpoint is read and "resumed from ..." said
             raise UsageError(f"--out {out} is being written by another txfm train run "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import pathlib
 import random
 import signal
@@ -646,8 +645,7 @@ class Trainer:
                     train_loss, grad_norm, *asked = stats.tolist()
                     # at a checkpoint anyway, stop after it; else after the next step
                     if several and stop.agree(asked, step if save_now else step + 1):
-                        last = last or save_now
-                        stop_after = not last
+                        last, stop_after = bool(save_now), not save_now
                     now = time.perf_counter()
                     sps = n_since * cfg.batch_size / (now - t_last)
                     per_device = sps / self.dist.world_size
@@ -810,11 +808,10 @@ def warn_if_memory_short(config: TxFMConfig, micro_batch: int, device: torch.dev
     without a word (a fresh user's find: ``--preset S``, sized for GPUs, on a 24 GiB box).
     The estimate is on the low side: about 12 fp32 tensors of ``[micro_batch, K + 1, dim]``
     per encoder block (the norms, q/k/v, the attention output, the MLP's hidden layer)."""
-    if device.type != "cpu":
-        return
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not on this platform: nothing to compare
+    from txfm_kernels._common import device_memory
+
+    ram = device_memory(device) if device.type == "cpu" else None
+    if ram is None:  # a GPU reports its own out-of-memory error; no RAM figure on this platform
         return
     need = 12 * 4 * micro_batch * (config.k + 1) * config.dim * config.depth
     if need > ram:
